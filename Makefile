@@ -1,0 +1,54 @@
+# rnnserve: stateful inference server for recurrent models.
+# The two commands a new user needs: `make serve` and `make test`. Both install what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+REPOSITORY ?= models/repository
+PROTO_SRC := protos/rnnserve.proto
+PROTO_OUT := service/proto/rnnserve_pb2.py
+
+.PHONY: help install install-dev protos serve test lint data train experiment export models bench deploy-check clean
+
+help:
+	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
+	@echo "make test        install everything and run the test suite"
+	@echo "make data        fetch the training data (PyPI only)"
+	@echo "make train       train every variant on the real data"
+	@echo "make export      export trained checkpoints to ONNX, verified"
+	@echo "make models      data + train + export: rebuild the model repository"
+	@echo "make experiment  long-lag experiment (adding problem) for every variant"
+	@echo "make bench       benchmark suite (not part of make test)"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip 'setuptools<81' wheel
+
+# Serving dependencies only (no torch).
+$(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e . grpcio-tools
+	touch $@
+
+# Everything: serving, training/export (torch==2.13.0), tests, benchmarks.
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[train,test,bench]'
+	touch $(VENV)/.serve $@
+
+install: $(VENV)/.serve
+install-dev: $(VENV)/.dev
+
+$(PROTO_OUT): $(PROTO_SRC) | $(VENV)/.serve
+	$(PY) -m grpc_tools.protoc -Iservice/proto=protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+protos: $(PROTO_OUT)
+
+serve: install protos
+	$(PY) -m service.server --model-repository $(REPOSITORY)
+
+test: install-dev protos
+	$(PY) -m pytest -q tests
+
+lint: install-dev protos
+	$(VENV)/bin/ruff check service models export tests
+	$(VENV)/bin/mypy service
