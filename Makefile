@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models bench deploy-check clean
+.PHONY: help install install-dev protos serve test lint data train experiment export models bench deploy-check readme clean
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -52,3 +52,6 @@ test: install-dev protos
 lint: install-dev protos
 	$(VENV)/bin/ruff check service models export tests
 	$(VENV)/bin/mypy service
+
+readme: install
+	$(PY) docs/sync_readme.py

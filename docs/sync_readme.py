@@ -1,0 +1,55 @@
+"""Copy generated result files into README.md between include markers, so no figure in the README is typed in.
+
+A block looks like::
+
+    <!-- include: docs/results/char_bpc.md -->
+    ...generated content...
+    <!-- end include -->
+
+`python docs/sync_readme.py` rewrites the blocks; `--check` exits 1 if any block differs from its file
+(tests/test_readme.py runs the check, so the README cannot drift from the files the code generated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
+
+
+def render(readme: str, root: Path = ROOT) -> str:
+    """Return the README text with every include block replaced by its file's current content."""
+
+    def fill(m: re.Match[str]) -> str:
+        path = root / m.group("path")
+        body = path.read_text() if path.exists() else f"_(not generated yet: `{m.group('path')}`)_\n"
+        if not body.endswith("\n"):
+            body += "\n"
+        return f"{m.group(1)}{body}{m.group(4)}"
+
+    return BLOCK.sub(fill, readme)
+
+
+def main() -> int:
+    """Rewrite README.md in place, or with --check report whether it is in sync."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    new = render(old)
+    if args.check:
+        if old != new:
+            print("README.md is out of date with the generated files: run `make readme`", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
