@@ -1,0 +1,138 @@
+"""Server settings: one `Settings` object, loaded from a YAML file, the environment and command-line flags.
+
+Precedence: flags > environment (`RNNSERVE_*`) > file (`--config FILE` or `RNNSERVE_CONFIG`) > defaults.
+Every limit and timeout is a field with a safe default. Build it once in `main()` (`load_settings`) and pass it
+down explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RNNSERVE_"
+
+
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """All server settings. Field descriptions double as `--help` text."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    grpc_host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (Triton's default 8001; 0 = pick a free one).")
+    metrics_port: int = Field(
+        8002, ge=-1, le=65535, description="Prometheus /metrics HTTP port (8002 as Triton; 0 = pick free, -1 = off)."
+    )
+    model_repository: Path = Field(
+        Path("models/repository"), description="Model repository: <repo>/<name>/<version>/model.onnx."
+    )
+    repository_poll_s: float = Field(
+        0.0, ge=0, description="Seconds between repository scans for new or removed versions (0 = no watching)."
+    )
+    max_batch_size: int = Field(256, ge=1, description="Most sessions batched into one ONNX Runtime run.")
+    max_queue_delay_us: int = Field(
+        0, ge=0, description="Extra microseconds a batch waits for more requests (0 = greedy batching only)."
+    )
+    max_queue_size: int = Field(
+        65536, ge=1, description="Most requests waiting per model version before new ones are refused."
+    )
+    max_sessions: int = Field(1_000_000, ge=1, description="Most open sessions on this server.")
+    max_sessions_per_model: int = Field(1_000_000, ge=1, description="Most open sessions per model (all versions).")
+    idle_ttl_s: float = Field(600.0, gt=0, description="Default idle time after which a session expires.")
+    max_idle_ttl_s: float = Field(86_400.0, gt=0, description="Largest idle TTL a client may ask for.")
+    max_lifetime_s: float = Field(
+        86_400.0, gt=0, description="Longest a session may live, however active (then it expires: 'lifetime')."
+    )
+    max_chunk_steps: int = Field(4096, ge=1, description="Most timesteps in one chunk.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes."
+    )
+    evict_on_capacity: bool = Field(
+        False, description="At capacity, evict the least recently used idle session instead of refusing."
+    )
+    drain_grace_s: float = Field(20.0, ge=0, description="Seconds that in-flight work gets to finish on shutdown.")
+    ort_intra_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime intra-op threads per model version (0 = ORT's default)."
+    )
+    ort_executor_threads: int = Field(
+        1, ge=1, description="Threads that run ONNX Runtime calls off the event loop (shared by all models)."
+    )
+    state_hmac_key: str | None = Field(
+        None, description="Secret key: state blobs carry HMAC-SHA-256 instead of plain SHA-256 (forgery-proof)."
+    )
+    store: Literal["memory", "redis"] = Field("memory", description="Session store: 'memory' or 'redis'.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL when store = redis.")
+    store_flush_every: int = Field(
+        1, ge=1, description="Write a session to the shared store every N applied steps (1 = after every step)."
+    )
+    lease_s: float = Field(30.0, gt=0, description="Ownership lease of a session in the shared store, in seconds.")
+    replica_id: str = Field(default_factory=_default_replica_id, description="This replica's id (hostname-pid).")
+    tombstone_ttl_s: float = Field(
+        3600.0, ge=0, description="How long a gone session still answers NOT_FOUND with its reason."
+    )
+    max_tombstones: int = Field(100_000, ge=0, description="Most remembered gone sessions (oldest forgotten first).")
+    sweep_interval_s: float = Field(1.0, gt=0, description="Seconds between idle/lifetime expiry sweeps.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+def _yaml_values(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"config file {path} must hold a mapping of setting names to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _env_values() -> set[str]:
+    """Names of settings present in the environment (pydantic-settings parses their values)."""
+    return {
+        name
+        for name in Settings.model_fields
+        if any(k.upper() == f"{ENV_PREFIX}{name}".upper() for k in os.environ)
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnserve-server",
+        description="Stateful gRPC inference server for recurrent models. "
+        "Precedence: flags > RNNSERVE_* environment > --config file > defaults.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML settings file (also RNNSERVE_CONFIG).")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
+        else:
+            parser.add_argument(flag, type=str, metavar=name.upper(), help=field.description)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Build the settings from `argv` flags, the environment and an optional YAML file (in that precedence)."""
+    flags = vars(_parser().parse_args(argv))
+    config_path = flags.pop("config", None) or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    file_values = _yaml_values(Path(config_path)) if config_path else {}
+    # Init kwargs beat the environment in pydantic-settings, so the file's values are passed only for the
+    # fields the environment does not set; flags always win.
+    env_names = _env_values()
+    merged = {k: v for k, v in file_values.items() if k not in env_names}
+    merged.update(flags)
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        raise SystemExit(f"invalid settings:\n{exc}") from exc
