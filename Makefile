@@ -55,3 +55,10 @@ lint: install-dev protos
 
 readme: install
 	$(PY) docs/sync_readme.py
+
+# Container and Kubernetes checks that need no cluster and no docker engine (also part of `make test`):
+# render every kustomize overlay, validate against the Kubernetes schemas, policy checks, Dockerfile checks.
+deploy-check: install-dev
+	@command -v kubectl >/dev/null || { echo "deploy-check needs kubectl (renders kustomize offline)" >&2; exit 1; }
+	for overlay in dev prod; do kubectl kustomize deploy/overlays/$$overlay > /dev/null || exit 1; done
+	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_dockerfile.py

@@ -1,0 +1,311 @@
+"""Kubernetes manifests: render every overlay offline, validate against current schemas, check policy.
+
+No cluster runs here, so this is everything that can be checked without one: `kubectl kustomize` renders
+each overlay, `kubernetes-validate` checks every core object strictly against the JSON schemas it ships
+(unknown fields are errors), the Prometheus-operator PodMonitor (a CRD, no schema shipped) is checked
+structurally, and policy checks tie the manifests to the code: ports and drain time equal the server's
+Settings, selectors select the pods, probes, limits and the security context are present.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERLAYS = ("dev", "prod")
+# The schemas kubernetes-validate ships for the newest release it knows (strict: unknown fields fail).
+K8S_VERSION = kubernetes_validate.latest_version()
+CRD_GROUPS = ("monitoring.coreos.com",)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One rendered overlay: its objects, indexed by (kind, name)."""
+
+    overlay: str
+    objects: list[dict[str, Any]]
+
+    def one(self, kind: str, name: str) -> dict[str, Any]:
+        found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name]
+        assert len(found) == 1, f"{self.overlay}: expected one {kind}/{name}, found {len(found)}"
+        return found[0]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def settings_env(self) -> dict[str, str]:
+        """The RNNSERVE_* variables the server container gets from its ConfigMap."""
+        deployment = self.one("Deployment", "rnnserve")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        (ref,) = [e["configMapRef"]["name"] for e in container["envFrom"]]
+        return dict(self.one("ConfigMap", ref)["data"])
+
+
+def kubectl() -> str:
+    """Path of kubectl; fails (never skips) when it is missing, since then nothing here is checked."""
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail(
+            "kubectl is not installed: the manifests cannot be rendered. Install it (the machine "
+            "image's `kubectl` package; `.ci/run` checks for it) and re-run.",
+            pytrace=False,
+        )
+    return path
+
+
+def render(overlay: str) -> Rendered:
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(ROOT / "deploy" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, f"kubectl kustomize deploy/overlays/{overlay} failed:\n{out.stderr}"
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    assert objects, f"{overlay} rendered nothing"
+    return Rendered(overlay, objects)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> Rendered:
+    return render(request.param)
+
+
+@pytest.fixture(scope="module")
+def dev() -> Rendered:
+    return render("dev")
+
+
+@pytest.fixture(scope="module")
+def prod() -> Rendered:
+    return render("prod")
+
+
+def workloads(r: Rendered) -> list[dict[str, Any]]:
+    """Every Deployment and StatefulSet."""
+    return [o for o in r.objects if o["kind"] in ("Deployment", "StatefulSet")]
+
+
+def pod_labels(r: Rendered) -> dict[str, dict[str, str]]:
+    """Workload name -> its pods' labels."""
+    return {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in workloads(r)}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- schema validation --------------------------------------------------------------------------------
+
+
+def test_every_core_object_validates_against_current_kubernetes_schemas(rendered: Rendered):
+    checked = 0
+    for obj in rendered.objects:
+        if obj["apiVersion"].split("/")[0] in CRD_GROUPS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(
+                f"{rendered.overlay}: {obj['kind']}/{obj['metadata']['name']} "
+                f"invalid for Kubernetes {K8S_VERSION}: {exc}"
+            )
+        checked += 1
+    assert checked == sum(1 for o in rendered.objects if o["apiVersion"].split("/")[0] not in CRD_GROUPS) >= 6
+
+
+def test_schema_validation_catches_a_typo(prod: Rendered):
+    """The validator is strict: a misspelt field in a Deployment is an error, so the check above can fail."""
+    broken = copy.deepcopy(prod.one("Deployment", "rnnserve"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 8001}}  # sic
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_podmonitor_is_structurally_valid_and_scrapes_the_metrics_port(rendered: Rendered):
+    (monitor,) = rendered.of_kind("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    deployment = rendered.one("Deployment", "rnnserve")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(spec["selector"]["matchLabels"], labels), "PodMonitor selects no server pod"
+    port_names = {
+        p["name"]: p["containerPort"]
+        for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    for endpoint in spec["podMetricsEndpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}
+        assert port_names[endpoint["port"]] == Settings.model_fields["metrics_port"].default
+        assert endpoint["path"] == "/metrics"
+
+
+# --- policy --------------------------------------------------------------------------------
+
+
+def test_settings_configmap_names_real_settings_and_parses(rendered: Rendered, monkeypatch):
+    env = rendered.settings_env()
+    fields = set(Settings.model_fields)
+    for key in env:
+        assert key.startswith("RNNSERVE_") and key[len("RNNSERVE_") :].lower() in fields, (
+            f"unknown setting {key}"
+        )
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RNNSERVE_REPLICA_ID", "pod-0")
+    settings = Settings()
+    assert settings.grpc_port == Settings.model_fields["grpc_port"].default == 8001
+    assert settings.metrics_port == Settings.model_fields["metrics_port"].default == 8002
+    assert str(settings.model_repository) == "/app/models/repository"
+
+
+def test_ports_equal_the_settings_defaults(rendered: Rendered):
+    grpc_port = Settings.model_fields["grpc_port"].default
+    metrics_port = Settings.model_fields["metrics_port"].default
+    deployment = rendered.one("Deployment", "rnnserve")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port, (
+            f"{probe} is not a native gRPC probe on {grpc_port}"
+        )
+    for name in ("rnnserve", "rnnserve-headless"):
+        svc = rendered.one("Service", name)
+        grpc = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        assert grpc and grpc[0]["port"] == grpc_port and grpc[0]["targetPort"] == "grpc"
+        assert grpc[0]["appProtocol"] == "kubernetes.io/h2c"
+    metrics = [p for p in rendered.one("Service", "rnnserve")["spec"]["ports"] if p["name"] == "metrics"]
+    assert metrics and metrics[0]["port"] == metrics_port
+    assert rendered.one("Service", "rnnserve-headless")["spec"]["clusterIP"] == "None"
+
+
+def test_termination_grace_covers_prestop_and_drain(rendered: Rendered):
+    deployment = rendered.one("Deployment", "rnnserve")
+    pod = deployment["spec"]["template"]["spec"]
+    drain = float(
+        rendered.settings_env().get("RNNSERVE_DRAIN_GRACE_S", Settings.model_fields["drain_grace_s"].default)
+    )
+    pre_stop = pod["containers"][0].get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain, (
+        f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} must exceed "
+        f"preStop {pre_stop} s "
+        f"+ drain_grace_s {drain} s, or SIGKILL cuts the drain short"
+    )
+
+
+def test_workloads_have_probes_limits_and_a_locked_down_security_context(rendered: Rendered):
+    for workload in workloads(rendered):
+        name, pod = workload["metadata"]["name"], workload["spec"]["template"]["spec"]
+        pod_sc = pod["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod.get("automountServiceAccountToken") is False, name
+        claims = workload["spec"].get("volumeClaimTemplates", [])
+        volume_names = {v["name"] for v in pod.get("volumes", [])} | {t["metadata"]["name"] for t in claims}
+        for c in pod["containers"]:
+            where = f"{rendered.overlay}: {name}/{c['name']}"
+            assert "readinessProbe" in c and "livenessProbe" in c, f"{where}: probes missing"
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where}: resources.{kind} incomplete"
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc.get("runAsUser", pod_sc.get("runAsUser", 0)) > 0, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
+            image = c["image"]
+            tag = image.rsplit("/", 1)[-1].partition(":")[2]
+            assert "@sha256:" in image or (tag and tag != "latest"), f"{where}: image {image} is not pinned"
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volume_names, f"{where}: mount {m['name']} has no volume"
+
+
+def test_server_has_a_writable_tmp_on_its_read_only_root(rendered: Rendered):
+    pod = rendered.one("Deployment", "rnnserve")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_selectors_select_the_pods(rendered: Rendered):
+    pods = pod_labels(rendered)
+    server = pods["rnnserve"]
+    for svc in rendered.of_kind("Service"):
+        assert any(selects(svc["spec"]["selector"], labels) for labels in pods.values()), svc["metadata"][
+            "name"
+        ]
+    for pdb in rendered.of_kind("PodDisruptionBudget"):
+        assert selects(pdb["spec"]["selector"]["matchLabels"], server)
+    for policy in rendered.of_kind("NetworkPolicy"):
+        assert any(selects(policy["spec"]["podSelector"]["matchLabels"], labels) for labels in pods.values())
+    for hpa in rendered.of_kind("HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        rendered.one(ref["kind"], ref["name"])
+    deployment = rendered.one("Deployment", "rnnserve")
+    assert selects(deployment["spec"]["selector"]["matchLabels"], server)
+
+
+def test_server_network_policy_admits_grpc_and_metrics(rendered: Rendered):
+    policy = rendered.one("NetworkPolicy", "rnnserve")
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {
+        Settings.model_fields["grpc_port"].default,
+        Settings.model_fields["metrics_port"].default,
+    }
+
+
+# --- overlays --------------------------------------------------------------------------------
+
+
+def test_dev_is_one_replica_in_memory_without_autoscaling(dev: Rendered):
+    assert dev.one("Deployment", "rnnserve")["spec"]["replicas"] == 1
+    assert dev.settings_env()["RNNSERVE_STORE"] == "memory"
+    assert not dev.of_kind("HorizontalPodAutoscaler") and not dev.of_kind("PodDisruptionBudget")
+    assert not dev.of_kind("StatefulSet")
+
+
+def test_prod_runs_several_replicas_on_the_shared_redis_store(prod: Rendered):
+    env = prod.settings_env()
+    assert env["RNNSERVE_STORE"] == "redis"
+    assert int(env["RNNSERVE_STORE_FLUSH_EVERY"]) == 1, (
+        "prod must persist every step (no acknowledged step lost)"
+    )
+    assert prod.one("Deployment", "rnnserve")["spec"]["replicas"] >= 2
+    hpa = prod.one("HorizontalPodAutoscaler", "rnnserve")["spec"]
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    assert prod.one("PodDisruptionBudget", "rnnserve")["spec"]["maxUnavailable"] == 1
+    # The Redis URL names a Service of this render on the port that Service exposes.
+    host_port = env["RNNSERVE_REDIS_URL"].removeprefix("redis://").split("/")[0]
+    host, port = host_port.split(":")
+    redis_svc = prod.one("Service", host)
+    assert int(port) in {p["port"] for p in redis_svc["spec"]["ports"]}
+    redis = prod.one("StatefulSet", "rnnserve-redis")
+    assert selects(redis_svc["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction", (
+        "sessions must never be evicted silently"
+    )
+    # The server may reach Redis, and only the server may.
+    egress = prod.one("NetworkPolicy", "rnnserve-to-redis")["spec"]["egress"]
+    assert any(p["port"] == int(port) for rule in egress for p in rule["ports"])
+    ingress = prod.one("NetworkPolicy", "rnnserve-redis")["spec"]["ingress"]
+    server_labels = prod.one("Deployment", "rnnserve")["spec"]["template"]["metadata"]["labels"]
+    assert all(
+        selects(src["podSelector"]["matchLabels"], server_labels) for rule in ingress for src in rule["from"]
+    )
+
+
+def test_replica_id_comes_from_the_pod_name(rendered: Rendered):
+    container = rendered.one("Deployment", "rnnserve")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["RNNSERVE_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
