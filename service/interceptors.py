@@ -1,0 +1,128 @@
+"""The one place where errors become gRPC statuses, and where every RPC is counted and timed.
+
+`ErrorMappingInterceptor` wraps every method handler of the server (native, KServe, health, reflection):
+a `ServeError` raised by a handler ends the call with the error's own status code and message; any other
+exception becomes INTERNAL with a generic message (details go to the log, via `errors.status_of`). Each finished
+call is reported once to an observer (method, status code name, seconds) that feeds the Prometheus metrics.
+
+The wrapping happens once per method (cached), so the per-call cost is one extra coroutine frame; streams are
+wrapped as a whole, never per message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from service.errors import status_of
+
+# (full method name, status code name, seconds) -> None
+CallObserver = Callable[[str, str, float], None]
+
+
+def _code_name(context: Any, default: str) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return default
+
+
+async def _abort(context: Any, exc: BaseException) -> None:
+    code, message = status_of(exc)
+    await context.abort(code, message)
+
+
+class ErrorMappingInterceptor(aio.ServerInterceptor):
+    """Map exceptions to statuses and observe every call (see module docstring)."""
+
+    def __init__(self, observe: CallObserver | None = None) -> None:
+        self._observe = observe
+        self._cache: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        """Return the method's handler with its behaviour wrapped (cached per method)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap_coroutine(method, handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._wrap_coroutine(method, handler.stream_unary))
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_coroutine
+            return handler._replace(unary_stream=wrap(method, behavior))
+        behavior = handler.stream_stream
+        wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_coroutine
+        return handler._replace(stream_stream=wrap(method, behavior))
+
+    def _wrap_coroutine(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        observe = self._observe
+
+        async def call(request: Any, context: Any) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except aio.AbortError:
+                code = _code_name(context, "UNKNOWN")
+                raise
+            except Exception as exc:  # noqa: BLE001 - the single mapping point
+                code = _mapped_name(exc)
+                await _abort(context, exc)
+            except BaseException:
+                code = "CANCELLED"
+                raise
+            finally:
+                if observe is not None:
+                    observe(method, code, time.perf_counter() - start)
+
+        return call
+
+    def _wrap_generator(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        observe = self._observe
+
+        async def call(request: Any, context: Any) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except aio.AbortError:
+                code = _code_name(context, "UNKNOWN")
+                raise
+            except Exception as exc:  # noqa: BLE001 - the single mapping point
+                code = _mapped_name(exc)
+                await _abort(context, exc)
+            except BaseException:
+                code = "CANCELLED"
+                raise
+            finally:
+                if observe is not None:
+                    observe(method, code, time.perf_counter() - start)
+
+        return call
+
+
+def _mapped_name(exc: BaseException) -> str:
+    # status_of logs unknown exceptions; only typed errors are looked up here to avoid logging twice.
+    code = getattr(exc, "code", None)
+    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"

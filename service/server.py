@@ -1,0 +1,246 @@
+"""Server lifecycle: start the gRPC server (native API, KServe v2, health, reflection) and /metrics; drain on signals.
+
+`start(settings)` binds (port 0 picks a free port; `RunningServer.port` is the one `add_insecure_port` returned)
+and returns a handle whose `stop()` shuts down in dependency order:
+
+1. health NOT_SERVING (overall and per model), so load balancers and probes stop sending new work;
+2. the engine refuses new sessions and new streams are refused;
+3. `server.stop(grace)`: no new RPCs, in-flight steps finish; open streams end with UNAVAILABLE
+   "server draining; reconnect" (idle ones at once, busy ones after their current step) so clients move on;
+4. the engine drains (finish queued steps, flush sessions to the store) and stops (runtimes released);
+5. the metrics HTTP server closes.
+
+`main()` runs it under `asyncio.run` with SIGTERM/SIGINT wired through `loop.add_signal_handler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from service.config import Settings, load_settings
+from service.engine import Engine
+from service.interceptors import CallObserver, ErrorMappingInterceptor
+from service.proto import rnnserve_pb2 as pb
+from service.servicers import RecurrentServicer, StreamRegistry
+
+_log = logging.getLogger("rnnserve.server")
+
+NATIVE_SERVICE = pb.DESCRIPTOR.services_by_name["RecurrentService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _call_observer(registry: CollectorRegistry, engine: Engine) -> CallObserver | None:
+    """Hook the interceptor to the request metrics of `service.metrics`, whichever shape they have."""
+    metrics = getattr(engine, "metrics", None)
+    observe = getattr(metrics, "observe_request", None) if metrics is not None else None
+    return observe if callable(observe) else None
+
+
+@dataclass(eq=False)
+class RunningServer:
+    """A started server. `stop()` is idempotent and safe to call from signal handling and tests alike."""
+
+    settings: Settings
+    server: aio.Server
+    engine: Engine
+    health: health_aio.HealthServicer
+    streams: StreamRegistry
+    port: int
+    metrics_port: int | None
+    model_names: set[str] = field(default_factory=set)
+    kserve: Any = None
+    _metrics_http: Any = None
+    _stopping: asyncio.Task[None] | None = None
+    _serving: bool = True
+
+    @property
+    def address(self) -> str:
+        """`host:port` a local client can dial."""
+        host = self.settings.grpc_host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def is_serving(self) -> bool:
+        """False once a drain has begun (KServe ServerReady uses this too)."""
+        return self._serving
+
+    async def set_models(self, names: Iterable[str]) -> None:
+        """Health status per model name: SERVING for loaded models; NOT_SERVING for ones that went away."""
+        names = set(names)
+        status = SERVING if self._serving else NOT_SERVING
+        for gone in self.model_names - names:
+            await self.health.set(gone, NOT_SERVING)
+        for name in names:
+            await self.health.set(name, status)
+        self.model_names = names
+
+    async def _stop(self, grace: float) -> None:
+        self._serving = False
+        # 1. Probes and balancers see NOT_SERVING first (overall, per service, per model).
+        for name in ["", NATIVE_SERVICE, "inference.GRPCInferenceService", *sorted(self.model_names)]:
+            await self.health.set(name, NOT_SERVING)
+        # 2-3. Stop taking streams, end idle ones; stop the server, letting in-flight calls finish.
+        self.streams.drain()
+        drain = asyncio.ensure_future(self.engine.drain())
+        await self.server.stop(grace)
+        # 4. Whatever the engine still had queued has finished by now (or the grace ran out).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(drain, timeout=max(grace, 0.1))
+        if self.kserve is not None:
+            with contextlib.suppress(Exception):
+                await self.kserve.sequences.close_all()
+        await self.engine.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        _log.info("rnnserve stopped")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop within `grace` seconds (default: settings.drain_grace_s). Idempotent."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(
+                self._stop(self.settings.drain_grace_s if grace is None else grace)
+            )
+        await asyncio.shield(self._stopping)
+
+    async def wait_for_termination(self) -> None:
+        """Block until the gRPC server has stopped."""
+        await self.server.wait_for_termination()
+
+
+def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tuple[Any, int | None]:
+    if settings.metrics_port < 0:
+        return None, None
+    from prometheus_client import start_http_server
+
+    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+    return httpd, int(httpd.server_address[1])
+
+
+async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
+    """Load the repository, bind the gRPC and metrics ports and start serving."""
+    registry = registry if registry is not None else CollectorRegistry()
+    engine = Engine(settings, registry=registry)
+    await engine.start()
+
+    interceptor = ErrorMappingInterceptor(_call_observer(registry, engine))
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Port 0 must give this process its own port, never one another process shares.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = aio.server(interceptors=[interceptor], options=options)
+    streams = StreamRegistry()
+    health = health_aio.HealthServicer()
+    holder: dict[str, RunningServer] = {}
+
+    def on_reload(specs: list[Any]) -> None:
+        running = holder.get("server")
+        if running is not None:
+            asyncio.ensure_future(running.set_models(s.name for s in specs))
+
+    servicer = RecurrentServicer(engine, streams, on_reload=on_reload)
+    from service.servicers import add_to_server as add_native
+
+    add_native(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    services = [NATIVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+
+    kserve_servicer = None
+    try:
+        from service import kserve
+    except ImportError as exc:  # the KServe edge is optional: the native API works without it
+        _log.warning("KServe v2 API not available: %s", exc)
+    else:
+        kserve_servicer = kserve.add_to_server(server, engine, ready=lambda: holder["server"].is_serving())
+        services.append("inference.GRPCInferenceService")
+    services.append(reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+
+    try:
+        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    except RuntimeError as exc:
+        await engine.stop()
+        raise SystemExit(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}: {exc}") from exc
+    await server.start()
+    try:
+        httpd, metrics_port = _start_metrics_http(settings, registry)
+    except OSError as exc:
+        await server.stop(0)
+        await engine.stop()
+        raise SystemExit(f"cannot bind metrics port {settings.metrics_port}: {exc}") from exc
+
+    running = RunningServer(
+        settings=settings,
+        server=server,
+        engine=engine,
+        health=health,
+        streams=streams,
+        port=port,
+        metrics_port=metrics_port,
+        kserve=kserve_servicer,
+        _metrics_http=httpd,
+    )
+    holder["server"] = running
+    for name in ["", *services]:
+        await health.set(name, SERVING)
+    await running.set_models(s.name for s in engine.list_models())
+    return running
+
+
+def _announce(running: RunningServer) -> None:
+    models = ", ".join(f"{s.name}:{s.version}" for s in running.engine.list_models()) or "(none)"
+    metrics = (
+        f"http://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+        if running.metrics_port
+        else "off"
+    )
+    print(
+        f"rnnserve listening: gRPC {running.settings.grpc_host}:{running.port} | metrics {metrics} | "
+        f"models {models} | repository {running.settings.model_repository}",
+        flush=True,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain within settings.drain_grace_s."""
+    running = await start(settings)
+    _announce(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"rnnserve draining (grace {settings.drain_grace_s:g}s)", flush=True)
+    await running.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: `rnnserve-server` / `python -m service.server` (flags: see --help)."""
+    settings = load_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
