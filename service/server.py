@@ -44,11 +44,30 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _call_observer(registry: CollectorRegistry, engine: Engine) -> CallObserver | None:
-    """Hook the interceptor to the request metrics of `service.metrics`, whichever shape they have."""
+def _protocol_of(service: str) -> str:
+    if service.startswith("inference."):
+        return "kserve"
+    if service.startswith("rnnserve."):
+        return "native"
+    return "grpc"  # health, reflection
+
+
+def _call_observer(engine: Engine) -> CallObserver | None:
+    """Count every finished RPC in the engine's `Metrics.requests` (method, code, protocol)."""
     metrics = getattr(engine, "metrics", None)
-    observe = getattr(metrics, "observe_request", None) if metrics is not None else None
-    return observe if callable(observe) else None
+    if metrics is None:
+        _log.warning("engine exposes no metrics; RPCs are not counted")
+        return None
+    children: dict[tuple[str, str], Any] = {}
+
+    def observe(method: str, code: str, seconds: float) -> None:
+        child = children.get((method, code))
+        if child is None:  # labels() takes a lock and hashes; cache the child per (method, code)
+            service, _, name = method.lstrip("/").rpartition("/")
+            child = children[(method, code)] = metrics.requests.labels(name, code, _protocol_of(service))
+        child.inc()
+
+    return observe
 
 
 @dataclass(eq=False)
@@ -139,7 +158,7 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     engine = Engine(settings, registry=registry)
     await engine.start()
 
-    interceptor = ErrorMappingInterceptor(_call_observer(registry, engine))
+    interceptor = ErrorMappingInterceptor(_call_observer(engine))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

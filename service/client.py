@@ -1,0 +1,443 @@
+"""Python client for the rnnserve native API: sessions as objects, streaming as an iterator, automatic failover.
+
+    from service.client import Client
+    with Client("localhost:8001") as client:
+        with client.session("default") as s:
+            out = s.step(np.array([3, 1, 4]))           # {"logits": (3, V) array}
+            for out in s.stream(chunks):                   # one bidi stream, one answer per chunk
+                ...
+        for piece in client.generate("default", prime="X:1", n=400, temperature=0.8, seed=7):
+            print(piece, end="")
+
+Exactly-once makes retrying safe: every chunk carries seq = last applied + 1, and the server answers a repeat of
+its last seq from a cache without applying it again. So after a transport error (UNAVAILABLE, a drained or dead
+server, a deadline) the client re-sends the same chunk with the same seq, reconnecting to the next address of its
+list first; a NOT_FOUND from a replica that does not hold the session is also tried on the other addresses (with a
+shared session store, any replica can resume it from the seq it holds).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service import convert
+from service.proto import rnnserve_pb2 as pb
+from service.proto import rnnserve_pb2_grpc as pb_grpc
+
+# Errors after which the same request may be re-sent (the server's seq check makes a re-send exactly-once).
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+     grpc.StatusCode.UNKNOWN}
+)
+
+ArrayLike = Any
+Inputs = ArrayLike | Mapping[str, ArrayLike]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A data tensor (shape incl. batch axis; None = dynamic) or a state tensor (shape without batch axis)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model version, as GetModel describes it."""
+
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    description: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    states: tuple[TensorInfo, ...]
+    time_axis: bool
+    vocabulary: tuple[str, ...]
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        """Decode a `ModelInfo` message."""
+
+        def specs(items: Iterable[Any]) -> tuple[TensorInfo, ...]:
+            return tuple(
+                TensorInfo(t.name, convert.dtype_of(t.dtype), tuple(None if d < 0 else d for d in t.shape))
+                for t in items
+            )
+
+        return cls(
+            name=m.name,
+            version=m.version,
+            versions=tuple(m.versions),
+            description=m.description,
+            inputs=specs(m.inputs),
+            outputs=specs(m.outputs),
+            states=specs(m.states),
+            time_axis=m.time_axis,
+            vocabulary=tuple(m.vocabulary),
+            metadata=dict(m.metadata),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session as the server describes it (times are Unix seconds)."""
+
+    session_id: str
+    model: str
+    version: int
+    last_seq: int
+    created_at: float
+    last_used: float
+    idle_ttl_s: float
+    expires_at: float
+    steps: int
+
+    @classmethod
+    def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
+        """Decode a `SessionInfo` message."""
+        return cls(s.session_id, s.model, s.version, s.last_seq, s.created_at, s.last_used, s.idle_ttl_s,
+                   s.expires_at, s.steps)
+
+
+def _outputs(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
+    return {t.name: convert.tensor_to_array(t, "output") for t in tensors}
+
+
+class Client:
+    """A synchronous client over one or more server addresses (failover in list order).
+
+    `addresses`: "host:port", "h1:p1,h2:p2" or a list. `timeout`: seconds per call. `max_attempts`: tries of one
+    request across transport errors and failovers.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        timeout: float = 30.0,
+        max_attempts: int = 6,
+        backoff_s: float = 0.05,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if isinstance(addresses, str):
+            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("at least one server address is required")
+        self.addresses = list(addresses)
+        self.timeout = timeout
+        self.max_attempts = max(max_attempts, len(self.addresses) + 1)
+        self._backoff_s = backoff_s
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._lock = threading.Lock()
+        self._index = 0
+        self._models: dict[tuple[str, int], ModelInfo] = {}
+        self._connect()
+
+    # ---- connection and retry -----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self.address = self.addresses[self._index]
+        self._channel = grpc.insecure_channel(self.address, options=self._options)
+        self.stub = pb_grpc.RecurrentServiceStub(self._channel)
+
+    def failover(self, seen_channel: grpc.Channel | None = None) -> None:
+        """Move to the next address (unless another thread already moved since `seen_channel`)."""
+        with self._lock:
+            if seen_channel is not None and seen_channel is not self._channel:
+                return
+            self._channel.close()
+            self._index = (self._index + 1) % len(self.addresses)
+            self._connect()
+
+    def _should_retry(self, err: grpc.RpcError, attempt: int, session_bound: bool) -> bool:
+        code = err.code()
+        if attempt + 1 >= self.max_attempts:
+            return False
+        if code in RETRYABLE:
+            return True
+        # A replica that does not know the session may simply not be its owner: try the others once each.
+        return session_bound and code == grpc.StatusCode.NOT_FOUND and len(self.addresses) > 1 and (
+            attempt + 1 < len(self.addresses)
+        )
+
+    def call(self, method: str, request: Any, *, session_bound: bool = False) -> Any:
+        """Call a unary method by name with retry + failover (safe: requests are idempotent or seq-guarded)."""
+        for attempt in range(self.max_attempts):
+            channel = self._channel
+            try:
+                return getattr(self.stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                if not self._should_retry(err, attempt, session_bound):
+                    raise
+                self.failover(channel)
+                time.sleep(self._backoff_s * min(attempt, 4))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- models -------------------------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every served model (newest version of each)."""
+        return [ModelInfo.from_pb(m) for m in self.call("ListModels", pb.ListModelsRequest()).models]
+
+    def get_model(self, name: str, version: int | None = None) -> ModelInfo:
+        """One model version (cached per client)."""
+        key = (name, version or 0)
+        info = self._models.get(key)
+        if info is None:
+            info = ModelInfo.from_pb(self.call("GetModel", pb.GetModelRequest(name=name, version=version or 0)))
+            self._models[key] = self._models[(name, info.version)] = info
+        return info
+
+    def reload(self) -> list[ModelInfo]:
+        """Ask the server to rescan its model repository now."""
+        return [ModelInfo.from_pb(m) for m in self.call("ReloadRepository", pb.ReloadRepositoryRequest()).models]
+
+    # ---- sessions -----------------------------------------------------------------------------------------
+
+    def session(
+        self,
+        model: str,
+        version: int | None = None,
+        *,
+        idle_ttl_s: float | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+    ) -> Session:
+        """Open a new session on `model` (newest version unless given)."""
+        request = pb.CreateSessionRequest(
+            model=model,
+            version=version or 0,
+            idle_ttl_s=idle_ttl_s or 0.0,
+            initial_state=[convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()],
+        )
+        info = SessionInfo.from_pb(self.call("CreateSession", request))
+        return Session(self, info)
+
+    def attach(self, session_id: str) -> Session:
+        """A `Session` object for an existing session (resumes from the seq the server holds)."""
+        return Session(self, self.describe_session(session_id))
+
+    def describe_session(self, session_id: str) -> SessionInfo:
+        """A session's info."""
+        return SessionInfo.from_pb(
+            self.call("DescribeSession", pb.SessionRequest(session_id=session_id), session_bound=True)
+        )
+
+    def generate(
+        self,
+        model: str = "default",
+        prime: str | Sequence[int] = "",
+        n: int = 100,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        *,
+        version: int | None = None,
+    ) -> Iterator[str]:
+        """Sample `n` tokens from a token model, primed with text or token ids; yields text pieces as they come."""
+        request = pb.GenerateRequest(
+            model=model,
+            version=version or 0,
+            n_tokens=n,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
+        if isinstance(prime, str):
+            request.prime_text = prime
+        else:
+            request.prime_ids.extend(int(t) for t in prime)
+        for response in self.stub.Generate(request, timeout=self.timeout + n * 0.1):
+            yield response.text
+
+
+class Session:
+    """One server-side session: `.step(x)`, `.stream(chunks)`, state, fork, reset, close. A context manager.
+
+    `seq` is the last applied seq as this object knows it; every call sends `seq + 1` and retries with the same
+    seq after transport errors (see the module docstring).
+    """
+
+    def __init__(self, client: Client, info: SessionInfo) -> None:
+        self.client = client
+        self.id = info.session_id
+        self.info = info
+        self.seq = info.last_seq
+        self.model = client.get_model(info.model, info.version)
+        self._closed = False
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+
+    def _tensors(self, inputs: Inputs) -> list[pb.Tensor]:
+        specs = {t.name: t for t in self.model.inputs}
+        if not isinstance(inputs, Mapping):
+            if len(specs) != 1:
+                raise ValueError(f"model {self.model.name!r} has inputs {list(specs)}: pass a dict by name")
+            inputs = {next(iter(specs)): inputs}
+        tensors = []
+        for name, value in inputs.items():
+            spec = specs.get(name)
+            arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
+            tensors.append(convert.array_to_tensor(name, arr))
+        return tensors
+
+    # ---- stepping -----------------------------------------------------------------------------------------
+
+    def step(self, inputs: Inputs, *, last_only: bool = False) -> dict[str, np.ndarray]:
+        """Apply one chunk (`(T, ...)` per input, or `(...)`-shaped for models without a time axis)."""
+        request = pb.StepRequest(
+            session_id=self.id, seq=self.seq + 1, inputs=self._tensors(inputs), last_only=last_only
+        )
+        response = self.client.call("Step", request, session_bound=True)
+        self.seq = response.seq
+        return _outputs(response.outputs)
+
+    def stream(self, chunks: Iterable[Inputs], *, last_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Send chunks over one bidi stream, yielding each chunk's outputs in order.
+
+        The session outlives the stream (`keep`), so a broken stream is re-attached (on the next address if the
+        server went away) and the unanswered chunk is re-sent with its seq: exactly once, in order.
+        """
+        stream = _AttachedStream(self)
+        try:
+            for chunk in chunks:
+                tensors = self._tensors(chunk)
+                yield stream.send(pb.StreamRequest(seq=self.seq + 1, inputs=tensors, last_only=last_only))
+        finally:
+            stream.end()
+
+    # ---- state --------------------------------------------------------------------------------------------
+
+    def describe(self) -> SessionInfo:
+        """The server's view of this session."""
+        self.info = self.client.describe_session(self.id)
+        return self.info
+
+    def state(self) -> bytes:
+        """The whole state as a versioned, integrity-checked blob."""
+        return self.client.call("GetState", pb.SessionRequest(session_id=self.id), session_bound=True).blob
+
+    def set_state(self, blob: bytes) -> SessionInfo:
+        """Replace the state (and seq) from a blob taken with `state()`."""
+        info = SessionInfo.from_pb(
+            self.client.call("SetState", pb.SetStateRequest(session_id=self.id, blob=blob), session_bound=True)
+        )
+        self.seq, self.info = info.last_seq, info
+        return info
+
+    def fork(self, *, idle_ttl_s: float | None = None) -> Session:
+        """A new session starting from a copy of this one's state."""
+        info = self.client.call(
+            "Fork", pb.ForkRequest(session_id=self.id, idle_ttl_s=idle_ttl_s or 0.0), session_bound=True
+        )
+        return Session(self.client, SessionInfo.from_pb(info))
+
+    def reset(self) -> SessionInfo:
+        """State back to the initial state, seq back to 0."""
+        info = SessionInfo.from_pb(
+            self.client.call("Reset", pb.SessionRequest(session_id=self.id), session_bound=True)
+        )
+        self.seq, self.info = info.last_seq, info
+        return info
+
+    def close(self) -> None:
+        """End the session on the server (idempotent on this object)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.client.call("Close", pb.SessionRequest(session_id=self.id), session_bound=True)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_END = object()
+
+
+class _AttachedStream:
+    """A lock-step bidi Stream attached to a session with keep=True; re-attaches after transport errors.
+
+    Lock-step (one chunk in flight) is what makes resuming exact: after a break, the only chunk whose fate is
+    unknown is the one in flight, and re-sending it with its seq is answered from the cache if it was applied.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._call: Any = None
+        self._requests: queue.SimpleQueue[Any] | None = None
+
+    def _open(self) -> None:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        requests.put(pb.StreamRequest(open=pb.StreamOpen(session_id=self._session.id, keep=True)))
+
+        def feed() -> Iterator[pb.StreamRequest]:
+            while (item := requests.get()) is not _END:
+                yield item
+
+        self._requests = requests
+        self._call = self._session.client.stub.Stream(feed())
+        first = next(self._call)
+        self._session.info = SessionInfo.from_pb(first.session)
+
+    def send(self, request: pb.StreamRequest) -> dict[str, np.ndarray]:
+        client = self._session.client
+        for attempt in range(client.max_attempts):
+            channel = client._channel
+            try:
+                if self._call is None:
+                    self._open()
+                assert self._requests is not None
+                self._requests.put(request)
+                response = next(self._call)
+                self._session.seq = response.seq
+                return _outputs(response.outputs)
+            except grpc.RpcError as err:
+                self.end()
+                if not client._should_retry(err, attempt, session_bound=True):
+                    raise
+                client.failover(channel)
+                time.sleep(client._backoff_s * min(attempt, 4))
+        raise AssertionError("unreachable")
+
+    def end(self) -> None:
+        if self._requests is not None:
+            self._requests.put(_END)
+        if self._call is not None:
+            try:
+                for _ in self._call:  # drain to the final status
+                    pass
+            except grpc.RpcError:
+                pass  # a broken call changes nothing already answered
+        self._call = None
+        self._requests = None
