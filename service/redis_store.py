@@ -130,7 +130,7 @@ class RedisStore(SessionStore):
         # The record outlives an idle session by one lease, so a replica can still tell why it is gone.
         ttl_ms = _ms(record.idle_ttl_s + self.lease_s)
         keys = [self._rec(record.session_id), self._lease(record.session_id)]
-        args = [record.owner, _ms(self.lease_s), record.last_seq, blob, ttl_ms]
+        args: list[str | int | bytes] = [record.owner, _ms(self.lease_s), record.last_seq, blob, ttl_ms]
         try:
             ok, holder = await self._save(keys=keys, args=args)
         except NoScriptError:  # redis-py reloads scripts itself; this covers a SCRIPT FLUSH race
@@ -152,7 +152,7 @@ class RedisStore(SessionStore):
             raise self._unreachable(exc) from exc
         if blob is None:
             return None
-        return snapshot.decode(blob, self._key)
+        return snapshot.decode(blob if isinstance(blob, bytes) else blob.encode("latin-1"), self._key)
 
     async def delete(self, session_id: str) -> None:
         """Forget a session and its lease (closed or expired)."""
@@ -181,7 +181,9 @@ class RedisStore(SessionStore):
             holder = await self._redis.get(self._lease(session_id))
         except (RedisError, OSError) as exc:
             raise self._unreachable(exc) from exc
-        return None if holder is None else holder.decode()
+        if holder is None:
+            return None
+        return holder.decode() if isinstance(holder, bytes) else str(holder)
 
     async def close(self) -> None:
         """Close the connection pool."""
