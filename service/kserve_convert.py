@@ -6,10 +6,10 @@ generated classes of the maintained `tritonclient` package (`tritonclient.grpc.s
 Wire rules followed (KServe v2 gRPC and Triton):
 - An input's data travels either in its typed `contents` field or, for every input at once, in
   `raw_input_contents` (little-endian, row-major), never both; FP16 has no typed field, so it is raw only.
-- Responses use `raw_output_contents` for every output, as Triton does (the tritonclient decodes numeric outputs
-  only from there). A client that sets the `binary_data` parameter to false on every requested output (or the
-  request parameter `binary_data_output` to false) gets typed `contents` instead, when every output dtype has a
-  typed field; the spec forbids mixing the two in one response.
+- Responses use `raw_output_contents` for every output, as Triton does (the tritonclient decodes numeric
+  outputs only from there). A client that sets the `binary_data` parameter to false on every requested output
+  (or the request parameter `binary_data_output` to false) gets typed `contents` instead, when every output
+  dtype has a typed field; the spec forbids mixing the two in one response.
 - Shapes on the wire include the batch axis.
 """
 
@@ -39,8 +39,8 @@ def _wt(name: str, dtype: str, field: str | None, config: str) -> WireType:
     return WireType(name, np.dtype(dtype), field, model_config_pb2.DataType.Value(config))
 
 
-# Every numeric KServe datatype numpy can hold. BYTES (strings) and BF16 (no numpy dtype) are refused: no model
-# following the state contract takes them.
+# Every numeric KServe datatype numpy can hold. BYTES (strings) and BF16 (no numpy dtype) are refused: no
+# model following the state contract takes them.
 WIRE_TYPES: tuple[WireType, ...] = (
     _wt("BOOL", "?", "bool_contents", "TYPE_BOOL"),
     _wt("UINT8", "<u1", "uint_contents", "TYPE_UINT8"),
@@ -61,7 +61,7 @@ SUPPORTED = ", ".join(w.name for w in WIRE_TYPES)
 
 
 def wire_type_of(dtype: np.dtype) -> WireType:
-    """The KServe datatype of a numpy dtype (a model's tensor dtype); InvalidArgument if it has none."""
+    """Return the KServe datatype of a numpy dtype (a model's tensor dtype); InvalidArgument if none."""
     found = _BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
     if found is None:
         raise InvalidArgument(f"dtype {np.dtype(dtype)} has no KServe datatype here (supported: {SUPPORTED})")
@@ -69,14 +69,14 @@ def wire_type_of(dtype: np.dtype) -> WireType:
 
 
 def wire_type_named(name: str) -> WireType:
-    """The WireType for a KServe datatype string; InvalidArgument naming the supported ones otherwise."""
+    """Return the WireType of a KServe datatype string; InvalidArgument naming the supported ones if none."""
     found = _BY_NAME.get(name)
     if found is None:
         raise InvalidArgument(f"datatype {name!r} is not supported; expected one of {SUPPORTED}")
     return found
 
 
-# ---------------------------------------------------------------------------------------------------- parameters
+# ------------------------------------------------------------------------------------------ parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,7 @@ def _bool_param(params: Mapping[str, service_pb2.InferParameter], key: str) -> b
 
 
 def parse_sequence(params: Mapping[str, service_pb2.InferParameter]) -> SequenceControl:
-    """Read `sequence_id` (int64, uint64 or string; 0 and "" mean none, as in Triton), `sequence_start`, `sequence_end`."""
+    """Read `sequence_id` (int64, uint64 or string; 0 or "" mean none, as in Triton) and start/end flags."""
     sequence_id: int | str | None = None
     if "sequence_id" in params:
         param = params["sequence_id"]
@@ -112,7 +112,9 @@ def parse_sequence(params: Mapping[str, service_pb2.InferParameter]) -> Sequence
         elif choice == "string_param":
             sequence_id = param.string_param or None
         else:
-            raise InvalidArgument("parameter 'sequence_id' must be an int64_param, uint64_param or string_param")
+            raise InvalidArgument(
+                "parameter 'sequence_id' must be an int64_param, uint64_param or string_param"
+            )
     start = _bool_param(params, "sequence_start")
     end = _bool_param(params, "sequence_end")
     if sequence_id is None and (start or end):
@@ -121,7 +123,7 @@ def parse_sequence(params: Mapping[str, service_pb2.InferParameter]) -> Sequence
 
 
 def wants_typed_outputs(request: service_pb2.ModelInferRequest) -> bool:
-    """True when the client explicitly asked for non-binary (typed `contents`) outputs and nothing asks for binary."""
+    """Tell whether the client explicitly asked for typed (non-binary) outputs and nothing asks for binary."""
     asked: list[bool] = []
     if "binary_data_output" in request.parameters:
         asked.append(_bool_param(request.parameters, "binary_data_output"))
@@ -131,7 +133,7 @@ def wants_typed_outputs(request: service_pb2.ModelInferRequest) -> bool:
     return bool(asked) and not any(asked)
 
 
-# ------------------------------------------------------------------------------------------------------- inputs
+# ---------------------------------------------------------------------------------------------- inputs
 
 
 def _element_count(name: str, shape: Sequence[int]) -> int:
@@ -147,13 +149,19 @@ def _from_raw(name: str, wire: WireType, shape: list[int], raw: bytes) -> np.nda
             f"input {name!r}: raw_input_contents holds {len(raw)} bytes; shape {shape} of {wire.name} "
             f"needs {expected}"
         )
-    return np.frombuffer(raw, dtype=wire.dtype).reshape(shape).astype(wire.dtype.newbyteorder("="), copy=False)
+    return (
+        np.frombuffer(raw, dtype=wire.dtype).reshape(shape).astype(wire.dtype.newbyteorder("="), copy=False)
+    )
 
 
-def _from_contents(name: str, wire: WireType, shape: list[int], contents: service_pb2.InferTensorContents) -> np.ndarray:
+def _from_contents(
+    name: str, wire: WireType, shape: list[int], contents: service_pb2.InferTensorContents
+) -> np.ndarray:
     count = _element_count(name, shape)
     if wire.contents_field is None:
-        raise InvalidArgument(f"input {name!r}: {wire.name} has no typed contents field; send raw_input_contents")
+        raise InvalidArgument(
+            f"input {name!r}: {wire.name} has no typed contents field; send raw_input_contents"
+        )
     for field, values in contents.ListFields():
         if field.name != wire.contents_field and len(values):
             raise InvalidArgument(
@@ -163,18 +171,21 @@ def _from_contents(name: str, wire: WireType, shape: list[int], contents: servic
     values = getattr(contents, wire.contents_field)
     if len(values) != count:
         raise InvalidArgument(
-            f"input {name!r}: contents.{wire.contents_field} holds {len(values)} values; shape {shape} needs {count}"
+            f"input {name!r}: contents.{wire.contents_field} holds {len(values)} values; "
+            f"shape {shape} needs {count}"
         )
     wide = np.asarray(values, dtype=np.float64 if wire.dtype.kind == "f" else None)
     if wire.dtype.kind in "iu" and wide.size:
         info = np.iinfo(wire.dtype)
         if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidArgument(f"input {name!r}: a value lies outside the {wire.name} range [{info.min}, {info.max}]")
+            raise InvalidArgument(
+                f"input {name!r}: a value lies outside the {wire.name} range [{info.min}, {info.max}]"
+            )
     return wide.astype(wire.dtype.newbyteorder("=")).reshape(shape)
 
 
 def decode_inputs(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Every input tensor of a ModelInferRequest as a numpy array with the shape on the wire (batch axis first)."""
+    """Decode every input tensor of a ModelInferRequest: arrays with the wire shape (batch axis first)."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -187,7 +198,9 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarra
         if name in arrays:
             raise InvalidArgument(f"input {name!r} appears twice in the request")
         if "shared_memory_region" in tensor.parameters:
-            raise InvalidArgument(f"input {name!r}: shared-memory tensors are not supported; send the data inline")
+            raise InvalidArgument(
+                f"input {name!r}: shared-memory tensors are not supported; send the data inline"
+            )
         wire = wire_type_named(tensor.datatype)
         shape = list(tensor.shape)
         if raw:
@@ -199,13 +212,13 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarra
     return arrays
 
 
-# ------------------------------------------------------------------------------------------------------ outputs
+# --------------------------------------------------------------------------------------------- outputs
 
 
 def encode_outputs(
     response: service_pb2.ModelInferResponse, outputs: Iterable[tuple[str, np.ndarray]], *, typed: bool
 ) -> None:
-    """Append the outputs (name, array with batch axis) to `response`: raw bytes, or typed contents if `typed`.
+    """Append the outputs (name, array with batch axis) to `response`: raw bytes, or typed contents.
 
     Typed contents are used only when every output dtype has a typed field (the spec forbids mixing).
     """
@@ -213,8 +226,7 @@ def encode_outputs(
     typed = typed and all(wire.contents_field is not None for _, _, wire in items)
     for name, array, wire in items:
         tensor = response.outputs.add(name=name, datatype=wire.name, shape=list(array.shape))
-        if typed:
-            assert wire.contents_field is not None  # checked above; for the type checker
+        if typed and wire.contents_field is not None:
             getattr(tensor.contents, wire.contents_field).extend(array.ravel().tolist())
         else:
             response.raw_output_contents.append(np.ascontiguousarray(array, dtype=wire.dtype).tobytes())

@@ -26,9 +26,7 @@ def _client_request(arrays, *, sequence_id=0, start=False, end=False, outputs=No
         inp = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         inp.set_data_from_numpy(array)
         inputs.append(inp)
-    return _get_inference_request(
-        "m", inputs, "", "", outputs, sequence_id, start, end, 0, None, None
-    )
+    return _get_inference_request("m", inputs, "", "", outputs, sequence_id, start, end, 0, None, None)
 
 
 @pytest.mark.parametrize("wire", WIRE_TYPES, ids=lambda w: w.name)

@@ -1,0 +1,571 @@
+"""Open Inference Protocol (KServe v2 gRPC `inference.GRPCInferenceService`) with Triton's sequence extension.
+
+A thin edge over the same `Engine` the native API uses (one session store, one batcher, one set of metrics;
+the sessions it opens carry `protocol="kserve"`), so unmodified Triton clients (`tritonclient.grpc`,
+perf_analyzer) drive our stateful models. Stubs come from the maintained `tritonclient` package.
+
+Sequences (Triton's sequence extension): a request carrying the parameter `sequence_id` (int or string)
+belongs to that sequence of the model. `sequence_start=true` opens an engine session (restarting it if the
+sequence is live); `sequence_end=true` closes it after that request's step. The state is implicit: it lives in
+the server and never appears in metadata or on the wire, as with Triton's implicit state management. Requests
+of one sequence apply in arrival order (one FIFO lock per sequence). A request without a sequence id runs once
+from the initial state (`Engine.infer_stateless`), so a batch > 1 is allowed there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from service.engine import Engine, ModelSpec, TensorSpec
+from service.errors import InvalidArgument, NotFound, status_of
+from service.kserve_convert import (
+    SequenceControl,
+    decode_inputs,
+    encode_outputs,
+    parse_sequence,
+    wants_typed_outputs,
+    wire_type_of,
+)
+
+_log = logging.getLogger(__name__)
+
+SERVER_NAME = "rnnserve"
+PLATFORM = "onnxruntime_onnx"
+# Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
+EXTENSIONS = ("sequence", "model_configuration", "binary_tensor_data", "parameters", "statistics")
+# Requests one ModelStreamInfer stream may have in flight before the server stops reading it (backpressure).
+DEFAULT_STREAM_MAX_INFLIGHT = 256
+# Seconds between sweeps that forget sequences whose session the engine has expired.
+SEQUENCE_SWEEP_S = 5.0
+
+SequenceKey = tuple[str, int | str]
+ENDED = "ended by sequence_end"
+
+
+# ------------------------------------------------------------------------------------------- sequences
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    """One live Triton sequence: the engine session behind it and the next seq number to send."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session_id: str | None = None
+    version: int = 0
+    next_seq: int = 1
+    retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceOutcome:
+    """Outputs of one sequence step `(T, ...)` without the batch axis, and the model version that ran it."""
+
+    outputs: dict[str, np.ndarray]
+    version: int
+
+
+def _describe_id(sequence_id: int | str) -> str:
+    return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
+
+
+class SequenceTable:
+    """Map (model, sequence_id) to an engine session; apply the requests of one sequence in arrival order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._live: dict[SequenceKey, _Sequence] = {}
+        # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
+        self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
+        self._max_gone = engine.settings.max_tombstones
+        self._last_sweep = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    async def step(
+        self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> SequenceOutcome:
+        """Apply one request of a sequence: start/restart, step, end. Inputs have no batch axis."""
+        assert ctl.sequence_id is not None  # callers route sequence-less requests elsewhere
+        key: SequenceKey = (model, ctl.sequence_id)
+        if ctl.start:
+            self._sweep()
+        # No await before the lock: tasks reach it in arrival order and asyncio.Lock is FIFO.
+        while True:
+            entry = self._live.get(key)
+            if entry is None:
+                if not ctl.start:
+                    raise self._not_active(key)
+                self._gone.pop(key, None)
+                entry = self._live[key] = _Sequence()
+            async with entry.lock:
+                if entry.retired:
+                    continue
+                return await self._locked_step(key, entry, version, ctl, inputs)
+
+    async def _locked_step(
+        self,
+        key: SequenceKey,
+        entry: _Sequence,
+        version: int | None,
+        ctl: SequenceControl,
+        inputs: dict[str, np.ndarray],
+    ) -> SequenceOutcome:
+        model, sequence_id = key
+        if ctl.start:
+            if entry.session_id is not None:
+                await self._close_quietly(entry.session_id)
+                entry.session_id = None
+            try:
+                info = await self._engine.create_session(model, version, protocol="kserve")
+            except BaseException:
+                self._retire(key, entry, "failed to start")
+                raise
+            entry.session_id, entry.version, entry.next_seq = info.session_id, info.version, 1
+        elif version is not None and version != entry.version:
+            raise InvalidArgument(
+                f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
+                f"not {version}; leave model_version empty or restart the sequence"
+            )
+        assert entry.session_id is not None
+        try:
+            result = await self._engine.step(entry.session_id, entry.next_seq, inputs)
+        except NotFound as exc:
+            self._retire(key, entry, exc.reason)
+            raise NotFound(
+                f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
+                f"{exc.message}; start it again with sequence_start=true",
+                reason=exc.reason,
+            ) from exc
+        entry.next_seq += 1
+        if ctl.end:
+            self._retire(key, entry, ENDED)
+            await self._close_quietly(entry.session_id)
+        return SequenceOutcome(result.outputs, entry.version)
+
+    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str) -> None:
+        entry.retired = True
+        if self._live.get(key) is entry:
+            del self._live[key]
+            self._gone[key] = reason
+            self._gone.move_to_end(key)
+            while len(self._gone) > self._max_gone:
+                self._gone.popitem(last=False)
+
+    def _not_active(self, key: SequenceKey) -> Exception:
+        model, sequence_id = key
+        reason = self._gone.get(key)
+        name = f"sequence {_describe_id(sequence_id)} of model {model!r}"
+        if reason is None or reason == ENDED:
+            why = "was ended by sequence_end" if reason == ENDED else "is not active"
+            # Triton answers INVALID_ARGUMENT here too ("must specify the START flag ...").
+            return InvalidArgument(f"{name} {why}: its first request must set sequence_start=true")
+        return NotFound(
+            f"{name} has ended ({reason}); start it again with sequence_start=true", reason=reason
+        )
+
+    async def _close_quietly(self, session_id: str) -> None:
+        try:
+            await self._engine.close(session_id)
+        except NotFound:
+            pass  # already expired or evicted: nothing left to release
+
+    def _sweep(self) -> None:
+        """Forget sequences whose engine session expired (clients that never sent sequence_end)."""
+        now = time.monotonic()
+        if now - self._last_sweep < SEQUENCE_SWEEP_S:
+            return
+        self._last_sweep = now
+        for key, entry in list(self._live.items()):
+            if entry.session_id is None or entry.lock.locked():
+                continue
+            try:
+                self._engine.describe(entry.session_id)
+            except NotFound as exc:
+                self._retire(key, entry, exc.reason)
+
+    async def close_all(self) -> None:
+        """End every live sequence (server shutdown)."""
+        for key, entry in list(self._live.items()):
+            self._retire(key, entry, "shutdown")
+            if entry.session_id is not None:
+                await self._close_quietly(entry.session_id)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+@dataclass(slots=True)
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class _ModelStats:
+    """Per model version counters for ModelStatistics (what perf_analyzer reads)."""
+
+    inference_count: int = 0  # batch items
+    execution_count: int = 0  # requests run
+    last_inference_ms: int = 0
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+
+
+# ---------------------------------------------------------------------------------- model descriptions
+
+
+def _dims(shape: tuple[int | None, ...]) -> list[int]:
+    return [-1 if d is None else int(d) for d in shape]
+
+
+def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
+    """Describe data tensors only (state is implicit, as in Triton); shapes with the batch axis as -1."""
+    response = pb.ModelMetadataResponse(
+        name=spec.name, versions=[str(v) for v in (spec.versions or (spec.version,))], platform=PLATFORM
+    )
+    for source, target in ((spec.inputs, response.inputs), (spec.outputs, response.outputs)):
+        for t in source:
+            target.add(name=t.name, datatype=wire_type_of(t.dtype).name, shape=[-1, *_dims(t.shape[1:])])
+    return response
+
+
+def model_config(spec: ModelSpec) -> mc.ModelConfig:
+    """Build the Triton ModelConfig that Triton's ONNX backend with implicit state would report."""
+    cfg = spec.config
+    config = mc.ModelConfig(
+        name=spec.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=cfg.max_batch_size
+    )
+    config.version_policy.latest.num_versions = 1  # only the newest version takes new sequences
+    for t in spec.inputs:
+        config.input.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
+    for t in spec.outputs:
+        config.output.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
+    if spec.states:
+        seq = config.sequence_batching
+        seq.max_sequence_idle_microseconds = int(cfg.idle_ttl_s * 1_000_000)
+        # Steps of different sequences are batched together, the oldest first: Triton's "oldest" strategy.
+        seq.oldest.max_candidate_sequences = cfg.max_sessions
+        seq.oldest.max_queue_delay_microseconds = cfg.max_queue_delay_us
+        seq.oldest.preserve_ordering = True
+        for s in spec.states:
+            wire = wire_type_of(s.dtype)
+            state = seq.state.add(
+                input_name=f"state_in_{s.name}",
+                output_name=f"state_out_{s.name}",
+                data_type=wire.config_type,
+                dims=list(s.shape),
+            )
+            if s.initial is None:
+                state.initial_state.add(
+                    name="zeros", data_type=wire.config_type, dims=list(s.shape), zero_data=True
+                )
+    else:
+        config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+    for key, value in spec.metadata.items():
+        if key.startswith("rnnserve.") and not key.startswith("rnnserve.initial_state."):
+            config.parameters[key].string_value = value
+    return config
+
+
+def _version_arg(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text!r}")
+    return int(text)
+
+
+# -------------------------------------------------------------------------------------------- servicer
+
+
+class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """`inference.GRPCInferenceService` over the shared Engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        version: str = "0.1.0",
+        ready: Callable[[], bool] = lambda: True,
+        stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+    ) -> None:
+        self._engine = engine
+        self._version = version
+        self._ready = ready
+        self._stream_max_inflight = stream_max_inflight
+        self.sequences = SequenceTable(engine)
+        self._stats: dict[tuple[str, int], _ModelStats] = {}
+
+    # ---- health and metadata
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
+        """Answer live: the process serves RPCs."""
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:  # noqa: N802
+        """Ready unless the server is draining or has no model loaded."""
+        return pb.ServerReadyResponse(ready=bool(self._ready() and self._engine.list_models()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
+        """Ready if that model (version) is loaded; unknown models are simply not ready, as in Triton."""
+        version = _version_arg(request.version)
+        try:
+            self._engine.get_model(request.name, version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(self._ready()))
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        """Name, version and the extensions implemented (Triton's names)."""
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS))
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        """Describe a model's data inputs and outputs (state hidden)."""
+        return model_metadata(self._engine.get_model(request.name, _version_arg(request.version)))
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
+        """Triton model configuration (max_batch_size, inputs/outputs without batch, sequence_batching)."""
+        spec = self._engine.get_model(request.name, _version_arg(request.version))
+        return pb.ModelConfigResponse(config=model_config(spec))
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        """Every served model with its newest version, READY."""
+        if request.repository_name:
+            raise InvalidArgument("this server has one model repository; leave repository_name empty")
+        response = pb.RepositoryIndexResponse()
+        for spec in sorted(self._engine.list_models(), key=lambda s: s.name):
+            response.models.add(name=spec.name, version=str(spec.version), state="READY")
+        return response
+
+    async def ModelStatistics(  # noqa: N802
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        """Request counts and durations of KServe inferences per model version (empty name: every model)."""
+        version = _version_arg(request.version)
+        if request.name:
+            specs = [self._engine.get_model(request.name, version)]
+        else:
+            specs = self._engine.list_models()
+        response = pb.ModelStatisticsResponse()
+        for spec in sorted(specs, key=lambda s: s.name):
+            st = self._stats.get((spec.name, spec.version), _ModelStats())
+            entry = response.model_stats.add(
+                name=spec.name,
+                version=str(spec.version),
+                last_inference=st.last_inference_ms,
+                inference_count=st.inference_count,
+                execution_count=st.execution_count,
+            )
+            entry.inference_stats.success.count, entry.inference_stats.success.ns = (
+                st.success.count,
+                st.success.ns,
+            )
+            entry.inference_stats.fail.count, entry.inference_stats.fail.ns = st.fail.count, st.fail.ns
+        return response
+
+    # ---- inference
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
+        """One inference request: a sequence step (with sequence_id) or a stateless run."""
+        return await self.infer(request)
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Answer each request of a bidirectional stream with one response (matched by `id`).
+
+        Errors go in `error_message` and the stream stays open. Requests run concurrently (so interleaved
+        sequences batch together) while the per-sequence lock keeps each sequence in arrival order.
+        """
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        inflight = asyncio.Semaphore(self._stream_max_inflight)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                out.put_nowait(pb.ModelStreamInferResponse(infer_response=await self.infer(request)))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error_message
+                _, message = status_of(exc)
+                reply = pb.ModelStreamInferResponse(error_message=message)
+                reply.infer_response.id = request.id
+                reply.infer_response.model_name = request.model_name
+                reply.infer_response.model_version = request.model_version
+                out.put_nowait(reply)
+            finally:
+                inflight.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await inflight.acquire()
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await out.get()) is not None:
+                yield reply
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Run one ModelInferRequest; raises typed errors (shared by the unary and the streaming method)."""
+        started = time.monotonic_ns()
+        spec = self._engine.get_model(request.model_name, _version_arg(request.model_version))
+        stats = self._stats.setdefault((spec.name, spec.version), _ModelStats())
+        try:
+            response, batch = await self._infer(spec, request)
+        except Exception:
+            stats.fail.add(time.monotonic_ns() - started)
+            raise
+        stats.success.add(time.monotonic_ns() - started)
+        stats.inference_count += batch
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        return response
+
+    async def _infer(
+        self, spec: ModelSpec, request: pb.ModelInferRequest
+    ) -> tuple[pb.ModelInferResponse, int]:
+        ctl = parse_sequence(request.parameters)
+        names = _requested_outputs(spec, request)
+        arrays = decode_inputs(request)
+        batch = _check_inputs(spec, arrays)
+        version = spec.version
+        if ctl.sequence_id is not None and spec.states:
+            if batch != 1:
+                raise InvalidArgument(
+                    "a request with a sequence_id carries one sequence: batch dimension must be 1, "
+                    f"got {batch} (send several sequences as separate requests, or drop sequence_id for a "
+                    "stateless batch)"
+                )
+            outcome = await self.sequences.step(
+                spec.name, _version_arg(request.model_version), ctl, {k: v[0] for k, v in arrays.items()}
+            )
+            outputs = {k: v[np.newaxis] for k, v in outcome.outputs.items()}
+            version = outcome.version
+        else:
+            # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
+            # from the initial state.
+            outputs = await self._engine.infer_stateless(spec.name, spec.version, arrays)
+        response = pb.ModelInferResponse(model_name=spec.name, model_version=str(version), id=request.id)
+        encode_outputs(response, [(n, outputs[n]) for n in names], typed=wants_typed_outputs(request))
+        return response, batch
+
+
+def _requested_outputs(spec: ModelSpec, request: pb.ModelInferRequest) -> list[str]:
+    """Names of the outputs to return: those requested (in request order), else every data output."""
+    known = [t.name for t in spec.outputs]
+    if not request.outputs:
+        return known
+    names: list[str] = []
+    for out in request.outputs:
+        if out.name not in known:
+            hint = " (state is implicit and never an output)" if out.name.startswith("state_out_") else ""
+            raise InvalidArgument(f"model {spec.name!r} has no output {out.name!r}{hint}; outputs: {known}")
+        if out.name in names:
+            raise InvalidArgument(f"output {out.name!r} is requested twice")
+        if "classification" in out.parameters:
+            raise InvalidArgument("the classification extension is not supported; request the raw output")
+        if "shared_memory_region" in out.parameters:
+            raise InvalidArgument(f"output {out.name!r}: shared-memory outputs are not supported")
+        names.append(out.name)
+    return names
+
+
+def _check_inputs(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> int:
+    """Validate names, dtypes and shapes against the model's data inputs; returns the batch size."""
+    expected = {t.name: t for t in spec.inputs}
+    unknown = sorted(set(arrays) - set(expected))
+    if unknown:
+        hint = (
+            " (state is implicit and never an input)"
+            if any(n.startswith("state_in_") for n in unknown)
+            else ""
+        )
+        raise InvalidArgument(
+            f"model {spec.name!r} has no input {unknown[0]!r}{hint}; inputs: {sorted(expected)}"
+        )
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise InvalidArgument(f"model {spec.name!r} needs input {missing[0]!r}; inputs: {sorted(expected)}")
+    batches = set()
+    for name, array in arrays.items():
+        _check_tensor(spec.name, expected[name], array)
+        batches.add(array.shape[0])
+    if len(batches) != 1:
+        raise InvalidArgument(f"inputs disagree on the batch dimension (axis 0): {sorted(batches)}")
+    batch = batches.pop()
+    if batch < 1:
+        raise InvalidArgument("the batch dimension (axis 0) must be at least 1")
+    if batch > spec.config.max_batch_size:
+        raise InvalidArgument(
+            f"batch {batch} exceeds max_batch_size {spec.config.max_batch_size} of {spec.name!r}"
+        )
+    return int(batch)
+
+
+def _check_tensor(model: str, t: TensorSpec, array: np.ndarray) -> None:
+    want = wire_type_of(t.dtype).name
+    got = wire_type_of(array.dtype).name
+    if got != want:
+        raise InvalidArgument(f"input {t.name!r} of model {model!r} has datatype {want}, got {got}")
+    shape_text = "[" + ", ".join("-1" if d is None else str(d) for d in t.shape) + "]"
+    if array.ndim != len(t.shape):
+        raise InvalidArgument(
+            f"input {t.name!r} of model {model!r} has shape {shape_text} (batch first), "
+            f"got {list(array.shape)}"
+        )
+    for axis, (dim, size) in enumerate(zip(t.shape, array.shape, strict=True)):
+        if dim is not None and dim != size:
+            raise InvalidArgument(
+                f"input {t.name!r} of model {model!r} has shape {shape_text} (batch first); "
+                f"axis {axis} must be {dim}, got {list(array.shape)}"
+            )
+        if axis == 1 and t.time_axis and size < 1:
+            raise InvalidArgument(f"input {t.name!r}: the time axis (axis 1) needs at least one step")
+
+
+def add_to_server(
+    server: grpc.aio.Server,
+    engine: Engine,
+    *,
+    ready: Callable[[], bool] = lambda: True,
+    version: str = "0.1.0",
+    stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+) -> KServeServicer:
+    """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer."""
+    servicer = KServeServicer(engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    return servicer

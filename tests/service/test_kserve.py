@@ -1,0 +1,400 @@
+"""KServe v2 / Triton protocol against the real server, driven by the unmodified `tritonclient.grpc` client.
+
+The server is started through `service.server.start` on 127.0.0.1:0 in a background event loop (tritonclient
+is a blocking client); results are compared with ONNX Runtime run directly on each whole sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from pathlib import Path
+
+import fixtures
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.config import Settings
+from service.server import start
+
+SHORT_TTL_S = 0.6
+
+
+class ServerThread:
+    """The real server on its own event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start(settings), self.loop).result(timeout=60)
+        self.url = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.running.stop(0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kserve_repo")
+    fixtures.token_lstm(root, "tiny_lstm")
+    fixtures.token_lstm(root, "tiny_lstm2", layers=2, hidden=6, seed=3)
+    fixtures.numeric_gru(root, "tiny_gru")
+    fixtures.accumulator(root, "accumulator")
+    fixtures.accumulator(root, "acc_short")
+    (root / "acc_short" / "config.yaml").write_text(f"idle_ttl_s: {SHORT_TTL_S}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    settings = Settings(
+        model_repository=repo, grpc_host="127.0.0.1", grpc_port=0, metrics_port=-1, sweep_interval_s=0.1
+    )
+    srv = ServerThread(settings)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    with tc.InferenceServerClient(url=server.url) as c:
+        yield c
+
+
+def _tokens(array: np.ndarray) -> tc.InferInput:
+    inp = tc.InferInput("tokens", list(array.shape), "INT64")
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def _acc(value: int, datatype: str = "INT32") -> tc.InferInput:
+    inp = tc.InferInput("x", [1, 1], datatype)
+    inp.set_data_from_numpy(np.array([[value]], dtype=np.int32 if datatype == "INT32" else np.float32))
+    return inp
+
+
+def _status(excinfo) -> str:
+    return excinfo.value.status()
+
+
+# -------------------------------------------------------------------------------------------- metadata
+
+
+def test_readiness_and_server_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("tiny_lstm")
+    assert client.is_model_ready("tiny_lstm", "1")
+    assert not client.is_model_ready("no_such_model")
+    meta = client.get_server_metadata()
+    assert meta.name == "rnnserve"
+    assert "sequence" in meta.extensions and "model_configuration" in meta.extensions
+
+
+def test_model_metadata_hides_state(client):
+    meta = client.get_model_metadata("tiny_lstm")
+    assert meta.name == "tiny_lstm" and list(meta.versions) == ["1"] and meta.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("tokens", "INT64", [-1, -1])]
+    vocab = len(fixtures.DEFAULT_VOCAB)
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("logits", "FP32", [-1, -1, vocab])
+    ]
+    acc = client.get_model_metadata("accumulator")
+    assert [(t.name, t.datatype, list(t.shape)) for t in acc.inputs] == [("x", "INT32", [-1, 1])]
+    assert [t.name for t in acc.outputs] == ["y"]
+
+
+def test_model_config_as_triton_describes_implicit_state(client):
+    cfg = client.get_model_config("tiny_lstm2").config
+    assert cfg.name == "tiny_lstm2" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size >= 1
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        ("tokens", tc.model_config_pb2.TYPE_INT64, [-1])
+    ]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [-1, len(fixtures.DEFAULT_VOCAB)])]
+    states = {(s.input_name, s.output_name, tuple(s.dims)) for s in cfg.sequence_batching.state}
+    assert states == {("state_in_h", "state_out_h", (2, 6)), ("state_in_c", "state_out_c", (2, 6))}
+    assert cfg.sequence_batching.max_sequence_idle_microseconds > 0
+    short = client.get_model_config("acc_short").config
+    assert short.sequence_batching.max_sequence_idle_microseconds == int(SHORT_TTL_S * 1e6)
+    assert short.sequence_batching.state[0].data_type == tc.model_config_pb2.TYPE_INT32
+
+
+def test_repository_index_and_statistics(client):
+    names = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert {"tiny_lstm", "tiny_lstm2", "tiny_gru", "accumulator"} <= names
+    before = client.get_inference_statistics("tiny_gru").model_stats[0]
+    x = tc.InferInput("x", [2, 3, 3], "FP32")
+    x.set_data_from_numpy(np.ones((2, 3, 3), np.float32))
+    client.infer("tiny_gru", [x])
+    after = client.get_inference_statistics("tiny_gru").model_stats[0]
+    assert after.inference_count == before.inference_count + 2
+    assert after.execution_count == before.execution_count + 1
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+
+
+# ------------------------------------------------------------------------------------------- sequences
+
+
+def _chunks(rng, length: int) -> list[tuple[int, int]]:
+    cuts = sorted(rng.choice(np.arange(1, length), size=3, replace=False).tolist())
+    bounds = [0, *cuts, length]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _interleaved_plan(seed: int, ids: list):
+    """Per sequence: a token stream and its chunking; returns the round-robin order of (id, chunk index)."""
+    rng = np.random.default_rng(seed)
+    vocab = len(fixtures.DEFAULT_VOCAB)
+    streams = {sid: rng.integers(0, vocab, size=int(rng.integers(8, 20))).astype(np.int64) for sid in ids}
+    chunks = {sid: _chunks(rng, len(streams[sid])) for sid in ids}
+    order = [(sid, k) for k in range(4) for sid in ids]
+    return streams, chunks, order
+
+
+@pytest.mark.parametrize("model", ["tiny_lstm", "tiny_lstm2"])
+def test_unary_interleaved_sequences_equal_ort(client, repo, model):
+    ids = [11, 12, "session-a", 2**40]
+    streams, chunks, order = _interleaved_plan(5, ids)
+    got: dict = {sid: [] for sid in ids}
+    for sid, k in order:
+        lo, hi = chunks[sid][k]
+        result = client.infer(
+            model,
+            [_tokens(streams[sid][None, lo:hi])],
+            sequence_id=sid,
+            sequence_start=k == 0,
+            sequence_end=k == 3,
+        )
+        logits = result.as_numpy("logits")
+        assert logits.shape == (1, hi - lo, len(fixtures.DEFAULT_VOCAB))
+        got[sid].append(logits[0])
+    for sid in ids:
+        want = fixtures.run_whole(repo / model / "1" / "model.onnx", {"tokens": streams[sid][None]})[
+            "logits"
+        ][0]
+        np.testing.assert_allclose(np.concatenate(got[sid]), want, atol=1e-5, rtol=0)
+
+
+def test_stream_interleaved_sequences_equal_ort_and_survive_errors(client, repo):
+    ids = [21, "s-22", 23]
+    streams, chunks, order = _interleaved_plan(7, ids)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for n, (sid, k) in enumerate(order):
+            lo, hi = chunks[sid][k]
+            client.async_stream_infer(
+                "tiny_lstm",
+                [_tokens(streams[sid][None, lo:hi])],
+                request_id=f"{sid}:{k}",
+                sequence_id=sid,
+                sequence_start=k == 0,
+                sequence_end=k == 3,
+            )
+            if n == 4:  # an error in the middle: a sequence that was never started
+                client.async_stream_infer(
+                    "tiny_lstm", [_tokens(streams[sid][None, :2])], request_id="bad", sequence_id=999
+                )
+        replies = [results.get(timeout=30) for _ in range(len(order) + 1)]
+    finally:
+        client.stop_stream()
+    errors = [e for r, e in replies if e is not None]
+    assert len(errors) == 1 and "sequence_start" in errors[0].message()
+    got: dict = {sid: [] for sid in ids}
+    for result, error in replies:
+        if error is not None:
+            continue
+        sid_text, k = result.get_response().id.split(":")
+        sid = next(s for s in ids if str(s) == sid_text)
+        got[sid].append((int(k), result.as_numpy("logits")[0]))
+    for sid in ids:
+        ks = [k for k, _ in got[sid]]
+        assert ks == sorted(ks) == [0, 1, 2, 3]  # one sequence's replies arrive in order
+        want = fixtures.run_whole(repo / "tiny_lstm" / "1" / "model.onnx", {"tokens": streams[sid][None]})
+        np.testing.assert_allclose(
+            np.concatenate([a for _, a in got[sid]]), want["logits"][0], atol=1e-5, rtol=0
+        )
+
+
+def test_stream_error_message_carries_request_id(server):
+    """Raw stub: a failing request on the stream answers with error_message and its id; the stream goes on."""
+
+    def requests():
+        bad = service_pb2.ModelInferRequest(model_name="nope", id="r1")
+        yield bad
+        good = service_pb2.ModelInferRequest(model_name="accumulator", id="r2")
+        good.parameters["sequence_id"].int64_param = 77
+        good.parameters["sequence_start"].bool_param = True
+        good.parameters["sequence_end"].bool_param = True
+        tensor = good.inputs.add(name="x", datatype="INT32", shape=[1, 1])
+        tensor.contents.int_contents.append(5)
+        yield good
+
+    with grpc.insecure_channel(server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(requests(), timeout=30))
+    assert len(replies) == 2
+    by_id = {r.infer_response.id: r for r in replies}
+    assert "unknown model 'nope'" in by_id["r1"].error_message
+    assert by_id["r2"].error_message == ""
+    assert np.frombuffer(by_id["r2"].infer_response.raw_output_contents[0], np.int32).tolist() == [5]
+
+
+def test_stateless_batch_without_sequence_id(client, repo):
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, len(fixtures.DEFAULT_VOCAB), size=(3, 9)).astype(np.int64)
+    got = client.infer("tiny_lstm", [_tokens(tokens)]).as_numpy("logits")
+    want = fixtures.run_whole(repo / "tiny_lstm" / "1" / "model.onnx", {"tokens": tokens})["logits"]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # Twice from the initial state: the same answer (no state carried).
+    np.testing.assert_allclose(
+        client.infer("tiny_lstm", [_tokens(tokens)]).as_numpy("logits"), got, rtol=0, atol=0
+    )
+
+
+def test_accumulator_raw_and_typed_contents(client, server):
+    """A user's own int32 stateful model: raw (tritonclient) and typed contents (raw stub) interleave."""
+    seq = "acc-typed"
+    assert client.infer("accumulator", [_acc(3)], sequence_id=seq, sequence_start=True).as_numpy(
+        "y"
+    ).tolist() == [[3]]
+    with grpc.insecure_channel(server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="accumulator")
+        req.parameters["sequence_id"].string_param = seq
+        tensor = req.inputs.add(name="x", datatype="INT32", shape=[1, 1])
+        tensor.contents.int_contents.append(4)
+        out = req.outputs.add(name="y")
+        out.parameters["binary_data"].bool_param = False
+        reply = stub.ModelInfer(req, timeout=30)
+    assert not reply.raw_output_contents
+    assert reply.outputs[0].datatype == "INT32" and list(reply.outputs[0].shape) == [1, 1]
+    assert list(reply.outputs[0].contents.int_contents) == [7]
+    result = client.infer("accumulator", [_acc(-10)], sequence_id=seq, sequence_end=True)
+    assert result.as_numpy("y").dtype == np.int32 and result.as_numpy("y").tolist() == [[-3]]
+    with pytest.raises(InferenceServerException, match="sequence_start") as exc:
+        client.infer("accumulator", [_acc(1)], sequence_id=seq)  # ended: unknown again
+    assert _status(exc) == "StatusCode.INVALID_ARGUMENT" and "ended by sequence_end" in exc.value.message()
+
+
+def test_sequence_start_restarts_a_live_sequence(client):
+    assert (
+        client.infer("accumulator", [_acc(5)], sequence_id=31, sequence_start=True).as_numpy("y")[0, 0] == 5
+    )
+    assert client.infer("accumulator", [_acc(5)], sequence_id=31).as_numpy("y")[0, 0] == 10
+    assert (
+        client.infer("accumulator", [_acc(1)], sequence_id=31, sequence_start=True).as_numpy("y")[0, 0] == 1
+    )
+    # int 31 and string "31" are different sequences, as in Triton.
+    assert (
+        client.infer("accumulator", [_acc(2)], sequence_id="31", sequence_start=True).as_numpy("y")[0, 0] == 2
+    )
+    assert client.infer("accumulator", [_acc(1)], sequence_id=31, sequence_end=True).as_numpy("y")[0, 0] == 2
+    # A sequence without sequence_id on a stateful model: one run from the initial state.
+    assert client.infer("accumulator", [_acc(9)]).as_numpy("y")[0, 0] == 9
+
+
+def test_one_sequence_from_many_threads_applies_each_step_once(server):
+    """Concurrent unary requests of one sequence: every step applies exactly once (per-sequence lock)."""
+    with tc.InferenceServerClient(url=server.url) as c:
+        c.infer("accumulator", [_acc(0)], sequence_id=41, sequence_start=True)
+
+    def worker() -> None:
+        with tc.InferenceServerClient(url=server.url) as c:
+            for _ in range(10):
+                c.infer("accumulator", [_acc(1)], sequence_id=41)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    with tc.InferenceServerClient(url=server.url) as c:
+        assert c.infer("accumulator", [_acc(0)], sequence_id=41, sequence_end=True).as_numpy("y")[0, 0] == 40
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "needle"),
+    [
+        (lambda c: c.infer("nope", [_acc(1)]), "NOT_FOUND", "unknown model 'nope'"),
+        (lambda c: c.infer("accumulator", [_acc(1)], sequence_id=404), "INVALID_ARGUMENT", "is not active"),
+        (
+            lambda c: c.infer("accumulator", [_acc(1, "FP32")]),
+            "INVALID_ARGUMENT",
+            "has datatype INT32, got FP32",
+        ),
+        (
+            lambda c: c.infer("tiny_lstm", [_tokens(np.zeros((1, 2, 1), np.int64))]),
+            "INVALID_ARGUMENT",
+            "has shape [-1, -1]",
+        ),
+        (
+            lambda c: c.infer(
+                "tiny_lstm", [_tokens(np.zeros((2, 3), np.int64))], sequence_id=5, sequence_start=True
+            ),
+            "INVALID_ARGUMENT",
+            "batch dimension must be 1",
+        ),
+        (
+            lambda c: c.infer("accumulator", [_acc(1)], model_version="7"),
+            "NOT_FOUND",
+            "version 7",
+        ),
+        (
+            lambda c: c.infer("accumulator", [_acc(1)], model_version="x"),
+            "INVALID_ARGUMENT",
+            "positive integer",
+        ),
+        (
+            lambda c: c.infer("accumulator", [_acc(1)], outputs=[tc.InferRequestedOutput("state_out_acc")]),
+            "INVALID_ARGUMENT",
+            "state is implicit",
+        ),
+        (lambda c: c.infer("tiny_lstm", []), "INVALID_ARGUMENT", "needs input 'tokens'"),
+    ],
+    ids=[
+        "unknown-model",
+        "unknown-sequence",
+        "dtype",
+        "shape",
+        "batch-with-seq",
+        "version",
+        "bad-version",
+        "state-output",
+        "missing-input",
+    ],
+)
+def test_errors_are_typed_statuses_that_say_what_was_expected(client, call, status, needle):
+    with pytest.raises(InferenceServerException) as exc:
+        call(client)
+    assert _status(exc) == f"StatusCode.{status}"
+    assert needle in exc.value.message()
+
+
+def test_expired_sequence_names_the_reason(client):
+    assert client.infer("acc_short", [_acc(2)], sequence_id=51, sequence_start=True).as_numpy("y")[0, 0] == 2
+    time.sleep(SHORT_TTL_S * 2 + 0.5)
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("acc_short", [_acc(2)], sequence_id=51)
+    message = exc.value.message()
+    assert _status(exc) == "StatusCode.NOT_FOUND"
+    assert "has ended (idle)" in message, message
+    # Restarting works after expiry.
+    assert client.infer("acc_short", [_acc(3)], sequence_id=51, sequence_start=True).as_numpy("y")[0, 0] == 3
