@@ -1,0 +1,137 @@
+"""Checkpoint -> verified ONNX in the model repository: ``<repository>/<name>/<version>/model.onnx``.
+
+Steps: load the checkpoint; build the graph (``export.graph``); verify it (``export.verify``: contract checks and
+ORT == PyTorch); optionally quantize to int8 and measure the change (``export.quantize``); then write the version
+directory atomically (built under a temporary name, then renamed, so a server watching the repository never
+sees a half-written version). A failed verification raises :class:`ExportError` and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from export.contract import Report, check_contract
+from export.graph import build_onnx, file_sha256
+from export.quantize import QuantizationReport, compare, quantize_int8
+from export.verify import verify_against_torch
+from models import read_checkpoint
+
+QUANT_TOL = 0.05  # int8 self-consistency bound: batch/chunk dependence of dynamic activation scales
+CONFIG_TEMPLATE = """\
+# Serving settings for model {name!r} (docs/DESIGN.md section 1). Written once by the exporter; edit freely,
+# later exports never overwrite it. Unset keys take the server's defaults.
+description: {description}
+# max_batch_size:
+# max_queue_delay_ms:
+# max_sessions:
+# idle_ttl_s:
+# max_chunk_steps:
+# allow_non_finite:
+"""
+
+
+class ExportError(RuntimeError):
+    """Verification failed; ``report`` says which checks."""
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(f"{message}\n{report.format()}")
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export did: where it wrote (or would have), the verification report, the int8 report if any."""
+
+    name: str
+    version: int
+    path: Path
+    report: Report
+    skipped: bool = False
+    quantization: QuantizationReport | None = None
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Existing integer version directories, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str, *, version: int | None = None,
+                      quantize: str | None = None, if_changed: bool = False, eval_text: str | None = None,
+                      tol: float = 1e-5, progress: bool = True, timing_seconds: float = 1.0) -> ExportResult:
+    """Export one checkpoint into the repository; see the module docstring.
+
+    ``timing_seconds``: how long each int8/float32 throughput measurement runs.
+    ``if_changed``: skip when the newest version was exported from a checkpoint with the same SHA-256 (and the same
+    quantization), so ``make export`` is idempotent.
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    checkpoint, model_dir = Path(checkpoint), Path(repository) / name
+    sha = file_sha256(checkpoint)
+    existing = versions(model_dir)
+    if if_changed and existing and version is None:
+        newest = model_dir / str(existing[-1]) / "model.onnx"
+        meta = _metadata(newest) if newest.exists() else {}
+        if (meta.get("rnnserve.checkpoint_sha256") == sha
+                and ("rnnserve.quantization" in meta) == (quantize is not None)):
+            return ExportResult(name, existing[-1], newest, Report(), skipped=True)
+    if version is None:
+        version = (existing[-1] + 1) if existing else 1
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    target = model_dir / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; pick another --version or omit it for the next free one")
+
+    ck = read_checkpoint(checkpoint)
+    proto = build_onnx(ck.model, ck.meta, sha)
+    report = check_contract(proto, tol)
+    report.extend(verify_against_torch(proto, ck.model, tol=tol, progress=progress))
+    if not report.ok:
+        raise ExportError(f"verification of {checkpoint} failed; nothing written", report)
+    qreport = None
+    if quantize == "int8":
+        qproto = quantize_int8(proto)
+        qcheck = check_contract(qproto, QUANT_TOL)
+        if not qcheck.ok:
+            raise ExportError(f"int8 model of {checkpoint} breaks the contract; nothing written", qcheck)
+        qreport = compare(proto, qproto, eval_text=eval_text, seconds=timing_seconds)
+        proto = qproto
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir))
+    try:
+        onnx.save(proto, str(tmp / "model.onnx"))
+        if qreport is not None:
+            (tmp / "quantization.json").write_text(qreport.to_json() + "\n")
+        (tmp / "verification.txt").write_text(report.format() + "\n")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, target)  # atomic: the version appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    config = model_dir / "config.yaml"
+    if not config.exists():
+        desc = ck.meta.description or f"{ck.config.family} {ck.config.task} model"
+        config.write_text(CONFIG_TEMPLATE.format(name=name, description=_yaml_str(desc)))
+    return ExportResult(name, version, target / "model.onnx", report, quantization=qreport)
+
+
+def _yaml_str(s: str) -> str:
+    """A YAML double-quoted scalar (JSON strings are valid YAML)."""
+    import json
+
+    return json.dumps(s, ensure_ascii=False)
