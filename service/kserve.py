@@ -295,6 +295,13 @@ def _version_arg(text: str) -> int | None:
 # -------------------------------------------------------------------------------------------- servicer
 
 
+def _unimplemented(what: str) -> Callable[..., Any]:
+    async def method(self: KServeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"rnnserve does not offer {what}")
+
+    return method
+
+
 class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` over the shared Engine."""
 
@@ -385,6 +392,19 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             entry.inference_stats.fail.count, entry.inference_stats.fail.ns = st.fail.count, st.fail.ns
         return response
+
+    # ---- not offered: an explicit UNIMPLEMENTED with a reason (the generated base class would raise)
+
+    RepositoryModelLoad = _unimplemented("model load/unload (the repository directory is watched)")
+    RepositoryModelUnload = _unimplemented("model load/unload (the repository directory is watched)")
+    SystemSharedMemoryStatus = _unimplemented("system shared memory (send tensors inline)")
+    SystemSharedMemoryRegister = _unimplemented("system shared memory (send tensors inline)")
+    SystemSharedMemoryUnregister = _unimplemented("system shared memory (send tensors inline)")
+    CudaSharedMemoryStatus = _unimplemented("CUDA shared memory (send tensors inline)")
+    CudaSharedMemoryRegister = _unimplemented("CUDA shared memory (send tensors inline)")
+    CudaSharedMemoryUnregister = _unimplemented("CUDA shared memory (send tensors inline)")
+    TraceSetting = _unimplemented("trace settings (use the Prometheus metrics)")
+    LogSettings = _unimplemented("log settings (set --log-level at start)")
 
     # ---- inference
 

@@ -6,7 +6,6 @@ is a blocking client); results are compared with ONNX Runtime run directly on ea
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
@@ -17,34 +16,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from kserve_harness import ServerThread
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.config import Settings
-from service.server import start
 
 SHORT_TTL_S = 0.6
-
-
-class ServerThread:
-    """The real server on its own event loop in a daemon thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start(settings), self.loop).result(timeout=60)
-        self.url = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
-
-    def stop(self) -> None:
-        try:
-            self.call(self.running.stop(0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
