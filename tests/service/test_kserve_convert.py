@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
@@ -153,3 +156,17 @@ def test_binary_data_convention():
 def test_wire_type_of_unknown_dtype():
     with pytest.raises(InvalidArgument, match="no KServe datatype"):
         wire_type_of(np.dtype("complex64"))
+
+
+def test_docs_dtype_table_matches_the_code():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "triton.md").read_text()
+    rows = re.findall(r"^\| ([A-Z0-9]+) \| (\w+) \| ([^|]+) \| (TYPE_\w+) \|$", doc, re.M)
+    table = {name: (np.dtype(dtype), field.strip(), config) for name, dtype, field, config in rows}
+    from tritonclient.grpc import model_config_pb2
+
+    assert set(table) == {w.name for w in WIRE_TYPES}
+    for w in WIRE_TYPES:
+        dtype, field, config = table[w.name]
+        assert dtype == w.dtype.newbyteorder("=")
+        assert field == (w.contents_field or "(raw only)")
+        assert model_config_pb2.DataType.Value(config) == w.config_type
