@@ -1,11 +1,12 @@
 """The session store seam (docs/DESIGN.md section 4): the only place sessions persist beyond the local slab.
 
-SKELETON: interface final; InMemoryStore body lands next.
+`InMemoryStore` is the default; `service.redis_store.RedisStore` shares sessions between replicas.
 """
 
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,3 +51,47 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
+
+
+class InMemoryStore(SessionStore):
+    """The default store: records live in this process only.
+
+    With `persistent=False` (the server default) the engine skips it entirely: the local slab already is the
+    only copy, so saving would only cost time. Tests pass `persistent=True` and share one instance between two
+    engines to exercise the resume path exactly as a shared Redis store would.
+    """
+
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent
+        self._records: dict[str, SessionRecord] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+
+    async def save(self, record: SessionRecord) -> None:
+        """Keep a deep copy (the slab row is overwritten by later steps)."""
+        self._records[record.session_id] = SessionRecord(
+            record.session_id, record.model, record.version, record.last_seq,
+            {k: v.copy() for k, v in record.state.items()},
+            None if record.last_outputs is None else {k: v.copy() for k, v in record.last_outputs.items()},
+            record.idle_ttl_s, record.created_at, record.owner,
+        )
+
+    async def load(self, session_id: str) -> SessionRecord | None:
+        """The stored record, or None."""
+        return self._records.get(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        """Forget a session and its lease."""
+        self._records.pop(session_id, None)
+        self._leases.pop(session_id, None)
+
+    async def claim(self, session_id: str, owner: str, lease_s: float) -> bool:
+        """Take the lease if it is free, expired or already ours."""
+        now = time.monotonic()
+        held = self._leases.get(session_id)
+        if held is not None and held[0] != owner and held[1] > now:
+            return False
+        self._leases[session_id] = (owner, now + lease_s)
+        return True
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,254 @@
+"""Cross-session batching: one `Batcher` per model version.
+
+The batcher owns a bounded queue, the requests' futures and one task. Greedy: while one ONNX Runtime run is in
+flight the next batch accumulates (plus an optional `max_queue_delay_us`). Requests are grouped by the tuple of
+their data shapes, so chunks of different length never pad and each group is exact. A batch is a gather of the
+sessions' state rows from the slab, one ORT run in the engine's executor, a scatter of the new state rows back,
+and a split of the outputs; all of that runs off the event loop. Per-session order is the engine's job (one
+in-flight step per session); the batcher never sees one slot twice in a batch.
+
+When the task dies, every waiting future gets the error and later submits are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+from service.errors import ResourceExhausted, ServeError, Unavailable
+from service.repository import STATE_IN, STATE_OUT, ModelSpec
+from service.runtime import Runtime
+from service.slab import StateSlab
+
+_log = logging.getLogger(__name__)
+
+
+class PendingOp:
+    """Marks a session busy (a step in flight or an exclusive operation); waiters are created only on contention."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future] | None = None
+
+    def wake(self) -> None:
+        """Wake everyone waiting for this operation to end."""
+        if self.waiters:
+            for w in self.waiters:
+                if not w.done():
+                    w.set_result(None)
+            self.waiters = None
+
+
+class StepRequest(PendingOp):
+    """One session's chunk waiting for (or in) a batch. `owner` and `seq` are the engine's bookkeeping."""
+
+    __slots__ = ("slot", "inputs", "key", "future", "enqueued", "owner", "seq", "steps", "taken")
+
+    def __init__(self, slot: int, inputs: tuple[np.ndarray, ...], key: Any, future: asyncio.Future,
+                 owner: Any = None, seq: int = 0, steps: int = 1) -> None:
+        self.waiters = None
+        self.slot = slot
+        self.inputs = inputs
+        self.key = key
+        self.future = future
+        self.enqueued = time.perf_counter()
+        self.owner = owner
+        self.seq = seq
+        self.steps = steps
+        self.taken = False
+
+
+def merge(requests: Sequence[StepRequest], n_inputs: int) -> list[np.ndarray]:
+    """Stack each data input of equally shaped requests into one `(B, ...)` array (pure)."""
+    if len(requests) == 1:
+        return [a[np.newaxis] for a in requests[0].inputs]
+    return [np.stack([r.inputs[i] for r in requests]) for i in range(n_inputs)]
+
+
+def split(outputs: Sequence[np.ndarray], names: Sequence[str], n: int) -> list[dict[str, np.ndarray]]:
+    """Per-request dicts of `(...)` views into the batch outputs (pure)."""
+    if len(names) == 1:
+        name, out = names[0], outputs[0]
+        return [{name: out[i]} for i in range(n)]
+    pairs = tuple(zip(names, outputs, strict=True))
+    return [{name: out[i] for name, out in pairs} for i in range(n)]
+
+
+Finish = Callable[[StepRequest, "dict[str, np.ndarray] | None", "BaseException | None"], None]
+
+
+def _default_finish(req: StepRequest, outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
+    if req.future.done():
+        return
+    if exc is not None:
+        req.future.set_exception(exc)
+    else:
+        req.future.set_result(outputs)
+
+
+class Batcher:
+    """Batches the steps of one model version; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        runtime: Runtime,
+        slab: StateSlab,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 65536,
+        finish: Finish = _default_finish,
+        observe: Callable[[int, int, float, float, list[StepRequest]], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.slab = slab
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self.max_queue_size = max_queue_size
+        self._finish = finish
+        self._observe = observe
+        self._queue: deque[StepRequest] = deque()
+        self._wake: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._inflight: list[StepRequest] = []
+        self._error: BaseException | None = None
+        self._input_names = tuple(t.name for t in spec.inputs)
+        self._output_names = tuple(t.name for t in spec.outputs)
+        self._state_feeds = tuple((s.name, STATE_IN + s.name, STATE_OUT + s.name) for s in spec.states)
+        self.label = f"{spec.name} v{spec.version}"
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batching task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {self.label}")
+            self._task.add_done_callback(self._on_task_done)
+
+    async def stop(self) -> None:
+        """Stop the task; queued requests fail with UNAVAILABLE (idempotent)."""
+        task, self._task = self._task, None
+        if self._error is None:
+            self._error = Unavailable(f"model {self.label} is shutting down; retry on another replica")
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # the task's own failure is already propagated
+                pass
+        self._fail_all(self._error)
+
+    def _on_task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            _log.error("batcher %s failed: %r", self.label, exc, exc_info=exc)
+            self._error = Unavailable(f"model {self.label} is unavailable: its batcher failed ({exc!r})")
+            self._fail_all(self._error)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        doomed = [*self._inflight, *self._queue]
+        self._inflight = []
+        self._queue.clear()
+        for req in doomed:
+            self._finish(req, None, exc)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting (not yet in a batch)."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """True while a batch runs or requests wait."""
+        return bool(self._inflight or self._queue)
+
+    # -- hot path ------------------------------------------------------------------------------------------
+    def submit(self, req: StepRequest) -> None:
+        """Queue a request; its future resolves with the per-session outputs (or the error)."""
+        if self._error is not None:
+            raise self._error
+        if len(self._queue) >= self.max_queue_size:
+            raise ResourceExhausted(f"model {self.label}: {len(self._queue)} steps queued (max_queue_size); retry")
+        self._queue.append(req)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set_result(None)
+
+    def _take(self) -> list[StepRequest]:
+        q = self._queue
+        limit = self.max_batch_size
+        batch: list[StepRequest] = []
+        key = None
+        skipped: list[StepRequest] = []
+        while q and len(batch) < limit:
+            req = q.popleft()
+            if req.future.cancelled():  # the caller gave up before its step ran: drop it, state untouched
+                self._finish(req, None, asyncio.CancelledError())
+                continue
+            if key is None:
+                key = req.key
+            elif req.key != key:
+                skipped.append(req)
+                continue
+            req.taken = True
+            batch.append(req)
+        if skipped:
+            q.extendleft(reversed(skipped))
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake = loop.create_future()
+                await self._wake
+            if self.max_queue_delay_s and len(self._queue) < self.max_batch_size:
+                await asyncio.sleep(self.max_queue_delay_s)
+            batch = self._take()
+            if not batch:
+                continue
+            self._inflight = batch
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self._compute, batch)
+            except ServeError as exc:
+                results, error = None, exc
+            except Exception as exc:  # an ORT failure fails this batch only; state rows were not written
+                _log.error("batch of %s failed: %r", self.label, exc, exc_info=exc)
+                results, error = None, exc
+            self._inflight = []
+            finish = self._finish
+            if results is None:
+                for req in batch:
+                    finish(req, None, error)
+                continue
+            if self._observe is not None:
+                self._observe(len(batch), batch[0].steps, started, time.perf_counter(), batch)
+            for req, out in zip(batch, results, strict=True):
+                finish(req, out, None)
+
+    def _compute(self, batch: list[StepRequest]) -> list[dict[str, np.ndarray]]:
+        """Gather -> run -> scatter -> split (runs in the executor thread)."""
+        n = len(batch)
+        slots = np.fromiter((r.slot for r in batch), np.int64, n)
+        rows = self.slab.gather(slots)
+        feeds = {feed: rows[name] for name, feed, _ in self._state_feeds}
+        for name, arr in zip(self._input_names, merge(batch, len(self._input_names)), strict=True):
+            feeds[name] = arr
+        outs = self.runtime.run(feeds)
+        self.slab.scatter(slots, {name: outs[out] for name, _, out in self._state_feeds})
+        return split([outs[name] for name in self._output_names], self._output_names, n)
