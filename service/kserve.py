@@ -76,6 +76,12 @@ class SequenceOutcome:
     version: int
 
 
+def _consume_result(task: asyncio.Task[Any]) -> None:
+    """Retrieve a shielded task's outcome so an abandoned one never logs 'exception was never retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _describe_id(sequence_id: int | str) -> str:
     return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
 
@@ -97,12 +103,26 @@ class SequenceTable:
     async def step(
         self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
     ) -> SequenceOutcome:
-        """Apply one request of a sequence: start/restart, step, end. Inputs have no batch axis."""
-        assert ctl.sequence_id is not None  # callers route sequence-less requests elsewhere
+        """Apply one request of a sequence: start/restart, step, end. Inputs have no batch axis.
+
+        The work runs in its own task, shielded from the caller's cancellation: once a step has been handed to
+        the engine it completes and `next_seq` advances with it, even if the client hung up meanwhile.
+        Otherwise the next request would reuse that seq and get the engine's cached (stale) answer.
+        """
+        if ctl.sequence_id is None:
+            raise InvalidArgument("a sequence step needs a sequence_id")
         key: SequenceKey = (model, ctl.sequence_id)
         if ctl.start:
             self._sweep()
-        # No await before the lock: tasks reach it in arrival order and asyncio.Lock is FIFO.
+        task = asyncio.create_task(self._ordered_step(key, version, ctl, inputs))
+        task.add_done_callback(_consume_result)
+        return await asyncio.shield(task)
+
+    async def _ordered_step(
+        self, key: SequenceKey, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> SequenceOutcome:
+        # No await before the lock: tasks start in creation order, reach it in arrival order, and
+        # asyncio.Lock is FIFO.
         while True:
             entry = self._live.get(key)
             if entry is None:
@@ -139,9 +159,11 @@ class SequenceTable:
                 f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
                 f"not {version}; leave model_version empty or restart the sequence"
             )
-        assert entry.session_id is not None
+        session_id = entry.session_id
+        if session_id is None:  # unreachable: only a start request creates an entry, and it opens the session
+            raise self._not_active(key)
         try:
-            result = await self._engine.step(entry.session_id, entry.next_seq, inputs)
+            result = await self._engine.step(session_id, entry.next_seq, inputs)
         except NotFound as exc:
             self._retire(key, entry, exc.reason)
             raise NotFound(
@@ -152,7 +174,7 @@ class SequenceTable:
         entry.next_seq += 1
         if ctl.end:
             self._retire(key, entry, ENDED)
-            await self._close_quietly(entry.session_id)
+            await self._close_quietly(session_id)
         return SequenceOutcome(result.outputs, entry.version)
 
     def _retire(self, key: SequenceKey, entry: _Sequence, reason: str) -> None:
@@ -434,8 +456,6 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 reply.infer_response.model_name = request.model_name
                 reply.infer_response.model_version = request.model_version
                 out.put_nowait(reply)
-            finally:
-                inflight.release()
 
         async def read() -> None:
             try:
@@ -453,6 +473,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             while (reply := await out.get()) is not None:
                 yield reply
+                # Released only once written: requests running plus replies unread stay bounded.
+                inflight.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
