@@ -33,9 +33,10 @@ from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
 # Errors after which the same request may be re-sent (the server's seq check makes a re-send exactly-once).
+# ABORTED: the replica lost the session's lease to another one (shared store); the step was not answered there.
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-     grpc.StatusCode.UNKNOWN}
+     grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED}
 )
 
 ArrayLike = Any

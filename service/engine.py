@@ -186,6 +186,7 @@ class Engine:
         self._tasks: list[asyncio.Task] = []
         self._started = False
         self._stopped = False
+        self._active_steps = 0
         self.draining = False
 
     @staticmethod
@@ -202,6 +203,7 @@ class Engine:
         if self._started:
             return
         self._started = True
+        await self.store.ping()  # a wrong redis_url fails the start, not the first step
         self._apply(self.repository.scan())
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._sweeper(), name="session sweeper"))
@@ -235,6 +237,8 @@ class Engine:
     async def drain(self) -> None:
         """Refuse new sessions, let in-flight steps finish, and flush every session to the store."""
         self.draining = True
+        while self._active_steps:  # steps already inside the engine finish (new ones still may: edges stop those)
+            await asyncio.sleep(0.005)
         for s in list(self.sessions):
             with contextlib.suppress(ServeError):
                 await self._wait_idle(s)
@@ -477,18 +481,21 @@ class Engine:
     async def _resume(self, session_id: str) -> Session:
         if self.draining:
             raise Unavailable("server is draining; resume the session on another replica")
+        # Claim before load: once the lease is ours nobody else can save, so the record read next is the latest.
+        if not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
+            raise Unavailable(f"session {session_id} is owned by another live replica; retry there, or after its "
+                              f"lease ({self.settings.lease_s} s) runs out")
         rec = await self.store.load(session_id)
         if rec is None:
+            await self.store.claim(session_id, self.settings.replica_id, 0.0)  # give the lease back
             raise self.sessions.not_found(session_id)
         mv = next((m for m in self.repository.loaded() if m.spec.name == rec.model and m.spec.version == rec.version),
                   None)
         if mv is None:
+            await self.store.claim(session_id, self.settings.replica_id, 0.0)
             raise FailedPrecondition(f"session {session_id} is pinned to model {rec.model!r} version {rec.version}, "
                                      "which this replica does not serve")
         self._check_state(mv.spec, rec.state, complete=True)
-        if not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
-            raise Unavailable(f"session {session_id} is owned by another live replica; retry there, or after its "
-                              f"lease ({self.settings.lease_s} s) runs out")
         s = self._open(mv, rec.idle_ttl_s, "resumed", session_id)
         assert mv.slab is not None
         mv.slab.write(s.slot, rec.state)
@@ -533,6 +540,15 @@ class Engine:
         `last_only` returns time-axis outputs as `(1, ...)`: the last step only.
         """
         started = time.perf_counter()
+        self._active_steps += 1
+        try:
+            return await self._step(session_id, seq, inputs, last_only, started)
+        finally:
+            self._active_steps -= 1
+
+    async def _step(
+        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], last_only: bool, started: float
+    ) -> StepResult:
         s = self.sessions.sessions.get(session_id)
         if s is None:
             s = await self._session(session_id)
@@ -609,16 +625,24 @@ class Engine:
 
     async def _save_then_release(self, s: Session, req: StepRequest, result: StepResult) -> None:
         """Persist an applied step before answering, so a replica that dies never loses an acknowledged step."""
+        outcome: BaseException | None = Unavailable("the session store did not accept the step; retry the same seq")
         try:
             await self.store.save(self._record(s))
             s.unsaved = 0
-            outcome: BaseException | None = None
+            outcome = None
+        except ServeError as exc:  # Aborted: another replica owns the session now; Unavailable: store down
+            _log.error("saving session %s failed: %s", s.session_id, exc.message)
+            outcome = exc
         except Exception as exc:
             _log.error("saving session %s failed: %r", s.session_id, exc)
-            outcome = Unavailable("the session store did not accept the step; retry the same seq")
         finally:
             if s.pending is req:
                 s.pending = None
+            if outcome is not None:
+                # The step is applied here but not durable (or the lease is gone): forget the local copy, so no
+                # reply the store does not hold is ever given (not even as a cached retry). A retry resumes the
+                # session from its last durable step, on this replica or the lease holder.
+                self._end(s, "moved", delete=False)
             req.wake()
         if not req.future.done():
             if outcome is None:
@@ -719,6 +743,10 @@ class Engine:
     def describe(self, session_id: str) -> SessionInfo:
         """A session's info (local sessions only)."""
         return self._info(self.sessions.get(session_id))
+
+    async def attach(self, session_id: str) -> SessionInfo:
+        """A session's info, resuming it from the shared store when this replica does not hold it (failover)."""
+        return self._info(await self._session(session_id))
 
     # == generation =============================================================================================
     async def generate(

@@ -162,7 +162,13 @@ class RedisStore(SessionStore):
             raise self._unreachable(exc) from exc
 
     async def claim(self, session_id: str, owner: str, lease_s: float) -> bool:
-        """Take or renew the lease if it is free or `owner`'s; False if another replica holds it."""
+        """Take or renew the lease if it is free or `owner`'s; False if another replica holds it.
+
+        `lease_s <= 0` gives the lease up instead (what the engine does on shutdown): same as `release`.
+        """
+        if lease_s <= 0:
+            await self.release(session_id, owner)
+            return True
         try:
             return bool(await self._claim(keys=[self._lease(session_id)], args=[owner, _ms(lease_s)]))
         except (RedisError, OSError) as exc:

@@ -155,13 +155,13 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         return pb.CloseResponse()
 
     async def DescribeSession(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
-        return convert.session_to_pb(self._engine.describe(convert.require(request.session_id, "session_id")))
+        return convert.session_to_pb(await self._engine.attach(convert.require(request.session_id, "session_id")))
 
     # ---- streams ------------------------------------------------------------------------------------------
 
     async def _open_stream(self, op: pb.StreamOpen) -> Any:
-        if op.session_id:
-            return self._engine.describe(op.session_id)
+        if op.session_id:  # attach: resumes from the shared store when another replica held the session
+            return await self._engine.attach(op.session_id)
         if not op.model:
             raise InvalidArgument("StreamOpen needs either model (new session) or session_id (attach)")
         return await self._engine.create_session(

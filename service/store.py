@@ -52,6 +52,9 @@ class SessionStore(abc.ABC):
     async def close(self) -> None:
         """Release connections."""
 
+    async def ping(self) -> None:
+        """Raise `Unavailable` if the store cannot be reached (checked at start-up; default: nothing to check)."""
+
 
 class InMemoryStore(SessionStore):
     """The default store: records live in this process only.

@@ -1,0 +1,250 @@
+"""Sessions survive a replica: two real server processes share a real redis-server.
+
+A client streams a long token sequence; the replica that serves it is SIGKILLed (a crashed pod) or
+SIGTERMed (a drained pod) mid-stream; the client resumes on the other replica. The whole output sequence
+must equal one uninterrupted ONNX Runtime pass over the whole sequence: a lost step or a step applied twice
+would change the recurrent state and every output after it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service import convert
+from service.client import Client
+from service.proto import rnnserve_pb2 as pb
+from service.proto import rnnserve_pb2_grpc as pb_grpc
+from service.redis_store import RedisStore
+from tests.deploy.conftest import RedisServer, free_port
+from tests.deploy.replicas import Replica, start_replica
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny_lstm"
+CHUNKS, CHUNK_T = 120, 3
+FAIL_AT = 40  # the failure is injected while chunks FAIL_AT .. FAIL_AT + 5 are in flight
+LEASE_S = 1.0
+
+
+def reference_logits(repository: Path, tokens: np.ndarray) -> np.ndarray:
+    """One uninterrupted ONNX Runtime pass over the whole sequence, from the zero state."""
+    sess = ort.InferenceSession(
+        str(repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    feeds: dict[str, np.ndarray] = {"tokens": tokens[None, :]}
+    for i in sess.get_inputs():
+        if i.name.startswith("state_in_"):
+            feeds[i.name] = np.zeros([1, *i.shape[1:]], dtype=np.float32)
+    (logits,) = sess.run(["logits"], feeds)
+    return logits[0]
+
+
+@pytest.fixture(scope="module")
+def tokens(model_repository: Path) -> np.ndarray:
+    vocab = reference_logits(model_repository, np.zeros(1, dtype=np.int64)).shape[-1]
+    return np.random.default_rng(7).integers(0, vocab, size=CHUNKS * CHUNK_T, dtype=np.int64)
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path, model_repository: Path, clean_redis: RedisServer
+) -> Iterator[tuple[Replica, Replica]]:
+    """Replicas `a` and `b` on the shared store, flushing every step, with a short lease."""
+    common = dict(
+        store="redis", redis_url=clean_redis.url, store_flush_every=1, lease_s=LEASE_S, drain_grace_s=5
+    )
+    a = start_replica("a", tmp_path, model_repository, **common)
+    try:
+        b = start_replica("b", tmp_path, model_repository, **common)
+    except Exception:
+        a.stop()
+        raise
+    yield a, b
+    for r in (a, b):
+        r.stop()
+
+
+def stream_with_failure(a: Replica, b: Replica, tokens: np.ndarray, fail) -> tuple[list[np.ndarray], int]:
+    """Stream every chunk through one session (opened on `a`); call `fail()` from another thread mid-stream.
+
+    Returns the outputs in order and how many answers the client had when the failure was injected.
+    """
+    outputs: list[np.ndarray] = []
+    injected = threading.Event()
+    seen_at_failure: list[int] = []
+
+    def inject() -> None:
+        seen_at_failure.append(len(outputs))
+        fail()
+        injected.set()
+
+    def chunks() -> Iterator[np.ndarray]:
+        for i in range(CHUNKS):
+            if i == FAIL_AT:
+                threading.Thread(target=inject, daemon=True).start()
+            if i == FAIL_AT + 5:
+                assert injected.wait(30), "failure injection did not finish"
+            yield tokens[i * CHUNK_T : (i + 1) * CHUNK_T]
+
+    # Generous retries: after a SIGKILL the dead owner's lease must lapse (LEASE_S) before `b` may take over.
+    with Client([a.address, b.address], max_attempts=80, backoff_s=0.1, timeout=20) as client:
+        session = client.session(MODEL)
+        for out in session.stream(chunks()):
+            outputs.append(out["logits"])
+        assert session.seq == CHUNKS
+        info = session.describe()
+        assert info.last_seq == CHUNKS
+    return outputs, seen_at_failure[0]
+
+
+def assert_exact_history(outputs: list[np.ndarray], expected: np.ndarray) -> None:
+    assert len(outputs) == CHUNKS, f"{len(outputs)} answers for {CHUNKS} chunks"
+    got = np.concatenate(outputs, axis=0)
+    assert got.shape == expected.shape
+    # A lost or duplicated step shifts the state: every later output would differ by far more than this.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def stored_session(redis: RedisServer) -> tuple[int, str]:
+    keys = redis.client().keys("rnnserve:*:rec")
+    assert len(keys) == 1
+    rec = redis.client().hgetall(keys[0])
+    return int(rec[b"seq"]), rec[b"owner"].decode()
+
+
+def test_sigkill_of_the_serving_replica_loses_and_repeats_nothing(
+    pair, tokens, model_repository, clean_redis
+):
+    a, b = pair
+    outputs, at = stream_with_failure(a, b, tokens, a.kill)
+    assert a.process.returncode == -9 and at < CHUNKS
+    assert_exact_history(outputs, reference_logits(model_repository, tokens))
+    assert stored_session(clean_redis) == (CHUNKS, "b")
+
+
+def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_repository, clean_redis):
+    a, b = pair
+    started = time.monotonic()
+
+    def drain() -> None:
+        a.terminate()
+        a.process.wait(30)
+
+    outputs, at = stream_with_failure(a, b, tokens, drain)
+    assert a.process.returncode == 0, a.log_text()
+    assert time.monotonic() - started < 30
+    assert at < CHUNKS
+    assert_exact_history(outputs, reference_logits(model_repository, tokens))
+    assert stored_session(clean_redis) == (CHUNKS, "b")
+    assert "draining" in a.log_text()
+
+
+def _step(
+    stub: pb_grpc.RecurrentServiceStub, session_id: str, seq: int, chunk: np.ndarray
+) -> pb.StepResponse:
+    request = pb.StepRequest(
+        session_id=session_id, seq=seq, inputs=[convert.array_to_tensor("tokens", chunk)]
+    )
+    return stub.Step(request, timeout=10)
+
+
+def test_two_replicas_never_advance_one_session(pair, tokens, model_repository, clean_redis):
+    a, b = pair
+    expected = reference_logits(model_repository, tokens[: 3 * CHUNK_T])
+    with grpc.insecure_channel(a.address) as ca, grpc.insecure_channel(b.address) as cb:
+        stub_a, stub_b = pb_grpc.RecurrentServiceStub(ca), pb_grpc.RecurrentServiceStub(cb)
+        sid = stub_a.CreateSession(pb.CreateSessionRequest(model=MODEL), timeout=10).session_id
+        first = _step(stub_a, sid, 1, tokens[:CHUNK_T])
+        # `a` holds the lease (renewed by every save): `b` must refuse to advance the session, naming `a`.
+        with pytest.raises(grpc.RpcError) as refused:
+            _step(stub_b, sid, 2, tokens[CHUNK_T : 2 * CHUNK_T])
+        assert refused.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE), refused.value
+        assert "a" in refused.value.details()
+        # The refusal changed nothing: `a` carries on with the uninterrupted history.
+        second = _step(stub_a, sid, 2, tokens[CHUNK_T : 2 * CHUNK_T])
+        third = _step(stub_a, sid, 3, tokens[2 * CHUNK_T : 3 * CHUNK_T])
+        got = np.concatenate(
+            [convert.tensor_to_array(r.outputs[0], "output") for r in (first, second, third)]
+        )
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        assert stored_session(clean_redis) == (3, "a")
+
+
+def test_a_retry_whose_reply_was_lost_is_answered_from_the_store(pair, tokens, clean_redis):
+    """store_flush_every=1 persists before replying: the dead owner's last reply is kept, not re-run."""
+    a, b = pair
+    with grpc.insecure_channel(a.address) as ca, grpc.insecure_channel(b.address) as cb:
+        stub_a, stub_b = pb_grpc.RecurrentServiceStub(ca), pb_grpc.RecurrentServiceStub(cb)
+        sid = stub_a.CreateSession(pb.CreateSessionRequest(model=MODEL), timeout=10).session_id
+        _step(stub_a, sid, 1, tokens[:CHUNK_T])
+        answered = _step(stub_a, sid, 2, tokens[CHUNK_T : 2 * CHUNK_T])
+        a.kill()  # the client "never saw" seq 2's reply and retries it elsewhere
+        deadline = time.monotonic() + 10 * LEASE_S
+        while True:
+            try:
+                retried = _step(stub_b, sid, 2, tokens[CHUNK_T : 2 * CHUNK_T])
+                break
+            except grpc.RpcError as err:  # the dead owner's lease has not lapsed yet
+                if err.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                assert time.monotonic() < deadline, f"b never took over: {err.details()}"
+                time.sleep(0.1)
+        assert retried.seq == 2
+        assert retried.cached, "the retried seq was applied again instead of answered from the stored reply"
+        want = convert.tensor_to_array(answered.outputs[0], "output")
+        np.testing.assert_array_equal(convert.tensor_to_array(retried.outputs[0], "output"), want)
+        # ... and the history goes on from there.
+        assert _step(stub_b, sid, 3, tokens[2 * CHUNK_T : 3 * CHUNK_T]).seq == 3
+
+
+def test_in_memory_default_needs_no_redis(tmp_path, model_repository, tokens):
+    """store=memory (the default) starts and serves with no Redis reachable anywhere."""
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    replica = start_replica("solo", tmp_path, model_repository, store="memory", redis_url=nowhere)
+    try:
+        with Client(replica.address) as client, client.session(MODEL) as session:
+            outs = [session.step(tokens[i * CHUNK_T : (i + 1) * CHUNK_T])["logits"] for i in range(10)]
+        expected = reference_logits(model_repository, tokens[: 10 * CHUNK_T])
+        np.testing.assert_allclose(np.concatenate(outs), expected, rtol=0, atol=1e-5)
+        # The serving process never loads torch (the image has none).
+        assert "libtorch" not in replica.mapped_files()
+    finally:
+        replica.stop()
+
+
+def test_redis_store_refuses_to_start_against_an_unreachable_redis(tmp_path, model_repository):
+    """store=redis with a wrong URL fails fast at start-up with a clear message, not at the first step."""
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(RuntimeError, match="unreachable"):
+        start_replica("lost", tmp_path, model_repository, store="redis", redis_url=nowhere)
+
+
+def test_store_is_shared_by_both_replicas(pair, clean_redis):
+    """Sanity: each replica's session lands in the one store (both processes really use Redis)."""
+    a, b = pair
+
+    async def holders(ids: list[str]) -> list[str | None]:
+        store = RedisStore(clean_redis.url)
+        try:
+            return [await store.lease_holder(i) for i in ids]
+        finally:
+            await store.close()
+
+    import asyncio
+
+    ids = []
+    for replica in (a, b):
+        with grpc.insecure_channel(replica.address) as ch:
+            stub = pb_grpc.RecurrentServiceStub(ch)
+            sid = stub.CreateSession(pb.CreateSessionRequest(model=MODEL), timeout=10).session_id
+            _step(stub, sid, 1, np.array([1, 2, 3], dtype=np.int64))
+            ids.append(sid)
+    assert asyncio.run(holders(ids)) == ["a", "b"]
