@@ -796,8 +796,10 @@ class Engine:
                     self._out_of_order(s, seq, False)
                     raise FailedPrecondition(f"seq {seq} was not a generation; expected seq {s.last_seq + 1}")
                 prime = self._prime(spec, prime_ids, prime_text)
-                async for token in self._sample(s, spec, seq, prime, n, temperature, top_k, seed):
-                    yield token
+                sampler = self._sample(s, spec, seq, prime, n, temperature, top_k, seed)
+                async with contextlib.aclosing(sampler):  # closing us closes it now: its rollback runs in time
+                    async for token in sampler:
+                        yield token
         finally:
             if temporary:
                 with contextlib.suppress(ServeError):
