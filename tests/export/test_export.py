@@ -198,23 +198,35 @@ def test_int8_quantization(tmp_path):
     assert any(n.op_type == "DynamicQuantizeLSTM" for n in onnx.load(str(r.path)).graph.node)
 
 
-def test_cli_runs_and_verify_command(tmp_path):
+def test_cli_runs_and_verify_command(tmp_path, capsys):
+    from export.__main__ import main as export_main
+    from export.verify import main as verify_main
+
     _checkpoint(tmp_path, "rnn", "numeric", "anomaly_rnn")
     ckpt = _checkpoint(tmp_path, "attention", "token", "char_attention")
     repo = tmp_path / "repo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "export", "--runs", str(tmp_path / "runs"), "--repository", str(repo)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    args = ["--runs", str(tmp_path / "runs"), "--repository", str(repo)]
+    assert export_main(args) == 0
     assert (repo / "anomaly_rnn" / "1" / "model.onnx").exists()
     assert (repo / "char_attention" / "1" / "model.onnx").exists()
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert "unchanged" in again.stdout and not (repo / "char_attention" / "2").exists()
-    verify = [sys.executable, "-m", "export.verify", str(repo / "char_attention" / "1" / "model.onnx"),
-              "--checkpoint", str(ckpt)]
-    ok = subprocess.run(verify, cwd=ROOT, env=env, capture_output=True, text=True)
+    capsys.readouterr()
+    assert export_main(args) == 0
+    assert "unchanged" in capsys.readouterr().out and not (repo / "char_attention" / "2").exists()
+    onnx_path = str(repo / "char_attention" / "1" / "model.onnx")
+    # The documented command line, in a fresh interpreter.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "export.verify", onnx_path, "--checkpoint", str(ckpt)], cwd=ROOT,
+                        env=env, capture_output=True, text=True)
     assert ok.returncode == 0 and "ORT == PyTorch at T=64, B=64" in ok.stdout, ok.stdout + ok.stderr
-    other = _checkpoint(tmp_path, "attention", "token", "other")  # same architecture, other weights
+    other = tmp_path / "other.pt"  # same architecture, other weights: must fail
     save_checkpoint(other, tiny_model("attention", "token", seed=9), meta_for("token"))
-    bad = subprocess.run(verify[:-1] + [str(other)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    assert verify_main([onnx_path, "--checkpoint", str(other)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert verify_main([onnx_path]) == 0  # torch-free checks alone
+
+
+def test_cli_rejects_empty_runs_dir(tmp_path, capsys):
+    from export.__main__ import main as export_main
+
+    assert export_main(["--runs", str(tmp_path), "--repository", str(tmp_path / "repo")]) == 1
+    assert "make train" in capsys.readouterr().err
