@@ -62,3 +62,10 @@ deploy-check: install-dev
 	@command -v kubectl >/dev/null || { echo "deploy-check needs kubectl (renders kustomize offline)" >&2; exit 1; }
 	for overlay in dev prod; do kubectl kustomize deploy/overlays/$$overlay > /dev/null || exit 1; done
 	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_dockerfile.py
+
+# --- export (models/export helper) ---------------------------------------------------------------------------
+# Every checkpoint training produced, runs/<name>/ckpt.pt, becomes $(REPOSITORY)/<name>/<next version>/model.onnx,
+# verified (ORT == PyTorch, streaming invariance) before it is written; unchanged checkpoints are skipped.
+RUNS ?= runs
+export: install-dev
+	$(PY) -m export --runs $(RUNS) --repository $(REPOSITORY)
