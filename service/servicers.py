@@ -296,7 +296,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             raise InvalidArgument("give the prime as prime_ids or prime_text, not both")
         engine = self._engine
         if request.session_id:
-            info = engine.describe(request.session_id)
+            info = await engine.attach(request.session_id)
             seq = request.seq or info.last_seq + 1
             owned = False
         elif request.model:
@@ -319,16 +319,15 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                 top_k=int(request.top_k),
                 seed=int(request.seed),
             )
-            async for token in tokens:
-                await context.write(
-                    pb.GenerateResponse(
-                        session_id=sid if first else "",
-                        seq=engine.describe(sid).last_seq,
-                        token_id=token.token_id,
-                        text=token.text,
+            # aclosing: a cancelled call releases the session (and rolls its state back) at once.
+            async with contextlib.aclosing(tokens):
+                async for token in tokens:
+                    await context.write(
+                        pb.GenerateResponse(
+                            session_id=sid if first else "", seq=seq, token_id=token.token_id, text=token.text
+                        )
                     )
-                )
-                first = False
+                    first = False
         finally:
             if owned:
                 await self._close_quietly(sid)

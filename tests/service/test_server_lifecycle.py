@@ -1,0 +1,138 @@
+"""Server lifecycle: graceful SIGTERM on a real `python -m service.server` process, and in-process start/stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import fixtures
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_thread import ServerProcess, ServerThread, make_settings
+
+from service import convert
+from service.proto import rnnserve_pb2 as pb
+from service.proto import rnnserve_pb2_grpc as pb_grpc
+
+GRACE_S = 15.0
+LONG_T = 4000
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lifecycle_repo")
+    fixtures.token_lstm(root, "tiny_lstm")
+    # Big enough that one long chunk is still computing when SIGTERM arrives.
+    fixtures.token_lstm(root, "big", hidden=256, layers=2, seed=7)
+    return root
+
+
+def _queue_count(metrics_port: int, model: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    found = re.search(rf'rnnserve_queue_seconds_count\{{model="{model}",version="1"\}} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_sigterm_drains_in_flight_and_ends_streams(repo):
+    srv = ServerProcess(repo, "--drain-grace-s", str(GRACE_S))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.RecurrentServiceStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            statuses: list[int] = []
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            watcher = threading.Thread(target=lambda: [statuses.append(r.status) for r in _safe(watch)], daemon=True)
+            watcher.start()
+
+            # An idle bidi stream that must end with UNAVAILABLE "server draining; reconnect".
+            requests: list[pb.StreamRequest] = [pb.StreamRequest(open=pb.StreamOpen(model="tiny_lstm", keep=True))]
+            gate = threading.Event()
+
+            def feed():
+                yield from requests
+                gate.wait(60)
+
+            stream = stub.Stream(feed())
+            opened = next(stream)
+            assert opened.session.session_id
+
+            # A long step in flight when the signal arrives.
+            sid = stub.CreateSession(pb.CreateSessionRequest(model="big")).session_id
+            data = np.random.default_rng(0).integers(0, len(fixtures.DEFAULT_VOCAB), LONG_T).astype(np.int64)
+            future = stub.Step.future(
+                pb.StepRequest(session_id=sid, seq=1, inputs=[convert.array_to_tensor("tokens", data)],
+                               last_only=True),
+                timeout=120,
+            )
+            deadline = time.monotonic() + 30
+            while _queue_count(srv.metrics_port, "big") < 1 and time.monotonic() < deadline and not future.done():
+                time.sleep(0.005)
+            signalled = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+
+            response = future.result(timeout=120)  # the in-flight step finishes, with the right answer
+            want = fixtures.run_whole(repo / "big" / "1" / "model.onnx", {"tokens": data[None]})["logits"][0, -1]
+            np.testing.assert_allclose(convert.tensor_to_array(response.outputs[0])[0], want, atol=1e-4)
+
+            with pytest.raises(grpc.RpcError) as err:
+                next(stream)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "draining" in err.value.details() and "reconnect" in err.value.details()
+            gate.set()
+
+            code = srv.proc.wait(timeout=GRACE_S + 10)
+            assert code == 0, "".join(srv.lines)
+            assert time.monotonic() - signalled < GRACE_S + 5
+            watcher.join(10)
+            assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert any("draining" in line for line in srv.lines)
+    finally:
+        srv.stop()
+
+
+def _safe(iterator):
+    try:
+        yield from iterator
+    except grpc.RpcError:
+        return
+
+
+def test_start_binds_free_ports_and_stop_is_idempotent(repo):
+    srv = ServerThread(make_settings(repo))
+    try:
+        running = srv.running
+        assert running.port > 0 and running.metrics_port and running.metrics_port > 0
+        assert {s.name for s in running.engine.list_models()} == {"tiny_lstm", "big"}
+        with grpc.insecure_channel(srv.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(service="big")).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+        srv.call(running.stop(0))
+        srv.call(running.stop(0))  # second stop: no error
+        assert not running.is_serving()
+    finally:
+        srv.stop()
+
+
+def test_new_streams_refused_while_draining(repo):
+    srv = ServerThread(make_settings(repo))
+    try:
+        srv.running.streams.drain()
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.RecurrentServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Stream(iter([pb.StreamRequest(open=pb.StreamOpen(model="tiny_lstm"))])))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+    finally:
+        srv.stop()
