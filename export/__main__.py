@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="model name in the repository (default: the checkpoint's directory name)")
     ap.add_argument("--version", type=int, help="version number (default: next free)")
     ap.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization; reports the change")
-    ap.add_argument("--eval-text", type=Path, help="text to report bits/char on, float32 vs int8 (token models)")
-    ap.add_argument("--if-changed", action="store_true",
-                    help="skip when the newest version came from the same checkpoint bytes")
+    ap.add_argument(
+        "--eval-text", type=Path, help="text to report bits/char on, float32 vs int8 (token models)"
+    )
+    ap.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="skip when the newest version came from the same checkpoint bytes",
+    )
     ap.add_argument("--tol", type=float, default=1e-5)
     args = ap.parse_args(argv)
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
@@ -56,8 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for ckpt, name in jobs:
         try:
-            _print(export_checkpoint(ckpt, args.repository, name, version=args.version, quantize=args.quantize,
-                                     if_changed=if_changed, eval_text=eval_text, tol=args.tol))
+            _print(
+                export_checkpoint(
+                    ckpt,
+                    args.repository,
+                    name,
+                    version=args.version,
+                    quantize=args.quantize,
+                    if_changed=if_changed,
+                    eval_text=eval_text,
+                    tol=args.tol,
+                )
+            )
         except ExportError as exc:
             print(f"{name}: EXPORT FAILED\n{exc}", file=sys.stderr)
             failed += 1

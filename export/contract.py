@@ -2,17 +2,18 @@
 
 Works on our exports and on users' own models: it needs only onnx, onnxruntime and numpy.
 
-Structure: every ``state_in_<name>`` input has a ``state_out_<name>`` output of the same dtype and shape (and vice
-versa); axis 0 of every input and output is symbolic (the batch axis); state dims other than the batch axis are
-static; ``rnnserve.initial_state.<name>`` metadata, when present, decodes to a row of the state's shape.
+Structure: every ``state_in_<name>`` input has a ``state_out_<name>`` output of the same dtype and shape
+(and vice versa); axis 0 of every input and output is symbolic (the batch axis); state dims other than the
+batch axis are static; ``rnnserve.initial_state.<name>`` metadata, when present, decodes to a row of the
+state's shape.
 
-Behaviour (run in ONNX Runtime): the model runs at batch 1 and 3; rows of a batch are independent (a batch equals
-each row run alone -- what cross-session batching relies on); for sequence models (axis 1 named ``time``) the
-time axis is really dynamic (T = 1 and T = 100 on one session) and a stream cut into random chunks, with the state
-carried between them, equals one pass.
+Behaviour (run in ONNX Runtime): the model runs at batch 1 and 3; rows of a batch are independent (a batch
+equals each row run alone -- what cross-session batching relies on); for sequence models (axis 1 named
+``time``) the time axis is really dynamic (T = 1 and T = 100 on one session) and a stream cut into random
+chunks, with the state carried between them, equals one pass.
 
-Tolerances: data outputs max abs <= ``tol``; states max abs <= ``tol * max(1, max |reference|)``, because an LSTM
-cell state is unbounded and float32 rounding grows with its magnitude.
+Tolerances: data outputs max abs <= ``tol``; states max abs <= ``tol * max(1, max |reference|)``, because
+an LSTM cell state is unbounded and float32 rounding grows with its magnitude.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TIME = "time"
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One named check: passed or not, the measured max abs difference if it compares numbers, and a detail."""
+    """One named check: passed or not, the measured max abs difference (if numeric), and a detail."""
 
     name: str
     passed: bool
@@ -65,11 +66,11 @@ class Report:
         self.checks.extend(other.checks)
 
     def failures(self) -> list[CheckResult]:
-        """The failed checks."""
+        """Return the failed checks."""
         return [c for c in self.checks if not c.passed]
 
     def format(self) -> str:
-        """A human-readable table, one line per check."""
+        """Format as a human-readable table, one line per check."""
         lines = []
         for c in self.checks:
             diff = "" if c.max_abs is None else f"  max_abs={c.max_abs:.3g}"
@@ -132,8 +133,8 @@ def read_contract(model: onnx.ModelProto) -> ContractSpec:
     outputs = [_tensor_info(v) for v in model.graph.output]
     meta = {p.key: p.value for p in model.metadata_props}
     problems: list[str] = []
-    ins = {t.name[len(STATE_IN):]: t for t in inputs if t.name.startswith(STATE_IN)}
-    outs = {t.name[len(STATE_OUT):]: t for t in outputs if t.name.startswith(STATE_OUT)}
+    ins = {t.name[len(STATE_IN) :]: t for t in inputs if t.name.startswith(STATE_IN)}
+    outs = {t.name[len(STATE_OUT) :]: t for t in outputs if t.name.startswith(STATE_OUT)}
     for name in sorted(set(ins) ^ set(outs)):
         side = "input state_in_" if name in ins else "output state_out_"
         problems.append(f"state {name!r}: {side}{name} has no partner")
@@ -143,7 +144,8 @@ def read_contract(model: onnx.ModelProto) -> ContractSpec:
         if a.dtype != b.dtype:
             problems.append(f"state {name!r}: input dtype {a.dtype} != output dtype {b.dtype}")
         if len(a.shape) != len(b.shape) or any(
-            isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a.shape[1:], b.shape[1:], strict=False)
+            isinstance(x, int) and isinstance(y, int) and x != y
+            for x, y in zip(a.shape[1:], b.shape[1:], strict=False)
         ):
             problems.append(f"state {name!r}: input shape {a.shape} != output shape {b.shape}")
         if any(not isinstance(d, int) for d in a.shape[1:]):
@@ -179,7 +181,9 @@ def _concrete(shape: tuple[int | str | None, ...], batch: int, steps: int) -> tu
     return tuple(out)
 
 
-def random_data(spec: ContractSpec, batch: int, steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_data(
+    spec: ContractSpec, batch: int, steps: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Random data inputs: token ids inside the vocabulary (or 0..1 without one), floats ~ N(0, 1)."""
     vocab = spec.vocabulary
     feeds = {}
@@ -195,29 +199,34 @@ def random_data(spec: ContractSpec, batch: int, steps: int, rng: np.random.Gener
 
 
 def initial_states(spec: ContractSpec, batch: int) -> dict[str, np.ndarray]:
-    """Initial state per the contract: zeros, or the declared ``rnnserve.initial_state.<name>`` row."""
+    """Return the initial state per the contract: zeros, or the declared ``rnnserve.initial_state.<name>``."""
     out = {}
     for s in spec.states:
         row = initial_state_row(spec.metadata, s.name)
         shape = _concrete(s.shape, batch, 1)
-        out[s.name] = (np.zeros(shape, s.dtype) if row is None
-                       else np.broadcast_to(row.astype(s.dtype), shape).copy())
+        out[s.name] = (
+            np.zeros(shape, s.dtype) if row is None else np.broadcast_to(row.astype(s.dtype), shape).copy()
+        )
     return out
 
 
-def run(sess: ort.InferenceSession, spec: ContractSpec, data: dict[str, np.ndarray],
-        state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def run(
+    sess: ort.InferenceSession, spec: ContractSpec, data: dict[str, np.ndarray], state: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One ORT call: data + state in, (data outputs, new state) out."""
     feeds = dict(data)
     feeds.update({STATE_IN + k: v for k, v in state.items()})
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, feeds), strict=True))
-    return ({k: v for k, v in outs.items() if not k.startswith(STATE_OUT)},
-            {k[len(STATE_OUT):]: v for k, v in outs.items() if k.startswith(STATE_OUT)})
+    return (
+        {k: v for k, v in outs.items() if not k.startswith(STATE_OUT)},
+        {k[len(STATE_OUT) :]: v for k, v in outs.items() if k.startswith(STATE_OUT)},
+    )
 
 
-def max_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], tol: float, scaled: bool
-             ) -> tuple[float, bool, str]:
+def max_diff(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], tol: float, scaled: bool
+) -> tuple[float, bool, str]:
     """Compare two dicts of arrays; returns (max abs, within tolerance, worst tensor name)."""
     worst, ok, where = 0.0, True, ""
     for k, ref in b.items():
@@ -236,18 +245,26 @@ def max_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], tol: floa
 
 
 def chunk_bounds(total: int, rng: np.random.Generator, pieces: int = 6) -> list[tuple[int, int]]:
-    """Random cut points splitting ``range(total)`` into up to ``pieces`` non-empty chunks (always includes 1)."""
-    cuts = sorted(set(rng.choice(np.arange(1, total), size=min(pieces - 1, total - 1), replace=False).tolist()))
+    """Split ``range(total)`` at random into up to ``pieces`` non-empty chunks, one of them of length 1."""
+    cuts = sorted(
+        set(rng.choice(np.arange(1, total), size=min(pieces - 1, total - 1), replace=False).tolist())
+    )
     if total > 2 and cuts and cuts[0] != 1:
         cuts = [1, *cuts]  # a one-step chunk: the smallest a client sends
     edges = [0, *cuts, total]
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def check_streaming(sess: ort.InferenceSession, spec: ContractSpec, total: int, tol: float,
-                    rng: np.random.Generator, batch: int = 2,
-                    state: dict[str, np.ndarray] | None = None) -> CheckResult:
-    """A stream cut into random chunks with the state carried between them equals one pass."""
+def check_streaming(
+    sess: ort.InferenceSession,
+    spec: ContractSpec,
+    total: int,
+    tol: float,
+    rng: np.random.Generator,
+    batch: int = 2,
+    state: dict[str, np.ndarray] | None = None,
+) -> CheckResult:
+    """Check that a stream cut into random chunks, state carried between them, equals one pass."""
     data = random_data(spec, batch, total, rng)
     state0 = state if state is not None else initial_states(spec, batch)
     full_out, full_state = run(sess, spec, data, state0)
@@ -262,19 +279,31 @@ def check_streaming(sess: ort.InferenceSession, spec: ContractSpec, total: int, 
     d_out, ok_out, w_out = max_diff(chunked, full_out, tol, scaled=False)
     d_st, ok_st, w_st = max_diff(st, full_state, tol, scaled=True)
     sizes = [hi - lo for lo, hi in bounds]
-    return CheckResult(f"streaming invariance (T={total}, chunks {sizes})", ok_out and ok_st, max(d_out, d_st),
-                       f"worst: {w_out if d_out >= d_st else w_st}")
+    return CheckResult(
+        f"streaming invariance (T={total}, chunks {sizes})",
+        ok_out and ok_st,
+        max(d_out, d_st),
+        f"worst: {w_out if d_out >= d_st else w_st}",
+    )
 
 
 def check_contract(model: str | Path | bytes | onnx.ModelProto, tol: float = 1e-5, seed: int = 0) -> Report:
-    """Run every structural and behavioural check of the contract on one model; never raises on a bad model."""
-    proto = model if isinstance(model, onnx.ModelProto) else (
-        onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
+    """Run every structural and behavioural check of the contract on one model; never raises."""
+    proto = (
+        model
+        if isinstance(model, onnx.ModelProto)
+        else (onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
+    )
     report = Report()
     spec = read_contract(proto)
-    report.add(CheckResult("structure (state pairs, batch axis, static state dims)", not spec.problems,
-                           detail="; ".join(spec.problems) or
-                           f"{len(spec.states)} state pair(s): {', '.join(s.name for s in spec.states)}"))
+    report.add(
+        CheckResult(
+            "structure (state pairs, batch axis, static state dims)",
+            not spec.problems,
+            detail="; ".join(spec.problems)
+            or f"{len(spec.states)} state pair(s): {', '.join(s.name for s in spec.states)}",
+        )
+    )
     if spec.problems:
         return report
     try:
@@ -288,8 +317,12 @@ def check_contract(model: str | Path | bytes | onnx.ModelProto, tol: float = 1e-
     _, warm = run(sess, spec, random_data(spec, 3, steps, rng), initial_states(spec, 3))
     data = random_data(spec, 3, steps, rng)
     together_out, together_st = run(sess, spec, data, warm)
-    alone = [run(sess, spec, {k: v[i:i + 1] for k, v in data.items()}, {k: v[i:i + 1] for k, v in warm.items()})
-             for i in range(3)]
+    alone = [
+        run(
+            sess, spec, {k: v[i : i + 1] for k, v in data.items()}, {k: v[i : i + 1] for k, v in warm.items()}
+        )
+        for i in range(3)
+    ]
     alone_out = {k: np.concatenate([a[0][k] for a in alone]) for k in together_out}
     alone_st = {k: np.concatenate([a[1][k] for a in alone]) for k in together_st}
     d1, ok1, _ = max_diff(alone_out, together_out, tol, scaled=False)
@@ -303,8 +336,11 @@ def check_contract(model: str | Path | bytes | onnx.ModelProto, tol: float = 1e-
                 good = v.shape[:2] == (2, t) and bool(np.all(np.isfinite(v)))
                 shapes_ok &= good
                 detail.append(f"{k}{v.shape}")
-        report.add(CheckResult("dynamic time axis (T=1 and T=100 on one session)", shapes_ok,
-                               detail=", ".join(detail)))
+        report.add(
+            CheckResult(
+                "dynamic time axis (T=1 and T=100 on one session)", shapes_ok, detail=", ".join(detail)
+            )
+        )
         report.add(check_streaming(sess, spec, 150, tol, rng))
     return report
 

@@ -1,25 +1,28 @@
 """Build the ONNX graph of a :class:`models.RecurrentModel` directly with ``onnx.helper``.
 
-Why not ``torch.onnx.export``: the models are Python loops over time, so the TorchScript tracer unrolls the loop
-into a graph for the one example length T it saw, and torch 2.13's ``dynamo=True`` exporter also specialises the
-time axis to the example length (silently). A recurrent model served chunk by chunk needs a truly dynamic T, so
-we emit the fused ONNX recurrent ops, whose time axis is dynamic by definition, and copy the trained weights in:
+Why not ``torch.onnx.export``: the models are Python loops over time, so the TorchScript tracer unrolls
+the loop into a graph for the one example length T it saw, and torch 2.13's ``dynamo=True`` exporter also
+specialises the time axis to the example length (silently). A recurrent model served chunk by chunk needs
+a truly dynamic T, so we emit the fused ONNX recurrent ops, whose time axis is dynamic by definition, and
+copy the trained weights in:
 
 - ``rnn`` -> ``RNN`` (tanh); ``gru`` -> ``GRU`` with ``linear_before_reset=1`` (PyTorch's formulation);
 - ``lstm`` -> ``LSTM``; ``peephole`` -> ``LSTM`` with the peephole input ``P``; ``cifg`` -> ``LSTM`` with
   ``input_forget=1``; ``attention`` -> ``LSTM`` followed by a vectorised windowed-attention readout.
 
-One op per layer, ``layout=0`` (ONNX Runtime's CPU kernels support only that), so the contract's batch-first state
-``(B, L, H)`` is transposed to ``(L, B, H)`` and sliced into the op's ``(num_directions=1, B, H)`` per layer, and
-the data are transposed between ``(B, T, ...)`` and the op's ``(T, B, ...)``.
+One op per layer, ``layout=0`` (ONNX Runtime's CPU kernels support only that), so the contract's
+batch-first state ``(B, L, H)`` is transposed to ``(L, B, H)`` and sliced into the op's
+``(num_directions=1, B, H)`` per layer, and the data are transposed between ``(B, T, ...)`` and the op's
+``(T, B, ...)``.
 
-Gate orders: PyTorch stacks LSTM gates (i, f, g, o), ONNX (i, o, f, c); GRU (r, z, n) vs ONNX (z, r, h); ONNX's
-peephole ``P`` is (i, o, f). The cifg layer has no forget-gate weights; ONNX's op ignores the f block when
-``input_forget=1``, so it is written as zeros.
+Gate orders: PyTorch stacks LSTM gates (i, f, g, o), ONNX (i, o, f, c); GRU (r, z, n) vs ONNX (z, r, h);
+ONNX's peephole ``P`` is (i, o, f). The cifg layer has no forget-gate weights; ONNX's op ignores the f
+block when ``input_forget=1``, so it is written as zeros.
 
 The attention readout (see ``models.cells.WindowAttention``) has no loop: with S = [window_in; h_1..h_T]
-(B, W+T, H), step t attends over S[t+1 .. t+W], gathered at once as (B, T, W, H); a slot is valid when its index
-in S is >= W - count_in. ``window_out`` is the last W rows of S, ``count_out`` = min(count_in + T, W).
+(B, W+T, H), step t attends over S[t+1 .. t+W], gathered at once as (B, T, W, H); a slot is valid when its
+index in S is >= W - count_in. ``window_out`` is the last W rows of S, ``count_out`` = min(count_in + T,
+W).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], base: str | None = None, n_out: int = 1, **attrs) -> list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], base: str | None = None, n_out: int = 1, **attrs
+    ) -> list[str]:
         outs = [self.name(base or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), **attrs))
         return outs
@@ -66,7 +71,9 @@ class _Graph:
         return self.op(op_type, inputs, base, 1, **attrs)[0]
 
     def named(self, op_type: str, inputs: list[str], output: str, **attrs) -> None:
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=self.name(f"n_{op_type}"), **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, [output], name=self.name(f"n_{op_type}"), **attrs)
+        )
 
 
 def _np(t) -> np.ndarray:
@@ -76,11 +83,13 @@ def _np(t) -> np.ndarray:
 def _lstm_weights(layer: LSTMLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Return ONNX (W, R, B, P) for one LSTM layer, gate order (i, o, f, c)."""
     H = layer.hidden
-    w_ih, w_hh, b_ih, b_hh = (_np(p) for p in (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh))
+    w_ih, w_hh, b_ih, b_hh = (
+        _np(p) for p in (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh)
+    )
 
     def blocks(a: np.ndarray) -> dict[str, np.ndarray]:
         names = ("i", "g", "o") if layer.variant == "cifg" else ("i", "f", "g", "o")
-        out = {n: a[k * H:(k + 1) * H] for k, n in enumerate(names)}
+        out = {n: a[k * H : (k + 1) * H] for k, n in enumerate(names)}
         out.setdefault("f", np.zeros_like(out["i"]))  # ignored by the op when input_forget=1
         return out
 
@@ -103,7 +112,7 @@ def _gru_weights(layer: GRULayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     H = layer.hidden
 
     def reorder(a: np.ndarray) -> np.ndarray:
-        r, z, n = a[:H], a[H:2 * H], a[2 * H:]
+        r, z, n = a[:H], a[H : 2 * H], a[2 * H :]
         return np.concatenate([z, r, n], 0)
 
     W = reorder(_np(layer.weight_ih))[None]  # (1, 3H, I)
@@ -134,8 +143,9 @@ def _recurrent_stack(g: _Graph, model: RecurrentModel, seq_tbi: str) -> tuple[st
             ins = [x, g.const(f"W_l{i}", W), g.const(f"R_l{i}", R), g.const(f"B_l{i}", B), "", h0, c0]
             if P is not None:
                 ins.append(g.const(f"P_l{i}", P))
-            y, yh, yc = g.op("LSTM", ins, f"lstm_l{i}", 3, hidden_size=H,
-                             input_forget=1 if layer.variant == "cifg" else 0)
+            y, yh, yc = g.op(
+                "LSTM", ins, f"lstm_l{i}", 3, hidden_size=H, input_forget=1 if layer.variant == "cifg" else 0
+            )
             cs.append(yc)
         elif isinstance(layer, GRULayer):
             W, R, B = _gru_weights(layer)
@@ -159,16 +169,21 @@ def _recurrent_stack(g: _Graph, model: RecurrentModel, seq_tbi: str) -> tuple[st
 
 
 def _attention(g: _Graph, model: RecurrentModel, top: str) -> str:
-    """Emit the windowed attention readout on top (B, T, H); writes state_out_window/count; returns (B, T, H)."""
+    """Emit the attention readout on top (B, T, H) and state_out_window/count; return (B, T, H)."""
     att = model.attention
     W, H = att.window, att.hidden
     S = g.op1("Concat", ["state_in_window", top], "S", axis=1)  # (B, W+T, H)
     t_vec = g.op1("Shape", [top], "T", start=1, end=2)  # (1,) int64
     t_scalar = g.op1("Squeeze", [t_vec, g.const("axes0", np.array([0], np.int64))], "T_scalar")
-    steps = g.op1("Range", [g.const("zero", np.array(0, np.int64)), t_scalar,
-                            g.const("one", np.array(1, np.int64))], "steps")  # (T,)
+    steps = g.op1(
+        "Range",
+        [g.const("zero", np.array(0, np.int64)), t_scalar, g.const("one", np.array(1, np.int64))],
+        "steps",
+    )  # (T,)
     steps_col = g.op1("Unsqueeze", [steps, g.const("axes1", np.array([1], np.int64))], "steps_col")  # (T, 1)
-    idx = g.op1("Add", [steps_col, g.const("slot1", np.arange(1, W + 1, dtype=np.int64)[None])], "idx")  # (T, W)
+    idx = g.op1(
+        "Add", [steps_col, g.const("slot1", np.arange(1, W + 1, dtype=np.int64)[None])], "idx"
+    )  # (T, W)
     win = g.op1("Gather", [S, idx], "win", axis=1)  # (B, T, W, H)
     q = g.op1("MatMul", [top, g.const("W_a", _np(att.weight_a))], "q")  # (B, T, H)
     q4 = g.op1("Unsqueeze", [q, g.const("axes3", np.array([3], np.int64))], "q4")  # (B, T, H, 1)
@@ -187,16 +202,25 @@ def _attention(g: _Graph, model: RecurrentModel, top: str) -> str:
     comb = g.op1("MatMul", [cat, g.const("W_c", _np(att.combine.weight).T)], "comb")  # (B, T, H)
     comb = g.op1("Add", [comb, g.const("b_c", _np(att.combine.bias))], "comb_b")
     out = g.op1("Tanh", [comb], "attended")  # (B, T, H)
-    g.named("Slice", [S, g.const("start", np.array([-W], np.int64)),
-                      g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
-                      g.const("axes1", np.array([1], np.int64))], "state_out_window")  # (B, W, H)
+    g.named(
+        "Slice",
+        [
+            S,
+            g.const("start", np.array([-W], np.int64)),
+            g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+            g.const("axes1", np.array([1], np.int64)),
+        ],
+        "state_out_window",
+    )  # (B, W, H)
     summed = g.op1("Add", ["state_in_count", t_vec], "count_sum")  # (B, 1)
     g.named("Min", [summed, g.const("Wmax", np.array([W], np.int64))], "state_out_count")  # (B, 1)
     return out
 
 
-def metadata_props(model: RecurrentModel, meta: CheckpointMeta, checkpoint_sha256: str = "") -> dict[str, str]:
-    """The ``rnnserve.*`` metadata_props of the contract (docs/DESIGN.md section 1), all strings."""
+def metadata_props(
+    model: RecurrentModel, meta: CheckpointMeta, checkpoint_sha256: str = ""
+) -> dict[str, str]:
+    """Return the ``rnnserve.*`` metadata_props of the contract (docs/DESIGN.md section 1)."""
     from dataclasses import asdict
 
     cfg = model.cfg
@@ -205,7 +229,8 @@ def metadata_props(model: RecurrentModel, meta: CheckpointMeta, checkpoint_sha25
         "rnnserve.task": cfg.task,
         "rnnserve.data": meta.data,
         "rnnserve.metrics": json.dumps(meta.metrics, sort_keys=True),
-        "rnnserve.description": meta.description or f"{cfg.family} {cfg.task} model, {cfg.layers}x{cfg.hidden}",
+        "rnnserve.description": meta.description
+        or f"{cfg.family} {cfg.task} model, {cfg.layers}x{cfg.hidden}",
         "rnnserve.config": json.dumps(asdict(cfg), sort_keys=True),
     }
     if cfg.task == "token":
@@ -213,15 +238,18 @@ def metadata_props(model: RecurrentModel, meta: CheckpointMeta, checkpoint_sha25
         if vocab is None:
             raise ValueError("token model checkpoint has no meta['vocabulary']; the contract requires it")
         if len(vocab) != cfg.vocab_size:
-            raise ValueError(f"vocabulary has {len(vocab)} entries but the model's vocab_size is {cfg.vocab_size}")
+            raise ValueError(
+                f"vocabulary has {len(vocab)} entries but the model's vocab_size is {cfg.vocab_size}"
+            )
         props["rnnserve.vocabulary"] = json.dumps(list(vocab), ensure_ascii=False)
     if checkpoint_sha256:
         props["rnnserve.checkpoint_sha256"] = checkpoint_sha256
     return props
 
 
-def build_onnx(model: RecurrentModel, meta: CheckpointMeta | None = None, checkpoint_sha256: str = ""
-               ) -> onnx.ModelProto:
+def build_onnx(
+    model: RecurrentModel, meta: CheckpointMeta | None = None, checkpoint_sha256: str = ""
+) -> onnx.ModelProto:
     """Translate ``model`` (its current weights) into a contract-following ONNX model (opset 17)."""
     meta = meta or CheckpointMeta()
     cfg = model.cfg
@@ -230,7 +258,9 @@ def build_onnx(model: RecurrentModel, meta: CheckpointMeta | None = None, checkp
     if cfg.task == "token":
         data_in = helper.make_tensor_value_info("tokens", TensorProto.INT64, [BATCH, TIME])
         data_out = helper.make_tensor_value_info("logits", F32, [BATCH, TIME, cfg.vocab_size])
-        seq = g.op1("Gather", [g.const("embedding", _np(model.embedding.weight)), "tokens"], "embedded", axis=0)
+        seq = g.op1(
+            "Gather", [g.const("embedding", _np(model.embedding.weight)), "tokens"], "embedded", axis=0
+        )
     else:
         data_in = helper.make_tensor_value_info("x", F32, [BATCH, TIME, cfg.in_features])
         data_out = helper.make_tensor_value_info("y", F32, [BATCH, TIME, cfg.out_features])
@@ -251,11 +281,17 @@ def build_onnx(model: RecurrentModel, meta: CheckpointMeta | None = None, checkp
         dtype = TensorProto.INT64 if s.dtype.is_floating_point is False else F32
         states_in.append(helper.make_tensor_value_info(f"state_in_{s.name}", dtype, [BATCH, *s.shape]))
         states_out.append(helper.make_tensor_value_info(f"state_out_{s.name}", dtype, [BATCH, *s.shape]))
-    graph = helper.make_graph(g.nodes, f"rnnserve_{cfg.family}_{cfg.task}", [data_in, *states_in],
-                              [data_out, *states_out], initializer=g.inits)
+    graph = helper.make_graph(
+        g.nodes,
+        f"rnnserve_{cfg.family}_{cfg.task}",
+        [data_in, *states_in],
+        [data_out, *states_out],
+        initializer=g.inits,
+    )
     graph.doc_string = __doc__.splitlines()[0]
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                   producer_name=PRODUCER, producer_version="1")
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=PRODUCER, producer_version="1"
+    )
     onnx_model.ir_version = 8  # opset 17 era; readable by every ONNX Runtime >= 1.13
     for k, v in metadata_props(model, meta, checkpoint_sha256).items():
         entry = onnx_model.metadata_props.add()

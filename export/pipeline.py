@@ -1,9 +1,10 @@
 """Checkpoint -> verified ONNX in the model repository: ``<repository>/<name>/<version>/model.onnx``.
 
-Steps: load the checkpoint; build the graph (``export.graph``); verify it (``export.verify``: contract checks and
-ORT == PyTorch); optionally quantize to int8 and measure the change (``export.quantize``); then write the version
-directory atomically (built under a temporary name, then renamed, so a server watching the repository never
-sees a half-written version). A failed verification raises :class:`ExportError` and writes nothing.
+Steps: load the checkpoint; build the graph (``export.graph``); verify it (``export.verify``: contract
+checks and ORT == PyTorch); optionally quantize to int8 and measure the change (``export.quantize``); then
+write the version directory atomically (built under a temporary name, then renamed, so a server watching
+the repository never sees a half-written version). A failed verification raises :class:`ExportError` and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def versions(model_dir: Path) -> list[int]:
     """Existing integer version directories, ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -68,33 +71,49 @@ def _metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str, *, version: int | None = None,
-                      quantize: str | None = None, if_changed: bool = False, eval_text: str | None = None,
-                      tol: float = 1e-5, progress: bool = True, timing_seconds: float = 1.0) -> ExportResult:
+def _same_source(model_dir: Path, version: int, sha: str, quantize: str | None) -> bool:
+    """Tell whether ``version`` came from the checkpoint with hash ``sha``, with the same quantization."""
+    path = model_dir / str(version) / "model.onnx"
+    meta = _metadata(path) if path.exists() else {}
+    same_quant = ("rnnserve.quantization" in meta) == (quantize is not None)
+    return meta.get("rnnserve.checkpoint_sha256") == sha and same_quant
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    repository: str | Path,
+    name: str,
+    *,
+    version: int | None = None,
+    quantize: str | None = None,
+    if_changed: bool = False,
+    eval_text: str | None = None,
+    tol: float = 1e-5,
+    progress: bool = True,
+    timing_seconds: float = 1.0,
+) -> ExportResult:
     """Export one checkpoint into the repository; see the module docstring.
 
     ``timing_seconds``: how long each int8/float32 throughput measurement runs.
-    ``if_changed``: skip when the newest version was exported from a checkpoint with the same SHA-256 (and the same
-    quantization), so ``make export`` is idempotent.
+    ``if_changed``: skip when the newest version was exported from a checkpoint with the same SHA-256 (and
+    the same quantization), so ``make export`` is idempotent.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     checkpoint, model_dir = Path(checkpoint), Path(repository) / name
     sha = file_sha256(checkpoint)
     existing = versions(model_dir)
-    if if_changed and existing and version is None:
-        newest = model_dir / str(existing[-1]) / "model.onnx"
-        meta = _metadata(newest) if newest.exists() else {}
-        if (meta.get("rnnserve.checkpoint_sha256") == sha
-                and ("rnnserve.quantization" in meta) == (quantize is not None)):
-            return ExportResult(name, existing[-1], newest, Report(), skipped=True)
+    if if_changed and existing and version is None and _same_source(model_dir, existing[-1], sha, quantize):
+        return ExportResult(name, existing[-1], model_dir / str(existing[-1]) / "model.onnx", Report(), True)
     if version is None:
         version = (existing[-1] + 1) if existing else 1
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
     target = model_dir / str(version)
     if target.exists():
-        raise FileExistsError(f"{target} already exists; pick another --version or omit it for the next free one")
+        raise FileExistsError(
+            f"{target} already exists; pick another --version or omit it for the next free one"
+        )
 
     ck = read_checkpoint(checkpoint)
     proto = build_onnx(ck.model, ck.meta, sha)
@@ -131,7 +150,7 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
 
 
 def _yaml_str(s: str) -> str:
-    """A YAML double-quoted scalar (JSON strings are valid YAML)."""
+    """Quote as a YAML double-quoted scalar (JSON strings are valid YAML)."""
     import json
 
     return json.dumps(s, ensure_ascii=False)

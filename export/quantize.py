@@ -1,13 +1,15 @@
-"""Optional int8 dynamic quantization (``onnxruntime.quantization.quantize_dynamic``) and its accuracy/speed report.
+"""Optional int8 dynamic quantization and its accuracy and speed report.
 
-Weights of MatMul, Gather and LSTM become int8 (LSTM -> ``com.microsoft.DynamicQuantizeLSTM``; GRU and RNN stay
-float). Activations are quantized at run time with one scale per tensor per call, so an int8 model's outputs
-depend slightly on what else is in the batch and on how a stream is chunked (measured below as
+Uses ``onnxruntime.quantization.quantize_dynamic``.
+
+Weights of MatMul, Gather and LSTM become int8 (LSTM -> ``com.microsoft.DynamicQuantizeLSTM``; GRU and RNN
+stay float). Activations are quantized at run time with one scale per tensor per call, so an int8 model's
+outputs depend slightly on what else is in the batch and on how a stream is chunked (measured below as
 ``batch_dependence_max_abs`` and ``streaming_max_abs``); the float32 export has neither effect.
 
-The report compares the float32 and int8 models on the same random inputs (max/mean abs output difference, and
-for token models top-1 agreement), optionally on real text (bits per character of the two models), and measures
-throughput in steps/s for a streaming step (B=1, T=1) and a batched chunk (B=32, T=64).
+The report compares the float32 and int8 models on the same random inputs (max/mean abs output difference,
+and for token models top-1 agreement), optionally on real text (bits per character of the two models), and
+measures throughput in steps/s for a streaming step (B=1, T=1) and a batched chunk (B=32, T=64).
 """
 
 from __future__ import annotations
@@ -67,24 +69,32 @@ class QuantizationReport:
 
     def format(self) -> str:
         """Human-readable summary."""
-        lines = [f"int8 vs float32 on {self.output}: max abs diff {self.max_abs_diff:.4g}, "
-                 f"mean abs diff {self.mean_abs_diff:.4g}"]
+        lines = [
+            f"int8 vs float32 on {self.output}: max abs diff {self.max_abs_diff:.4g}, "
+            f"mean abs diff {self.mean_abs_diff:.4g}"
+        ]
         if self.top1_agreement is not None:
             lines.append(f"  top-1 agreement {100 * self.top1_agreement:.2f}%")
         if self.fp32_bpc is not None:
-            lines.append(f"  bits/char on {self.eval_text_chars} chars: float32 {self.fp32_bpc:.4f}, "
-                         f"int8 {self.int8_bpc:.4f}")
+            lines.append(
+                f"  bits/char on {self.eval_text_chars} chars: float32 {self.fp32_bpc:.4f}, "
+                f"int8 {self.int8_bpc:.4f}"
+            )
         lines.append(f"  size {self.fp32_bytes / 1e6:.2f} MB -> {self.int8_bytes / 1e6:.2f} MB")
         for t in self.throughput:
-            lines.append(f"  B={t.batch} T={t.steps}: {t.fp32_steps_per_s:,.0f} -> {t.int8_steps_per_s:,.0f} steps/s "
-                         f"(x{t.speedup:.2f})")
-        lines.append(f"  int8 batch dependence {self.batch_dependence_max_abs:.3g}, "
-                     f"chunking dependence {self.streaming_max_abs:.3g} (float32: <= 1e-5)")
+            lines.append(
+                f"  B={t.batch} T={t.steps}: {t.fp32_steps_per_s:,.0f} -> {t.int8_steps_per_s:,.0f} steps/s "
+                f"(x{t.speedup:.2f})"
+            )
+        lines.append(
+            f"  int8 batch dependence {self.batch_dependence_max_abs:.3g}, "
+            f"chunking dependence {self.streaming_max_abs:.3g} (float32: <= 1e-5)"
+        )
         return "\n".join(lines)
 
 
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic int8 quantization of weights; keeps names, shapes and metadata_props (plus rnnserve.quantization)."""
+    """Quantize weights to int8 (dynamic); keep names, shapes and metadata; add rnnserve.quantization."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,18 +139,24 @@ def bits_per_char(sess: ort.InferenceSession, spec, text: str, chunk: int = 256)
     nll, count = 0.0, 0
     name_in, name_out = spec.data_inputs[0].name, spec.data_outputs[0].name
     for lo in range(0, len(ids) - 1, chunk):
-        x = ids[lo:min(lo + chunk, len(ids) - 1)]
+        x = ids[lo : min(lo + chunk, len(ids) - 1)]
         out, state = run(sess, spec, {name_in: x[None]}, state)
         logits = out[name_out][0].astype(np.float64)  # (T, V)
         logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-        target = ids[lo + 1:lo + 1 + len(x)]
+        target = ids[lo + 1 : lo + 1 + len(x)]
         nll += float(np.sum(logz - logits[np.arange(len(x)), target]))
         count += len(x)
     return nll / max(count, 1) / math.log(2), count
 
 
-def compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, *, eval_text: str | None = None,
-            seconds: float = 1.0, seed: int = 0) -> QuantizationReport:
+def compare(
+    fp32: onnx.ModelProto,
+    int8: onnx.ModelProto,
+    *,
+    eval_text: str | None = None,
+    seconds: float = 1.0,
+    seed: int = 0,
+) -> QuantizationReport:
     """Measure the accuracy and speed change of ``int8`` against ``fp32``."""
     spec = read_contract(fp32)
     s32, s8 = _session(fp32.SerializeToString()), _session(int8.SerializeToString())
@@ -157,8 +173,9 @@ def compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, *, eval_text: str | No
     shapes = [(1, 1), (32, steps)]
     throughput = []
     for b, t in tqdm(shapes, desc="timing float32 vs int8", leave=False):
-        throughput.append(Throughput(b, t, _steps_per_s(s32, spec, b, t, seconds),
-                                     _steps_per_s(s8, spec, b, t, seconds)))
+        throughput.append(
+            Throughput(b, t, _steps_per_s(s32, spec, b, t, seconds), _steps_per_s(s8, spec, b, t, seconds))
+        )
     self_check = check_contract(int8, tol=float("inf"), seed=seed)  # measure, do not judge
     dep = {c.name.split(" (")[0]: c.max_abs or 0.0 for c in self_check.checks}
     bpc32 = bpc8 = None
@@ -167,8 +184,16 @@ def compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, *, eval_text: str | No
         bpc32, chars = bits_per_char(s32, spec, eval_text)
         bpc8, _ = bits_per_char(s8, spec, eval_text)
     return QuantizationReport(
-        output=out_name, max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), top1_agreement=top1,
-        fp32_bytes=fp32.ByteSize(), int8_bytes=int8.ByteSize(), throughput=tuple(throughput),
+        output=out_name,
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        top1_agreement=top1,
+        fp32_bytes=fp32.ByteSize(),
+        int8_bytes=int8.ByteSize(),
+        throughput=tuple(throughput),
         batch_dependence_max_abs=float(dep.get("batch rows independent", 0.0)),
         streaming_max_abs=float(dep.get("streaming invariance", 0.0)),
-        eval_text_chars=chars, fp32_bpc=bpc32, int8_bpc=bpc8)
+        eval_text_chars=chars,
+        fp32_bpc=bpc32,
+        int8_bpc=bpc8,
+    )

@@ -1,13 +1,15 @@
 """Verify an exported ONNX model: ONNX Runtime equals PyTorch, and streaming through ORT equals one pass.
 
-Runs at export time (a failure fails the export and nothing is written) and as a command on any ONNX file::
+Runs at export time (a failure fails the export and nothing is written) and as a command on any ONNX
+file::
 
     python -m export.verify model.onnx --checkpoint runs/x/ckpt.pt   # contract checks + ORT == PyTorch
     python -m export.verify model.onnx                               # torch-free contract checks only
 
-Against PyTorch: max abs <= 1e-5 on the data outputs at every T in {1, 7, 64} x B in {1, 5, 64}, from random
-(non-zero) states; the states must agree too (scaled by their magnitude, see ``export.contract``). Streaming:
-one sequence cut into random chunks, the state carried between them through ORT, equals PyTorch's single pass.
+Against PyTorch: max abs <= 1e-5 on the data outputs at every T in {1, 7, 64} x B in {1, 5, 64}, from
+random (non-zero) states; the states must agree too (scaled by their magnitude, see ``export.contract``).
+Streaming: one sequence cut into random chunks, the state carried between them through ORT, equals
+PyTorch's single pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from export.contract import CheckResult, Report, chunk_bounds, check_contract, max_diff, read_contract, run
+from export.contract import CheckResult, Report, check_contract, chunk_bounds, max_diff, read_contract, run
 
 TIMES = (1, 7, 64)
 BATCHES = (1, 5, 64)
@@ -45,7 +47,9 @@ def _random_input(model, batch: int, steps: int, rng: np.random.Generator) -> np
     return rng.standard_normal((batch, steps, cfg.in_features)).astype(np.float32)
 
 
-def _torch_run(model, x: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _torch_run(
+    model, x: np.ndarray, state: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     import torch
 
     with torch.no_grad():
@@ -53,10 +57,17 @@ def _torch_run(model, x: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.n
     return y.numpy(), {k: v.numpy() for k, v in st.items()}
 
 
-def verify_against_torch(onnx_model: onnx.ModelProto | bytes, model, *, tol: float = 1e-5, seed: int = 0,
-                         times: tuple[int, ...] = TIMES, batches: tuple[int, ...] = BATCHES,
-                         progress: bool = True) -> Report:
-    """Compare ORT with the PyTorch ``model`` (eval mode) on random inputs and states; see the module docstring."""
+def verify_against_torch(
+    onnx_model: onnx.ModelProto | bytes,
+    model,
+    *,
+    tol: float = 1e-5,
+    seed: int = 0,
+    times: tuple[int, ...] = TIMES,
+    batches: tuple[int, ...] = BATCHES,
+    progress: bool = True,
+) -> Report:
+    """Compare ORT with the PyTorch ``model`` (eval mode) on random inputs and states (module docstring)."""
     blob = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
     spec = read_contract(onnx.load_from_string(blob))
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
@@ -73,9 +84,15 @@ def verify_against_torch(onnx_model: onnx.ModelProto | bytes, model, *, tol: flo
         got_out, got_st = run(sess, spec, {data_name: x}, state)
         d_y, ok_y, _ = max_diff({out_name: got_out[out_name]}, {out_name: ref_y}, tol, scaled=False)
         d_s, ok_s, worst = max_diff(got_st, ref_st, tol, scaled=True)
-        report.add(CheckResult(f"ORT == PyTorch at T={steps}, B={batch}", ok_y and ok_s, max(d_y, d_s),
-                               f"{out_name} {d_y:.3g}, states {d_s:.3g} (worst {worst})"))
-    # Streaming through ORT with random cuts vs PyTorch's one pass, long enough to saturate an attention window.
+        report.add(
+            CheckResult(
+                f"ORT == PyTorch at T={steps}, B={batch}",
+                ok_y and ok_s,
+                max(d_y, d_s),
+                f"{out_name} {d_y:.3g}, states {d_s:.3g} (worst {worst})",
+            )
+        )
+    # Streaming through ORT with random cuts vs PyTorch's one pass, long enough to saturate a window.
     total = 3 * getattr(model.cfg, "window", 32) + 11
     x = _random_input(model, 2, total, rng)
     state0 = {k: np.zeros_like(v) for k, v in _random_state(model, 2, rng).items()}
@@ -87,21 +104,33 @@ def verify_against_torch(onnx_model: onnx.ModelProto | bytes, model, *, tol: flo
         pieces.append(out[out_name])
     d_y, ok_y, _ = max_diff({"y": np.concatenate(pieces, 1)}, {"y": ref_y}, tol, scaled=False)
     d_s, ok_s, _ = max_diff(st, ref_st, tol, scaled=True)
-    report.add(CheckResult(f"ORT chunked stream == PyTorch one pass (T={total}, chunks {[h - l for l, h in bounds]})",
-                           ok_y and ok_s, max(d_y, d_s)))
+    report.add(
+        CheckResult(
+            f"ORT chunked stream == PyTorch one pass (T={total}, chunks {[hi - lo for lo, hi in bounds]})",
+            ok_y and ok_s,
+            max(d_y, d_s),
+        )
+    )
     return report
 
 
-def verify(onnx_path: str | Path, checkpoint: str | Path | None = None, *, tol: float = 1e-5, seed: int = 0,
-           progress: bool = True) -> Report:
+def verify(
+    onnx_path: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    tol: float = 1e-5,
+    seed: int = 0,
+    progress: bool = True,
+) -> Report:
     """Contract checks on ``onnx_path``; with a checkpoint, also ORT == PyTorch and streaming vs PyTorch."""
     proto = onnx.load(str(onnx_path))
     report = check_contract(proto, tol, seed)
     if checkpoint is not None:
         from models import load_checkpoint
 
-        report.extend(verify_against_torch(proto, load_checkpoint(checkpoint), tol=tol, seed=seed,
-                                           progress=progress))
+        report.extend(
+            verify_against_torch(proto, load_checkpoint(checkpoint), tol=tol, seed=seed, progress=progress)
+        )
     return report
 
 

@@ -122,8 +122,9 @@ class RecurrentModel(nn.Module):
     def init_state(self, batch: int) -> dict[str, Tensor]:
         """Zero state for ``batch`` streams (names and shapes as the ONNX state contract)."""
         device = self.head.weight.device
-        return {s.name: torch.zeros((batch, *s.shape), dtype=s.dtype, device=device)
-                for s in self.state_shapes()}
+        return {
+            s.name: torch.zeros((batch, *s.shape), dtype=s.dtype, device=device) for s in self.state_shapes()
+        }
 
     def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Run a chunk of T steps from ``state`` (zeros if None).

@@ -34,19 +34,33 @@ def test_declared_initial_state_is_used(tmp_path):
     assert check_contract(path).ok
 
 
-def _accumulator(state_out_shape=("batch", 1), out_dtype=TensorProto.INT32, batch="batch", pair=True,
-                 initial: np.ndarray | None = None) -> onnx.ModelProto:
+def _accumulator(
+    state_out_shape=("batch", 1),
+    out_dtype=TensorProto.INT32,
+    batch="batch",
+    pair=True,
+    initial: np.ndarray | None = None,
+) -> onnx.ModelProto:
     """x (B, 1) + state -> y; variants break one rule of the contract each."""
-    nodes = [helper.make_node("Add", ["state_in_acc", "x"], ["sum"]),
-             helper.make_node("Cast", ["sum"], ["state_out_acc" if pair else "state_out_other"], to=out_dtype),
-             helper.make_node("Identity", ["sum"], ["y"])]
+    nodes = [
+        helper.make_node("Add", ["state_in_acc", "x"], ["sum"]),
+        helper.make_node("Cast", ["sum"], ["state_out_acc" if pair else "state_out_other"], to=out_dtype),
+        helper.make_node("Identity", ["sum"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "acc",
-        [helper.make_tensor_value_info("x", TensorProto.INT32, [batch, 1]),
-         helper.make_tensor_value_info("state_in_acc", TensorProto.INT32, ["batch", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [batch, 1]),
-         helper.make_tensor_value_info("state_out_acc" if pair else "state_out_other", out_dtype,
-                                       list(state_out_shape))])
+        nodes,
+        "acc",
+        [
+            helper.make_tensor_value_info("x", TensorProto.INT32, [batch, 1]),
+            helper.make_tensor_value_info("state_in_acc", TensorProto.INT32, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.INT32, [batch, 1]),
+            helper.make_tensor_value_info(
+                "state_out_acc" if pair else "state_out_other", out_dtype, list(state_out_shape)
+            ),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     if initial is not None:
@@ -76,9 +90,15 @@ def test_structural_violations_are_named():
 
 
 def test_contract_cli_is_torch_free(model_repository):
-    code = ("import sys; from export.contract import main; rc = main([sys.argv[1]]); "
-            "assert 'torch' not in sys.modules; sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, str(model_repository / "tiny_gru" / "1" / "model.onnx")],
-                         cwd=ROOT, capture_output=True, text=True)
+    code = (
+        "import sys; from export.contract import main; rc = main([sys.argv[1]]); "
+        "assert 'torch' not in sys.modules; sys.exit(rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_repository / "tiny_gru" / "1" / "model.onnx")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "streaming invariance" in out.stdout

@@ -1,4 +1,4 @@
-"""Export: every family and task exports and verifies; corrupted graphs fail; dynamic T; metadata; int8; CLI."""
+"""Export: every family and task verifies; corrupted graphs fail; dynamic T; metadata; int8; CLI."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ VOCAB = [chr(ord("a") + i) for i in range(11)]
 
 
 def tiny_model(family: str, task: str, seed: int = 0, hidden: int = 8):
-    cfg = ModelConfig(family, task, vocab_size=len(VOCAB), in_features=3, out_features=2, hidden=hidden,
-                      layers=2, window=16)
+    cfg = ModelConfig(
+        family, task, vocab_size=len(VOCAB), in_features=3, out_features=2, hidden=hidden, layers=2, window=16
+    )
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -38,8 +39,12 @@ def tiny_model(family: str, task: str, seed: int = 0, hidden: int = 8):
 
 
 def meta_for(task: str) -> CheckpointMeta:
-    return CheckpointMeta(vocabulary=VOCAB if task == "token" else None, data="synthetic test data",
-                          metrics={"val_loss": 1.25}, description="tiny test model")
+    return CheckpointMeta(
+        vocabulary=VOCAB if task == "token" else None,
+        data="synthetic test data",
+        metrics={"val_loss": 1.25},
+        description="tiny test model",
+    )
 
 
 @pytest.mark.parametrize("task", ["token", "numeric"])
@@ -59,13 +64,18 @@ def test_export_verifies(family, task):
 
 @pytest.mark.parametrize("family", ["peephole", "cifg", "attention"])
 def test_onnx_equals_numpy_equations(family):
-    """The fused op's peephole P / input_forget and the attention graph match the equations, not just torch."""
+    """The fused peephole P / input_forget and the attention graph match the equations, not just torch."""
     model = tiny_model(family, "numeric")
     sess = ort.InferenceSession(build_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 37, 3)).astype(np.float32)
-    feeds = {"x": x, **{f"state_in_{s.name}": np.zeros((3, *s.shape), np.float32 if s.name != "count" else np.int64)
-                        for s in model.state_shapes()}}
+    feeds = {
+        "x": x,
+        **{
+            f"state_in_{s.name}": np.zeros((3, *s.shape), np.float32 if s.name != "count" else np.int64)
+            for s in model.state_shapes()
+        },
+    }
     y = sess.run(["y"], feeds)[0]
     params = {k: v.numpy() for k, v in model.state_dict().items()}
     y_ref, _ = reference_forward(model.cfg, params, x)
@@ -84,8 +94,9 @@ def _perturb(proto: onnx.ModelProto, prefix: str, delta: float) -> onnx.ModelPro
     raise AssertionError(f"no initializer {prefix}")
 
 
-@pytest.mark.parametrize("family,prefix", [("lstm", "R_l"), ("peephole", "P_l"), ("gru", "W_l"),
-                                           ("attention", "W_a")])
+@pytest.mark.parametrize(
+    "family,prefix", [("lstm", "R_l"), ("peephole", "P_l"), ("gru", "W_l"), ("attention", "W_a")]
+)
 def test_corrupted_graph_fails_verification(family, prefix):
     model = tiny_model(family, "token")
     bad = _perturb(build_onnx(model, meta_for("token")), prefix, 0.05)
@@ -116,9 +127,13 @@ def test_dynamic_time_axis_one_file(tmp_path):
     assert dims["state_in_window"] == ["batch", 16, 8] and dims["state_in_count"] == ["batch", 1]
     assert {o.name: o.shape for o in sess.get_outputs()}["logits"] == ["batch", "time", len(VOCAB)]
     for steps in (1, 100):
-        feeds = {"tokens": np.zeros((2, steps), np.int64), "state_in_h": np.zeros((2, 2, 8), np.float32),
-                 "state_in_c": np.zeros((2, 2, 8), np.float32), "state_in_window": np.zeros((2, 16, 8), np.float32),
-                 "state_in_count": np.zeros((2, 1), np.int64)}
+        feeds = {
+            "tokens": np.zeros((2, steps), np.int64),
+            "state_in_h": np.zeros((2, 2, 8), np.float32),
+            "state_in_c": np.zeros((2, 2, 8), np.float32),
+            "state_in_window": np.zeros((2, 16, 8), np.float32),
+            "state_in_count": np.zeros((2, 1), np.int64),
+        }
         logits, *_, count = sess.run(None, feeds)
         assert logits.shape == (2, steps, len(VOCAB))
         assert count.tolist() == [[min(steps, 16)]] * 2
@@ -185,8 +200,9 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 def test_int8_quantization(tmp_path):
     ckpt = _checkpoint(tmp_path, "lstm", "token")
     text = "abcdefghijk" * 20
-    r = export_checkpoint(ckpt, tmp_path / "repo", "q", quantize="int8", eval_text=text, progress=False,
-                          timing_seconds=0.05)
+    r = export_checkpoint(
+        ckpt, tmp_path / "repo", "q", quantize="int8", eval_text=text, progress=False, timing_seconds=0.05
+    )
     q = r.quantization
     assert q is not None and q.fp32_bpc is not None and q.int8_bpc is not None
     assert 0 < q.max_abs_diff < 0.5 and q.int8_bytes < q.fp32_bytes and q.eval_text_chars == len(text) - 1
@@ -215,8 +231,13 @@ def test_cli_runs_and_verify_command(tmp_path, capsys):
     onnx_path = str(repo / "char_attention" / "1" / "model.onnx")
     # The documented command line, in a fresh interpreter.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "export.verify", onnx_path, "--checkpoint", str(ckpt)], cwd=ROOT,
-                        env=env, capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "export.verify", onnx_path, "--checkpoint", str(ckpt)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "ORT == PyTorch at T=64, B=64" in ok.stdout, ok.stdout + ok.stderr
     other = tmp_path / "other.pt"  # same architecture, other weights: must fail
     save_checkpoint(other, tiny_model("attention", "token", seed=9), meta_for("token"))

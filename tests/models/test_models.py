@@ -158,14 +158,16 @@ def test_attention_window_and_count():
         assert st["count"].item() == 5
         _, st = model(x[:, 5:], st)
     assert st["count"].item() == 16  # saturates at W
-    # The window holds the last W top-layer hidden states, most recent last: its last row is h of the top layer.
+    # The window holds the last W top-layer hidden states, most recent last: last row == top-layer h.
     assert max_abs(st["window"][:, -1], st["h"][:, -1]) == 0.0
 
 
 def test_checkpoint_roundtrip(tmp_path):
     cfg = tiny("cifg", "token")
     model = perturbed(cfg)
-    meta = CheckpointMeta(vocabulary=[chr(97 + i) for i in range(13)], data="synthetic", metrics={"val_bpc": 1.5})
+    meta = CheckpointMeta(
+        vocabulary=[chr(97 + i) for i in range(13)], data="synthetic", metrics={"val_bpc": 1.5}
+    )
     save_checkpoint(tmp_path / "run" / "ckpt.pt", model, meta)
     ck = read_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert ck.config == cfg and ck.meta.metrics == {"val_bpc": 1.5} and ck.meta.vocabulary == meta.vocabulary
