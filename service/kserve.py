@@ -241,13 +241,35 @@ class _Duration:
 
 @dataclass(slots=True)
 class _ModelStats:
-    """Per model version counters for ModelStatistics (what perf_analyzer reads)."""
+    """Per model version counters for ModelStatistics (perf_analyzer reads them, keyed on `queue.count`).
+
+    Phases of a successful request: compute_input = decode and validate, compute_infer = the engine (its
+    batcher queue wait included: the engine's own split is in the Prometheus metrics), compute_output =
+    encode.
+    `queue` counts every request with zero time for the same reason.
+    """
 
     inference_count: int = 0  # batch items
     execution_count: int = 0  # requests run
     last_inference_ms: int = 0
     success: _Duration = field(default_factory=_Duration)
     fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+
+    def record(self, marks: tuple[int, int, int, int], batch: int) -> None:
+        """Count one successful request from its phase boundaries (monotonic ns) and batch size."""
+        start, decoded, inferred, encoded = marks
+        self.success.add(encoded - start)
+        self.queue.add(0)
+        self.compute_input.add(decoded - start)
+        self.compute_infer.add(inferred - decoded)
+        self.compute_output.add(encoded - inferred)
+        self.inference_count += batch
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
 
 
 # ---------------------------------------------------------------------------------- model descriptions
@@ -408,11 +430,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 inference_count=st.inference_count,
                 execution_count=st.execution_count,
             )
-            entry.inference_stats.success.count, entry.inference_stats.success.ns = (
-                st.success.count,
-                st.success.ns,
-            )
-            entry.inference_stats.fail.count, entry.inference_stats.fail.ns = st.fail.count, st.fail.ns
+            for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+                duration: _Duration = getattr(st, phase)
+                target = getattr(entry.inference_stats, phase)
+                target.count, target.ns = duration.count, duration.ns
         return response
 
     # ---- not offered: an explicit UNIMPLEMENTED with a reason (the generated base class would raise)
@@ -487,23 +508,30 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         spec = self._engine.get_model(request.model_name, _version_arg(request.model_version))
         stats = self._stats.setdefault((spec.name, spec.version), _ModelStats())
         try:
-            response, batch = await self._infer(spec, request)
+            ctl = parse_sequence(request.parameters)
+            names = _requested_outputs(spec, request)
+            arrays = decode_inputs(request)
+            batch = _check_inputs(spec, arrays)
+            decoded = time.monotonic_ns()
+            outputs, version = await self._run(spec, request, ctl, arrays, batch)
+            inferred = time.monotonic_ns()
+            response = pb.ModelInferResponse(model_name=spec.name, model_version=str(version), id=request.id)
+            encode_outputs(response, [(n, outputs[n]) for n in names], typed=wants_typed_outputs(request))
         except Exception:
             stats.fail.add(time.monotonic_ns() - started)
             raise
-        stats.success.add(time.monotonic_ns() - started)
-        stats.inference_count += batch
-        stats.execution_count += 1
-        stats.last_inference_ms = int(time.time() * 1000)
+        stats.record((started, decoded, inferred, time.monotonic_ns()), batch)
         return response
 
-    async def _infer(
-        self, spec: ModelSpec, request: pb.ModelInferRequest
-    ) -> tuple[pb.ModelInferResponse, int]:
-        ctl = parse_sequence(request.parameters)
-        names = _requested_outputs(spec, request)
-        arrays = decode_inputs(request)
-        batch = _check_inputs(spec, arrays)
+    async def _run(
+        self,
+        spec: ModelSpec,
+        request: pb.ModelInferRequest,
+        ctl: SequenceControl,
+        arrays: dict[str, np.ndarray],
+        batch: int,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Run the model: a sequence step or a stateless run; outputs with the batch axis, and the version."""
         version = spec.version
         if ctl.sequence_id is not None and spec.states:
             if batch != 1:
@@ -521,9 +549,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
             # from the initial state.
             outputs = await self._engine.infer_stateless(spec.name, spec.version, arrays)
-        response = pb.ModelInferResponse(model_name=spec.name, model_version=str(version), id=request.id)
-        encode_outputs(response, [(n, outputs[n]) for n in names], typed=wants_typed_outputs(request))
-        return response, batch
+        return outputs, version
 
 
 def _requested_outputs(spec: ModelSpec, request: pb.ModelInferRequest) -> list[str]:
@@ -566,6 +592,14 @@ def _check_inputs(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> int:
     for name, array in arrays.items():
         _check_tensor(spec.name, expected[name], array)
         batches.add(array.shape[0])
+        if spec.vocabulary is not None and array.dtype.kind in "iu" and array.size:
+            # Token ids index the embedding: out of range would fail inside ONNX Runtime as an internal error.
+            low, high, size = int(array.min()), int(array.max()), len(spec.vocabulary)
+            if low < 0 or high >= size:
+                raise InvalidArgument(
+                    f"input {name!r} of model {spec.name!r} holds token ids outside the vocabulary "
+                    f"[0, {size}): min {low}, max {high}"
+                )
     if len(batches) != 1:
         raise InvalidArgument(f"inputs disagree on the batch dimension (axis 0): {sorted(batches)}")
     batch = batches.pop()

@@ -346,6 +346,11 @@ def test_one_sequence_from_many_threads_applies_each_step_once(server):
             "state is implicit",
         ),
         (lambda c: c.infer("tiny_lstm", []), "INVALID_ARGUMENT", "needs input 'tokens'"),
+        (
+            lambda c: c.infer("tiny_lstm", [_tokens(np.array([[0, 10_000]], np.int64))]),
+            "INVALID_ARGUMENT",
+            "outside the vocabulary",
+        ),
     ],
     ids=[
         "unknown-model",
@@ -357,6 +362,7 @@ def test_one_sequence_from_many_threads_applies_each_step_once(server):
         "bad-version",
         "state-output",
         "missing-input",
+        "token-range",
     ],
 )
 def test_errors_are_typed_statuses_that_say_what_was_expected(client, call, status, needle):
