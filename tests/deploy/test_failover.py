@@ -72,9 +72,13 @@ def pair(
         r.stop()
 
 
-def stream_with_failure(a: Replica, b: Replica, tokens: np.ndarray, fail) -> tuple[list[np.ndarray], int]:
-    """Stream every chunk through one session (opened on `a`); call `fail()` from another thread mid-stream.
+def stream_with_failure(
+    addresses: list[str], tokens: np.ndarray, fail, jitter_s: float = 0.0
+) -> tuple[list[np.ndarray], int]:
+    """Stream every chunk through one session (opened on the first replica); `fail()` it from another thread.
 
+    The failure lands `jitter_s` after chunk FAIL_AT is handed to the client, while the stream keeps flowing,
+    so it can hit a replica between steps, inside a step, or after a step was saved but before its reply.
     Returns the outputs in order and how many answers the client had when the failure was injected.
     """
     outputs: list[np.ndarray] = []
@@ -82,6 +86,7 @@ def stream_with_failure(a: Replica, b: Replica, tokens: np.ndarray, fail) -> tup
     seen_at_failure: list[int] = []
 
     def inject() -> None:
+        time.sleep(jitter_s)
         seen_at_failure.append(len(outputs))
         fail()
         injected.set()
@@ -95,7 +100,7 @@ def stream_with_failure(a: Replica, b: Replica, tokens: np.ndarray, fail) -> tup
             yield tokens[i * CHUNK_T : (i + 1) * CHUNK_T]
 
     # Generous retries: after a SIGKILL the dead owner's lease must lapse (LEASE_S) before `b` may take over.
-    with Client([a.address, b.address], max_attempts=80, backoff_s=0.1, timeout=20) as client:
+    with Client(addresses, max_attempts=80, backoff_s=0.1, timeout=20) as client:
         session = client.session(MODEL)
         for out in session.stream(chunks()):
             outputs.append(out["logits"])
@@ -120,11 +125,18 @@ def stored_session(redis: RedisServer) -> tuple[int, str]:
     return int(rec[b"seq"]), rec[b"owner"].decode()
 
 
+@pytest.mark.parametrize(
+    ("routing", "jitter_s"),
+    [("address-list", 0.0), ("address-list", 0.004), ("address-list", 0.011), ("one-target", 0.004)],
+)
 def test_sigkill_of_the_serving_replica_loses_and_repeats_nothing(
-    pair, tokens, model_repository, clean_redis
+    pair, tokens, model_repository, clean_redis, routing, jitter_s
 ):
+    """`address-list`: the client's own failover list. `one-target`: one gRPC target that resolves to every
+    replica (as `dns:///rnnserve-headless...` does in the cluster), pinned by gRPC's pick_first policy."""
     a, b = pair
-    outputs, at = stream_with_failure(a, b, tokens, a.kill)
+    addresses = [a.address, b.address] if routing == "address-list" else [f"ipv4:{a.address},{b.address}"]
+    outputs, at = stream_with_failure(addresses, tokens, a.kill, jitter_s)
     assert a.process.returncode == -9 and at < CHUNKS
     assert_exact_history(outputs, reference_logits(model_repository, tokens))
     assert stored_session(clean_redis) == (CHUNKS, "b")
@@ -138,7 +150,7 @@ def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_reposit
         a.terminate()
         a.process.wait(30)
 
-    outputs, at = stream_with_failure(a, b, tokens, drain)
+    outputs, at = stream_with_failure([a.address, b.address], tokens, drain)
     assert a.process.returncode == 0, a.log_text()
     assert time.monotonic() - started < 30
     assert at < CHUNKS
