@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from prometheus_client import CollectorRegistry
+
 from service.config import Settings
 from service.server import start
 
@@ -13,10 +15,13 @@ class ServerThread:
     """The real server on its own event loop in a daemon thread."""
 
     def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start(settings), self.loop).result(timeout=60)
+        self.running = asyncio.run_coroutine_threadsafe(
+            start(settings, registry=self.registry), self.loop
+        ).result(timeout=60)
         self.url = f"127.0.0.1:{self.running.port}"
 
     def call(self, coro, timeout: float = 30):

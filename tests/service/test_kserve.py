@@ -7,6 +7,7 @@ is a blocking client); results are compared with ONNX Runtime run directly on ea
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -382,3 +383,19 @@ def test_expired_sequence_names_the_reason(client):
     assert "has ended (idle)" in message, message
     # Restarting works after expiry.
     assert client.infer("acc_short", [_acc(3)], sequence_id=51, sequence_start=True).as_numpy("y")[0, 0] == 3
+
+
+def test_shared_metrics_carry_the_kserve_protocol_label(client, server):
+    from prometheus_client import generate_latest
+
+    client.infer("accumulator", [_acc(1)], sequence_id="metrics", sequence_start=True, sequence_end=True)
+    client.is_server_live()
+    text = generate_latest(server.registry).decode()
+    assert 'rnnserve_sessions_created_total{model="accumulator",protocol="kserve"}' in text
+    assert re.search(
+        r'rnnserve_requests_total\{code="OK",method="ModelInfer",protocol="kserve"\} [1-9]', text
+    )
+    assert re.search(
+        r'rnnserve_requests_total\{code="OK",method="ServerLive",protocol="kserve"\} [1-9]', text
+    )
+    assert re.search(r'rnnserve_steps_total\{model="accumulator",version="1"\} [1-9]', text)
