@@ -190,7 +190,9 @@ def _attention(g: _Graph, model: RecurrentModel, top: str) -> str:
     scores = g.op1("MatMul", [win, q4], "scores4")  # (B, T, W, 1)
     scores = g.op1("Squeeze", [scores, g.const("axes3", np.array([3], np.int64))], "scores")  # (B, T, W)
     scores = g.op1("Mul", [scores, g.const("scale", np.array(1.0 / math.sqrt(H), np.float32))], "scaled")
-    thresh = g.op1("Sub", [g.const("W", np.array(W, np.int64)), "state_in_count"], "thresh")  # (B, 1)
+    count = g.op1("Max", ["state_in_count", g.const("zero", np.array([0], np.int64))], "count_lo")
+    count = g.op1("Min", [count, g.const("Wmax", np.array([W], np.int64))], "count_in")  # clamp to 0..W
+    thresh = g.op1("Sub", [g.const("W", np.array(W, np.int64)), count], "thresh")  # (B, 1)
     thresh = g.op1("Unsqueeze", [thresh, g.const("axes2", np.array([2], np.int64))], "thresh3")  # (B, 1, 1)
     valid = g.op1("GreaterOrEqual", [idx, thresh], "valid")  # (B, T, W)
     masked = g.op1("Where", [valid, scores, g.const("neginf", np.array(-np.inf, np.float32))], "masked")
@@ -212,7 +214,7 @@ def _attention(g: _Graph, model: RecurrentModel, top: str) -> str:
         ],
         "state_out_window",
     )  # (B, W, H)
-    summed = g.op1("Add", ["state_in_count", t_vec], "count_sum")  # (B, 1)
+    summed = g.op1("Add", [count, t_vec], "count_sum")  # (B, 1)
     g.named("Min", [summed, g.const("Wmax", np.array([W], np.int64))], "state_out_count")  # (B, 1)
     return out
 

@@ -169,6 +169,7 @@ class WindowAttention(nn.Module):
         W = self.window
         slots = torch.arange(W, device=hs.device)  # (W,)
         scale = 1.0 / math.sqrt(self.hidden)
+        count = count.clamp(0, W)  # a count set from outside (SetState) cannot empty or overfill the window
         outs = []
         for t in range(hs.shape[1]):
             h = hs[:, t]  # (B, H)

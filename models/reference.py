@@ -88,6 +88,7 @@ def reference_forward(
         else np.array(state["window"], np.float64)
     )
     count = np.zeros((B, 1), np.int64) if state is None or "count" not in state else np.array(state["count"])
+    count = np.clip(count, 0, W)  # the models clamp a fill count set from outside
     variant = "lstm" if cfg.family == "attention" else cfg.family
     # Per stream: the filled part of the window as a list of past top-layer states (oldest first).
     history = [[window[b, W - k] for k in range(int(min(count[b, 0], W)), 0, -1)] for b in range(B)]

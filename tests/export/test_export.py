@@ -251,3 +251,21 @@ def test_cli_rejects_empty_runs_dir(tmp_path, capsys):
 
     assert export_main(["--runs", str(tmp_path), "--repository", str(tmp_path / "repo")]) == 1
     assert "make train" in capsys.readouterr().err
+
+
+def test_attention_graph_clamps_count():
+    model = tiny_model("attention", "numeric")
+    sess = ort.InferenceSession(build_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 5, 3)).astype(np.float32)
+    state = {
+        "h": np.zeros((3, 2, 8), np.float32),
+        "c": np.zeros((3, 2, 8), np.float32),
+        "window": rng.standard_normal((3, 16, 8)).astype(np.float32),
+        "count": np.array([[-4], [40], [3]], np.int64),
+    }
+    y, *_, count = sess.run(None, {"x": x, **{f"state_in_{k}": v for k, v in state.items()}})
+    with torch.no_grad():
+        y_ref, _ = model(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in state.items()})
+    assert np.isfinite(y).all() and float(np.max(np.abs(y - y_ref.numpy()))) <= 1e-5
+    assert count.ravel().tolist() == [5, 16, 8]

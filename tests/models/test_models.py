@@ -189,3 +189,21 @@ def test_checkpoint_roundtrip(tmp_path):
 def test_config_validation(kw):
     with pytest.raises(ValueError):
         ModelConfig(**kw)
+
+
+def test_attention_count_out_of_range_is_clamped():
+    """A fill count set from outside (SetState) outside 0..W behaves as the nearest valid count."""
+    cfg = tiny("attention", window=16)
+    model = perturbed(cfg)
+    x = random_input(cfg, 3, 5)
+    state = random_state(model, 3)
+    state["count"] = torch.tensor([[-4], [40], [3]])
+    clamped = dict(state, count=torch.tensor([[0], [16], [3]]))
+    with torch.no_grad():
+        y, st = model(x, state)
+        y_c, _ = model(x, clamped)
+    assert torch.isfinite(y).all() and max_abs(y, y_c) == 0.0
+    assert st["count"].ravel().tolist() == [5, 16, 8]
+    params = {k: v.numpy() for k, v in model.state_dict().items()}
+    y_ref, _ = reference_forward(cfg, params, x.numpy(), {k: v.numpy() for k, v in state.items()})
+    assert max_abs(y, y_ref) <= TOL
