@@ -6,6 +6,7 @@ is a blocking client); results are compared with ONNX Runtime run directly on ea
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import threading
@@ -24,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from service.config import Settings
 
 SHORT_TTL_S = 0.6
+INITIAL_C = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)  # a declared initial cell state (L=1, H=8)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def repo(tmp_path_factory) -> Path:
     fixtures.token_lstm(root, "tiny_lstm2", layers=2, hidden=6, seed=3)
     fixtures.numeric_gru(root, "tiny_gru")
     fixtures.accumulator(root, "accumulator")
+    fixtures.token_lstm(root, "lstm_init", initial_c=INITIAL_C)
     fixtures.accumulator(root, "acc_short")
     (root / "acc_short" / "config.yaml").write_text(f"idle_ttl_s: {SHORT_TTL_S}\n")
     return root
@@ -107,6 +110,12 @@ def test_model_config_as_triton_describes_implicit_state(client):
     states = {(s.input_name, s.output_name, tuple(s.dims)) for s in cfg.sequence_batching.state}
     assert states == {("state_in_h", "state_out_h", (2, 6)), ("state_in_c", "state_out_c", (2, 6))}
     assert cfg.sequence_batching.max_sequence_idle_microseconds > 0
+    assert json.loads(cfg.parameters["rnnserve.vocabulary"].string_value) == list(fixtures.DEFAULT_VOCAB)
+    init = {
+        s.input_name: list(s.initial_state)
+        for s in client.get_model_config("lstm_init").config.sequence_batching.state
+    }
+    assert init["state_in_h"][0].zero_data and init["state_in_c"] == []  # c declares its own initial state
     short = client.get_model_config("acc_short").config
     assert short.sequence_batching.max_sequence_idle_microseconds == int(SHORT_TTL_S * 1e6)
     assert short.sequence_batching.state[0].data_type == tc.model_config_pb2.TYPE_INT32
@@ -399,3 +408,17 @@ def test_shared_metrics_carry_the_kserve_protocol_label(client, server):
         r'rnnserve_requests_total\{code="OK",method="ServerLive",protocol="kserve"\} [1-9]', text
     )
     assert re.search(r'rnnserve_steps_total\{model="accumulator",version="1"\} [1-9]', text)
+
+
+def test_declared_initial_state_is_used_by_sequences_and_stateless_runs(client, repo):
+    tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]], np.int64)
+    model = repo / "lstm_init" / "1" / "model.onnx"
+    want = fixtures.run_whole(model, {"tokens": tokens}, {"c": INITIAL_C[None]})["logits"]
+    zero = fixtures.run_whole(model, {"tokens": tokens})["logits"]
+    assert not np.allclose(want, zero, atol=1e-3)  # the declared state matters for this input
+    stateless = client.infer("lstm_init", [_tokens(tokens)]).as_numpy("logits")
+    np.testing.assert_allclose(stateless, want, atol=1e-5, rtol=0)
+    head = client.infer("lstm_init", [_tokens(tokens[:, :5])], sequence_id=61, sequence_start=True)
+    tail = client.infer("lstm_init", [_tokens(tokens[:, 5:])], sequence_id=61, sequence_end=True)
+    got = np.concatenate([head.as_numpy("logits"), tail.as_numpy("logits")], axis=1)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
