@@ -15,7 +15,6 @@ from the initial state (`Engine.infer_stateless`), so a batch > 1 is allowed the
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -38,8 +37,6 @@ from service.kserve_convert import (
     wants_typed_outputs,
     wire_type_of,
 )
-
-_log = logging.getLogger(__name__)
 
 SERVER_NAME = "rnnserve"
 PLATFORM = "onnxruntime_onnx"
@@ -151,7 +148,7 @@ class SequenceTable:
             try:
                 info = await self._engine.create_session(model, version, protocol="kserve")
             except BaseException:
-                self._retire(key, entry, "failed to start")
+                self._retire(key, entry, None)  # never started: later requests hear "not active"
                 raise
             entry.session_id, entry.version, entry.next_seq = info.session_id, info.version, 1
         elif version is not None and version != entry.version:
@@ -177,14 +174,15 @@ class SequenceTable:
             await self._close_quietly(session_id)
         return SequenceOutcome(result.outputs, entry.version)
 
-    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str) -> None:
+    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str | None) -> None:
         entry.retired = True
         if self._live.get(key) is entry:
             del self._live[key]
-            self._gone[key] = reason
-            self._gone.move_to_end(key)
-            while len(self._gone) > self._max_gone:
-                self._gone.popitem(last=False)
+            self._gone.pop(key, None)
+            if reason is not None:
+                self._gone[key] = reason
+                while len(self._gone) > self._max_gone:
+                    self._gone.popitem(last=False)
 
     def _not_active(self, key: SequenceKey) -> Exception:
         model, sequence_id = key
