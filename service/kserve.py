@@ -47,6 +47,7 @@ DEFAULT_STREAM_MAX_INFLIGHT = 256
 # Seconds between sweeps that forget sequences whose session the engine has expired.
 SEQUENCE_SWEEP_S = 5.0
 
+INT32_MAX = 2**31 - 1  # int32 fields of ModelConfig
 SequenceKey = tuple[str, int | str]
 ENDED = "ended by sequence_end"
 
@@ -292,7 +293,10 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
     """Build the Triton ModelConfig that Triton's ONNX backend with implicit state would report."""
     cfg = spec.config
     config = mc.ModelConfig(
-        name=spec.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=cfg.max_batch_size
+        name=spec.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=min(cfg.max_batch_size, INT32_MAX),
     )
     config.version_policy.latest.num_versions = 1  # only the newest version takes new sequences
     for t in spec.inputs:
@@ -303,7 +307,7 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         seq = config.sequence_batching
         seq.max_sequence_idle_microseconds = int(cfg.idle_ttl_s * 1_000_000)
         # Steps of different sequences are batched together, the oldest first: Triton's "oldest" strategy.
-        seq.oldest.max_candidate_sequences = cfg.max_sessions
+        seq.oldest.max_candidate_sequences = min(cfg.max_sessions, INT32_MAX)
         seq.oldest.max_queue_delay_microseconds = cfg.max_queue_delay_us
         seq.oldest.preserve_ordering = True
         for s in spec.states:
