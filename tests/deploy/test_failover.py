@@ -260,3 +260,38 @@ def test_store_is_shared_by_both_replicas(pair, clean_redis):
             _step(stub, sid, 1, np.array([1, 2, 3], dtype=np.int64))
             ids.append(sid)
     assert asyncio.run(holders(ids)) == ["a", "b"]
+
+
+def test_flush_every_n_loses_at_most_n_minus_1_steps_and_says_so(
+    tmp_path, model_repository, tokens, clean_redis
+):
+    """store_flush_every=N: a crashed owner's last < N steps are gone; the survivor names the expected seq."""
+    n = 5
+    common = dict(store="redis", redis_url=clean_redis.url, store_flush_every=n, lease_s=LEASE_S)
+    a = start_replica("a", tmp_path, model_repository, **common)
+    b = start_replica("b", tmp_path, model_repository, **common)
+    try:
+        with grpc.insecure_channel(a.address) as ca, grpc.insecure_channel(b.address) as cb:
+            stub_a, stub_b = pb_grpc.RecurrentServiceStub(ca), pb_grpc.RecurrentServiceStub(cb)
+            sid = stub_a.CreateSession(pb.CreateSessionRequest(model=MODEL), timeout=10).session_id
+            for seq in range(1, 13):
+                _step(stub_a, sid, seq, tokens[(seq - 1) * CHUNK_T : seq * CHUNK_T])
+            a.kill()
+            deadline = time.monotonic() + 10 * LEASE_S
+            while True:
+                try:
+                    info = stub_b.DescribeSession(pb.SessionRequest(session_id=sid), timeout=10)
+                    break
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            assert info.last_seq == 10, "the last flush was after seq 10"
+            assert 12 - info.last_seq < n
+            with pytest.raises(grpc.RpcError) as err:
+                _step(stub_b, sid, 13, tokens[12 * CHUNK_T : 13 * CHUNK_T])
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "expected seq 11" in err.value.details()
+    finally:
+        a.stop()
+        b.stop()
