@@ -98,6 +98,11 @@ class SequenceTable:
     def __len__(self) -> int:
         return len(self._live)
 
+    def live_version(self, model: str, sequence_id: int | str) -> int | None:
+        """Model version a live sequence runs on (it stays pinned there when a newer version loads)."""
+        entry = self._live.get((model, sequence_id))
+        return None if entry is None or entry.session_id is None else entry.version
+
     async def step(
         self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
     ) -> SequenceOutcome:
@@ -507,10 +512,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Run one ModelInferRequest; raises typed errors (shared by the unary and the streaming method)."""
         started = time.monotonic_ns()
-        spec = self._engine.get_model(request.model_name, _version_arg(request.model_version))
+        ctl = parse_sequence(request.parameters)
+        version = _version_arg(request.model_version)
+        if version is None and ctl.sequence_id is not None and not ctl.start:
+            # A live sequence is validated against (and counted for) the version it is pinned to.
+            version = self.sequences.live_version(request.model_name, ctl.sequence_id)
+        spec = self._engine.get_model(request.model_name, version)
         stats = self._stats.setdefault((spec.name, spec.version), _ModelStats())
         try:
-            ctl = parse_sequence(request.parameters)
             names = _requested_outputs(spec, request)
             arrays = decode_inputs(request)
             batch = _check_inputs(spec, arrays)

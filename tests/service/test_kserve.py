@@ -422,3 +422,32 @@ def test_declared_initial_state_is_used_by_sequences_and_stateless_runs(client, 
     tail = client.infer("lstm_init", [_tokens(tokens[:, 5:])], sequence_id=61, sequence_end=True)
     got = np.concatenate([head.as_numpy("logits"), tail.as_numpy("logits")], axis=1)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_live_sequence_stays_on_its_version_when_a_new_one_loads(tmp_path):
+    repo = tmp_path / "repo"
+    fixtures.token_lstm(repo, "m", version=1, seed=1)
+    srv = ServerThread(Settings(model_repository=repo, grpc_host="127.0.0.1", grpc_port=0, metrics_port=-1))
+    try:
+        with tc.InferenceServerClient(url=srv.url) as c:
+            tokens = np.array([[1, 2, 3, 4, 5, 6]], np.int64)
+            head = c.infer("m", [_tokens(tokens[:, :3])], sequence_id=1, sequence_start=True)
+            assert head.get_response().model_version == "1"
+            fixtures.token_lstm(repo, "m", version=2, seed=2)
+
+            async def reload():
+                srv.running.engine.reload()
+
+            srv.call(reload())
+            assert c.get_model_metadata("m").versions == ["1", "2"]
+            tail = c.infer("m", [_tokens(tokens[:, 3:])], sequence_id=1, sequence_end=True)
+            assert tail.get_response().model_version == "1"
+            got = np.concatenate([head.as_numpy("logits"), tail.as_numpy("logits")], axis=1)
+            v1 = fixtures.run_whole(repo / "m" / "1" / "model.onnx", {"tokens": tokens})["logits"]
+            np.testing.assert_allclose(got, v1, atol=1e-5, rtol=0)
+            fresh = c.infer("m", [_tokens(tokens)], sequence_id=2, sequence_start=True, sequence_end=True)
+            assert fresh.get_response().model_version == "2"
+            v2 = fixtures.run_whole(repo / "m" / "2" / "model.onnx", {"tokens": tokens})["logits"]
+            np.testing.assert_allclose(fresh.as_numpy("logits"), v2, atol=1e-5, rtol=0)
+    finally:
+        srv.stop()
