@@ -19,10 +19,14 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service.errors import status_of
+from service.errors import Unavailable, status_of
 
 # (full method name, status code name, seconds) -> None
 CallObserver = Callable[[str, str, float], None]
+
+DRAINING_MESSAGE = "server draining; reconnect"
+# Infrastructure services stay callable while draining (probes must see NOT_SERVING) and never count as work.
+_INFRA_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 def _code_name(context: Any, default: str) -> str:
@@ -43,6 +47,10 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
     def __init__(self, observe: CallObserver | None = None) -> None:
         self._observe = observe
         self._cache: dict[str, tuple[Any, Any]] = {}
+        # Draining: new work calls are refused with UNAVAILABLE; `in_flight` counts unary-request work calls
+        # (streams of requests are tracked by their servicers) so shutdown can wait for exactly those.
+        self.draining = False
+        self.in_flight = 0
 
     async def intercept_service(
         self,
@@ -62,25 +70,32 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: Any) -> Any:
+        work = not method.startswith(_INFRA_PREFIXES)
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_coroutine(method, handler.unary_unary))
+            return handler._replace(unary_unary=self._wrap_coroutine(method, handler.unary_unary, work, work))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._wrap_coroutine(method, handler.stream_unary))
+            return handler._replace(stream_unary=self._wrap_coroutine(method, handler.stream_unary, work, False))
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_coroutine
-            return handler._replace(unary_stream=wrap(method, behavior))
+            return handler._replace(unary_stream=wrap(method, behavior, work, work))
         behavior = handler.stream_stream
         wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_coroutine
-        return handler._replace(stream_stream=wrap(method, behavior))
+        return handler._replace(stream_stream=wrap(method, behavior, work, False))
 
-    def _wrap_coroutine(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_coroutine(
+        self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool
+    ) -> Callable[..., Any]:
         observe = self._observe
 
         async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             code = "OK"
+            if count:
+                self.in_flight += 1
             try:
+                if refuse and self.draining:
+                    raise Unavailable(DRAINING_MESSAGE)
                 return await behavior(request, context)
             except aio.AbortError:
                 code = _code_name(context, "UNKNOWN")
@@ -92,18 +107,26 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             finally:
+                if count:
+                    self.in_flight -= 1
                 if observe is not None:
                     observe(method, code, time.perf_counter() - start)
 
         return call
 
-    def _wrap_generator(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_generator(
+        self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool
+    ) -> Callable[..., Any]:
         observe = self._observe
 
         async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             code = "OK"
+            if count:
+                self.in_flight += 1
             try:
+                if refuse and self.draining:
+                    raise Unavailable(DRAINING_MESSAGE)
                 async for response in behavior(request, context):
                     yield response
             except aio.AbortError:
@@ -116,6 +139,8 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             finally:
+                if count:
+                    self.in_flight -= 1
                 if observe is not None:
                     observe(method, code, time.perf_counter() - start)
 

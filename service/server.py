@@ -4,11 +4,12 @@
 and returns a handle whose `stop()` shuts down in dependency order:
 
 1. health NOT_SERVING (overall and per model), so load balancers and probes stop sending new work;
-2. the engine refuses new sessions and new streams are refused;
-3. `server.stop(grace)`: no new RPCs, in-flight steps finish; open streams end with UNAVAILABLE
-   "server draining; reconnect" (idle ones at once, busy ones after their current step) so clients move on;
-4. the engine drains (finish queued steps, flush sessions to the store) and stops (runtimes released);
-5. the metrics HTTP server closes.
+2. new work RPCs are refused with UNAVAILABLE "server draining; reconnect"; open native streams end with that
+   status (idle ones at once, busy ones after their current step) so clients reconnect elsewhere;
+3. in-flight unary calls finish (bounded by the grace period);
+4. the engine drains (refuses new sessions, finishes queued steps, flushes sessions to the store);
+5. `server.stop()` cancels what is left (idle health watches and KServe streams), the engine stops (runtimes
+   released) and the metrics HTTP server closes.
 
 `main()` runs it under `asyncio.run` with SIGTERM/SIGINT wired through `loop.add_signal_handler`.
 """
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +81,7 @@ class RunningServer:
     engine: Engine
     health: health_aio.HealthServicer
     streams: StreamRegistry
+    interceptor: ErrorMappingInterceptor
     port: int
     metrics_port: int | None
     model_names: set[str] = field(default_factory=set)
@@ -110,17 +113,23 @@ class RunningServer:
         self.model_names = names
 
     async def _stop(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
         self._serving = False
         # 1. Probes and balancers see NOT_SERVING first (overall, per service, per model).
         for name in ["", NATIVE_SERVICE, "inference.GRPCInferenceService", *sorted(self.model_names)]:
             await self.health.set(name, NOT_SERVING)
-        # 2-3. Stop taking streams, end idle ones; stop the server, letting in-flight calls finish.
+        # 2. Refuse new work (UNAVAILABLE "server draining; reconnect"); idle native streams end now, busy ones
+        #    after their current step.
+        self.interceptor.draining = True
         self.streams.drain()
-        drain = asyncio.ensure_future(self.engine.drain())
-        await self.server.stop(grace)
-        # 4. Whatever the engine still had queued has finished by now (or the grace ran out).
+        # 3. In-flight unary calls and busy streams finish (bounded by the grace period) ...
+        while (self.interceptor.in_flight or self.streams.open_count) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # 4. ... and so does whatever the engine still has queued; it flushes sessions to the store.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(drain, timeout=max(grace, 0.1))
+            await asyncio.wait_for(self.engine.drain(), timeout=max(deadline - time.monotonic(), 0.1))
+        # 5. What is left is idle (health watches, idle KServe streams): cancel it, stop serving.
+        await self.server.stop(max(deadline - time.monotonic(), 0.0) if self.interceptor.in_flight else 0)
         if self.kserve is not None:
             with contextlib.suppress(Exception):
                 await self.kserve.sequences.close_all()
@@ -212,6 +221,7 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         engine=engine,
         health=health,
         streams=streams,
+        interceptor=interceptor,
         port=port,
         metrics_port=metrics_port,
         kserve=kserve_servicer,

@@ -20,12 +20,12 @@ import numpy as np
 
 from service import convert
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable, status_of
+from service.interceptors import DRAINING_MESSAGE
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
 
-DRAINING_MESSAGE = "server draining; reconnect"
 MAX_GENERATE_TOKENS = 1 << 20
 
 
