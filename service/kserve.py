@@ -476,7 +476,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=await self.infer(request)))
+                response = await self.infer(request)
+                if _final_response_wanted(request):
+                    # Not decoupled: the one response is also the final one, flagged as Triton flags it.
+                    response.parameters["triton_final_response"].bool_param = True
+                out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error_message
                 _, message = status_of(exc)
                 reply = pb.ModelStreamInferResponse(error_message=message)
@@ -561,6 +565,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             # from the initial state.
             outputs = await self._engine.infer_stateless(spec.name, spec.version, arrays)
         return outputs, version
+
+
+def _final_response_wanted(request: pb.ModelInferRequest) -> bool:
+    param = request.parameters.get("triton_enable_empty_final_response")
+    return param is not None and param.WhichOneof("parameter_choice") == "bool_param" and param.bool_param
 
 
 def _requested_outputs(spec: ModelSpec, request: pb.ModelInferRequest) -> list[str]:

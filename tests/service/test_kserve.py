@@ -451,3 +451,15 @@ def test_live_sequence_stays_on_its_version_when_a_new_one_loads(tmp_path):
             np.testing.assert_allclose(fresh.as_numpy("logits"), v2, atol=1e-5, rtol=0)
     finally:
         srv.stop()
+
+
+def test_stream_final_response_flag(client):
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("accumulator", [_acc(4)], request_id="f", enable_empty_final_response=True)
+        result, error = results.get(timeout=30)
+    finally:
+        client.stop_stream()
+    assert error is None and result.as_numpy("y").tolist() == [[4]]
+    assert result.get_response().parameters["triton_final_response"].bool_param
