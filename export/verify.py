@@ -27,6 +27,7 @@ from export.contract import CheckResult, Report, check_contract, chunk_bounds, m
 
 TIMES = (1, 7, 64)
 BATCHES = (1, 5, 64)
+FLOOR_FACTOR = 4.0  # see _NoiseFloor
 
 
 def _random_state(model, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -57,6 +58,59 @@ def _torch_run(
     return y.numpy(), {k: v.numpy() for k, v in st.items()}
 
 
+def _prefixed(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"state_{k}": v for k, v in state.items()}
+
+
+class _NoiseFloor:
+    """Fallback judge for a comparison that misses ``tol``: is ORT about as exact as PyTorch float32 is.
+
+    Recurrences amplify float32 rounding: on trained weights even PyTorch float32 and float64 can differ by
+    several 1e-6 after 64 steps, so a correct graph can graze 1e-5 only because the two runtimes round
+    differently. A comparison that misses ``tol`` therefore passes only if ORT's distance to a float64 run of
+    the same model is within ``FLOOR_FACTOR`` times PyTorch float32's own distance to it. A real export bug (a
+    wrong or misplaced weight) lands orders of magnitude above that floor; the check's detail says when the
+    floor was used.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._m64 = None
+
+    def judge(
+        self,
+        x: np.ndarray,
+        state: dict[str, np.ndarray],
+        got: dict[str, np.ndarray],
+        ref: dict[str, np.ndarray],
+        tol: float,
+        scaled: bool,
+    ) -> tuple[bool, str]:
+        import copy
+
+        import torch
+
+        if self._m64 is None:
+            self._m64 = copy.deepcopy(self.model).double().eval()
+        x64 = torch.from_numpy(x if x.dtype == np.int64 else x.astype(np.float64))
+        st64 = {
+            k: torch.from_numpy(v.astype(np.float64) if v.dtype == np.float32 else v)
+            for k, v in state.items()
+        }
+        with torch.no_grad():
+            y, st = self._m64(x64, st64)
+        exact = {"y": y.numpy(), **{f"state_{k}": v.numpy() for k, v in st.items()}}
+        ok, notes = True, []
+        for k, r in ref.items():
+            e = exact[k]
+            noise = float(np.max(np.abs(r.astype(np.float64) - e)))
+            dist = float(np.max(np.abs(got[k].astype(np.float64) - e)))
+            limit = tol * (max(1.0, float(np.max(np.abs(e)))) if scaled else 1.0)
+            ok &= dist <= max(limit, FLOOR_FACTOR * noise)
+            notes.append(f"{k}: ORT-fp64 {dist:.3g} vs PyTorch fp32-fp64 {noise:.3g}")
+        return ok, "float32 noise floor used: " + "; ".join(notes)
+
+
 def verify_against_torch(
     onnx_model: onnx.ModelProto | bytes,
     model,
@@ -76,6 +130,7 @@ def verify_against_torch(
     out_name = spec.data_outputs[0].name
     rng = np.random.default_rng(seed)
     report = Report()
+    floor = _NoiseFloor(model)
     grid = [(t, b) for t in times for b in batches]
     for steps, batch in tqdm(grid, desc="ORT vs PyTorch", disable=not progress, leave=False):
         x = _random_input(model, batch, steps, rng)
@@ -84,13 +139,15 @@ def verify_against_torch(
         got_out, got_st = run(sess, spec, {data_name: x}, state)
         d_y, ok_y, _ = max_diff({out_name: got_out[out_name]}, {out_name: ref_y}, tol, scaled=False)
         d_s, ok_s, worst = max_diff(got_st, ref_st, tol, scaled=True)
+        detail = f"{out_name} {d_y:.3g}, states {d_s:.3g} (worst {worst})"
+        if not ok_y:
+            ok_y, note = floor.judge(x, state, {"y": got_out[out_name]}, {"y": ref_y}, tol, scaled=False)
+            detail += f"; {note}"
+        if not ok_s:
+            ok_s, note = floor.judge(x, state, _prefixed(got_st), _prefixed(ref_st), tol, scaled=True)
+            detail += f"; {note}"
         report.add(
-            CheckResult(
-                f"ORT == PyTorch at T={steps}, B={batch}",
-                ok_y and ok_s,
-                max(d_y, d_s),
-                f"{out_name} {d_y:.3g}, states {d_s:.3g} (worst {worst})",
-            )
+            CheckResult(f"ORT == PyTorch at T={steps}, B={batch}", ok_y and ok_s, max(d_y, d_s), detail)
         )
     # Streaming through ORT with random cuts vs PyTorch's one pass, long enough to saturate a window.
     total = 3 * getattr(model.cfg, "window", 32) + 11
@@ -102,15 +159,18 @@ def verify_against_torch(
     for lo, hi in bounds:
         out, st = run(sess, spec, {data_name: x[:, lo:hi]}, st)
         pieces.append(out[out_name])
-    d_y, ok_y, _ = max_diff({"y": np.concatenate(pieces, 1)}, {"y": ref_y}, tol, scaled=False)
+    got_y = np.concatenate(pieces, 1)
+    d_y, ok_y, _ = max_diff({"y": got_y}, {"y": ref_y}, tol, scaled=False)
     d_s, ok_s, _ = max_diff(st, ref_st, tol, scaled=True)
-    report.add(
-        CheckResult(
-            f"ORT chunked stream == PyTorch one pass (T={total}, chunks {[hi - lo for lo, hi in bounds]})",
-            ok_y and ok_s,
-            max(d_y, d_s),
-        )
-    )
+    detail = ""
+    if not ok_y:
+        ok_y, detail = floor.judge(x, state0, {"y": got_y}, {"y": ref_y}, tol, scaled=False)
+    if not ok_s:
+        ok_s, note = floor.judge(x, state0, _prefixed(st), _prefixed(ref_st), tol, scaled=True)
+        detail = f"{detail}; {note}" if detail else note
+    sizes = [hi - lo for lo, hi in bounds]
+    name = f"ORT chunked stream == PyTorch one pass (T={total}, chunks {sizes})"
+    report.add(CheckResult(name, ok_y and ok_s, max(d_y, d_s), detail))
     return report
 
 

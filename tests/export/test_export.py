@@ -269,3 +269,14 @@ def test_attention_graph_clamps_count():
         y_ref, _ = model(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in state.items()})
     assert np.isfinite(y).all() and float(np.max(np.abs(y - y_ref.numpy()))) <= 1e-5
     assert count.ravel().tolist() == [5, 16, 8]
+
+
+def test_float32_noise_floor_fallback():
+    """Below float32 resolution the check falls back to 'as exact as PyTorch float32'; bugs still fail."""
+    model = tiny_model("rnn", "token", hidden=32)
+    proto = build_onnx(model, meta_for("token"))
+    report = verify_against_torch(proto, model, tol=1e-9, progress=False)
+    assert report.ok, report.format()
+    assert all("noise floor used" in c.detail for c in report.checks if c.max_abs and c.max_abs > 1e-9)
+    bad = verify_against_torch(_perturb(proto, "R_l", 1e-3), model, tol=1e-9, progress=False)
+    assert not bad.ok
