@@ -6,7 +6,7 @@
     rnnserve generate --prime "X:1" --tokens 400      sample from a token model (default model: "default")
     rnnserve session SESSION_ID                       show a session
 
-`--address host:port[,host:port...]` (default localhost:8001) picks the server(s); the client fails over in order.
+`--address host:port[,host:port...]` (default localhost:8001) picks the server(s), failing over in order.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     for m in models:
         task = m.metadata.get("rnnserve.task", "")
         family = m.metadata.get("rnnserve.family", "")
-        print(f"{m.name}  v{m.version} (versions {', '.join(map(str, m.versions))})  {family} {task}".rstrip())
+        print(
+            f"{m.name}  v{m.version} (versions {', '.join(map(str, m.versions))})  {family} {task}".rstrip()
+        )
         if m.description:
             print(f"  {m.description}")
         for kind, specs in (("in", m.inputs), ("out", m.outputs), ("state", m.states)):
@@ -175,9 +177,11 @@ def cmd_session(client: Client, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `rnnserve`."""
+    """Build the argument parser of `rnnserve`."""
     parser = argparse.ArgumentParser(prog="rnnserve", description="Client of the rnnserve native gRPC API.")
-    parser.add_argument("--address", default="localhost:8001", help="host:port[,host:port...] (failover order)")
+    parser.add_argument(
+        "--address", default="localhost:8001", help="host:port[,host:port...] (failover order)"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("stream", help="stream a text or CSV file through a model and print every step's output")
+    p = sub.add_parser(
+        "stream", help="stream a text or CSV file through a model and print every step's output"
+    )
     p.add_argument("--model", default="default")
     p.add_argument("--version", type=int, default=None)
     src = p.add_mutually_exclusive_group(required=True)

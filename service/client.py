@@ -1,4 +1,4 @@
-"""Python client for the rnnserve native API: sessions as objects, streaming as an iterator, automatic failover.
+"""Python client of the rnnserve native API: sessions as objects, streaming as an iterator, failover.
 
     from service.client import Client
     with Client("localhost:8001") as client:
@@ -9,11 +9,11 @@
         for piece in client.generate("default", prime="X:1", n=400, temperature=0.8, seed=7):
             print(piece, end="")
 
-Exactly-once makes retrying safe: every chunk carries seq = last applied + 1, and the server answers a repeat of
-its last seq from a cache without applying it again. So after a transport error (UNAVAILABLE, a drained or dead
-server, a deadline) the client re-sends the same chunk with the same seq, reconnecting to the next address of its
-list first; a NOT_FOUND from a replica that does not hold the session is also tried on the other addresses (with a
-shared session store, any replica can resume it from the seq it holds).
+Exactly-once makes retrying safe: every chunk carries seq = last applied + 1, and the server answers a repeat
+of its last seq from a cache without applying it again. So after a transport error (UNAVAILABLE, a drained or
+dead server, a deadline) the client re-sends the same chunk with the same seq, reconnecting to the next
+address of its list first; a NOT_FOUND from a replica that does not hold the session is also tried on the
+other addresses (with a shared session store, any replica can resume it from the seq it holds).
 """
 
 from __future__ import annotations
@@ -33,10 +33,15 @@ from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
 # Errors after which the same request may be re-sent (the server's seq check makes a re-send exactly-once).
-# ABORTED: the replica lost the session's lease to another one (shared store); the step was not answered there.
+# ABORTED: the replica lost the session's lease to another one (shared store); the step went unanswered there.
 RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-     grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+    }
 )
 
 ArrayLike = Any
@@ -108,8 +113,17 @@ class SessionInfo:
     @classmethod
     def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
         """Decode a `SessionInfo` message."""
-        return cls(s.session_id, s.model, s.version, s.last_seq, s.created_at, s.last_used, s.idle_ttl_s,
-                   s.expires_at, s.steps)
+        return cls(
+            s.session_id,
+            s.model,
+            s.version,
+            s.last_seq,
+            s.created_at,
+            s.last_used,
+            s.idle_ttl_s,
+            s.expires_at,
+            s.steps,
+        )
 
 
 def _outputs(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
@@ -119,7 +133,8 @@ def _outputs(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
 class Client:
     """A synchronous client over one or more server addresses (failover in list order).
 
-    `addresses`: "host:port", "h1:p1,h2:p2" or a list. `timeout`: seconds per call. `max_attempts`: tries of one
+    `addresses`: "host:port", "h1:p1,h2:p2" or a list. `timeout`: seconds per call. `max_attempts`: tries of
+    one
     request across transport errors and failovers.
     """
 
@@ -172,12 +187,15 @@ class Client:
         if code in RETRYABLE:
             return True
         # A replica that does not know the session may simply not be its owner: try the others once each.
-        return session_bound and code == grpc.StatusCode.NOT_FOUND and len(self.addresses) > 1 and (
-            attempt + 1 < len(self.addresses)
+        return (
+            session_bound
+            and code == grpc.StatusCode.NOT_FOUND
+            and len(self.addresses) > 1
+            and (attempt + 1 < len(self.addresses))
         )
 
     def call(self, method: str, request: Any, *, session_bound: bool = False) -> Any:
-        """Call a unary method by name with retry + failover (safe: requests are idempotent or seq-guarded)."""
+        """Call a unary method by name with retry and failover (requests are idempotent or seq-guarded)."""
         for attempt in range(self.max_attempts):
             channel = self._channel
             try:
@@ -210,13 +228,17 @@ class Client:
         key = (name, version or 0)
         info = self._models.get(key)
         if info is None:
-            info = ModelInfo.from_pb(self.call("GetModel", pb.GetModelRequest(name=name, version=version or 0)))
+            info = ModelInfo.from_pb(
+                self.call("GetModel", pb.GetModelRequest(name=name, version=version or 0))
+            )
             self._models[key] = self._models[(name, info.version)] = info
         return info
 
     def reload(self) -> list[ModelInfo]:
         """Ask the server to rescan its model repository now."""
-        return [ModelInfo.from_pb(m) for m in self.call("ReloadRepository", pb.ReloadRepositoryRequest()).models]
+        return [
+            ModelInfo.from_pb(m) for m in self.call("ReloadRepository", pb.ReloadRepositoryRequest()).models
+        ]
 
     # ---- sessions -----------------------------------------------------------------------------------------
 
@@ -233,17 +255,19 @@ class Client:
             model=model,
             version=version or 0,
             idle_ttl_s=idle_ttl_s or 0.0,
-            initial_state=[convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()],
+            initial_state=[
+                convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
+            ],
         )
         info = SessionInfo.from_pb(self.call("CreateSession", request))
         return Session(self, info)
 
     def attach(self, session_id: str) -> Session:
-        """A `Session` object for an existing session (resumes from the seq the server holds)."""
+        """Return a `Session` for an existing session (resuming from the seq the server holds)."""
         return Session(self, self.describe_session(session_id))
 
     def describe_session(self, session_id: str) -> SessionInfo:
-        """A session's info."""
+        """Return a session's info."""
         return SessionInfo.from_pb(
             self.call("DescribeSession", pb.SessionRequest(session_id=session_id), session_bound=True)
         )
@@ -259,7 +283,7 @@ class Client:
         *,
         version: int | None = None,
     ) -> Iterator[str]:
-        """Sample `n` tokens from a token model, primed with text or token ids; yields text pieces as they come."""
+        """Sample `n` tokens from a token model after a prime (text or token ids); yields text pieces."""
         request = pb.GenerateRequest(
             model=model,
             version=version or 0,
@@ -279,7 +303,8 @@ class Client:
 class Session:
     """One server-side session: `.step(x)`, `.stream(chunks)`, state, fork, reset, close. A context manager.
 
-    `seq` is the last applied seq as this object knows it; every call sends `seq + 1` and retries with the same
+    `seq` is the last applied seq as this object knows it; every call sends `seq + 1` and retries with the
+    same
     seq after transport errors (see the module docstring).
     """
 
@@ -320,7 +345,8 @@ class Session:
     def stream(self, chunks: Iterable[Inputs], *, last_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Send chunks over one bidi stream, yielding each chunk's outputs in order.
 
-        The session outlives the stream (`keep`), so a broken stream is re-attached (on the next address if the
+        The session outlives the stream (`keep`), so a broken stream is re-attached (on the next address if
+        the
         server went away) and the unanswered chunk is re-sent with its seq: exactly once, in order.
         """
         stream = _AttachedStream(self)
@@ -334,24 +360,26 @@ class Session:
     # ---- state --------------------------------------------------------------------------------------------
 
     def describe(self) -> SessionInfo:
-        """The server's view of this session."""
+        """Fetch the server's view of this session."""
         self.info = self.client.describe_session(self.id)
         return self.info
 
     def state(self) -> bytes:
-        """The whole state as a versioned, integrity-checked blob."""
+        """Return the whole state as a versioned, integrity-checked blob."""
         return self.client.call("GetState", pb.SessionRequest(session_id=self.id), session_bound=True).blob
 
     def set_state(self, blob: bytes) -> SessionInfo:
         """Replace the state (and seq) from a blob taken with `state()`."""
         info = SessionInfo.from_pb(
-            self.client.call("SetState", pb.SetStateRequest(session_id=self.id, blob=blob), session_bound=True)
+            self.client.call(
+                "SetState", pb.SetStateRequest(session_id=self.id, blob=blob), session_bound=True
+            )
         )
         self.seq, self.info = info.last_seq, info
         return info
 
     def fork(self, *, idle_ttl_s: float | None = None) -> Session:
-        """A new session starting from a copy of this one's state."""
+        """Open a new session starting from a copy of this one's state."""
         info = self.client.call(
             "Fork", pb.ForkRequest(session_id=self.id, idle_ttl_s=idle_ttl_s or 0.0), session_bound=True
         )

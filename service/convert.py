@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -34,7 +34,9 @@ _DTYPES: dict[int, np.dtype] = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
 }
-_ENUM_OF: dict[str, int] = {dt.str.lstrip("<|=>"): code for code, dt in _DTYPES.items()}
+_ENUM_OF: dict[str, pb.DataType] = {
+    dt.str.lstrip("<|=>"): cast(pb.DataType, code) for code, dt in _DTYPES.items()
+}
 _LITTLE = sys.byteorder == "little"
 _KNOWN = ", ".join(pb.DataType.Name(c) for c in _DTYPES)
 # A shape claiming more elements than this is rejected before any multiplication could overflow a buffer.
@@ -42,15 +44,15 @@ _MAX_ELEMENTS = 1 << 40
 
 
 def dtype_of(code: int) -> np.dtype:
-    """The numpy dtype of a `DataType` enum value; `InvalidArgument` for UNSPECIFIED or unknown values."""
+    """Return the numpy dtype of a `DataType` enum value (`InvalidArgument` for UNSPECIFIED/unknown)."""
     dt = _DTYPES.get(code)
     if dt is None:
         raise InvalidArgument(f"unsupported dtype enum value {code}; expected one of {_KNOWN}")
     return dt
 
 
-def enum_of(dtype: np.dtype | type) -> int:
-    """The `DataType` enum value of a numpy dtype (byte order ignored)."""
+def enum_of(dtype: np.dtype | type) -> pb.DataType:
+    """Return the `DataType` enum value of a numpy dtype (byte order ignored)."""
     dt = np.dtype(dtype)
     code = _ENUM_OF.get(dt.str.lstrip("<|=>"))
     if code is None:
@@ -129,8 +131,12 @@ def model_to_pb(spec: Any, versions: Sequence[int] | None = None) -> pb.ModelInf
         version=spec.version,
         versions=list(versions) if versions is not None else [spec.version],
         description=spec.description or "",
-        inputs=[pb.TensorSpec(name=t.name, dtype=enum_of(t.dtype), shape=_dims(t.shape)) for t in spec.inputs],
-        outputs=[pb.TensorSpec(name=t.name, dtype=enum_of(t.dtype), shape=_dims(t.shape)) for t in spec.outputs],
+        inputs=[
+            pb.TensorSpec(name=t.name, dtype=enum_of(t.dtype), shape=_dims(t.shape)) for t in spec.inputs
+        ],
+        outputs=[
+            pb.TensorSpec(name=t.name, dtype=enum_of(t.dtype), shape=_dims(t.shape)) for t in spec.outputs
+        ],
         states=[pb.StateSpec(name=s.name, dtype=enum_of(s.dtype), shape=list(s.shape)) for s in spec.states],
         time_axis=bool(spec.time_axis),
         vocabulary=list(spec.vocabulary or ()),

@@ -2,7 +2,8 @@
 
 `ErrorMappingInterceptor` wraps every method handler of the server (native, KServe, health, reflection):
 a `ServeError` raised by a handler ends the call with the error's own status code and message; any other
-exception becomes INTERNAL with a generic message (details go to the log, via `errors.status_of`). Each finished
+exception becomes INTERNAL with a generic message (details go to the log, via `errors.status_of`). Each
+finished
 call is reported once to an observer (method, status code name, seconds) that feeds the Prometheus metrics.
 
 The wrapping happens once per method (cached), so the per-call cost is one extra coroutine frame; streams are
@@ -74,7 +75,9 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_coroutine(method, handler.unary_unary, work, work))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._wrap_coroutine(method, handler.stream_unary, work, False))
+            return handler._replace(
+                stream_unary=self._wrap_coroutine(method, handler.stream_unary, work, False)
+            )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_coroutine

@@ -1,6 +1,6 @@
-"""Server lifecycle: start the gRPC server (native API, KServe v2, health, reflection) and /metrics; drain on signals.
+"""Server lifecycle: gRPC server (native API, KServe v2, health, reflection) and /metrics; drain on signals.
 
-`start(settings)` binds (port 0 picks a free port; `RunningServer.port` is the one `add_insecure_port` returned)
+`start(settings)` binds (port 0 picks a free port; `RunningServer.port` is what `add_insecure_port` returned)
 and returns a handle whose `stop()` shuts down in dependency order:
 
 1. health NOT_SERVING (overall and per model), so load balancers and probes stop sending new work;
@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -99,7 +98,7 @@ class RunningServer:
         return f"{host}:{self.port}"
 
     def is_serving(self) -> bool:
-        """False once a drain has begun (KServe ServerReady uses this too)."""
+        """Return False once a drain has begun (KServe ServerReady uses this too)."""
         return self._serving
 
     async def set_models(self, names: Iterable[str]) -> None:
@@ -118,8 +117,8 @@ class RunningServer:
         # 1. Probes and balancers see NOT_SERVING first (overall, per service, per model).
         for name in ["", NATIVE_SERVICE, "inference.GRPCInferenceService", *sorted(self.model_names)]:
             await self.health.set(name, NOT_SERVING)
-        # 2. Refuse new work (UNAVAILABLE "server draining; reconnect"); idle native streams end now, busy ones
-        #    after their current step.
+        # 2. Refuse new work (UNAVAILABLE "server draining; reconnect"); idle native streams end now, busy
+        #    ones after their current step.
         self.interceptor.draining = True
         self.streams.drain()
         # 3. In-flight unary calls and busy streams finish (bounded by the grace period) ...

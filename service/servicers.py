@@ -1,4 +1,4 @@
-"""The native gRPC servicer (`rnnserve.v1.RecurrentService`): convert the request, call the engine, convert back.
+"""The native gRPC servicer (`rnnserve.v1.RecurrentService`): convert the request, call the engine, convert.
 
 Errors are raised as `ServeError`s and mapped to gRPC statuses in exactly one place (`service.interceptors`).
 Streaming handlers write with `await context.write(...)` rather than yielding: the handler coroutine then owns
@@ -60,7 +60,7 @@ class StreamRegistry:
         self._open.discard(rec)
 
     def drain(self) -> int:
-        """Refuse new streams and end idle ones now; busy ones end after their current step. Returns open count."""
+        """Refuse new streams, end idle ones now (busy ones after their step); returns how many are open."""
         self.draining = True
         for rec in list(self._open):
             if not rec.busy and rec.task is not None:
@@ -92,15 +92,18 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         return convert.model_to_pb(spec, _versions_of(spec))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        """List every served model (newest version of each, with its loaded versions)."""
         return pb.ListModelsResponse(models=[self._model_pb(s) for s in self._engine.list_models()])
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
+        """Describe one model version (0 = newest)."""
         name = convert.require(request.name, "name")
         return self._model_pb(self._engine.get_model(name, convert.optional_version(request.version)))
 
     async def ReloadRepository(
         self, request: pb.ReloadRepositoryRequest, context: Any
     ) -> pb.ReloadRepositoryResponse:
+        """Rescan the model repository now; open sessions stay on their versions."""
         reload = getattr(self._engine, "reload", None)
         if reload is None:
             raise FailedPrecondition("this server's engine cannot reload its repository")
@@ -115,6 +118,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
     # ---- sessions -----------------------------------------------------------------------------------------
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.SessionInfo:
+        """Open a session (optional version, idle TTL and initial state)."""
         info = await self._engine.create_session(
             convert.require(request.model, "model"),
             convert.optional_version(request.version),
@@ -124,6 +128,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         return convert.session_to_pb(info)
 
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
+        """Apply one chunk (seq = last applied + 1; a repeat of the last seq is answered from the cache)."""
         sid = convert.require(request.session_id, "session_id")
         res = await self._engine.step(
             sid, request.seq, convert.tensors_to_arrays(request.inputs), last_only=request.last_only
@@ -133,29 +138,39 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         )
 
     async def GetState(self, request: pb.SessionRequest, context: Any) -> pb.GetStateResponse:
+        """Snapshot a session's state as a blob."""
         blob = await self._engine.get_state(convert.require(request.session_id, "session_id"))
         return pb.GetStateResponse(blob=blob)
 
     async def SetState(self, request: pb.SetStateRequest, context: Any) -> pb.SessionInfo:
+        """Replace a session's state (and seq) from a blob."""
         sid = convert.require(request.session_id, "session_id")
         if not request.blob:
             raise InvalidArgument("blob is required (a snapshot from GetState)")
         return convert.session_to_pb(await self._engine.set_state(sid, request.blob))
 
     async def Fork(self, request: pb.ForkRequest, context: Any) -> pb.SessionInfo:
+        """Open a new session from a copy of another's state."""
         sid = convert.require(request.session_id, "session_id")
         info = await self._engine.fork(sid, idle_ttl_s=convert.optional_ttl(request.idle_ttl_s))
         return convert.session_to_pb(info)
 
     async def Reset(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
-        return convert.session_to_pb(await self._engine.reset(convert.require(request.session_id, "session_id")))
+        """Put a session back to its initial state and seq 0."""
+        return convert.session_to_pb(
+            await self._engine.reset(convert.require(request.session_id, "session_id"))
+        )
 
     async def Close(self, request: pb.SessionRequest, context: Any) -> pb.CloseResponse:
+        """End a session."""
         await self._engine.close(convert.require(request.session_id, "session_id"))
         return pb.CloseResponse()
 
     async def DescribeSession(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
-        return convert.session_to_pb(await self._engine.attach(convert.require(request.session_id, "session_id")))
+        """Describe a session (resumed from the shared store if another replica held it)."""
+        return convert.session_to_pb(
+            await self._engine.attach(convert.require(request.session_id, "session_id"))
+        )
 
     # ---- streams ------------------------------------------------------------------------------------------
 
@@ -176,7 +191,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             await self._engine.close(session_id)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any) -> None:
-        """Bidi: first message opens/attaches; one answer per message, in order; ends the session unless keep."""
+        """Bidi: the first message opens or attaches; one answer per message, in order; closes unless keep."""
         rec = self.streams.enter()
         session_id = ""
         keep = False
@@ -187,7 +202,9 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                 session = None
                 if not session_id:
                     if not req.HasField("open"):
-                        raise InvalidArgument("the first Stream message must carry `open` (model or session_id)")
+                        raise InvalidArgument(
+                            "the first Stream message must carry `open` (model or session_id)"
+                        )
                     info = await self._open_stream(req.open)
                     session_id, keep = info.session_id, req.open.keep
                     session = convert.session_to_pb(info)

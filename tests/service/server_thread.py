@@ -61,11 +61,25 @@ class ServerProcess:
 
         root = Path(__file__).resolve().parents[2]
         cmd = [
-            sys.executable, "-m", "service.server", "--model-repository", str(repository),
-            "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *extra,
+            sys.executable,
+            "-m",
+            "service.server",
+            "--model-repository",
+            str(repository),
+            "--grpc-host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            *extra,
         ]
         self.proc = subprocess.Popen(
-            cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cmd,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []

@@ -1,6 +1,7 @@
 """The native API (rnnserve.v1.RecurrentService) over real channels against the real server and ONNX Runtime.
 
-Every RPC; chunked streaming (Step and Stream) equals ONNX Runtime on the whole sequence; interleaved sessions;
+Every RPC; chunked streaming (Step and Stream) equals ONNX Runtime on the whole sequence;
+interleaved sessions;
 exactly-once retries; bad inputs give exact status codes and leave the session untouched; reflection; health;
 request metrics.
 """
@@ -93,7 +94,7 @@ def code_of(fn) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-# ---- models -------------------------------------------------------------------------------------------------
+# ---- models ------------------------------------------------------------------------------------------------
 
 
 def test_list_and_get_model(stub):
@@ -123,7 +124,7 @@ def test_get_model_errors(stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "name is required" in msg
 
 
-# ---- stepping equals ONNX Runtime on the whole sequence ------------------------------------------------------
+# ---- stepping equals ONNX Runtime on the whole sequence ----------------------------------------------------
 
 
 @pytest.mark.parametrize("sizes", [[1, 5, 7, 10], [23], [1] * 23])
@@ -154,7 +155,9 @@ def test_numeric_model_and_last_only(stub, repo):
 
 def test_model_without_time_axis(stub):
     sid = create(stub, "accumulator").session_id
-    totals = [outs(step(stub, sid, i, "x", np.array([v], np.int32)))["y"] for i, v in enumerate([3, 4, -2], 1)]
+    totals = [
+        outs(step(stub, sid, i, "x", np.array([v], np.int32)))["y"] for i, v in enumerate([3, 4, -2], 1)
+    ]
     assert [int(t.reshape(-1)[0]) for t in totals] == [3, 7, 5]
 
 
@@ -164,10 +167,10 @@ def test_initial_state(stub, repo):
     c0 = rng.normal(size=(1, 8)).astype(np.float32)
     data = tokens(9, seed=9)
     want = oracle(repo, "tiny_lstm", "tokens", data, {"h": h0[None], "c": c0[None]})["logits"]
-    info = create(
-        stub, initial_state=[convert.array_to_tensor("h", h0), convert.array_to_tensor("c", c0)]
+    info = create(stub, initial_state=[convert.array_to_tensor("h", h0), convert.array_to_tensor("c", c0)])
+    np.testing.assert_allclose(
+        outs(step(stub, info.session_id, 1, "tokens", data))["logits"], want, atol=ATOL
     )
-    np.testing.assert_allclose(outs(step(stub, info.session_id, 1, "tokens", data))["logits"], want, atol=ATOL)
     code, msg = code_of(lambda: create(stub, initial_state=[convert.array_to_tensor("h", h0[0])]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
 
@@ -273,7 +276,7 @@ def test_interleaved_sessions_equal_each_alone(server, repo):
         np.testing.assert_allclose(got, want, atol=ATOL)
 
 
-# ---- exactly once -------------------------------------------------------------------------------------------
+# ---- exactly once ------------------------------------------------------------------------------------------
 
 
 def test_retry_of_last_seq_is_cached_and_not_reapplied(stub, repo):
@@ -287,9 +290,7 @@ def test_retry_of_last_seq_is_cached_and_not_reapplied(stub, repo):
     info = stub.DescribeSession(pb.SessionRequest(session_id=sid))
     assert info.last_seq == 1 and info.steps == 6
     b = step(stub, sid, 2, "tokens", data[6:])
-    np.testing.assert_allclose(
-        np.concatenate([outs(a)["logits"], outs(b)["logits"]]), want, atol=ATOL
-    )
+    np.testing.assert_allclose(np.concatenate([outs(a)["logits"], outs(b)["logits"]]), want, atol=ATOL)
     stale_or_gap = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE)
     for bad_seq, codes in ((1, stale_or_gap), (4, stale_or_gap), (0, (grpc.StatusCode.INVALID_ARGUMENT,))):
         code, msg = code_of(lambda s=bad_seq: step(stub, sid, s, "tokens", data[:2]))
@@ -297,7 +298,7 @@ def test_retry_of_last_seq_is_cached_and_not_reapplied(stub, repo):
     assert stub.DescribeSession(pb.SessionRequest(session_id=sid)).last_seq == 2
 
 
-# ---- bad inputs: exact codes, session untouched --------------------------------------------------------------
+# ---- bad inputs: exact codes, session untouched ------------------------------------------------------------
 
 
 def _bad_requests(sid: str) -> list[tuple[str, pb.StepRequest, grpc.StatusCode, str]]:
@@ -320,8 +321,12 @@ def _bad_requests(sid: str) -> list[tuple[str, pb.StepRequest, grpc.StatusCode, 
         ("empty chunk", pb.StepRequest(session_id=sid, seq=2, inputs=[empty]), inv, ""),
         ("oversized", pb.StepRequest(session_id=sid, seq=2, inputs=[huge]), grpc.StatusCode.OUT_OF_RANGE, ""),
         ("no session", pb.StepRequest(seq=2, inputs=[good]), inv, "session_id"),
-        ("unknown session", pb.StepRequest(session_id="x" * 22, seq=1, inputs=[good]),
-         grpc.StatusCode.NOT_FOUND, ""),
+        (
+            "unknown session",
+            pb.StepRequest(session_id="x" * 22, seq=1, inputs=[good]),
+            grpc.StatusCode.NOT_FOUND,
+            "",
+        ),
         ("duplicate", pb.StepRequest(session_id=sid, seq=2, inputs=[good, good]), inv, "twice"),
     ]
 
@@ -353,8 +358,11 @@ def test_bad_inputs_exact_codes_and_state_unchanged(tmp_path_factory):
         srv.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="engine does not range-check token ids before ONNX Runtime: the whole "
-                   "batch fails with INTERNAL (reported to the engine owner)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine does not range-check token ids before ONNX Runtime: the whole "
+    "batch fails with INTERNAL (reported to the engine owner)",
+)
 def test_out_of_vocabulary_token_id_is_invalid_argument(stub):
     sid = create(stub).session_id
     bad = convert.array_to_tensor("tokens", np.array([1, VOCAB + 5, 2], np.int64))
@@ -369,13 +377,15 @@ def test_session_rpc_argument_errors(stub):
     assert code_of(lambda: create(stub, "nope"))[0] == nf
     for method in ("DescribeSession", "Close", "Reset", "GetState"):
         assert code_of(lambda m=method: getattr(stub, m)(pb.SessionRequest()))[0] == inv, method
-        assert code_of(lambda m=method: getattr(stub, m)(pb.SessionRequest(session_id="nope")))[0] == nf, method
+        assert code_of(lambda m=method: getattr(stub, m)(pb.SessionRequest(session_id="nope")))[0] == nf, (
+            method
+        )
     sid = create(stub).session_id
     assert code_of(lambda: stub.SetState(pb.SetStateRequest(session_id=sid)))[0] == inv
     assert code_of(lambda: stub.SetState(pb.SetStateRequest(session_id=sid, blob=b"garbage")))[0] == inv
 
 
-# ---- state, fork, reset, close ------------------------------------------------------------------------------
+# ---- state, fork, reset, close -----------------------------------------------------------------------------
 
 
 def test_get_set_state_fork_reset_close(stub, repo):
@@ -389,7 +399,9 @@ def test_get_set_state_fork_reset_close(stub, repo):
     tail = outs(step(stub, sid, 2, "tokens", data[8:]))["logits"]
     np.testing.assert_allclose(np.concatenate([head, tail]), want, atol=ATOL)
     # The fork continues from the copy, independently of the source.
-    np.testing.assert_allclose(outs(step(stub, fork.session_id, 1, "tokens", data[8:]))["logits"], tail, atol=ATOL)
+    np.testing.assert_allclose(
+        outs(step(stub, fork.session_id, 1, "tokens", data[8:]))["logits"], tail, atol=ATOL
+    )
     # SetState rewinds the source to the snapshot (state and seq).
     info = stub.SetState(pb.SetStateRequest(session_id=sid, blob=blob))
     assert info.last_seq == 1
@@ -402,7 +414,7 @@ def test_get_set_state_fork_reset_close(stub, repo):
     assert code == grpc.StatusCode.NOT_FOUND and "closed" in msg
 
 
-# ---- multiplexed stream ---------------------------------------------------------------------------------------
+# ---- multiplexed stream ------------------------------------------------------------------------------------
 
 
 def test_stream_many_equals_per_session_steps(stub, repo):
@@ -435,13 +447,11 @@ def test_stream_many_equals_per_session_steps(stub, repo):
     last = responses[-1]
     assert list(last.codes)[0] == 0 and list(last.codes)[1] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "5" in last.messages[1]
-    code, msg = code_of(
-        lambda: list(stub.StreamMany(iter([pb.StepManyRequest(session_ids=sids, seqs=[1])])))
-    )
+    code, msg = code_of(lambda: list(stub.StreamMany(iter([pb.StepManyRequest(session_ids=sids, seqs=[1])]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "seqs" in msg
 
 
-# ---- generation ------------------------------------------------------------------------------------------------
+# ---- generation --------------------------------------------------------------------------------------------
 
 
 def test_generate_fresh_and_on_session(stub):
@@ -477,7 +487,7 @@ def test_generate_fresh_and_on_session(stub):
     assert code in (grpc.StatusCode.FAILED_PRECONDITION, inv)
 
 
-# ---- repository reload -------------------------------------------------------------------------------------------
+# ---- repository reload -------------------------------------------------------------------------------------
 
 
 def test_reload_repository_pins_open_sessions(tmp_path_factory):
@@ -501,12 +511,14 @@ def test_reload_repository_pins_open_sessions(tmp_path_factory):
         srv.stop()
 
 
-# ---- reflection, health, metrics -----------------------------------------------------------------------------------
+# ---- reflection, health, metrics ---------------------------------------------------------------------------
 
 
 def test_reflection_lists_every_service(channel):
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    response = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    response = next(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     names = {s.name for s in response.list_services_response.service}
     assert {
         "rnnserve.v1.RecurrentService",
@@ -516,7 +528,13 @@ def test_reflection_lists_every_service(channel):
     } <= names
     described = next(
         stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="rnnserve.v1.RecurrentService")])
+            iter(
+                [
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="rnnserve.v1.RecurrentService"
+                    )
+                ]
+            )
         )
     )
     assert described.file_descriptor_response.file_descriptor_proto
@@ -534,7 +552,9 @@ def test_health_overall_and_per_model(channel):
 def test_request_metrics(server, stub):
     stub.ListModels(pb.ListModelsRequest())
     code_of(lambda: stub.GetModel(pb.GetModelRequest(name="nope")))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10).read()
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10
+    ).read()
     text = text.decode()
     assert 'rnnserve_requests_total{code="OK",method="ListModels",protocol="native"}' in text
     assert 'rnnserve_requests_total{code="NOT_FOUND",method="GetModel",protocol="native"}' in text

@@ -1,4 +1,4 @@
-"""Server lifecycle: graceful SIGTERM on a real `python -m service.server` process, and in-process start/stop."""
+"""Server lifecycle: graceful SIGTERM on a real `python -m service.server` process; in-process start/stop."""
 
 from __future__ import annotations
 
@@ -40,11 +40,15 @@ def test_sigterm_drains_in_flight_and_ends_streams(repo):
             health = health_pb2_grpc.HealthStub(ch)
             statuses: list[int] = []
             watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
-            watcher = threading.Thread(target=lambda: [statuses.append(r.status) for r in _safe(watch)], daemon=True)
+            watcher = threading.Thread(
+                target=lambda: [statuses.append(r.status) for r in _safe(watch)], daemon=True
+            )
             watcher.start()
 
             # An idle bidi stream that must end with UNAVAILABLE "server draining; reconnect".
-            requests: list[pb.StreamRequest] = [pb.StreamRequest(open=pb.StreamOpen(model="tiny_lstm", keep=True))]
+            requests: list[pb.StreamRequest] = [
+                pb.StreamRequest(open=pb.StreamOpen(model="tiny_lstm", keep=True))
+            ]
             gate = threading.Event()
 
             def feed():
@@ -59,8 +63,9 @@ def test_sigterm_drains_in_flight_and_ends_streams(repo):
             sid = stub.CreateSession(pb.CreateSessionRequest(model="big")).session_id
             data = np.random.default_rng(0).integers(0, len(fixtures.DEFAULT_VOCAB), LONG_T).astype(np.int64)
             future = stub.Step.future(
-                pb.StepRequest(session_id=sid, seq=1, inputs=[convert.array_to_tensor("tokens", data)],
-                               last_only=True),
+                pb.StepRequest(
+                    session_id=sid, seq=1, inputs=[convert.array_to_tensor("tokens", data)], last_only=True
+                ),
                 timeout=120,
             )
             # A long generation whose first token proves it is in flight when the signal arrives.
@@ -74,7 +79,9 @@ def test_sigterm_drains_in_flight_and_ends_streams(repo):
             tokens += list(generation)  # the in-flight generation runs to its end
             assert len(tokens) == GENERATE_N
             response = future.result(timeout=120)  # the in-flight step finishes, with the right answer
-            want = fixtures.run_whole(repo / "big" / "1" / "model.onnx", {"tokens": data[None]})["logits"][0, -1]
+            want = fixtures.run_whole(repo / "big" / "1" / "model.onnx", {"tokens": data[None]})["logits"][
+                0, -1
+            ]
             np.testing.assert_allclose(convert.tensor_to_array(response.outputs[0])[0], want, atol=1e-4)
 
             with pytest.raises(grpc.RpcError) as err:
