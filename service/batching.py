@@ -230,14 +230,15 @@ class Batcher:
             except Exception as exc:  # an ORT failure fails this batch only; state rows were not written
                 _log.error("batch of %s failed: %r", self.label, exc, exc_info=exc)
                 results, error = None, exc
-            self._inflight = []
             finish = self._finish
             if results is None:
+                self._inflight = []
                 for req in batch:
                     finish(req, None, error)
                 continue
             if self._observe is not None:
                 self._observe(len(batch), batch[0].steps, started, time.perf_counter(), batch)
+            self._inflight = []
             for req, out in zip(batch, results, strict=True):
                 finish(req, out, None)
 

@@ -738,7 +738,9 @@ class Engine:
         if session_id not in self.sessions.sessions and self.sessions.reason_of(session_id) == "closed":
             return
         async with self._exclusive(session_id) as s:
-            self._end(s, "closed")
+            self._end(s, "closed", delete=False)
+            if self._persist:
+                await self.store.delete(session_id)
 
     def describe(self, session_id: str) -> SessionInfo:
         """A session's info (local sessions only)."""
