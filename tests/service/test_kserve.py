@@ -463,3 +463,25 @@ def test_stream_final_response_flag(client):
         client.stop_stream()
     assert error is None and result.as_numpy("y").tolist() == [[4]]
     assert result.get_response().parameters["triton_final_response"].bool_param
+
+
+def test_client_cancelling_mid_step_never_desynchronises_the_sequence(client, repo):
+    """A request whose client gives up (deadline) applied fully or not at all; the next one is right."""
+    rng = np.random.default_rng(11)
+    vocab = len(fixtures.DEFAULT_VOCAB)
+    prefix = rng.integers(0, vocab, size=(1, 4)).astype(np.int64)
+    long_chunk = rng.integers(0, vocab, size=(1, 4000)).astype(np.int64)
+    last = rng.integers(0, vocab, size=(1, 3)).astype(np.int64)
+    client.infer("tiny_lstm", [_tokens(prefix)], sequence_id=71, sequence_start=True)
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("tiny_lstm", [_tokens(long_chunk)], sequence_id=71, client_timeout=0.002)
+    assert "DEADLINE_EXCEEDED" in exc.value.status()
+    time.sleep(0.5)  # let a step that did reach the engine finish
+    got = client.infer("tiny_lstm", [_tokens(last)], sequence_id=71, sequence_end=True).as_numpy("logits")[0]
+    model = repo / "tiny_lstm" / "1" / "model.onnx"
+    applied = fixtures.run_whole(model, {"tokens": np.concatenate([prefix, long_chunk, last], 1)})["logits"][
+        0, -3:
+    ]
+    skipped = fixtures.run_whole(model, {"tokens": np.concatenate([prefix, last], 1)})["logits"][0, -3:]
+    assert got.shape == (3, vocab)
+    assert np.allclose(got, applied, atol=1e-5) or np.allclose(got, skipped, atol=1e-5)
