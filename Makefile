@@ -57,6 +57,15 @@ lint: install-dev protos
 readme: install
 	$(PY) docs/sync_readme.py
 
+# --- benchmarks (bench helper) ---------------------------------------------------------------------------------
+# Load generator, reference points and targets (issue 5); writes docs/bench/ (JSON, markdown, PNG) and
+# docs/performance.md, then refreshes the README's include blocks. Full run ~15 min on 2 cores; not in make test.
+# Reduced run: make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
+bench: install-dev protos
+	$(PY) -m tests.bench $(BENCH_ARGS)
+	$(PY) docs/sync_readme.py
+
 # Container and Kubernetes checks that need no cluster and no docker engine (also part of `make test`):
 # render every kustomize overlay, validate against the Kubernetes schemas, policy checks, Dockerfile checks.
 deploy-check: install-dev
