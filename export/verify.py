@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,7 +76,7 @@ class _NoiseFloor:
 
     def __init__(self, model) -> None:
         self.model = model
-        self._m64 = None
+        self._m64: Any = None  # a float64 copy, made on first use
 
     def judge(
         self,
