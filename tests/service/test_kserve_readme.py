@@ -19,6 +19,7 @@ from kserve_harness import ServerThread
 from service.config import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "triton.md"
+README_SNIPPET = DOC.parent / "triton_example.md"  # what the README includes
 BLOCK = re.compile(r"<!-- triton-example -->\n```python\n(?P<code>.*?)```\n<!-- end triton-example -->", re.S)
 
 
@@ -56,3 +57,8 @@ def test_example_runs_as_written_and_matches_ort(server):
         ids.append(int(np.argmax(logits)))
         text += vocab[ids[-1]]
     assert printed == text + "\n"
+
+
+def test_readme_snippet_is_the_tested_block():
+    snippet = README_SNIPPET.read_text()
+    assert f"```python\n{example_code()}```\n" in snippet
