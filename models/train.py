@@ -1,13 +1,13 @@
 """Train character models on the Irish folk tunes: truncated BPTT with carried state, Adam, gradient clipping.
 
-Every family trains with the same budget (steps x batch x sequence length, same hidden size), so the validation
-bits per character compare the cells, not the effort. A run writes ``runs/<name>/``: ``ckpt.pt`` (the checkpoint
-``python -m export`` reads: config, state_dict, meta with vocabulary/data/metrics/description), ``history.json``
-(losses) and ``loss.png``.
+Every family trains with the same budget (steps x batch x sequence length, same hidden size), so the
+validation bits per character compare the cells, not the effort. A run writes ``runs/<name>/``: ``ckpt.pt``
+(the checkpoint ``python -m export`` reads: config, state_dict, meta with
+vocabulary/data/metrics/description), ``history.json`` (losses) and ``loss.png``.
 
-    python -m models.train char --family lstm --name char_lstm          # one run
-    python -m models.train all                                         # every family + docs/results/char_bpc.*
-    python -m models.train default                                     # the small committed default model
+    python -m models.train char --family lstm --name char_lstm      # one run
+    python -m models.train all                                      # every family + docs/results/char_bpc.*
+    python -m models.train default                                  # the small committed default model
 """
 
 from __future__ import annotations
@@ -93,18 +93,18 @@ class CharRunResult:
 
 
 def detach(state: State) -> State:
-    """Cut the graph between truncated-BPTT chunks while keeping the values (the state is carried, not reset)."""
+    """Cut the graph between truncated-BPTT chunks, keeping the values (the state is carried, not reset)."""
     return {k: v.detach() for k, v in state.items()}
 
 
 def open_forget_gates_(model: nn.Module, bias: float = 1.0) -> None:
     """Initialise LSTM-kind forget gates open: add ``bias`` to the forget-gate bias of every LSTM layer.
 
-    With zero-mean biases the forget gate starts near 0.5, so the cell forgets half of its content every step and
-    gradients through c vanish over a few tens of steps; Gers, Schmidhuber & Cummins (2000) and Jozefowicz,
-    Zaremba & Sutskever (2015) start it near 1 instead (TensorFlow's ``forget_bias=1``). For ``cifg``
-    (f = 1 - i) the same effect is a closed input gate: ``bias`` is subtracted from the input-gate bias.
-    rnn and gru layers are left as built.
+    With zero-mean biases the forget gate starts near 0.5, so the cell forgets half of its content every step
+    and gradients through c vanish over a few tens of steps; Gers, Schmidhuber & Cummins (2000) and
+    Jozefowicz, Zaremba & Sutskever (2015) start it near 1 instead (TensorFlow's ``forget_bias=1``). For
+    ``cifg`` (f = 1 - i) the same effect is a closed input gate: ``bias`` is subtracted from the input-gate
+    bias. rnn and gru layers are left as built.
     """
     from models.cells import LSTMLayer
 
@@ -125,7 +125,7 @@ def lr_at(step: int, cfg: CharTrainConfig) -> float:
 
 
 def cycle_batches(ids: np.ndarray, batch: int, seq_len: int) -> Iterator[tuple[Tensor, Tensor, bool]]:
-    """Endless truncated-BPTT batches; the flag is True at the start of each pass, when state must be reset."""
+    """Yield truncated-BPTT batches forever; the flag is True at the start of each pass (reset the state)."""
     while True:
         first = True
         for x, y in stream_batches(ids, batch, seq_len):
@@ -141,17 +141,26 @@ def evaluate_bpc(model: nn.Module, ids: np.ndarray, batch: int, seq_len: int) ->
     total, count = 0.0, 0
     for x, y in stream_batches(ids, batch, seq_len):
         logits, state = model(torch.from_numpy(np.ascontiguousarray(x)), state)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(np.ascontiguousarray(y))
-                               .reshape(-1), reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            torch.from_numpy(np.ascontiguousarray(y)).reshape(-1),
+            reduction="sum",
+        )
         total += float(loss)
         count += y.size
     model.train()
     return total / count / math.log(2)
 
 
-def train_char_model(model: nn.Module, corpus: CharCorpus, cfg: CharTrainConfig, *, progress: bool = True,
-                     desc: str | None = None) -> TrainHistory:
-    """Train ``model`` in place on ``corpus.train`` with truncated BPTT; validate every ``eval_every`` steps."""
+def train_char_model(
+    model: nn.Module,
+    corpus: CharCorpus,
+    cfg: CharTrainConfig,
+    *,
+    progress: bool = True,
+    desc: str | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``corpus.train`` (truncated BPTT); validate every ``eval_every`` steps."""
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     hist = TrainHistory()
@@ -183,9 +192,16 @@ def train_char_model(model: nn.Module, corpus: CharCorpus, cfg: CharTrainConfig,
 
 
 @torch.no_grad()
-def sample(model: nn.Module, corpus: CharCorpus, prime: str = "X:", length: int = 800, temperature: float = 0.8,
-           seed: int = 0, stop_at_blank_line: bool = True) -> str:
-    """Sample text from a char model, one character per step with the state carried (as the server streams it).
+def sample(
+    model: nn.Module,
+    corpus: CharCorpus,
+    prime: str = "X:",
+    length: int = 800,
+    temperature: float = 0.8,
+    seed: int = 0,
+    stop_at_blank_line: bool = True,
+) -> str:
+    """Sample text from a char model, one character per step, state carried (as the server streams it).
 
     Stops after ``length`` characters or, with ``stop_at_blank_line``, at the blank line that ends a tune.
     """
@@ -217,8 +233,13 @@ def plot_loss(hist: TrainHistory, title: str, path: Path, unit: str = "bits per 
     ax.plot(np.arange(1, len(tr) + 1), tr, color="tab:blue", alpha=0.2, lw=0.8)
     ax.plot(np.arange(k, len(tr) + 1), smooth, color="tab:blue", label=f"train (mean of {k})")
     if hist.val:
-        ax.plot([p.step for p in hist.val], [p.val_bpc for p in hist.val], "o-", color="tab:orange",
-                label="validation")
+        ax.plot(
+            [p.step for p in hist.val],
+            [p.val_bpc for p in hist.val],
+            "o-",
+            color="tab:orange",
+            label="validation",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(unit)
     ax.set_title(title)
@@ -231,18 +252,28 @@ def plot_loss(hist: TrainHistory, title: str, path: Path, unit: str = "bits per 
 
 
 def param_count(model: nn.Module) -> int:
-    """Number of trainable parameters."""
+    """Count the trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def build_char_model(cfg: CharTrainConfig, vocab_size: int) -> nn.Module:
-    """A token model of ``cfg.family`` from the shared model definitions."""
-    return build_model(ModelConfig(family=cfg.family, task="token", vocab_size=vocab_size, hidden=cfg.hidden,
-                                   layers=cfg.layers, window=cfg.window, embed=cfg.embed))
+    """Build a token model of ``cfg.family`` from the shared model definitions."""
+    return build_model(
+        ModelConfig(
+            family=cfg.family,
+            task="token",
+            vocab_size=vocab_size,
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            window=cfg.window,
+            embed=cfg.embed,
+        )
+    )
 
 
-def run_char(cfg: CharTrainConfig, corpus: CharCorpus, runs_dir: Path = RUNS_DIR,
-             progress: bool = True) -> CharRunResult:
+def run_char(
+    cfg: CharTrainConfig, corpus: CharCorpus, runs_dir: Path = RUNS_DIR, progress: bool = True
+) -> CharRunResult:
     """Train one char model and write its run directory (checkpoint, history, loss plot)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -256,23 +287,37 @@ def run_char(cfg: CharTrainConfig, corpus: CharCorpus, runs_dir: Path = RUNS_DIR
         vocabulary=list(corpus.vocabulary),
         data=corpus.description,
         metrics={"val_bpc": round(val_bpc, 4), "train_bpc": round(train_bpc, 4)},
-        description=(f"{cfg.family} char model ({cfg.layers}x{cfg.hidden}) on Irish folk tunes in ABC notation; "
-                     f"prime with 'X:' to generate a tune"),
+        description=(
+            f"{cfg.family} char model ({cfg.layers}x{cfg.hidden}) on Irish folk tunes in ABC notation; "
+            f"prime with 'X:' to generate a tune"
+        ),
         extra={"train": asdict(cfg)},
     )
     ckpt = run / "ckpt.pt"
     save_checkpoint(ckpt, model, meta)
-    (run / "history.json").write_text(json.dumps(
-        {"config": asdict(cfg), "train_bpc": hist.train_bpc, "val": [asdict(p) for p in hist.val],
-         "seconds": hist.seconds}, indent=1))
-    plot_loss(hist, f"{cfg.name}: {cfg.family} {cfg.layers}x{cfg.hidden}, val {val_bpc:.3f} bpc", run / "loss.png")
-    return CharRunResult(cfg.name, cfg.family, param_count(model), val_bpc, train_bpc, hist.seconds, cfg.steps,
-                         str(ckpt), cfg)
+    (run / "history.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "train_bpc": hist.train_bpc,
+                "val": [asdict(p) for p in hist.val],
+                "seconds": hist.seconds,
+            },
+            indent=1,
+        )
+    )
+    plot_loss(
+        hist, f"{cfg.name}: {cfg.family} {cfg.layers}x{cfg.hidden}, val {val_bpc:.3f} bpc", run / "loss.png"
+    )
+    return CharRunResult(
+        cfg.name, cfg.family, param_count(model), val_bpc, train_bpc, hist.seconds, cfg.steps, str(ckpt), cfg
+    )
 
 
-def run_all(base: CharTrainConfig, families: tuple[str, ...], runs_dir: Path, results_dir: Path,
-            sample_len: int = 800) -> list[CharRunResult]:
-    """Train ``char_<family>`` for every family with the same budget; write the results JSON, table and sample."""
+def run_all(
+    base: CharTrainConfig, families: tuple[str, ...], runs_dir: Path, results_dir: Path, sample_len: int = 800
+) -> list[CharRunResult]:
+    """Train ``char_<family>`` for every family, same budget; write the results JSON, table and sample."""
     corpus = load_tunes()
     results = []
     for fam in families:
@@ -285,14 +330,42 @@ def run_all(base: CharTrainConfig, families: tuple[str, ...], runs_dir: Path, re
     (results_dir / "sample_tune.abc").write_text(tune)
     payload = {
         "data": corpus.description,
-        "budget": {k: getattr(base, k) for k in ("hidden", "layers", "embed", "batch", "seq_len", "steps", "lr",
-                                                  "clip", "seed", "window")},
+        "budget": {
+            k: getattr(base, k)
+            for k in (
+                "hidden",
+                "layers",
+                "embed",
+                "batch",
+                "seq_len",
+                "steps",
+                "lr",
+                "clip",
+                "seed",
+                "window",
+            )
+        },
         "command": " ".join(["python -m models.train"] + sys.argv[1:]),
         "best": best.name,
-        "sample": {"from": best.name, "prime": "X:", "temperature": 0.8, "seed": base.seed,
-                   "file": "docs/results/sample_tune.abc"},
-        "runs": [{"name": r.name, "family": r.family, "params": r.params, "val_bpc": r.val_bpc,
-                  "train_bpc": r.train_bpc, "seconds": r.seconds, "steps": r.steps} for r in results],
+        "sample": {
+            "from": best.name,
+            "prime": "X:",
+            "temperature": 0.8,
+            "seed": base.seed,
+            "file": "docs/results/sample_tune.abc",
+        },
+        "runs": [
+            {
+                "name": r.name,
+                "family": r.family,
+                "params": r.params,
+                "val_bpc": r.val_bpc,
+                "train_bpc": r.train_bpc,
+                "seconds": r.seconds,
+                "steps": r.steps,
+            }
+            for r in results
+        ],
     }
     (results_dir / "char_bpc.json").write_text(json.dumps(payload, indent=1))
     import shutil
@@ -305,20 +378,43 @@ def run_all(base: CharTrainConfig, families: tuple[str, ...], runs_dir: Path, re
 
 
 def _add_budget_args(ap: argparse.ArgumentParser, d: CharTrainConfig) -> None:
-    for f in ("hidden", "layers", "embed", "window", "batch", "seq_len", "steps", "eval_every", "seed", "threads"):
+    for f in (
+        "hidden",
+        "layers",
+        "embed",
+        "window",
+        "batch",
+        "seq_len",
+        "steps",
+        "eval_every",
+        "seed",
+        "threads",
+    ):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
     for f in ("lr", "clip"):
         ap.add_argument(f"--{f}", type=float, default=getattr(d, f))
 
 
 def _budget(args: argparse.Namespace, name: str, family: str) -> CharTrainConfig:
-    keys = ("hidden", "layers", "embed", "window", "batch", "seq_len", "steps", "eval_every", "seed", "threads",
-            "lr", "clip")
+    keys = (
+        "hidden",
+        "layers",
+        "embed",
+        "window",
+        "batch",
+        "seq_len",
+        "steps",
+        "eval_every",
+        "seed",
+        "threads",
+        "lr",
+        "clip",
+    )
     return CharTrainConfig(name=name, family=family, **{k: getattr(args, k) for k in keys})
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``char`` (one run), ``all`` (every family + results), ``default`` (the committed default model)."""
+    """CLI: ``char`` (one run), ``all`` (every family + results), ``default`` (the committed default)."""
     ap = argparse.ArgumentParser(description="Train char models on the Irish folk tunes.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = CharTrainConfig(name="")
@@ -329,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     every = sub.add_parser("all", help="every family with the same budget; writes docs/results/char_bpc.*")
     every.add_argument("--families", default=",".join(FAMILIES))
     _add_budget_args(every, d)
-    dflt = sub.add_parser("default", help="the small default model (runs/default), exported by `make default-model`")
+    dflt = sub.add_parser(
+        "default", help="the small default model (runs/default), exported by `make default-model`"
+    )
     dflt.add_argument("--family", choices=FAMILIES, default="lstm")
     _add_budget_args(dflt, CharTrainConfig(name="default", steps=600))
     for p in (one, every, dflt):
@@ -347,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     name = "default" if args.cmd == "default" else (args.name or f"char_{args.family}")
     corpus = load_tunes()
     r = run_char(_budget(args, name, args.family), corpus, args.runs_dir)
-    print(f"{r.name}: {r.family}, {r.params} parameters, val {r.val_bpc:.4f} bpc, {r.seconds:.0f} s -> "
-          f"{r.checkpoint}")
+    print(
+        f"{r.name}: {r.family}, {r.params} parameters, val {r.val_bpc:.4f} bpc, {r.seconds:.0f} s -> "
+        f"{r.checkpoint}"
+    )
     return 0
 
 
