@@ -19,8 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (about a minute)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="results folder")
-    parser.add_argument("--performance-md", type=Path, default=Path("docs/performance.md"),
-                        help="where the README's Performance section goes ('-' = do not write)")
+    parser.add_argument(
+        "--performance-md",
+        type=Path,
+        default=Path("docs/performance.md"),
+        help="where the README's Performance section goes ('-' = do not write)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="runs per load scenario (median kept)")
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick, args.repeats)

@@ -48,12 +48,13 @@ def feeds_for(rt: Runtime, batch: int, steps: int, seed: int = 0) -> dict[str, n
     return feeds
 
 
-def measure_ceiling(model: Path, batch: int, steps: int, *, intra_op_threads: int = 1,
-                    seconds: float = 1.0) -> CeilingPoint:
+def measure_ceiling(
+    model: Path, batch: int, steps: int, *, intra_op_threads: int = 1, seconds: float = 1.0
+) -> CeilingPoint:
     """Run the model back to back for ``seconds`` at ``(batch, steps)``; state carried from run to run."""
     rt = Runtime(model, intra_op_threads)
     feeds = feeds_for(rt, batch, steps)
-    state_pairs = [(n, "state_out_" + n[len("state_in_"):]) for n in feeds if n.startswith("state_in_")]
+    state_pairs = [(n, "state_out_" + n[len("state_in_") :]) for n in feeds if n.startswith("state_in_")]
     for _ in range(3):
         rt.run(feeds)
     runs = 0

@@ -1,10 +1,10 @@
 """A no-op grpc.aio bidirectional echo server: the floor of the Python gRPC edge.
 
-It answers every request message of a bidi stream with one response of a fixed size and does nothing else, so a
-load generator pointed at it measures what Python grpc.aio alone costs per message on this machine. The request
-and response sizes are set to the serialized sizes of the service's own Step messages, so the comparison with the
-service is like for like. Raw bytes in and out (no protobuf parsing), which favours the echo slightly: the
-service parses and builds its messages.
+It answers every request message of a bidi stream with one response of a fixed size and does nothing else, so
+a load generator pointed at it measures what Python grpc.aio alone costs per message on this machine. The
+request and response sizes are set to the serialized sizes of the service's own Step messages, so the
+comparison with the service is like for like. Raw bytes in and out (no protobuf parsing), which favours the
+echo slightly: the service parses and builds its messages.
 
 Run as ``python -m tests.bench.echo --response-bytes N``; it prints ``{"port": P, "pid": PID}`` on stdout and
 serves until SIGTERM/SIGINT.

@@ -1,13 +1,14 @@
 """Closed-loop load generator: N concurrent bidi streams spread over several client processes.
 
 Each stream sends one message, waits for its answer, and sends the next (closed loop, as a device streaming
-sensor steps would). Streams are spread over ``workers`` client processes because on a 2-core machine one Python
-client process saturates before the server does; every process reports its own CPU time so the report can show
-how much of the machine the clients took.
+sensor steps would). Streams are spread over ``workers`` client processes because on a 2-core machine one
+Python client process saturates before the server does; every process reports its own CPU time so the report
+can show how much of the machine the clients took.
 
 Timing: all workers open their streams first, then meet at a barrier; the measurement window is
-``[release + warmup, release + warmup + duration]`` on ``time.monotonic()`` (system-wide on Linux, so the parent
-samples server CPU and metrics over the same window). Only round trips that *complete* inside the window count.
+``[release + warmup, release + warmup + duration]`` on ``time.monotonic()`` (system-wide on Linux, so the
+parent samples server CPU and metrics over the same window). Only round trips that *complete* inside the
+window count.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class LoadSpec:
     input_tail: tuple[int, ...] = (32,)  # the input's dims after (batch, time)
     sessions_per_message: int = 1  # StreamMany: sessions multiplexed in one message
     channels_per_worker: int = 1
-    rate_per_s: float = 0.0  # > 0: paced (open-loop per stream) at this many messages/s in total; 0: closed loop
+    rate_per_s: float = (
+        0.0  # > 0: paced (open-loop per stream) at this many messages/s in total; 0: closed loop
+    )
 
 
 @dataclass(slots=True)
@@ -135,10 +138,17 @@ async def _worker_main(spec: LoadSpec, n_streams: int, barrier: Barrier) -> Work
                 cpu_marks.append(ct.user + ct.system)
 
         interval = spec.streams / spec.rate_per_s if spec.rate_per_s > 0 else 0.0
-        phases = np.random.default_rng(os.getpid()).uniform(0, interval, len(drivers)) if interval else [0.0] * len(drivers)
+        phases = (
+            np.random.default_rng(os.getpid()).uniform(0, interval, len(drivers))
+            if interval
+            else [0.0] * len(drivers)
+        )
         results = await asyncio.gather(
             sample_cpu(),
-            *(_stream_loop(d, t0, t1, lat, counters, interval, float(ph)) for d, ph in zip(drivers, phases, strict=True)),
+            *(
+                _stream_loop(d, t0, t1, lat, counters, interval, float(ph))
+                for d, ph in zip(drivers, phases, strict=True)
+            ),
             return_exceptions=True,
         )
         for r in results:

@@ -30,12 +30,16 @@ async def measure(repository: Path, model: str, sessions: int, written: bool) ->
 
     ``written=False``: fresh sessions whose state is the (zero) initial state; the slab's zero pages are not
     resident until written, so this shows the bookkeeping cost alone. ``written=True``: every session is
-    created with a non-zero ``initial_state`` (the public API), so each state row is really in memory, as it is
-    for a session that has streamed and gone idle. The target is judged on the written case.
+    created with a non-zero ``initial_state`` (the public API), so each state row is really in memory, as it
+    is for a session that has streamed and gone idle. The target is judged on the written case.
     """
     settings = Settings(
-        model_repository=repository, metrics_port=-1, max_sessions=sessions + 16,
-        max_sessions_per_model=sessions + 16, idle_ttl_s=86_000.0, sweep_interval_s=3600.0,
+        model_repository=repository,
+        metrics_port=-1,
+        max_sessions=sessions + 16,
+        max_sessions_per_model=sessions + 16,
+        idle_ttl_s=86_000.0,
+        sweep_interval_s=3600.0,
     )
     engine = Engine(settings, registry=CollectorRegistry())
     await engine.start()
@@ -49,19 +53,24 @@ async def measure(repository: Path, model: str, sessions: int, written: bool) ->
     rss0 = proc.memory_info().rss
     t0 = time.perf_counter()
     ids: list[str] = []
-    initial = (
-        {s.name: np.full(s.shape, 1, s.dtype) for s in spec.states} if written else None
-    )
+    initial = {s.name: np.full(s.shape, 1, s.dtype) for s in spec.states} if written else None
     label = "written" if written else "fresh"
-    for _ in tqdm(range(sessions), desc=f"{sessions:,} idle sessions ({label})", unit="sess", mininterval=2.0,
-                  file=sys.stderr):
+    for _ in tqdm(
+        range(sessions),
+        desc=f"{sessions:,} idle sessions ({label})",
+        unit="sess",
+        mininterval=2.0,
+        file=sys.stderr,
+    ):
         ids.append((await engine.create_session(model, initial_state=initial)).session_id)
     create_s = time.perf_counter() - t0
     gc.collect()
     rss1 = proc.memory_info().rss
     # The ids list is the client's, not the server's: measure it and take it off.
     ids_bytes = sys.getsizeof(ids) + sum(sys.getsizeof(i) for i in ids)
-    inputs = {t.name: np.zeros(tuple(1 if d is None else d for d in t.shape[1:]), t.dtype) for t in spec.inputs}
+    inputs = {
+        t.name: np.zeros(tuple(1 if d is None else d for d in t.shape[1:]), t.dtype) for t in spec.inputs
+    }
     stepped = 0
     for sid in ids[:: max(1, sessions // 8)]:
         await engine.step(sid, 1, inputs)
@@ -91,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--written", action="store_true", help="give every session a non-zero initial state")
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(measure(args.repository, args.model, args.sessions, args.written))), flush=True)
+    print(
+        json.dumps(asyncio.run(measure(args.repository, args.model, args.sessions, args.written))), flush=True
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Streamed: one session on a ``Stream``, one step per message, sequentially; the latency of the steps at
 positions ``p .. p + window - 1`` is recorded for every ``p`` asked for, over several sessions, and the median
-taken. Stateless: each request carries the whole history of ``p`` steps on a fresh ``Stream`` (open + one chunk,
-last step's output only, session closed with the stream), which is what a server without held state must do.
+taken. Stateless: each request carries the whole history of ``p`` steps on a fresh ``Stream`` (open + one
+chunk, last step's output only, session closed with the stream), which is what a server without held state
+must do.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ class PositionPoint:
     samples: int
 
 
-async def measure_positions(address: str, spec: LoadSpec, positions: tuple[int, ...], *, sessions: int,
-                            window: int, stateless_repeats: int) -> list[PositionPoint]:
+async def measure_positions(
+    address: str,
+    spec: LoadSpec,
+    positions: tuple[int, ...],
+    *,
+    sessions: int,
+    window: int,
+    stateless_repeats: int,
+) -> list[PositionPoint]:
     """Latency at each of ``positions`` (streamed vs stateless) against the server at ``address``."""
     last = max(positions) + window
     lat = {p: [] for p in positions}  # type: dict[int, list[float]]
@@ -59,8 +67,9 @@ async def measure_positions(address: str, spec: LoadSpec, positions: tuple[int, 
         stateless: dict[int, float] = {}
         for p in positions:
             history = LoadSpec(**{**_fields(spec), "steps_per_message": p})
-            req = pb.StreamRequest(open=pb.StreamOpen(model=spec.model), seq=1, inputs=[chunk_tensor(history)],
-                                   last_only=True)
+            req = pb.StreamRequest(
+                open=pb.StreamOpen(model=spec.model), seq=1, inputs=[chunk_tensor(history)], last_only=True
+            )
             times = []
             for _ in range(stateless_repeats + 1):  # the first one warms ORT's shape-specific caches
                 t0 = time.perf_counter()
@@ -74,8 +83,13 @@ async def measure_positions(address: str, spec: LoadSpec, positions: tuple[int, 
                     raise RuntimeError(f"stateless request at history {p} failed: {resp}")
             stateless[p] = float(np.median(times[1:]))
     return [
-        PositionPoint(p, float(np.median(lat[p]) * 1e3), float(np.percentile(lat[p], 99) * 1e3),
-                      stateless[p] * 1e3, len(lat[p]))
+        PositionPoint(
+            p,
+            float(np.median(lat[p]) * 1e3),
+            float(np.percentile(lat[p], 99) * 1e3),
+            stateless[p] * 1e3,
+            len(lat[p]),
+        )
         for p in positions
     ]
 

@@ -1,11 +1,11 @@
 """The benchmark's reference model: a 2-layer LSTM, hidden size 256, built with ``onnx.helper``.
 
 It follows the state contract of docs/DESIGN.md section 1 exactly as our exporter would write it: data input
-``x`` float32 ``(B, T, F)``, data output ``y`` float32 ``(B, T, F)``, state pairs ``state_in_h``/``state_out_h``
-and ``state_in_c``/``state_out_c`` of shape ``(B, 2, 256)``; the batch dim is named ``batch`` and the time dim
-``time``. Each layer is the fused ONNX ``LSTM`` op (time-major, so the graph transposes at the edges), which is
-what ONNX Runtime runs fastest and what ``export/`` emits for LSTM kinds. Building it here keeps the benchmark
-independent of a trained checkpoint and of torch.
+``x`` float32 ``(B, T, F)``, data output ``y`` float32 ``(B, T, F)``, state pairs
+``state_in_h``/``state_out_h`` and ``state_in_c``/``state_out_c`` of shape ``(B, 2, 256)``; the batch dim is
+named ``batch`` and the time dim ``time``. Each layer is the fused ONNX ``LSTM`` op (time-major, so the graph
+transposes at the edges), which is what ONNX Runtime runs fastest and what ``export/`` emits for LSTM kinds.
+Building it here keeps the benchmark independent of a trained checkpoint and of torch.
 """
 
 from __future__ import annotations
@@ -87,7 +87,11 @@ def build_reference_lstm(cfg: RefModelConfig = RefModelConfig()) -> onnx.ModelPr
     graph = helper.make_graph(
         nodes,
         "ref_lstm",
-        inputs=[vi("x", ["batch", "time", F]), vi("state_in_h", ["batch", L, H]), vi("state_in_c", ["batch", L, H])],
+        inputs=[
+            vi("x", ["batch", "time", F]),
+            vi("state_in_h", ["batch", L, H]),
+            vi("state_in_c", ["batch", L, H]),
+        ],
         outputs=[
             vi("y", ["batch", "time", F]),
             vi("state_out_h", ["batch", L, H]),
@@ -95,7 +99,9 @@ def build_reference_lstm(cfg: RefModelConfig = RefModelConfig()) -> onnx.ModelPr
         ],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="rnnserve-bench")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="rnnserve-bench"
+    )
     model.ir_version = 8
     for key, value in {
         "rnnserve.family": "lstm",
@@ -109,8 +115,9 @@ def build_reference_lstm(cfg: RefModelConfig = RefModelConfig()) -> onnx.ModelPr
     return model
 
 
-def write_reference_repository(root: Path, cfg: RefModelConfig = RefModelConfig(), *,
-                               name: str = "ref_lstm", config_yaml: str = "") -> Path:
+def write_reference_repository(
+    root: Path, cfg: RefModelConfig = RefModelConfig(), *, name: str = "ref_lstm", config_yaml: str = ""
+) -> Path:
     """Write ``<root>/<name>/1/model.onnx`` (+ optional config.yaml) and return the model file path."""
     path = root / name / "1" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Turn a ``SuiteResult`` into the published results: JSON, markdown tables, PNG plots and the targets verdict.
+"""Turn a ``SuiteResult`` into the published results: JSON, markdown, PNG plots and the targets verdict.
 
 Every figure in ``docs/bench/`` and ``docs/performance.md`` is written here from the measurements; nothing is
 typed in by hand.
@@ -32,19 +32,31 @@ class Verdict:
 
 
 def _row(res: SuiteResult, system: str, sessions: int, steps: int, model: str = REF_MODEL) -> LoadRow | None:
-    return next((r for r in res.loads if r.model == model and r.system == system and r.sessions == sessions
-                 and r.steps_per_message == steps), None)
+    return next(
+        (
+            r
+            for r in res.loads
+            if r.model == model
+            and r.system == system
+            and r.sessions == sessions
+            and r.steps_per_message == steps
+        ),
+        None,
+    )
 
 
 def _ceiling(res: SuiteResult, model: str, batch: float, steps: int) -> dict | None:
     if batch != batch:  # NaN: no batches seen
         return None
     b = max(1, round(batch))
-    return next((c for c in res.ceilings if c["model"] == model and c["batch"] == b and c["steps"] == steps), None)
+    return next(
+        (c for c in res.ceilings if c["model"] == model and c["batch"] == b and c["steps"] == steps), None
+    )
 
 
-def _ratio_verdict(target: str, num: float, den: float, what: str, threshold: float, *,
-                   at_least: bool) -> Verdict:
+def _ratio_verdict(
+    target: str, num: float, den: float, what: str, threshold: float, *, at_least: bool
+) -> Verdict:
     ratio = num / den if den and num == num and den == den else float("nan")
     met = None if ratio != ratio else (ratio >= threshold if at_least else ratio <= threshold)
     return Verdict(target, what, ratio, f"{'>=' if at_least else '<='} {threshold:g}", met)
@@ -57,47 +69,93 @@ def verdicts(res: SuiteResult) -> list[Verdict]:
     svc = _row(res, "service", 128, 1)
     many = _row(res, "service StreamMany", 128, 1)
     if echo and svc:
-        out.append(_ratio_verdict("one-step @128 streams: service / echo", svc.steps_per_s, echo.messages_per_s,
-                                  f"{svc.steps_per_s:,.0f} steps/s vs echo {echo.messages_per_s:,.0f} msg/s", 0.9,
-                                  at_least=True))
+        out.append(
+            _ratio_verdict(
+                "one-step @128 streams: service / echo",
+                svc.steps_per_s,
+                echo.messages_per_s,
+                f"{svc.steps_per_s:,.0f} steps/s vs echo {echo.messages_per_s:,.0f} msg/s",
+                0.9,
+                at_least=True,
+            )
+        )
     if echo and many:
-        out.append(_ratio_verdict("one-step @128 sessions: StreamMany / echo", many.steps_per_s,
-                                  echo.messages_per_s,
-                                  f"{many.steps_per_s:,.0f} steps/s ({many.streams} streams x "
-                                  f"{many.sessions // max(1, many.streams)} sessions/msg) vs echo "
-                                  f"{echo.messages_per_s:,.0f} msg/s", 0.9, at_least=True))
+        out.append(
+            _ratio_verdict(
+                "one-step @128 sessions: StreamMany / echo",
+                many.steps_per_s,
+                echo.messages_per_s,
+                f"{many.steps_per_s:,.0f} steps/s ({many.streams} streams x "
+                f"{many.sessions // max(1, many.streams)} sessions/msg) vs echo "
+                f"{echo.messages_per_s:,.0f} msg/s",
+                0.9,
+                at_least=True,
+            )
+        )
     for system in ("service", "service StreamMany"):
         chunk = _row(res, system, res.plan.chunk_streams, res.plan.chunk_steps)
         if chunk:
             c = _ceiling(res, REF_MODEL, chunk.batch_mean, res.plan.chunk_steps)
             if c:
-                out.append(_ratio_verdict(
-                    f"{res.plan.chunk_steps}-step chunks @{res.plan.chunk_streams} sessions: {system} / raw ORT",
-                    chunk.steps_per_s, c["steps_per_s"],
-                    f"{chunk.steps_per_s:,.0f} steps/s vs ORT {c['steps_per_s']:,.0f} at batch {c['batch']} "
-                    f"(CPU: {chunk.server_cpu_us_per_step:.1f} us/step served vs "
-                    f"{1e6 / c['steps_per_cpu_s']:.1f} us/step raw)", 0.6, at_least=True))
+                out.append(
+                    _ratio_verdict(
+                        f"{res.plan.chunk_steps}-step chunks @{res.plan.chunk_streams} sessions: "
+                        f"{system} / raw ORT",
+                        chunk.steps_per_s,
+                        c["steps_per_s"],
+                        f"{chunk.steps_per_s:,.0f} steps/s vs ORT {c['steps_per_s']:,.0f} "
+                        f"at batch {c['batch']} "
+                        f"(CPU: {chunk.server_cpu_us_per_step:.1f} us/step served vs "
+                        f"{1e6 / c['steps_per_cpu_s']:.1f} us/step raw)",
+                        0.6,
+                        at_least=True,
+                    )
+                )
     pos = {p["position"]: p for p in res.positions if p["model"] == REF_MODEL}
     if 1 in pos and 1000 in pos:
-        out.append(_ratio_verdict("latency flat in position: pos 1000 / pos 1", pos[1000]["stream_ms"],
-                                  pos[1]["stream_ms"],
-                                  f"{pos[1000]['stream_ms']:.2f} ms vs {pos[1]['stream_ms']:.2f} ms", 1.1,
-                                  at_least=False))
-        out.append(_ratio_verdict("stateless recompute / streamed step @ pos 1000", pos[1000]["stateless_ms"],
-                                  pos[1000]["stream_ms"],
-                                  f"{pos[1000]['stateless_ms']:.1f} ms vs {pos[1000]['stream_ms']:.2f} ms", 100,
-                                  at_least=True))
+        out.append(
+            _ratio_verdict(
+                "latency flat in position: pos 1000 / pos 1",
+                pos[1000]["stream_ms"],
+                pos[1]["stream_ms"],
+                f"{pos[1000]['stream_ms']:.2f} ms vs {pos[1]['stream_ms']:.2f} ms",
+                1.1,
+                at_least=False,
+            )
+        )
+        out.append(
+            _ratio_verdict(
+                "stateless recompute / streamed step @ pos 1000",
+                pos[1000]["stateless_ms"],
+                pos[1000]["stream_ms"],
+                f"{pos[1000]['stateless_ms']:.1f} ms vs {pos[1000]['stream_ms']:.2f} ms",
+                100,
+                at_least=True,
+            )
+        )
     written = next((m for m in res.memory if m["state"] == "written"), None)
     if written:
-        out.append(Verdict(f"idle memory @ {written['sessions']:,} sessions / raw state bytes",
-                           f"{written['rss_per_session_bytes']:,.0f} B/session RSS vs "
-                           f"{written['raw_state_bytes_per_session']:,} B raw state",
-                           float(written["ratio"]), "<= 1.25", float(written["ratio"]) <= 1.25))
+        out.append(
+            Verdict(
+                f"idle memory @ {written['sessions']:,} sessions / raw state bytes",
+                f"{written['rss_per_session_bytes']:,.0f} B/session RSS vs "
+                f"{written['raw_state_bytes_per_session']:,} B raw state",
+                float(written["ratio"]),
+                "<= 1.25",
+                float(written["ratio"]) <= 1.25,
+            )
+        )
     half = next((r for r in res.loads if r.model == REF_MODEL and r.system.startswith("service (half")), None)
     if half:
-        out.append(Verdict(f"p99 at half of peak ({half.rate_per_s:,.0f} steps/s offered, {half.streams} streams)",
-                           f"p99 {half.p99_ms:.2f} ms (achieved {half.steps_per_s:,.0f} steps/s)", half.p99_ms,
-                           "<= 5 ms", half.p99_ms <= 5.0))
+        out.append(
+            Verdict(
+                f"p99 at half of peak ({half.rate_per_s:,.0f} steps/s offered, {half.streams} streams)",
+                f"p99 {half.p99_ms:.2f} ms (achieved {half.steps_per_s:,.0f} steps/s)",
+                half.p99_ms,
+                "<= 5 ms",
+                half.p99_ms <= 5.0,
+            )
+        )
     return out
 
 
@@ -118,8 +176,9 @@ def load_table(res: SuiteResult) -> str:
         steps = f"{_fmt(r.messages_per_s)} msg/s" if r.system == "echo" else _fmt(r.steps_per_s)
         lines.append(
             f"| {r.model} | {r.system} | {r.streams} | {r.sessions} | {r.steps_per_message} | {steps} | "
-            f"{_fmt(r.p50_ms, 2)} | {_fmt(r.p95_ms, 2)} | {_fmt(r.p99_ms, 2)} | {_fmt(r.server_cpu_cores, 2)} | "
-            f"{_fmt(r.client_cpu_cores, 2)} | {_fmt(r.server_cpu_us_per_step, 1)} | {_fmt(r.batch_mean, 1)} | "
+            f"{_fmt(r.p50_ms, 2)} | {_fmt(r.p95_ms, 2)} | {_fmt(r.p99_ms, 2)} | "
+            f"{_fmt(r.server_cpu_cores, 2)} | {_fmt(r.client_cpu_cores, 2)} | "
+            f"{_fmt(r.server_cpu_us_per_step, 1)} | {_fmt(r.batch_mean, 1)} | "
             f"{_fmt(r.batch_p99)} |"
         )
     return "\n".join(lines) + "\n"
@@ -136,38 +195,61 @@ def verdict_table(vs: list[Verdict]) -> str:
 
 def other_tables(res: SuiteResult) -> str:
     """Markdown tables of the ceilings, positions and idle memory."""
-    parts = ["| model | batch | steps/run | raw ORT steps/s | ms/run | steps per CPU-second |",
-             "|---|--:|--:|--:|--:|--:|"]
+    parts = [
+        "| model | batch | steps/run | raw ORT steps/s | ms/run | steps per CPU-second |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
     for c in res.ceilings:
-        parts.append(f"| {c['model']} | {c['batch']} | {c['steps']} | {_fmt(c['steps_per_s'])} | "
-                     f"{_fmt(c['ms_per_run'], 3)} | {_fmt(c['steps_per_cpu_s'])} |")
-    parts += ["", "| model | position | streamed step p50 ms | streamed p99 ms | stateless recompute ms (served) | "
-              "stateless, raw ORT ms | samples |", "|---|--:|--:|--:|--:|--:|--:|"]
+        parts.append(
+            f"| {c['model']} | {c['batch']} | {c['steps']} | {_fmt(c['steps_per_s'])} | "
+            f"{_fmt(c['ms_per_run'], 3)} | {_fmt(c['steps_per_cpu_s'])} |"
+        )
+    parts += [
+        "",
+        "| model | position | streamed step p50 ms | streamed p99 ms | stateless recompute ms (served) | "
+        "stateless, raw ORT ms | samples |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
     for p in res.positions:
-        parts.append(f"| {p['model']} | {p['position']} | {_fmt(p['stream_ms'], 2)} | "
-                     f"{_fmt(p['stream_p99_ms'], 2)} | {_fmt(p['stateless_ms'], 2)} | "
-                     f"{_fmt(p['ort_stateless_ms'], 2)} | {p['samples']} |")
-    parts += ["", "| model | sessions | state | RSS before MB | RSS after MB | RSS/session B | raw state B | ratio | "
-              "create s |", "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
+        parts.append(
+            f"| {p['model']} | {p['position']} | {_fmt(p['stream_ms'], 2)} | "
+            f"{_fmt(p['stream_p99_ms'], 2)} | {_fmt(p['stateless_ms'], 2)} | "
+            f"{_fmt(p['ort_stateless_ms'], 2)} | {p['samples']} |"
+        )
+    parts += [
+        "",
+        "| model | sessions | state | RSS before MB | RSS after MB | RSS/session B | raw state B | ratio | "
+        "create s |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|",
+    ]
     for m in res.memory:
-        parts.append(f"| {m['model']} | {m['sessions']:,} | {m['state']} | {m['rss_before_bytes'] / 2**20:,.0f} | "
-                     f"{m['rss_after_bytes'] / 2**20:,.0f} | {_fmt(m['rss_per_session_bytes'])} | "
-                     f"{m['raw_state_bytes_per_session']:,} | {_fmt(m['ratio'], 3)} | "
-                     f"{_fmt(m['create_seconds'], 1)} |")
+        parts.append(
+            f"| {m['model']} | {m['sessions']:,} | {m['state']} | {m['rss_before_bytes'] / 2**20:,.0f} | "
+            f"{m['rss_after_bytes'] / 2**20:,.0f} | {_fmt(m['rss_per_session_bytes'])} | "
+            f"{m['raw_state_bytes_per_session']:,} | {_fmt(m['ratio'], 3)} | "
+            f"{_fmt(m['create_seconds'], 1)} |"
+        )
     return "\n".join(parts) + "\n"
 
 
-# -- plots -----------------------------------------------------------------------------------------------------
-_COLORS = {"echo": "tab:gray", "service": "tab:blue", "service (batching off)": "tab:orange",
-           "service StreamMany": "tab:green", "raw ORT": "tab:red"}
+# -- plots ---------------------------------------------------------------------------------------------
+_COLORS = {
+    "echo": "tab:gray",
+    "service": "tab:blue",
+    "service (batching off)": "tab:orange",
+    "service StreamMany": "tab:green",
+    "raw ORT": "tab:red",
+}
 
 
 def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> None:
     """One-step throughput and latency against concurrency, with the echo floor and the ORT ceiling."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for system, color in _COLORS.items():
-        rows = sorted((r for r in res.loads if r.model == model and r.system == system and r.steps_per_message == 1),
-                      key=lambda r: r.sessions)
+        rows = sorted(
+            (r for r in res.loads if r.model == model and r.system == system and r.steps_per_message == 1),
+            key=lambda r: r.sessions,
+        )
         if not rows:
             continue
         x = [r.sessions for r in rows]
@@ -180,18 +262,35 @@ def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> Non
             ceil = [(r.sessions, _ceiling(res, model, r.batch_mean, 1)) for r in rows]
             pts = [(s, c["steps_per_s"]) for s, c in ceil if c]
             if pts:
-                ax.plot(*zip(*pts, strict=True), "^:", color=_COLORS["raw ORT"],
-                        label="raw ORT at the batch the service formed")
-    ax.set(xscale="log", yscale="log", xlabel="concurrent sessions (one-step messages)", ylabel="steps/s",
-           title=f"{model}: throughput")
-    ax2.set(xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="latency ms",
-            title="latency (closed loop)")
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    "^:",
+                    color=_COLORS["raw ORT"],
+                    label="raw ORT at the batch the service formed",
+                )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent sessions (one-step messages)",
+        ylabel="steps/s",
+        title=f"{model}: throughput",
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent sessions",
+        ylabel="latency ms",
+        title="latency (closed loop)",
+    )
     for a in (ax, ax2):
         a.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax2.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"rnnserve bench ({res.environment['mode']}, {res.environment['started_utc']}, "
-                 f"load avg {res.environment['load_average_1m_at_start']:.1f} at start)", fontsize=9)
+    fig.suptitle(
+        f"rnnserve bench ({res.environment['mode']}, {res.environment['started_utc']}, "
+        f"load avg {res.environment['load_average_1m_at_start']:.1f} at start)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -207,8 +306,13 @@ def plot_positions(res: SuiteResult, path: Path) -> None:
     ax.plot(x, [p["stream_ms"] for p in pts], "o-", label="streamed step (server-held state), p50")
     ax.plot(x, [p["stateless_ms"] for p in pts], "s-", label="stateless: whole history re-sent and re-run")
     ax.plot(x, [p["ort_stateless_ms"] for p in pts], "^:", label="stateless, raw ORT compute only")
-    ax.set(xscale="log", yscale="log", xlabel="stream position (steps)", ylabel="ms per step",
-           title=f"{REF_MODEL}: cost of a step against stream position")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="stream position (steps)",
+        ylabel="ms per step",
+        title=f"{REF_MODEL}: cost of a step against stream position",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -227,19 +331,35 @@ def plot_batches_and_cpu(res: SuiteResult, path: Path) -> None:
         total = sum(dens) or 1.0
         finite = [(e, d / total) for e, d in zip(edges, dens, strict=True) if not math.isinf(e)]
         if finite:
-            ax.plot([e for e, _ in finite], [d for _, d in finite], "o-",
-                    label=f"{r.model} {r.system} {r.sessions}x{r.steps_per_message}", alpha=0.8)
-    ax.set(xscale="log", xlabel="batch size (bucket upper bound)", ylabel="fraction of ONNX Runtime runs",
-           title="batch sizes formed")
+            ax.plot(
+                [e for e, _ in finite],
+                [d for _, d in finite],
+                "o-",
+                label=f"{r.model} {r.system} {r.sessions}x{r.steps_per_message}",
+                alpha=0.8,
+            )
+    ax.set(
+        xscale="log",
+        xlabel="batch size (bucket upper bound)",
+        ylabel="fraction of ONNX Runtime runs",
+        title="batch sizes formed",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6)
     all_rows = res.loads
-    labels = [f"{r.model[:8]} {r.system.replace('service', 'svc')[:22]} {r.sessions}x{r.steps_per_message}"
-              for r in all_rows]
+    labels = [
+        f"{r.model[:8]} {r.system.replace('service', 'svc')[:22]} {r.sessions}x{r.steps_per_message}"
+        for r in all_rows
+    ]
     y = range(len(all_rows))
     ax2.barh(list(y), [r.server_cpu_cores for r in all_rows], color="tab:blue", label="server")
-    ax2.barh(list(y), [r.client_cpu_cores for r in all_rows], left=[r.server_cpu_cores for r in all_rows],
-             color="tab:olive", label="clients")
+    ax2.barh(
+        list(y),
+        [r.client_cpu_cores for r in all_rows],
+        left=[r.server_cpu_cores for r in all_rows],
+        color="tab:olive",
+        label="clients",
+    )
     ax2.set_yticks(list(y), labels, fontsize=6)
     ax2.invert_yaxis()
     ax2.set(xlabel="CPU cores used during the window", title="CPU: server vs load generator")
@@ -269,15 +389,20 @@ def write(res: SuiteResult, out: Path, performance_md: Path | None) -> list[Verd
     plot_positions(res, out / "position.png")
     plot_batches_and_cpu(res, out / "batches_cpu.png")
     env = res.environment
-    header = (f"Run: {env['mode']} suite, {env['started_utc']} to {env.get('finished_utc', '?')}, commit "
-              f"{env['git_commit']}, {env['cpus']} CPUs, Python {env['python']}, ONNX Runtime {env['onnxruntime']}, "
-              f"grpcio {env['grpcio']}; load average {env['load_average_1m_at_start']:.1f} at start, "
-              f"{env.get('load_average_1m_at_end', float('nan')):.1f} at end. Figures are medians of "
-              f"{res.plan.repeats} run(s) of {res.plan.duration_s:g} s after {res.plan.warmup_s:g} s warm-up.\n")
+    header = (
+        f"Run: {env['mode']} suite, {env['started_utc']} to {env.get('finished_utc', '?')}, commit "
+        f"{env['git_commit']}, {env['cpus']} CPUs, Python {env['python']}, "
+        f"ONNX Runtime {env['onnxruntime']}, "
+        f"grpcio {env['grpcio']}; load average {env['load_average_1m_at_start']:.1f} at start, "
+        f"{env.get('load_average_1m_at_end', float('nan')):.1f} at end. Figures are medians of "
+        f"{res.plan.repeats} run(s) of {res.plan.duration_s:g} s after {res.plan.warmup_s:g} s warm-up.\n"
+    )
     notes = "".join(f"- {n}\n" for n in res.notes)
-    md = (f"# Benchmark results\n\n{header}\n## Targets (issue 5)\n\n{verdict_table(vs)}\n"
-          f"## Load scenarios\n\n{load_table(res)}\n## Reference points\n\n{other_tables(res)}\n"
-          + (f"## Notes\n\n{notes}" if notes else ""))
+    md = (
+        f"# Benchmark results\n\n{header}\n## Targets (issue 5)\n\n{verdict_table(vs)}\n"
+        f"## Load scenarios\n\n{load_table(res)}\n## Reference points\n\n{other_tables(res)}\n"
+        + (f"## Notes\n\n{notes}" if notes else "")
+    )
     (out / "results.md").write_text(md)
     if performance_md is not None:
         performance_md.write_text(_performance(res, vs, header, out))
@@ -287,16 +412,20 @@ def write(res: SuiteResult, out: Path, performance_md: Path | None) -> list[Verd
 def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path) -> str:
     rel = out.as_posix().rstrip("/")
     noisy = res.environment["load_average_1m_at_start"] > 0.5 * float(res.environment["cpus"])
-    caveat = ("\n**This run was made on a shared, busy machine** (load average above half the core count), so "
-              "absolute numbers are low and noisy; the CPU-per-step columns are the steadier figures.\n"
-              if noisy else "")
+    caveat = (
+        "\n**This run was made on a shared, busy machine** (load average above half the core count), so "
+        "absolute numbers are low and noisy; the CPU-per-step columns are the steadier figures.\n"
+        if noisy
+        else ""
+    )
     return (
-        "Measured by `make bench` (full suite, about 15 minutes on 2 cores; `make bench BENCH_ARGS=--quick` for a "
-        "reduced run in about a minute). The load generator runs closed-loop bidi streams from separate client "
-        "processes; the reference model is a 2-layer LSTM with hidden size 256 (`tests/bench/refmodel.py`). "
-        "Reference points are measured in the same run on the same model and message sizes: a no-op grpc.aio echo "
-        "server (the Python gRPC floor), raw ONNX Runtime at the batch sizes the server formed (the compute "
-        "ceiling), the service with batching off, and stateless recompute of the whole history.\n\n"
+        "Measured by `make bench` (full suite, about 15 minutes on 2 cores; "
+        "`make bench BENCH_ARGS=--quick` for a reduced run in about a minute). The load generator runs "
+        "closed-loop bidi streams from separate client processes; the reference model is a 2-layer LSTM with "
+        "hidden size 256 (`tests/bench/refmodel.py`). Reference points are measured in the same run on the "
+        "same model and message sizes: a no-op grpc.aio echo server (the Python gRPC floor), raw ONNX "
+        "Runtime at the batch sizes the server formed (the compute ceiling), the service with batching off, "
+        "and stateless recompute of the whole history.\n\n"
         f"{header}{caveat}\n"
         f"{verdict_table(vs)}\n"
         f"![throughput and latency]({rel}/throughput.png)\n\n"

@@ -53,9 +53,20 @@ class ServerProcess:
 def start_service(repository: Path, *flags: str, timeout_s: float = 60.0) -> ServerProcess:
     """Start the real server on a free loopback port serving ``repository``; wait until it listens."""
     cmd = [
-        sys.executable, "-m", "service.server",
-        "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-        "--model-repository", str(repository), "--log-level", "WARNING", *flags,
+        sys.executable,
+        "-m",
+        "service.server",
+        "--grpc-host",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--model-repository",
+        str(repository),
+        "--log-level",
+        "WARNING",
+        *flags,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -77,7 +88,8 @@ def start_echo(response_bytes: int) -> ServerProcess:
     """Start the no-op echo server answering ``response_bytes``-byte messages."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.bench.echo", "--response-bytes", str(response_bytes)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

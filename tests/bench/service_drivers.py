@@ -1,8 +1,8 @@
 """Drivers for the rnnserve native API: one ``Stream`` per session, or ``StreamMany`` carrying many sessions.
 
-Requests are built once per stream and only their ``seq`` changes between round trips, so the client spends its
-CPU on gRPC, not on building messages (the client is the bottleneck on 2 cores otherwise). Answers are checked:
-the right seq, one output row per session, no per-session error codes.
+Requests are built once per stream and only their ``seq`` changes between round trips, so the client spends
+its CPU on gRPC, not on building messages (the client is the bottleneck on 2 cores otherwise). Answers are
+checked: the right seq, one output row per session, no per-session error codes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def chunk_tensor(spec: LoadSpec, rows: int = 0, seed: int = 0) -> pb.Tensor:
         data = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
     else:
         data = np.zeros(shape, dtype)
-    return pb.Tensor(name=spec.input_name, dtype=convert.enum_of(dtype), shape=list(shape), data=data.tobytes())
+    return pb.Tensor(
+        name=spec.input_name, dtype=convert.enum_of(dtype), shape=list(shape), data=data.tobytes()
+    )
 
 
 def stream_message_sizes(spec: LoadSpec, output: tuple[str, str, tuple[int, ...]]) -> tuple[int, int]:
@@ -47,7 +49,9 @@ def stream_message_sizes(spec: LoadSpec, output: tuple[str, str, tuple[int, ...]
     name, dtype, tail = output
     shape = (spec.steps_per_message, *tail)
     dt = np.dtype(dtype)
-    y = pb.Tensor(name=name, dtype=convert.enum_of(dt), shape=list(shape), data=bytes(int(np.prod(shape)) * dt.itemsize))
+    y = pb.Tensor(
+        name=name, dtype=convert.enum_of(dt), shape=list(shape), data=bytes(int(np.prod(shape)) * dt.itemsize)
+    )
     resp = pb.StreamResponse(seq=123456, outputs=[y])
     return req.ByteSize(), resp.ByteSize()
 

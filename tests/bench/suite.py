@@ -59,8 +59,16 @@ class Plan:
     def make(quick: bool, repeats: int | None = None) -> Plan:
         """The full plan (~15 min on 2 cores) or the quick one (well under a minute or two)."""
         if quick:
-            return Plan(True, (1, 128), warmup_s=0.5, duration_s=1.5, repeats=repeats or 1, position_sessions=1,
-                        idle_sessions=20_000, ceiling_seconds=0.5)
+            return Plan(
+                True,
+                (1, 128),
+                warmup_s=0.5,
+                duration_s=1.5,
+                repeats=repeats or 1,
+                position_sessions=1,
+                idle_sessions=20_000,
+                ceiling_seconds=0.5,
+            )
         return Plan(False, (1, 16, 128, 512), repeats=repeats or 3)
 
 
@@ -109,8 +117,9 @@ def _environment(quick: bool) -> dict[str, str | float | int]:
     import onnxruntime
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -126,32 +135,53 @@ def _environment(quick: bool) -> dict[str, str | float | int]:
     }
 
 
-def _median_row(model: str, system: str, spec: LoadSpec, results: list[LoadResult],
-                hists: list[BatchHistogram | None]) -> LoadRow:
+def _median_row(
+    model: str, system: str, spec: LoadSpec, results: list[LoadResult], hists: list[BatchHistogram | None]
+) -> LoadRow:
     def med(attr: str) -> float:
         return float(np.median([getattr(r, attr) for r in results]))
 
     steps = med("steps_per_s")
     server = med("server_cpu_cores")
     row = LoadRow(
-        model=model, system=system, streams=spec.streams, sessions=spec.streams * spec.sessions_per_message,
-        steps_per_message=spec.steps_per_message, steps_per_s=steps, messages_per_s=med("messages_per_s"),
-        p50_ms=med("p50_ms"), p95_ms=med("p95_ms"), p99_ms=med("p99_ms"),
-        client_cpu_cores=med("client_cpu_cores"), server_cpu_cores=server,
-        server_cpu_us_per_step=float(np.median([r.server_cpu_cores / r.steps_per_s * 1e6 for r in results
-                                                if r.steps_per_s > 0] or [float("nan")])),
+        model=model,
+        system=system,
+        streams=spec.streams,
+        sessions=spec.streams * spec.sessions_per_message,
+        steps_per_message=spec.steps_per_message,
+        steps_per_s=steps,
+        messages_per_s=med("messages_per_s"),
+        p50_ms=med("p50_ms"),
+        p95_ms=med("p95_ms"),
+        p99_ms=med("p99_ms"),
+        client_cpu_cores=med("client_cpu_cores"),
+        server_cpu_cores=server,
+        server_cpu_us_per_step=float(
+            np.median(
+                [r.server_cpu_cores / r.steps_per_s * 1e6 for r in results if r.steps_per_s > 0]
+                or [float("nan")]
+            )
+        ),
         rate_per_s=spec.rate_per_s,
         errors=sum(r.errors for r in results),
         first_error=next((r.first_error for r in results if r.first_error), ""),
-        runs=[{k: getattr(r, k) for k in ("steps_per_s", "p50_ms", "p99_ms", "client_cpu_cores",
-                                         "server_cpu_cores")} for r in results],
+        runs=[
+            {
+                k: getattr(r, k)
+                for k in ("steps_per_s", "p50_ms", "p99_ms", "client_cpu_cores", "server_cpu_cores")
+            }
+            for r in results
+        ],
     )
     good = [h for h in hists if h is not None and h.count > 0]
     if good:
         total = good[0]
         for h in good[1:]:
-            total = BatchHistogram(tuple((le, c + dict(h.buckets).get(le, 0.0)) for le, c in total.buckets),
-                                   total.total + h.total, total.count + h.count)
+            total = BatchHistogram(
+                tuple((le, c + dict(h.buckets).get(le, 0.0)) for le, c in total.buckets),
+                total.total + h.total,
+                total.count + h.count,
+            )
         row.batch_mean, row.batch_p50, row.batch_p99 = total.mean, total.quantile(0.5), total.quantile(0.99)
         row.batch_buckets = list(total.buckets)
     return row
@@ -172,8 +202,9 @@ class Runner:
         default = DEFAULT_REPOSITORY / "default"
         if default.is_dir():
             shutil.copytree(default, self.repo / "default")
-            versions = sorted((p for p in (self.repo / "default").iterdir() if p.name.isdigit()),
-                              key=lambda p: int(p.name))
+            versions = sorted(
+                (p for p in (self.repo / "default").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+            )
             if versions:
                 self.models["default"] = versions[-1] / "model.onnx"
         else:
@@ -182,7 +213,9 @@ class Runner:
 
     def _count_steps(self) -> int:
         p = self.plan
-        per_model_loads = len(p.one_step_streams) * 2 + 2 * 2 + 2 + 1  # echo+service one-step, chunk, many, nobatch
+        per_model_loads = (
+            len(p.one_step_streams) * 2 + 2 * 2 + 2 + 1
+        )  # echo+service one-step, chunk, many, nobatch
         loads = per_model_loads * p.repeats * len(self.models) + len(p.one_step_streams) * p.repeats + 1
         return loads + 6
 
@@ -206,13 +239,33 @@ class Runner:
         out = next(o for o in m.graph.output if not o.name.startswith("state_out_"))
         return describe(inp), describe(out)
 
-    def _spec(self, model: str, target: str, address: str, streams: int, steps: int, *,
-              sessions_per_message: int = 1, rate: float = 0.0) -> LoadSpec:
+    def _spec(
+        self,
+        model: str,
+        target: str,
+        address: str,
+        streams: int,
+        steps: int,
+        *,
+        sessions_per_message: int = 1,
+        rate: float = 0.0,
+    ) -> LoadSpec:
         (iname, idtype, itail), out = self._io(model)
-        spec = LoadSpec(target, address, streams, self.plan.workers if streams > 1 else 1, self.plan.warmup_s,
-                        self.plan.duration_s, steps_per_message=steps, model=model, input_name=iname,
-                        input_dtype=idtype, input_tail=itail, sessions_per_message=sessions_per_message,
-                        rate_per_s=rate)
+        spec = LoadSpec(
+            target,
+            address,
+            streams,
+            self.plan.workers if streams > 1 else 1,
+            self.plan.warmup_s,
+            self.plan.duration_s,
+            steps_per_message=steps,
+            model=model,
+            input_name=iname,
+            input_dtype=idtype,
+            input_tail=itail,
+            sessions_per_message=sessions_per_message,
+            rate_per_s=rate,
+        )
         if target == "echo":
             req, _ = stream_message_sizes(spec, out)
             spec = dataclasses.replace(spec, request_bytes=req)
@@ -233,17 +286,23 @@ class Runner:
             self.bar.update()
         row = _median_row(model, system, spec, results, hists)
         if row.errors:
-            self.result.notes.append(f"{model} {system} {spec.streams}x{spec.steps_per_message}: {row.errors} "
-                                     f"errors, first: {row.first_error[:300]}")
-        self.bar.set_postfix_str(f"{system} {spec.streams}s x{spec.steps_per_message}: {row.steps_per_s:,.0f} st/s")
+            self.result.notes.append(
+                f"{model} {system} {spec.streams}x{spec.steps_per_message}: {row.errors} "
+                f"errors, first: {row.first_error[:300]}"
+            )
+        self.bar.set_postfix_str(
+            f"{system} {spec.streams}s x{spec.steps_per_message}: {row.steps_per_s:,.0f} st/s"
+        )
         self.result.loads.append(row)
         return row
 
     def echo(self, model: str) -> None:
         """The Python gRPC edge floor at the service's message sizes."""
         _, out = self._io(model)
-        for steps, streams_list in ((1, self.plan.one_step_streams), (self.plan.chunk_steps,
-                                                                      (self.plan.chunk_streams,))):
+        for steps, streams_list in (
+            (1, self.plan.one_step_streams),
+            (self.plan.chunk_steps, (self.plan.chunk_streams,)),
+        ):
             probe = self._spec(model, "echo", "", 1, steps)
             _, resp_bytes = stream_message_sizes(probe, out)
             server = start_echo(resp_bytes)
@@ -261,16 +320,41 @@ class Runner:
         rows = []
         try:
             for n in self.plan.one_step_streams:
-                rows.append(self._load(model, system, server, self._spec(model, "stream", server.address, n, 1)))
-            rows.append(self._load(model, system, server, self._spec(
-                model, "stream", server.address, self.plan.chunk_streams, self.plan.chunk_steps)))
+                rows.append(
+                    self._load(model, system, server, self._spec(model, "stream", server.address, n, 1))
+                )
+            rows.append(
+                self._load(
+                    model,
+                    system,
+                    server,
+                    self._spec(
+                        model, "stream", server.address, self.plan.chunk_streams, self.plan.chunk_steps
+                    ),
+                )
+            )
             if batching:
                 k = self.plan.many_sessions_per_message
-                many = sorted({n for n in (128, max(self.plan.one_step_streams)) if n in self.plan.one_step_streams})
-                for sessions, steps in [(n, 1) for n in many] + [(self.plan.chunk_streams, self.plan.chunk_steps)]:
+                many = sorted(
+                    {n for n in (128, max(self.plan.one_step_streams)) if n in self.plan.one_step_streams}
+                )
+                for sessions, steps in [(n, 1) for n in many] + [
+                    (self.plan.chunk_streams, self.plan.chunk_steps)
+                ]:
                     per = min(k, sessions)
-                    self._load(model, "service StreamMany", server, self._spec(
-                        model, "stream_many", server.address, sessions // per, steps, sessions_per_message=per))
+                    self._load(
+                        model,
+                        "service StreamMany",
+                        server,
+                        self._spec(
+                            model,
+                            "stream_many",
+                            server.address,
+                            sessions // per,
+                            steps,
+                            sessions_per_message=per,
+                        ),
+                    )
                 if model == REF_MODEL:
                     self._half_peak(model, server, rows)
                     self._positions(model, server)
@@ -287,9 +371,16 @@ class Runner:
 
     def _positions(self, model: str, server: ServerProcess) -> None:
         spec = self._spec(model, "stream", server.address, 1, 1)
-        points: list[PositionPoint] = asyncio.run(measure_positions(
-            server.address, spec, self.plan.positions, sessions=self.plan.position_sessions,
-            window=self.plan.position_window, stateless_repeats=3 if self.plan.quick else 5))
+        points: list[PositionPoint] = asyncio.run(
+            measure_positions(
+                server.address,
+                spec,
+                self.plan.positions,
+                sessions=self.plan.position_sessions,
+                window=self.plan.position_window,
+                stateless_repeats=3 if self.plan.quick else 5,
+            )
+        )
         for p in points:
             d = dataclasses.asdict(p)
             d["model"] = model
@@ -306,7 +397,9 @@ class Runner:
         for model in self.models:
             wanted.add((model, 1, 1))
         for model, batch, steps in sorted(wanted):
-            c: CeilingPoint = measure_ceiling(self.models[model], batch, steps, seconds=self.plan.ceiling_seconds)
+            c: CeilingPoint = measure_ceiling(
+                self.models[model], batch, steps, seconds=self.plan.ceiling_seconds
+            )
             d = dataclasses.asdict(c)
             d["model"] = model
             self.result.ceilings.append(d)
@@ -315,8 +408,17 @@ class Runner:
     def memory(self) -> None:
         """RSS per idle session in an engine subprocess, fresh and with state written."""
         for written in (False, True):
-            cmd = [sys.executable, "-m", "tests.bench.memory", "--repository", str(self.repo), "--model",
-                   REF_MODEL, "--sessions", str(self.plan.idle_sessions)] + (["--written"] if written else [])
+            cmd = [
+                sys.executable,
+                "-m",
+                "tests.bench.memory",
+                "--repository",
+                str(self.repo),
+                "--model",
+                REF_MODEL,
+                "--sessions",
+                str(self.plan.idle_sessions),
+            ] + (["--written"] if written else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 self.result.notes.append(f"memory scenario failed: {proc.stderr[-1500:]}")
