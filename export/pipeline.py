@@ -26,8 +26,9 @@ from models import read_checkpoint
 QUANT_TOL = 0.05  # int8 self-consistency bound: batch/chunk dependence of dynamic activation scales
 CONFIG_TEMPLATE = """\
 # Serving settings for model {name!r} (docs/DESIGN.md section 1). Written once by the exporter; edit freely,
-# later exports never overwrite it. Unset keys take the server's defaults.
-description: {description}
+# later exports never overwrite it. Unset keys take the server's defaults; the description defaults to the
+# model's rnnserve.description metadata, which each export refreshes (so it is left unset here).
+# description:
 # max_batch_size:
 # max_queue_delay_ms:
 # max_sessions:
@@ -144,13 +145,5 @@ def export_checkpoint(
         raise
     config = model_dir / "config.yaml"
     if not config.exists():
-        desc = ck.meta.description or f"{ck.config.family} {ck.config.task} model"
-        config.write_text(CONFIG_TEMPLATE.format(name=name, description=_yaml_str(desc)))
+        config.write_text(CONFIG_TEMPLATE.format(name=name))
     return ExportResult(name, version, target / "model.onnx", report, quantization=qreport)
-
-
-def _yaml_str(s: str) -> str:
-    """Quote as a YAML double-quoted scalar (JSON strings are valid YAML)."""
-    import json
-
-    return json.dumps(s, ensure_ascii=False)
