@@ -1,11 +1,11 @@
 """Cross-session batching: one `Batcher` per model version.
 
 The batcher owns a bounded queue, the requests' futures and one task. Greedy: while one ONNX Runtime run is in
-flight the next batch accumulates (plus an optional `max_queue_delay_us`). Requests are grouped by the tuple of
-their data shapes, so chunks of different length never pad and each group is exact. A batch is a gather of the
-sessions' state rows from the slab, one ORT run in the engine's executor, a scatter of the new state rows back,
-and a split of the outputs; all of that runs off the event loop. Per-session order is the engine's job (one
-in-flight step per session); the batcher never sees one slot twice in a batch.
+flight the next batch accumulates (plus an optional `max_queue_delay_us`). Requests are grouped by the tuple
+of their data shapes, so chunks of different length never pad and each group is exact. A batch is a gather of
+the sessions' state rows from the slab, one ORT run in the engine's executor, a scatter of the new state rows
+back, and a split of the outputs; all of that runs off the event loop. Per-session order is the engine's job
+(one in-flight step per session); the batcher never sees one slot twice in a batch.
 
 When the task dies, every waiting future gets the error and later submits are refused.
 """
@@ -31,7 +31,7 @@ _log = logging.getLogger(__name__)
 
 
 class PendingOp:
-    """Marks a session busy (a step in flight or an exclusive operation); waiters are created only on contention."""
+    """Marks a session busy (a step in flight or an exclusive operation); waiters exist only on contention."""
 
     __slots__ = ("waiters",)
 
@@ -52,8 +52,16 @@ class StepRequest(PendingOp):
 
     __slots__ = ("slot", "inputs", "key", "future", "enqueued", "owner", "seq", "steps", "taken")
 
-    def __init__(self, slot: int, inputs: tuple[np.ndarray, ...], key: Any, future: asyncio.Future,
-                 owner: Any = None, seq: int = 0, steps: int = 1) -> None:
+    def __init__(
+        self,
+        slot: int,
+        inputs: tuple[np.ndarray, ...],
+        key: Any,
+        future: asyncio.Future,
+        owner: Any = None,
+        seq: int = 0,
+        steps: int = 1,
+    ) -> None:
         self.waiters = None
         self.slot = slot
         self.inputs = inputs
@@ -85,7 +93,9 @@ def split(outputs: Sequence[np.ndarray], names: Sequence[str], n: int) -> list[d
 Finish = Callable[[StepRequest, "dict[str, np.ndarray] | None", "BaseException | None"], None]
 
 
-def _default_finish(req: StepRequest, outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
+def _default_finish(
+    req: StepRequest, outputs: dict[str, np.ndarray] | None, exc: BaseException | None
+) -> None:
     if req.future.done():
         return
     if exc is not None:
@@ -181,7 +191,9 @@ class Batcher:
         if self._error is not None:
             raise self._error
         if len(self._queue) >= self.max_queue_size:
-            raise ResourceExhausted(f"model {self.label}: {len(self._queue)} steps queued (max_queue_size); retry")
+            raise ResourceExhausted(
+                f"model {self.label}: {len(self._queue)} steps queued (max_queue_size); retry"
+            )
         self._queue.append(req)
         wake = self._wake
         if wake is not None:
@@ -223,6 +235,7 @@ class Batcher:
                 continue
             self._inflight = batch
             started = time.perf_counter()
+            error: BaseException | None = None
             try:
                 results = await loop.run_in_executor(self.executor, self._compute, batch)
             except ServeError as exc:

@@ -1,8 +1,8 @@
 """Server settings: one `Settings` object, loaded from a YAML file, the environment and command-line flags.
 
-Precedence: flags > environment (`RNNSERVE_*`) > file (`--config FILE` or `RNNSERVE_CONFIG`) > defaults.
-Every limit and timeout is a field with a safe default. Build it once in `main()` (`load_settings`) and pass it
-down explicitly.
+Precedence: flags > environment (`RNNSERVE_*`) > file (`--config FILE` or `RNNSERVE_CONFIG`) > defaults. Every
+limit and timeout is a field with a safe default. Build it once in `main()` (`load_settings`) and pass it down
+explicitly.
 """
 
 from __future__ import annotations
@@ -30,15 +30,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     grpc_host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
-    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (Triton's default 8001; 0 = pick a free one).")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC port (Triton's default 8001; 0 = pick a free one)."
+    )
     metrics_port: int = Field(
-        8002, ge=-1, le=65535, description="Prometheus /metrics HTTP port (8002 as Triton; 0 = pick free, -1 = off)."
+        8002,
+        ge=-1,
+        le=65535,
+        description="Prometheus /metrics HTTP port (8002 as Triton; 0 = pick free, -1 = off).",
     )
     model_repository: Path = Field(
         Path("models/repository"), description="Model repository: <repo>/<name>/<version>/model.onnx."
     )
     repository_poll_s: float = Field(
-        0.0, ge=0, description="Seconds between repository scans for new or removed versions (0 = no watching)."
+        0.0,
+        ge=0,
+        description="Seconds between repository scans for new or removed versions (0 = no watching).",
     )
     max_batch_size: int = Field(256, ge=1, description="Most sessions batched into one ONNX Runtime run.")
     max_queue_delay_us: int = Field(
@@ -48,11 +55,15 @@ class Settings(BaseSettings):
         65536, ge=1, description="Most requests waiting per model version before new ones are refused."
     )
     max_sessions: int = Field(1_000_000, ge=1, description="Most open sessions on this server.")
-    max_sessions_per_model: int = Field(1_000_000, ge=1, description="Most open sessions per model (all versions).")
+    max_sessions_per_model: int = Field(
+        1_000_000, ge=1, description="Most open sessions per model (all versions)."
+    )
     idle_ttl_s: float = Field(600.0, gt=0, description="Default idle time after which a session expires.")
     max_idle_ttl_s: float = Field(86_400.0, gt=0, description="Largest idle TTL a client may ask for.")
     max_lifetime_s: float = Field(
-        86_400.0, gt=0, description="Longest a session may live, however active (then it expires: 'lifetime')."
+        86_400.0,
+        gt=0,
+        description="Longest a session may live, however active (then it expires: 'lifetime').",
     )
     max_chunk_steps: int = Field(4096, ge=1, description="Most timesteps in one chunk.")
     max_message_bytes: int = Field(
@@ -61,7 +72,9 @@ class Settings(BaseSettings):
     evict_on_capacity: bool = Field(
         False, description="At capacity, evict the least recently used idle session instead of refusing."
     )
-    drain_grace_s: float = Field(20.0, ge=0, description="Seconds that in-flight work gets to finish on shutdown.")
+    drain_grace_s: float = Field(
+        20.0, ge=0, description="Seconds that in-flight work gets to finish on shutdown."
+    )
     ort_intra_op_threads: int = Field(
         1, ge=0, description="ONNX Runtime intra-op threads per model version (0 = ORT's default)."
     )
@@ -69,19 +82,28 @@ class Settings(BaseSettings):
         1, ge=1, description="Threads that run ONNX Runtime calls off the event loop (shared by all models)."
     )
     state_hmac_key: str | None = Field(
-        None, description="Secret key: state blobs carry HMAC-SHA-256 instead of plain SHA-256 (forgery-proof)."
+        None,
+        description="Secret key: state blobs carry HMAC-SHA-256 instead of plain SHA-256 (forgery-proof).",
     )
     store: Literal["memory", "redis"] = Field("memory", description="Session store: 'memory' or 'redis'.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL when store = redis.")
     store_flush_every: int = Field(
-        1, ge=1, description="Write a session to the shared store every N applied steps (1 = after every step)."
+        1,
+        ge=1,
+        description="Write a session to the shared store every N applied steps (1 = after every step).",
     )
-    lease_s: float = Field(30.0, gt=0, description="Ownership lease of a session in the shared store, in seconds.")
-    replica_id: str = Field(default_factory=_default_replica_id, description="This replica's id (hostname-pid).")
+    lease_s: float = Field(
+        30.0, gt=0, description="Ownership lease of a session in the shared store, in seconds."
+    )
+    replica_id: str = Field(
+        default_factory=_default_replica_id, description="This replica's id (hostname-pid)."
+    )
     tombstone_ttl_s: float = Field(
         3600.0, ge=0, description="How long a gone session still answers NOT_FOUND with its reason."
     )
-    max_tombstones: int = Field(100_000, ge=0, description="Most remembered gone sessions (oldest forgotten first).")
+    max_tombstones: int = Field(
+        100_000, ge=0, description="Most remembered gone sessions (oldest forgotten first)."
+    )
     sweep_interval_s: float = Field(1.0, gt=0, description="Seconds between idle/lifetime expiry sweeps.")
     log_level: str = Field("INFO", description="Python logging level.")
 
@@ -123,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:
-    """Build the settings from `argv` flags, the environment and an optional YAML file (in that precedence)."""
+    """Build the settings from `argv` flags, the environment and an optional YAML file (that precedence)."""
     flags = vars(_parser().parse_args(argv))
     config_path = flags.pop("config", None) or os.environ.get(f"{ENV_PREFIX}CONFIG")
     file_values = _yaml_values(Path(config_path)) if config_path else {}

@@ -1,14 +1,14 @@
-"""The protocol-agnostic serving core that both APIs (native gRPC and KServe v2) call (docs/DESIGN.md section 3).
+"""The protocol-agnostic serving core that both APIs (native gRPC, KServe v2) call (DESIGN.md section 3).
 
 It wires the repository (model versions), one `StateSlab` and one `Batcher` per loaded version, the session
 table, the session store seam and the metrics. It knows nothing of gRPC or protobuf: it raises typed
 `ServeError`s and the edges map them in one place.
 
-Concurrency model: everything here runs on the event loop; ONNX Runtime and the slab gathers/scatters run in one
-dedicated executor. A session has at most one operation in flight (`Session.pending`): a step, or an exclusive
-operation such as get/set state, fork, reset, close or a whole generation. Others wait their turn. Bookkeeping of
-an applied step (seq, cached result) happens when the batch completes, not in the awaiting coroutine, so a
-cancelled caller can never leave state and seq out of step with each other.
+Concurrency model: everything here runs on the event loop; ONNX Runtime and the slab gathers/scatters run in
+one dedicated executor. A session has at most one operation in flight (`Session.pending`): a step, or an
+exclusive operation such as get/set state, fork, reset, close or a whole generation. Others wait their turn.
+Bookkeeping of an applied step (seq, cached result) happens when the batch completes, not in the awaiting
+coroutine, so a cancelled caller can never leave state and seq out of step with each other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,20 +32,35 @@ from service.config import Settings
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     OutOfRange,
     ServeError,
     Unavailable,
 )
 from service.generation import check_ids, encode_text, sample
 from service.metrics import Metrics
-from service.repository import ModelConfig, ModelSpec, ModelVersion, Repository, RepositoryChange, StateSpec, TensorSpec
+from service.repository import (
+    ModelConfig,
+    ModelSpec,
+    ModelVersion,
+    Repository,
+    RepositoryChange,
+    StateSpec,
+    TensorSpec,
+)
 from service.sessions import Session, SessionTable
 from service.slab import StateSlab
 from service.store import InMemoryStore, SessionRecord, SessionStore
 
-__all__ = ["Engine", "GeneratedToken", "ModelConfig", "ModelSpec", "SessionInfo", "StateSpec", "StepResult",
-           "TensorSpec"]
+__all__ = [
+    "Engine",
+    "GeneratedToken",
+    "ModelConfig",
+    "ModelSpec",
+    "SessionInfo",
+    "StateSpec",
+    "StepResult",
+    "TensorSpec",
+]
 
 _log = logging.getLogger(__name__)
 GENERATED = "generated_tokens"  # the cached output of a Generate chunk: the sampled token ids
@@ -55,7 +70,7 @@ _FINAL_REASONS = frozenset({"closed", "idle", "lifetime", "capacity"})
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
-    """A session as clients see it. Times are wall-clock seconds since the epoch; expires_at is the idle expiry."""
+    """A session as clients see it. Times are wall-clock epoch seconds; expires_at is the idle expiry."""
 
     session_id: str
     model: str
@@ -94,14 +109,12 @@ class _Inputs:
         self.names = frozenset(t.name for t in spec.inputs)
         self.expected = ", ".join(f"{t.name} ({t.dtype.name}, shape {_shape_text(t)})" for t in spec.inputs)
         self.timed = spec.time_axis
-        self.finite = tuple(
-            (not spec.config.allow_non_finite) and t.dtype.kind in "fc" for t in spec.inputs
-        )
+        self.finite = tuple((not spec.config.allow_non_finite) and t.dtype.kind in "fc" for t in spec.inputs)
         self.max_chunk = spec.config.max_chunk_steps
         self.label = f"model {spec.name!r} v{spec.version}"
 
     def check(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
-        """Validated arrays in spec order, the batching key (their shapes) and the number of timesteps."""
+        """Return validated arrays in spec order, the batching key (their shapes) and the timestep count."""
         if len(inputs) != len(self.specs) or not self.names.issuperset(inputs):
             self._names_error(inputs)
         arrays = []
@@ -111,18 +124,23 @@ class _Inputs:
             if not isinstance(a, np.ndarray):
                 raise InvalidArgument(f"input {t.name!r} must be a numpy array")
             if a.dtype != t.dtype:
-                raise InvalidArgument(f"{self.label}: input {t.name!r} has dtype {a.dtype.name}; expected "
-                                      f"{t.dtype.name}")
+                raise InvalidArgument(
+                    f"{self.label}: input {t.name!r} has dtype {a.dtype.name}; expected {t.dtype.name}"
+                )
             self._check_shape(t, a)
             if self.timed:
                 if i == 0:
                     steps = a.shape[0]
                 elif a.shape[0] != steps:
-                    raise InvalidArgument(f"{self.label}: inputs have different chunk lengths ({steps} and "
-                                          f"{a.shape[0]} steps); every input needs the same T")
+                    raise InvalidArgument(
+                        f"{self.label}: inputs have different chunk lengths ({steps} and "
+                        f"{a.shape[0]} steps); every input needs the same T"
+                    )
             if self.finite[i] and not np.isfinite(a).all():
-                raise InvalidArgument(f"{self.label}: input {t.name!r} holds NaN or infinity; this model "
-                                      "expects finite values (allow_non_finite is off)")
+                raise InvalidArgument(
+                    f"{self.label}: input {t.name!r} holds NaN or infinity; this model "
+                    "expects finite values (allow_non_finite is off)"
+                )
             arrays.append(a)
         key = arrays[0].shape if len(arrays) == 1 else tuple(a.shape for a in arrays)
         return tuple(arrays), key, steps
@@ -130,28 +148,39 @@ class _Inputs:
     def _check_shape(self, t: TensorSpec, a: np.ndarray) -> None:
         want = t.shape[1:]
         if a.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, a.shape, strict=True)):
-            raise InvalidArgument(f"{self.label}: input {t.name!r} has shape {tuple(a.shape)}; expected "
-                                  f"{_shape_text(t)} (per session, no batch axis)")
+            raise InvalidArgument(
+                f"{self.label}: input {t.name!r} has shape {tuple(a.shape)}; expected "
+                f"{_shape_text(t)} (per session, no batch axis)"
+            )
         if 0 in a.shape:
-            raise InvalidArgument(f"{self.label}: input {t.name!r} is empty (shape {tuple(a.shape)}); a chunk "
-                                  "needs at least one step")
+            raise InvalidArgument(
+                f"{self.label}: input {t.name!r} is empty (shape {tuple(a.shape)}); a chunk "
+                "needs at least one step"
+            )
         if self.timed and a.shape[0] > self.max_chunk:
-            raise OutOfRange(f"{self.label}: chunk of {a.shape[0]} steps is longer than max_chunk_steps "
-                             f"({self.max_chunk}); split it into smaller chunks")
+            raise OutOfRange(
+                f"{self.label}: chunk of {a.shape[0]} steps is longer than max_chunk_steps "
+                f"({self.max_chunk}); split it into smaller chunks"
+            )
 
     def _names_error(self, inputs: dict[str, np.ndarray]) -> None:
         state = [n for n in inputs if n.startswith("state_in_")]
         if state:
-            raise InvalidArgument(f"{self.label}: {state} are state inputs, which the server holds; send only "
-                                  f"the data inputs: {self.expected}")
+            raise InvalidArgument(
+                f"{self.label}: {state} are state inputs, which the server holds; send only "
+                f"the data inputs: {self.expected}"
+            )
         missing = sorted(self.names - set(inputs))
         extra = sorted(set(inputs) - self.names)
-        raise InvalidArgument(f"{self.label}: wrong inputs (missing {missing}, unexpected {extra}); expected "
-                              f"{self.expected}")
+        raise InvalidArgument(
+            f"{self.label}: wrong inputs (missing {missing}, unexpected {extra}); expected {self.expected}"
+        )
 
 
 def _shape_text(t: TensorSpec) -> str:
-    dims = ["T" if (i == 0 and t.time_axis) else ("?" if d is None else str(d)) for i, d in enumerate(t.shape[1:])]
+    dims = [
+        "T" if (i == 0 and t.time_axis) else ("?" if d is None else str(d)) for i, d in enumerate(t.shape[1:])
+    ]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
@@ -168,7 +197,11 @@ class Engine:
     """The serving core: sessions, batching, snapshots, generation and lifecycle for every loaded model."""
 
     def __init__(
-        self, settings: Settings, *, registry: CollectorRegistry | None = None, store: SessionStore | None = None
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        store: SessionStore | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
@@ -197,7 +230,7 @@ class Engine:
             return RedisStore.from_settings(settings)
         return InMemoryStore()
 
-    # == lifecycle ==============================================================================================
+    # == lifecycle ===========================================================================================
     async def start(self) -> None:
         """Load the repository, start a batcher per model version, the expiry sweeper and the watcher."""
         if self._started:
@@ -237,7 +270,9 @@ class Engine:
     async def drain(self) -> None:
         """Refuse new sessions, let in-flight steps finish, and flush every session to the store."""
         self.draining = True
-        while self._active_steps:  # steps already inside the engine finish (new ones still may: edges stop those)
+        while (
+            self._active_steps
+        ):  # steps already inside the engine finish (new ones still may: edges stop those)
             await asyncio.sleep(0.005)
         for s in list(self.sessions):
             with contextlib.suppress(ServeError):
@@ -281,14 +316,22 @@ class Engine:
 
         mv.slab = StateSlab(spec.states)
         mv.batcher = Batcher(
-            spec, mv.runtime, mv.slab, self.executor,
-            max_batch_size=spec.config.max_batch_size, max_queue_delay_us=spec.config.max_queue_delay_us,
-            max_queue_size=self.settings.max_queue_size, finish=self._finish, observe=observe,
+            spec,
+            mv.runtime,
+            mv.slab,
+            self.executor,
+            max_batch_size=spec.config.max_batch_size,
+            max_queue_delay_us=spec.config.max_queue_delay_us,
+            max_queue_size=self.settings.max_queue_size,
+            finish=self._finish,
+            observe=observe,
         )
         mv.batcher.start()
         self._versioned[mv] = _Versioned(
-            _Inputs(spec), self.metrics.request_seconds.labels(*labels),
-            self.metrics.active_sessions.labels(*labels), self.metrics.state_bytes.labels(*labels),
+            _Inputs(spec),
+            self.metrics.request_seconds.labels(*labels),
+            self.metrics.active_sessions.labels(*labels),
+            self.metrics.state_bytes.labels(*labels),
         )
 
     async def _unload(self, mv: ModelVersion) -> None:
@@ -324,20 +367,20 @@ class Engine:
             except Exception as exc:  # a watcher must outlive any one bad scan
                 _log.error("repository scan failed: %r", exc, exc_info=exc)
 
-    # == models =================================================================================================
+    # == models ==============================================================================================
     def list_models(self) -> list[ModelSpec]:
-        """The served (newest) version of each model; `ModelSpec.versions` lists the versions on disk."""
+        """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return [mv.spec for _, mv in sorted(self.repository.current.items())]
 
     def get_model(self, name: str, version: int | None = None) -> ModelSpec:
-        """One model's spec; `version` None/0 = the served one. Versions still pinned by sessions count too."""
+        """One model's spec; `version` None/0 = the served one; versions pinned by sessions count too."""
         if version:
             for mv in self.repository.loaded():
                 if mv.spec.name == name and mv.spec.version == version:
                     return mv.spec
         return self.repository.get(name, version).spec
 
-    # == sessions ===============================================================================================
+    # == sessions ============================================================================================
     def _ttl(self, mv: ModelVersion, idle_ttl_s: float | None) -> float:
         if idle_ttl_s is None or idle_ttl_s == 0:
             return mv.spec.config.idle_ttl_s
@@ -351,23 +394,34 @@ class Engine:
         by_name = {s.name: s for s in spec.states}
         unknown = sorted(set(state) - set(by_name))
         if unknown:
-            raise InvalidArgument(f"model {spec.name!r} has no state {unknown}; its states are {sorted(by_name)}")
+            raise InvalidArgument(
+                f"model {spec.name!r} has no state {unknown}; its states are {sorted(by_name)}"
+            )
         if complete and set(state) != set(by_name):
-            raise InvalidArgument(f"state is missing {sorted(set(by_name) - set(state))}; model {spec.name!r} "
-                                  f"needs {sorted(by_name)}")
+            raise InvalidArgument(
+                f"state is missing {sorted(set(by_name) - set(state))}; model {spec.name!r} "
+                f"needs {sorted(by_name)}"
+            )
         for name, arr in state.items():
             st = by_name[name]
             if not isinstance(arr, np.ndarray) or arr.dtype != st.dtype or tuple(arr.shape) != st.shape:
-                got = (arr.dtype.name, tuple(arr.shape)) if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InvalidArgument(f"state {name!r} is {got}; expected dtype {st.dtype.name}, shape {st.shape} "
-                                      "(no batch axis)")
+                got = (
+                    (arr.dtype.name, tuple(arr.shape)) if isinstance(arr, np.ndarray) else type(arr).__name__
+                )
+                raise InvalidArgument(
+                    f"state {name!r} is {got}; expected dtype {st.dtype.name}, shape {st.shape} "
+                    "(no batch axis)"
+                )
             if st.dtype.kind in "fc" and not np.isfinite(arr).all():
                 raise InvalidArgument(f"state {name!r} holds NaN or infinity; expected finite values")
 
     def _make_room(self, mv: ModelVersion) -> None:
         name, limit = mv.spec.name, mv.spec.config.max_sessions
         for _ in range(3):  # at most: one eviction for the server limit, one for the model limit
-            if len(self.sessions) < self.sessions.max_sessions and self.sessions.per_model.get(name, 0) < limit:
+            if (
+                len(self.sessions) < self.sessions.max_sessions
+                and self.sessions.per_model.get(name, 0) < limit
+            ):
                 return
             victim = self.sessions.check_capacity(name, limit) if self.settings.evict_on_capacity else None
             if victim is None:
@@ -387,7 +441,7 @@ class Engine:
         return s
 
     def _end(self, s: Session, reason: str, *, delete: bool = True) -> None:
-        """Forget a session locally (slot freed, tombstone left); the caller made sure nothing is in flight."""
+        """Forget a session locally (slot freed, tombstone left); nothing may be in flight."""
         if s.session_id not in self.sessions.sessions:
             return
         self.sessions.remove(s, reason)
@@ -408,8 +462,17 @@ class Engine:
         offset = time.time() - time.monotonic()
         last_used = s.last_used + offset
         expires = min(last_used + s.idle_ttl_s, s.created_wall + self.settings.max_lifetime_s)
-        return SessionInfo(s.session_id, s.mv.spec.name, s.mv.spec.version, s.last_seq, s.created_wall, last_used,
-                           s.idle_ttl_s, expires, s.steps)
+        return SessionInfo(
+            s.session_id,
+            s.mv.spec.name,
+            s.mv.spec.version,
+            s.last_seq,
+            s.created_wall,
+            last_used,
+            s.idle_ttl_s,
+            expires,
+            s.steps,
+        )
 
     async def create_session(
         self,
@@ -420,7 +483,7 @@ class Engine:
         initial_state: dict[str, np.ndarray] | None = None,
         protocol: str = "native",
     ) -> SessionInfo:
-        """Open a session on `model` (newest version unless `version`), state from `initial_state` or the model's.
+        """Open a session on `model` (newest version unless `version`); state from `initial_state`.
 
         `initial_state` may name a subset of the states; the others start from the model's initial state.
         """
@@ -453,12 +516,19 @@ class Engine:
         assert s.mv.slab is not None
         last = s.last_result
         return SessionRecord(
-            s.session_id, s.mv.spec.name, s.mv.spec.version, s.last_seq, s.mv.slab.read(s.slot),
-            None if last is None else dict(last.outputs), s.idle_ttl_s, s.created_wall, self.settings.replica_id,
+            s.session_id,
+            s.mv.spec.name,
+            s.mv.spec.version,
+            s.last_seq,
+            s.mv.slab.read(s.slot),
+            None if last is None else dict(last.outputs),
+            s.idle_ttl_s,
+            s.created_wall,
+            self.settings.replica_id,
         )
 
     async def _session(self, session_id: str) -> Session:
-        """The local session, or one resumed from the shared store; NotFound otherwise."""
+        """Return the local session, or resume it from the shared store; NotFound otherwise."""
         s = self.sessions.sessions.get(session_id)
         if s is not None:
             return s
@@ -481,20 +551,30 @@ class Engine:
     async def _resume(self, session_id: str) -> Session:
         if self.draining:
             raise Unavailable("server is draining; resume the session on another replica")
-        # Claim before load: once the lease is ours nobody else can save, so the record read next is the latest.
+        # Claim before load: once the lease is ours nobody else can save, so the next read is the latest.
         if not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
-            raise Unavailable(f"session {session_id} is owned by another live replica; retry there, or after its "
-                              f"lease ({self.settings.lease_s} s) runs out")
+            raise Unavailable(
+                f"session {session_id} is owned by another live replica; retry there, or after its "
+                f"lease ({self.settings.lease_s} s) runs out"
+            )
         rec = await self.store.load(session_id)
         if rec is None:
             await self.store.claim(session_id, self.settings.replica_id, 0.0)  # give the lease back
             raise self.sessions.not_found(session_id)
-        mv = next((m for m in self.repository.loaded() if m.spec.name == rec.model and m.spec.version == rec.version),
-                  None)
+        mv = next(
+            (
+                m
+                for m in self.repository.loaded()
+                if m.spec.name == rec.model and m.spec.version == rec.version
+            ),
+            None,
+        )
         if mv is None:
             await self.store.claim(session_id, self.settings.replica_id, 0.0)
-            raise FailedPrecondition(f"session {session_id} is pinned to model {rec.model!r} version {rec.version}, "
-                                     "which this replica does not serve")
+            raise FailedPrecondition(
+                f"session {session_id} is pinned to model {rec.model!r} version {rec.version}, "
+                "which this replica does not serve"
+            )
         self._check_state(mv.spec, rec.state, complete=True)
         s = self._open(mv, rec.idle_ttl_s, "resumed", session_id)
         assert mv.slab is not None
@@ -531,7 +611,7 @@ class Engine:
                 s.pending = None
             op.wake()
 
-    # == steps ==================================================================================================
+    # == steps ===============================================================================================
     async def step(
         self, session_id: str, seq: int, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
@@ -579,13 +659,17 @@ class Engine:
             cached = StepResult(r.seq, r.outputs, True)
             return _last_only(cached, s.mv.spec) if last_only and s.mv.spec.time_axis else cached
         if not isinstance(seq, int) or seq < 1:
-            raise InvalidArgument(f"seq must be a positive integer (the first chunk is seq 1); expected seq "
-                                  f"{last + 1}")
+            raise InvalidArgument(
+                f"seq must be a positive integer (the first chunk is seq 1); expected seq {last + 1}"
+            )
         if seq <= last:
-            raise FailedPrecondition(f"seq {seq} of session {s.session_id} was already applied and only the last "
-                                     f"seq ({last}) can be retried; expected seq {last + 1}")
-        raise FailedPrecondition(f"seq {seq} skips ahead: session {s.session_id} last applied seq {last}; "
-                                 f"expected seq {last + 1}")
+            raise FailedPrecondition(
+                f"seq {seq} of session {s.session_id} was already applied and only the last "
+                f"seq ({last}) can be retried; expected seq {last + 1}"
+            )
+        raise FailedPrecondition(
+            f"seq {seq} skips ahead: session {s.session_id} last applied seq {last}; expected seq {last + 1}"
+        )
 
     async def _renew(self, s: Session) -> None:
         if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
@@ -593,7 +677,9 @@ class Engine:
             raise self.sessions.not_found(s.session_id)
         s.lease_until = time.monotonic() + self.settings.lease_s
 
-    def _finish(self, req: StepRequest, outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
+    def _finish(
+        self, req: StepRequest, outputs: dict[str, np.ndarray] | None, exc: BaseException | None
+    ) -> None:
         """Batch completion: record the applied step on its session, then wake the caller (on the loop)."""
         s: Session | None = req.owner
         fut = req.future
@@ -624,8 +710,10 @@ class Engine:
             fut.set_result(result)
 
     async def _save_then_release(self, s: Session, req: StepRequest, result: StepResult) -> None:
-        """Persist an applied step before answering, so a replica that dies never loses an acknowledged step."""
-        outcome: BaseException | None = Unavailable("the session store did not accept the step; retry the same seq")
+        """Persist an applied step before answering, so a dying replica never loses an acknowledged step."""
+        outcome: BaseException | None = Unavailable(
+            "the session store did not accept the step; retry the same seq"
+        )
         try:
             await self.store.save(self._record(s))
             s.unsaved = 0
@@ -639,9 +727,9 @@ class Engine:
             if s.pending is req:
                 s.pending = None
             if outcome is not None:
-                # The step is applied here but not durable (or the lease is gone): forget the local copy, so no
-                # reply the store does not hold is ever given (not even as a cached retry). A retry resumes the
-                # session from its last durable step, on this replica or the lease holder.
+                # The step is applied here but not durable (or the lease is gone): forget the local copy,
+                # so no reply the store does not hold is ever given (not even as a cached retry). A retry
+                # resumes the session from its last durable step, on this replica or the lease holder.
                 self._end(s, "moved", delete=False)
             req.wake()
         if not req.future.done():
@@ -653,7 +741,7 @@ class Engine:
     async def infer_stateless(
         self, model: str, version: int | None, inputs: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """Run once from the initial state. Inputs and outputs carry the batch axis; states are not returned."""
+        """Run once from the initial state. Inputs/outputs carry the batch axis; no states returned."""
         if self.draining:
             raise Unavailable("server is draining; retry on another replica")
         mv = self.repository.get(model, version)
@@ -664,11 +752,15 @@ class Engine:
             if isinstance(arr, np.ndarray) and arr.ndim >= 1:
                 batch = arr.shape[0] if batch is None else batch
                 if arr.shape[0] != batch:
-                    raise InvalidArgument(f"inputs disagree on the batch size ({batch} vs {arr.shape[0]} for "
-                                          f"{name!r}); axis 0 is the batch axis")
+                    raise InvalidArgument(
+                        f"inputs disagree on the batch size ({batch} vs {arr.shape[0]} for "
+                        f"{name!r}); axis 0 is the batch axis"
+                    )
         if batch is None or batch < 1:
-            raise InvalidArgument(f"stateless inference needs inputs with a batch axis: {checker.expected} "
-                                  "with a leading batch dimension")
+            raise InvalidArgument(
+                f"stateless inference needs inputs with a batch axis: {checker.expected} "
+                "with a leading batch dimension"
+            )
         if batch > spec.config.max_batch_size:
             raise OutOfRange(f"batch of {batch} exceeds max_batch_size {spec.config.max_batch_size}")
         for i in range(batch):  # each row must be a valid per-session input (dtype, shape, finiteness)
@@ -680,34 +772,38 @@ class Engine:
         outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
         return {t.name: outs[t.name] for t in spec.outputs}
 
-    # == state operations =======================================================================================
+    # == state operations ====================================================================================
     async def get_state(self, session_id: str) -> bytes:
-        """The session's whole state (with its seq and cached last result) as an integrity-checked blob."""
+        """Return the session's whole state (seq and cached last result too) as an integrity-checked blob."""
         async with self._exclusive(session_id) as s:
             return snapshot.encode(self._record(s), self._hmac_key)
 
     async def set_state(self, session_id: str, blob: bytes) -> SessionInfo:
-        """Replace the session's state, seq and cached result from a GetState blob of the same model version."""
+        """Replace the session's state, seq and cached result from a GetState blob (same model version)."""
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise InvalidArgument("state must be bytes from GetState")
         rec = snapshot.decode(bytes(blob), self._hmac_key)
         async with self._exclusive(session_id) as s:
             spec = s.mv.spec
             if rec.model != spec.name or rec.version != spec.version:
-                raise InvalidArgument(f"state blob is for model {rec.model!r} version {rec.version}; session "
-                                      f"{session_id} runs model {spec.name!r} version {spec.version}")
+                raise InvalidArgument(
+                    f"state blob is for model {rec.model!r} version {rec.version}; session "
+                    f"{session_id} runs model {spec.name!r} version {spec.version}"
+                )
             self._check_state(spec, rec.state, complete=True)
             assert s.mv.slab is not None
             s.mv.slab.write(s.slot, rec.state)
             s.last_seq = rec.last_seq
-            s.last_result = None if rec.last_outputs is None else StepResult(rec.last_seq, rec.last_outputs, False)
+            s.last_result = (
+                None if rec.last_outputs is None else StepResult(rec.last_seq, rec.last_outputs, False)
+            )
             self.sessions.touch(s, time.monotonic())
             if self._persist:
                 await self.store.save(self._record(s))
             return self._info(s)
 
     async def fork(self, session_id: str, *, idle_ttl_s: float | None = None) -> SessionInfo:
-        """A new session on the same model version with a copy of this one's state; its first chunk is seq 1."""
+        """Open a session on the same model version with a copy of this state; its first chunk is seq 1."""
         if self.draining:
             raise Unavailable("server is draining; fork on another replica")
         async with self._exclusive(session_id) as s:
@@ -743,14 +839,14 @@ class Engine:
                 await self.store.delete(session_id)
 
     def describe(self, session_id: str) -> SessionInfo:
-        """A session's info (local sessions only)."""
+        """Describe a local session."""
         return self._info(self.sessions.get(session_id))
 
     async def attach(self, session_id: str) -> SessionInfo:
-        """A session's info, resuming it from the shared store when this replica does not hold it (failover)."""
+        """Describe a session, resuming it from the shared store when this replica does not hold it."""
         return self._info(await self._session(session_id))
 
-    # == generation =============================================================================================
+    # == generation ==========================================================================================
     async def generate(
         self,
         *,
@@ -767,8 +863,10 @@ class Engine:
     ) -> AsyncIterator[GeneratedToken]:
         """Sample `n` tokens after a prime, streaming each as it is sampled (token models only).
 
-        On an existing session the whole generation is ONE applied chunk (seq = last + 1); the state then holds
-        the prime and every generated token, and a retry of that seq replays the cached tokens. With `model` it
+        On an existing session the whole generation is ONE applied chunk (seq = last + 1); the state then
+        holds
+        the prime and every generated token, and a retry of that seq replays the cached tokens. With `model`
+        it
         runs on a throwaway session. A failure or a cancelled stream rolls the state back.
         Wrap the iterator in `contextlib.aclosing` so a cancelled caller releases the session at once.
         """
@@ -799,7 +897,9 @@ class Engine:
                     raise FailedPrecondition(f"seq {seq} was not a generation; expected seq {s.last_seq + 1}")
                 prime = self._prime(spec, prime_ids, prime_text)
                 sampler = self._sample(s, spec, seq, prime, n, temperature, top_k, seed)
-                async with contextlib.aclosing(sampler):  # closing us closes it now: its rollback runs in time
+                async with contextlib.aclosing(
+                    sampler
+                ):  # closing us closes it now: its rollback runs in time
                     async for token in sampler:
                         yield token
         finally:
@@ -809,10 +909,18 @@ class Engine:
 
     @staticmethod
     def _token_model(spec: ModelSpec) -> ModelSpec:
-        if (spec.vocabulary is None or len(spec.inputs) != 1 or spec.inputs[0].dtype.kind not in "iu"
-                or not spec.time_axis or not spec.outputs or spec.outputs[0].dtype.kind != "f"):
-            raise FailedPrecondition(f"model {spec.name!r} is not a token model (needs a vocabulary, one integer "
-                                     "token input with a time axis and a logits output); generate works on those")
+        if (
+            spec.vocabulary is None
+            or len(spec.inputs) != 1
+            or spec.inputs[0].dtype.kind not in "iu"
+            or not spec.time_axis
+            or not spec.outputs
+            or spec.outputs[0].dtype.kind != "f"
+        ):
+            raise FailedPrecondition(
+                f"model {spec.name!r} is not a token model (needs a vocabulary, one integer "
+                "token input with a time axis and a logits output); generate works on those"
+            )
         return spec
 
     def _prime(self, spec: ModelSpec, prime_ids: Sequence[int] | None, prime_text: str | None) -> list[int]:
@@ -826,12 +934,22 @@ class Engine:
             raise InvalidArgument("the prime needs at least one token (ids or text)")
         check_ids(ids, len(spec.vocabulary))
         if len(ids) > spec.config.max_chunk_steps:
-            raise OutOfRange(f"prime of {len(ids)} tokens is longer than max_chunk_steps "
-                             f"({spec.config.max_chunk_steps})")
+            raise OutOfRange(
+                f"prime of {len(ids)} tokens is longer than max_chunk_steps ({spec.config.max_chunk_steps})"
+            )
         return ids
 
-    async def _sample(self, s: Session, spec: ModelSpec, seq: int, prime: list[int], n: int, temperature: float,
-                      top_k: int, seed: int | None) -> AsyncIterator[GeneratedToken]:
+    async def _sample(
+        self,
+        s: Session,
+        spec: ModelSpec,
+        seq: int,
+        prime: list[int],
+        n: int,
+        temperature: float,
+        top_k: int,
+        seed: int | None,
+    ) -> AsyncGenerator[GeneratedToken, None]:
         mv = s.mv
         assert mv.slab is not None and mv.batcher is not None and spec.vocabulary is not None
         saved = mv.slab.read(s.slot)

@@ -25,7 +25,7 @@ def encode_text(text: str, vocabulary: Sequence[str]) -> list[int]:
     pos = 0
     while pos < len(text):
         for width in range(min(longest, len(text) - pos), 0, -1):
-            tid = index.get(text[pos:pos + width])
+            tid = index.get(text[pos : pos + width])
             if tid is not None:
                 ids.append(tid)
                 pos += width
@@ -36,8 +36,10 @@ def encode_text(text: str, vocabulary: Sequence[str]) -> list[int]:
             pos += 1
     if unknown:
         shown = ", ".join(repr(c) for c in unknown[:20])
-        raise InvalidArgument(f"prime text has characters outside the model's vocabulary: {shown}; "
-                              f"expected only characters from the {len(vocabulary)}-token vocabulary")
+        raise InvalidArgument(
+            f"prime text has characters outside the model's vocabulary: {shown}; "
+            f"expected only characters from the {len(vocabulary)}-token vocabulary"
+        )
     return ids
 
 

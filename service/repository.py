@@ -96,11 +96,20 @@ class ModelConfig:
         )
         if not overrides:
             return base
-        known = {"max_batch_size", "max_queue_delay_ms", "max_sessions", "idle_ttl_s", "max_chunk_steps",
-                 "allow_non_finite", "description"}
+        known = {
+            "max_batch_size",
+            "max_queue_delay_ms",
+            "max_sessions",
+            "idle_ttl_s",
+            "max_chunk_steps",
+            "allow_non_finite",
+            "description",
+        }
         unknown = set(overrides) - known
         if unknown:
-            raise ContractError(f"config.yaml: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+            raise ContractError(
+                f"config.yaml: unknown keys {sorted(unknown)}; expected some of {sorted(known)}"
+            )
         values: dict[str, Any] = {}
         for key in ("max_batch_size", "max_sessions", "max_chunk_steps"):
             if key in overrides:
@@ -156,7 +165,9 @@ def _dtype(type_str: str, name: str) -> np.dtype:
         raise ContractError(f"tensor {name!r} has unsupported type {type_str}") from None
 
 
-def _initial_state(meta: dict[str, str], name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+def _initial_state(
+    meta: dict[str, str], name: str, dtype: np.dtype, shape: tuple[int, ...]
+) -> np.ndarray | None:
     blob = meta.get(INITIAL_STATE_KEY + name)
     if blob is None:
         return None
@@ -165,27 +176,33 @@ def _initial_state(meta: dict[str, str], name: str, dtype: np.dtype, shape: tupl
     except Exception as exc:
         raise ContractError(f"metadata {INITIAL_STATE_KEY}{name} is not a base64 .npy file: {exc}") from None
     if tuple(array.shape) != shape:
-        raise ContractError(f"initial state {name!r} has shape {array.shape}, expected {shape} (no batch axis)")
+        raise ContractError(
+            f"initial state {name!r} has shape {array.shape}, expected {shape} (no batch axis)"
+        )
     return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
-def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> ModelSpec:
-    """Read and validate one loaded model against the state contract; raises `ContractError`."""
-    sess = runtime.session
-    ins = {i.name: (_dtype(i.type, i.name), _dims(i.shape)) for i in sess.get_inputs()}
-    outs = {o.name: (_dtype(o.type, o.name), _dims(o.shape)) for o in sess.get_outputs()}
+_Table = dict[str, tuple[np.dtype, list[int | str | None]]]
+
+
+def _check_batch_axes(ins: _Table, outs: _Table) -> None:
     for kind, table in (("input", ins), ("output", outs)):
         for tname, (_, dims) in table.items():
             if not dims:
                 raise ContractError(f"{kind} {tname!r} is a scalar; axis 0 must be the batch axis")
             if isinstance(dims[0], int):
-                raise ContractError(f"{kind} {tname!r} has a static axis 0 ({dims[0]}); it must be the dynamic batch")
-    meta = runtime.metadata
+                raise ContractError(
+                    f"{kind} {tname!r} has a static axis 0 ({dims[0]}); it must be the dynamic batch"
+                )
+
+
+def _states(ins: _Table, outs: _Table, meta: dict[str, str]) -> tuple[StateSpec, ...]:
+    """Pair `state_in_<name>` with `state_out_<name>` and check dtypes and static shapes."""
     states = []
     for in_name, (dtype, dims) in ins.items():
         if not in_name.startswith(STATE_IN):
             continue
-        key = in_name[len(STATE_IN):]
+        key = in_name[len(STATE_IN) :]
         pair = outs.get(STATE_OUT + key)
         if pair is None:
             raise ContractError(f"state input {in_name!r} has no output {STATE_OUT + key!r}")
@@ -193,15 +210,42 @@ def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> 
             raise ContractError(f"state {key!r}: input dtype {dtype} differs from output dtype {pair[0]}")
         rest = dims[1:]
         if not all(isinstance(d, int) for d in rest):
-            raise ContractError(f"state {key!r} has dynamic dims {dims}; state dims other than batch must be static")
+            raise ContractError(
+                f"state {key!r} has dynamic dims {dims}; state dims other than batch must be static"
+            )
         out_rest = pair[1][1:]
         if all(isinstance(d, int) for d in out_rest) and list(out_rest) != list(rest):
             raise ContractError(f"state {key!r}: input shape {dims} differs from output shape {pair[1]}")
         shape = tuple(int(d) for d in rest)  # type: ignore[arg-type]
         states.append(StateSpec(key, dtype, shape, _initial_state(meta, key, dtype, shape)))
     for out_name in outs:
-        if out_name.startswith(STATE_OUT) and STATE_IN + out_name[len(STATE_OUT):] not in ins:
-            raise ContractError(f"state output {out_name!r} has no input {STATE_IN + out_name[len(STATE_OUT):]!r}")
+        if out_name.startswith(STATE_OUT) and STATE_IN + out_name[len(STATE_OUT) :] not in ins:
+            raise ContractError(
+                f"state output {out_name!r} has no input {STATE_IN + out_name[len(STATE_OUT) :]!r}"
+            )
+    return tuple(states)
+
+
+def _vocabulary(meta: dict[str, str]) -> tuple[str, ...] | None:
+    if "rnnserve.vocabulary" not in meta:
+        return None
+    try:
+        vocab = json.loads(meta["rnnserve.vocabulary"])
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"metadata rnnserve.vocabulary is not JSON: {exc}") from None
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        raise ContractError("metadata rnnserve.vocabulary must be a JSON list of strings")
+    return tuple(vocab)
+
+
+def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> ModelSpec:
+    """Read and validate one loaded model against the state contract; raises `ContractError`."""
+    sess = runtime.session
+    ins = {i.name: (_dtype(i.type, i.name), _dims(i.shape)) for i in sess.get_inputs()}
+    outs = {o.name: (_dtype(o.type, o.name), _dims(o.shape)) for o in sess.get_outputs()}
+    _check_batch_axes(ins, outs)
+    meta = runtime.metadata
+    states = _states(ins, outs, meta)
     data_in = [(n, d) for n, d in ins.items() if not n.startswith(STATE_IN)]
     data_out = [(n, d) for n, d in outs.items() if not n.startswith(STATE_OUT)]
     if not data_in or not data_out:
@@ -212,27 +256,19 @@ def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> 
     time_axis = all(timed)
 
     def spec(n: str, dtype: np.dtype, dims: list[int | str | None]) -> TensorSpec:
-        timed_here = time_axis and len(dims) > 1 and isinstance(dims[1], str | None) and not isinstance(dims[1], int)
-        return TensorSpec(n, dtype, tuple(d if isinstance(d, int) else None for d in dims), bool(timed_here))
+        # An output has a time axis when its axis 1 is symbolic (ORT may name computed dims itself).
+        timed_here = time_axis and len(dims) > 1 and not isinstance(dims[1], int)
+        return TensorSpec(n, dtype, tuple(d if isinstance(d, int) else None for d in dims), timed_here)
 
-    vocabulary = None
-    if "rnnserve.vocabulary" in meta:
-        try:
-            vocab = json.loads(meta["rnnserve.vocabulary"])
-        except json.JSONDecodeError as exc:
-            raise ContractError(f"metadata rnnserve.vocabulary is not JSON: {exc}") from None
-        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
-            raise ContractError("metadata rnnserve.vocabulary must be a JSON list of strings")
-        vocabulary = tuple(vocab)
     return ModelSpec(
         name=name,
         version=version,
         inputs=tuple(spec(n, *d) for n, d in data_in),
         outputs=tuple(spec(n, *d) for n, d in data_out),
-        states=tuple(states),
+        states=states,
         time_axis=time_axis,
         metadata=dict(meta),
-        vocabulary=vocabulary,
+        vocabulary=_vocabulary(meta),
         description=config.description or meta.get("rnnserve.description", ""),
         config=config,
         path=runtime.path,
@@ -278,7 +314,12 @@ class Repository:
             return found
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for vdir in model_dir.iterdir():
-                if vdir.is_dir() and vdir.name.isdigit() and int(vdir.name) > 0 and (vdir / "model.onnx").is_file():
+                if (
+                    vdir.is_dir()
+                    and vdir.name.isdigit()
+                    and int(vdir.name) > 0
+                    and (vdir / "model.onnx").is_file()
+                ):
                     found.setdefault(model_dir.name, []).append((int(vdir.name), vdir / "model.onnx"))
         return found
 
@@ -302,8 +343,13 @@ class Repository:
             return None
         self.problems.pop(path, None)
         self._skipped.pop(path, None)
-        _log.info("loaded model %s version %d (%d states, %d bytes per session)",
-                  name, version, len(spec.states), spec.state_bytes)
+        _log.info(
+            "loaded model %s version %d (%d states, %d bytes per session)",
+            name,
+            version,
+            len(spec.states),
+            spec.state_bytes,
+        )
         return ModelVersion(spec, runtime)
 
     def scan(self) -> RepositoryChange:
@@ -340,7 +386,7 @@ class Repository:
         return RepositoryChange(tuple(loaded), tuple(retired), unload)
 
     def newest(self, name: str) -> ModelVersion:
-        """The version of `name` that takes new sessions."""
+        """Return the version of `name` that takes new sessions."""
         mv = self.current.get(name)
         if mv is None:
             raise NotFound(f"unknown model {name!r}; available: {sorted(self.current)}", reason="unknown")
@@ -357,11 +403,11 @@ class Repository:
         return mv
 
     def acquire(self, mv: ModelVersion) -> None:
-        """A session pins `mv`."""
+        """Pin `mv` for one more session."""
         mv.sessions += 1
 
     def release(self, mv: ModelVersion) -> bool:
-        """A session of `mv` ended; True when `mv` is retired and unpinned, so the caller unloads it now."""
+        """Unpin `mv`; True when it is retired and unpinned, so the caller unloads it now."""
         mv.sessions -= 1
         if mv.retired and mv.sessions == 0 and mv in self.retired:
             self.retired.remove(mv)

@@ -1,14 +1,14 @@
 """The local session table: `Session` objects, idle/lifetime expiry, capacity, and tombstones.
 
-A `Session` is small (`__slots__`) because one exists per idle session too. Expiry is exact and cheap: sessions
-are kept in one recency-ordered dict per idle TTL value, so a sweep reads each bucket from its least recently
-used end and stops at the first live session. A gone session leaves a tombstone (bounded in number and time)
-so it answers NOT_FOUND with its reason (idle, lifetime, capacity, shutdown, closed), never a silent restart.
+A `Session` is small (`__slots__`) because one exists per idle session too. Expiry is exact and cheap:
+sessions are kept in one recency-ordered dict per idle TTL value, so a sweep reads each bucket from its least
+recently used end and stops at the first live session. A gone session leaves a tombstone (bounded in number
+and time) so it answers NOT_FOUND with its reason (idle, lifetime, capacity, shutdown, closed), never a silent
+restart.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from service.errors import NotFound, ResourceExhausted
 
 if TYPE_CHECKING:
+    from service.batching import PendingOp
     from service.engine import StepResult
     from service.repository import ModelVersion
 
@@ -34,10 +35,26 @@ REASON_TEXT = {
 class Session:
     """One open session. `pending` is the in-flight step (or exclusive operation) future: one at a time."""
 
-    __slots__ = ("session_id", "mv", "slot", "last_seq", "last_result", "created_at", "created_wall", "last_used",
-                 "idle_ttl_s", "pending", "steps", "protocol", "lease_until", "unsaved")
+    __slots__ = (
+        "session_id",
+        "mv",
+        "slot",
+        "last_seq",
+        "last_result",
+        "created_at",
+        "created_wall",
+        "last_used",
+        "idle_ttl_s",
+        "pending",
+        "steps",
+        "protocol",
+        "lease_until",
+        "unsaved",
+    )
 
-    def __init__(self, session_id: str, mv: ModelVersion, slot: int, idle_ttl_s: float, protocol: str) -> None:
+    def __init__(
+        self, session_id: str, mv: ModelVersion, slot: int, idle_ttl_s: float, protocol: str
+    ) -> None:
         self.session_id = session_id
         self.mv = mv
         self.slot = slot
@@ -48,7 +65,7 @@ class Session:
         self.created_wall = time.time()
         self.last_used = now
         self.idle_ttl_s = idle_ttl_s
-        self.pending: asyncio.Future | None = None
+        self.pending: PendingOp | None = None
         self.steps = 0
         self.protocol = protocol
         self.lease_until = 0.0
@@ -82,24 +99,28 @@ class SessionTable:
         self._tombstones.pop(s.session_id, None)
 
     def get(self, session_id: str) -> Session:
-        """The open session, or NotFound naming why it is gone."""
+        """Return the open session, or raise NotFound naming why it is gone."""
         s = self.sessions.get(session_id)
         if s is not None:
             return s
         raise self.not_found(session_id)
 
     def not_found(self, session_id: str) -> NotFound:
-        """The NotFound error for an id that is not open here (with the tombstone's reason if there is one)."""
+        """Build the NotFound for an id not open here (with the tombstone's reason if any)."""
         tomb = self._tombstones.get(session_id)
         if tomb is not None and tomb[1] > time.monotonic():
             reason = tomb[0]
-            return NotFound(f"session {session_id} {REASON_TEXT.get(reason, reason)} (reason: {reason}); "
-                            "open a new session", reason=reason)
-        return NotFound(f"unknown session id {session_id!r}; expected an id returned by CreateSession",
-                        reason="unknown")
+            return NotFound(
+                f"session {session_id} {REASON_TEXT.get(reason, reason)} (reason: {reason}); "
+                "open a new session",
+                reason=reason,
+            )
+        return NotFound(
+            f"unknown session id {session_id!r}; expected an id returned by CreateSession", reason="unknown"
+        )
 
     def reason_of(self, session_id: str) -> str | None:
-        """The tombstone reason of a gone session, if remembered."""
+        """Return the tombstone reason of a gone session, if remembered."""
         tomb = self._tombstones.get(session_id)
         return tomb[0] if tomb is not None and tomb[1] > time.monotonic() else None
 
@@ -140,12 +161,16 @@ class SessionTable:
         return victim
 
     def refuse(self, model: str, model_limit: int) -> ResourceExhausted:
-        """The error for a full server or model."""
+        """Build the error for a full server or model."""
         if len(self.sessions) >= self.max_sessions:
-            return ResourceExhausted(f"server at capacity: {len(self.sessions)} of max_sessions "
-                                     f"{self.max_sessions} open; close sessions or retry later")
-        return ResourceExhausted(f"model {model!r} at capacity: {model_limit} sessions open (max_sessions "
-                                 "for this model); close sessions or retry later")
+            return ResourceExhausted(
+                f"server at capacity: {len(self.sessions)} of max_sessions "
+                f"{self.max_sessions} open; close sessions or retry later"
+            )
+        return ResourceExhausted(
+            f"model {model!r} at capacity: {model_limit} sessions open (max_sessions "
+            "for this model); close sessions or retry later"
+        )
 
     def expired(self, now: float, max_lifetime_s: float) -> list[tuple[Session, str]]:
         """Sessions past their idle TTL or the maximum lifetime (not those with a step in flight)."""

@@ -48,7 +48,7 @@ class StateSlab:
         self._free.extend(range(self.capacity - 1, start - 1, -1))  # pop() hands out the lowest slot first
 
     def alloc(self) -> int:
-        """A free slot holding the initial state."""
+        """Take a free slot holding the initial state."""
         if not self._free:
             self._grow()
         slot = self._free.pop()
@@ -73,7 +73,7 @@ class StateSlab:
 
     # -- rows ----------------------------------------------------------------------------------------------
     def read(self, slot: int) -> dict[str, np.ndarray]:
-        """A copy of one session's state (no batch axis)."""
+        """Copy one session's state (no batch axis)."""
         b, r = divmod(slot, self.block_rows)
         return {name: self.blocks[name][b][r].copy() for name in self.names}
 

@@ -42,8 +42,16 @@ def _tensor_table(groups: dict[str, dict[str, np.ndarray] | None]) -> tuple[list
         for name, array in (arrays or {}).items():
             le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             raw = le.tobytes()
-            table.append({"group": group, "name": name, "dtype": le.dtype.str, "shape": list(le.shape),
-                          "offset": offset, "nbytes": len(raw)})
+            table.append(
+                {
+                    "group": group,
+                    "name": name,
+                    "dtype": le.dtype.str,
+                    "shape": list(le.shape),
+                    "offset": offset,
+                    "nbytes": len(raw),
+                }
+            )
             chunks.append(raw)
             offset += len(raw)
     return table, chunks
@@ -81,7 +89,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
     body, trailer = blob[:-_TRAILER], blob[-_TRAILER:]
     start = _PREFIX.size
     try:
-        header = json.loads(blob[start:start + head_len])
+        header = json.loads(blob[start : start + head_len])
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InvalidArgument("state blob header is corrupt") from None
     if not isinstance(header, dict):
@@ -93,7 +101,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
         raise InvalidArgument("state blob is HMAC-signed but this server has no state_hmac_key to verify it")
     if not hmac.compare_digest(_mac(body, key), trailer):
         raise InvalidArgument("state blob failed its integrity check (corrupted or tampered)")
-    data = memoryview(body)[start + head_len:]
+    data = memoryview(body)[start + head_len :]
     groups: dict[str, dict[str, np.ndarray]] = {"state": {}, "last_outputs": {}}
     try:
         for t in header["tensors"]:
@@ -101,7 +109,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
             end = t["offset"] + t["nbytes"]
             if end > len(data):
                 raise ValueError("tensor extends past the blob")
-            arr = np.frombuffer(data[t["offset"]:end], dtype=dtype).reshape(t["shape"])
+            arr = np.frombuffer(data[t["offset"] : end], dtype=dtype).reshape(t["shape"])
             groups[t["group"]][t["name"]] = arr.astype(dtype.newbyteorder("="), copy=True)
         return SessionRecord(
             session_id=str(header["session_id"]),

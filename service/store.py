@@ -28,7 +28,7 @@ class SessionRecord:
 
 
 class SessionStore(abc.ABC):
-    """Persistence interface. `persistent` False means the engine skips saves (nothing outlives the process)."""
+    """Persistence interface; `persistent` False = the engine skips saves (nothing outlives the process)."""
 
     persistent: bool = True
 
@@ -52,8 +52,8 @@ class SessionStore(abc.ABC):
     async def close(self) -> None:
         """Release connections."""
 
-    async def ping(self) -> None:
-        """Raise `Unavailable` if the store cannot be reached (checked at start-up; default: nothing to check)."""
+    async def ping(self) -> None:  # noqa: B027 (optional hook, deliberately not abstract)
+        """Raise `Unavailable` if the store is unreachable (checked at start-up; default: no check)."""
 
 
 class InMemoryStore(SessionStore):
@@ -72,14 +72,19 @@ class InMemoryStore(SessionStore):
     async def save(self, record: SessionRecord) -> None:
         """Keep a deep copy (the slab row is overwritten by later steps)."""
         self._records[record.session_id] = SessionRecord(
-            record.session_id, record.model, record.version, record.last_seq,
+            record.session_id,
+            record.model,
+            record.version,
+            record.last_seq,
             {k: v.copy() for k, v in record.state.items()},
             None if record.last_outputs is None else {k: v.copy() for k, v in record.last_outputs.items()},
-            record.idle_ttl_s, record.created_at, record.owner,
+            record.idle_ttl_s,
+            record.created_at,
+            record.owner,
         )
 
     async def load(self, session_id: str) -> SessionRecord | None:
-        """The stored record, or None."""
+        """Return the stored record, or None."""
         return self._records.get(session_id)
 
     async def delete(self, session_id: str) -> None:

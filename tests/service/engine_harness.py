@@ -23,7 +23,10 @@ def settings(repository: Path, **overrides: Any) -> Settings:
 
 
 def run_engine(
-    repository: Path, body: Callable[[Engine], Awaitable[Any]], store: SessionStore | None = None, **overrides: Any
+    repository: Path,
+    body: Callable[[Engine], Awaitable[Any]],
+    store: SessionStore | None = None,
+    **overrides: Any,
 ) -> Any:
     """Start an engine, run `body(engine)`, always stop the engine; returns body's result."""
 

@@ -39,7 +39,9 @@ def make(repo, **kw):
     runtime = Runtime(repo / "tiny_lstm" / "1" / "model.onnx")
     spec = describe(runtime, "tiny_lstm", 1, ModelConfig.from_settings(settings))
     slab = StateSlab(spec.states)
-    return Batcher(spec, runtime, slab, ThreadPoolExecutor(1), max_batch_size=kw.pop("max_batch_size", 64), **kw)
+    return Batcher(
+        spec, runtime, slab, ThreadPoolExecutor(1), max_batch_size=kw.pop("max_batch_size", 64), **kw
+    )
 
 
 def test_groups_by_shape_preserving_order(model_repository):

@@ -63,7 +63,7 @@ def test_chunked_stream_equals_whole_sequence_numeric(model_repository):
 
     async def body(engine: Engine):
         sid = (await engine.create_session("tiny_gru")).session_id
-        outs = [(await engine.step(sid, i + 1, {"x": x[i:i + 1]})).outputs["y"] for i in range(10)]
+        outs = [(await engine.step(sid, i + 1, {"x": x[i : i + 1]})).outputs["y"] for i in range(10)]
         outs.append((await engine.step(sid, 11, {"x": x[10:]})).outputs["y"])
         return np.concatenate(outs)
 
@@ -75,7 +75,10 @@ def test_model_without_time_axis_accumulates(model_repository):
         spec = engine.get_model("accumulator")
         assert not spec.time_axis and [s.name for s in spec.states] == ["acc"]
         sid = (await engine.create_session("accumulator")).session_id
-        ys = [int((await engine.step(sid, i, {"x": np.array([i], np.int32)})).outputs["y"][0]) for i in range(1, 6)]
+        ys = [
+            int((await engine.step(sid, i, {"x": np.array([i], np.int32)})).outputs["y"][0])
+            for i in range(1, 6)
+        ]
         return ys
 
     assert run_engine(model_repository, body) == [1, 3, 6, 10, 15]
@@ -135,15 +138,19 @@ def test_concurrent_interleaved_sessions_equal_each_alone(model_repository):
 
 def test_batches_group_equal_shapes_only(model_repository):
     """Requests of several chunk lengths queued together are run as exact groups (no padding)."""
+
     async def body(engine: Engine):
         sids = [(await engine.create_session("tiny_lstm")).session_id for _ in range(12)]
         lengths = [1, 3, 5] * 4
         seqs = [tokens(t) for t in lengths]
-        results = await asyncio.gather(*(engine.step(s, 1, {"tokens": q}) for s, q in zip(sids, seqs, strict=True)))
+        results = await asyncio.gather(
+            *(engine.step(s, 1, {"tokens": q}) for s, q in zip(sids, seqs, strict=True))
+        )
         for q, r in zip(seqs, results, strict=True):
             assert r.outputs["logits"].shape == (len(q), 39)
-            np.testing.assert_allclose(r.outputs["logits"], oracle(model_repository, "tiny_lstm", 1, "tokens", q),
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                r.outputs["logits"], oracle(model_repository, "tiny_lstm", 1, "tokens", q), atol=1e-5
+            )
 
     run_engine(model_repository, body)
 
@@ -219,7 +226,9 @@ def test_idle_ttl_and_lifetime_expiry_name_the_reason(model_repository):
         with pytest.raises(NotFound, match="reason: idle"):
             await engine.step(short, 1, {"x": np.array([1], np.int32)})
         assert long in engine.sessions.sessions
-        assert metric(engine, "rnnserve_sessions_ended_total", {"model": "accumulator", "reason": "idle"}) == 1
+        assert (
+            metric(engine, "rnnserve_sessions_ended_total", {"model": "accumulator", "reason": "idle"}) == 1
+        )
 
     run_engine(model_repository, body)
 
@@ -329,7 +338,9 @@ def test_snapshot_round_trip_and_tamper_detection(model_repository):
         np.testing.assert_array_equal(after, again)
         other = (await engine.create_session("tiny_lstm")).session_id
         await engine.set_state(other, blob)  # restore into another session of the same model version
-        np.testing.assert_array_equal((await engine.step(other, 2, {"tokens": seq[8:]})).outputs["logits"], after)
+        np.testing.assert_array_equal(
+            (await engine.step(other, 2, {"tokens": seq[8:]})).outputs["logits"], after
+        )
         tampered = bytearray(blob)
         tampered[-40] ^= 0x01
         for bad, msg in [(bytes(tampered), "integrity"), (b"junk" * 20, "magic"), (blob[:10], "too short")]:
@@ -412,14 +423,19 @@ def test_generate_on_fresh_and_existing_sessions(model_repository):
         same = [t async for t in engine.generate(model="tiny_lstm", prime_text="A:1", n=12, seed=3)]
         assert fresh == same and len(fresh) == 12 and all(vocab[t.token_id] == t.text for t in fresh)
         assert len(engine.sessions) == 0  # the throwaway sessions are gone
-        greedy = [t.token_id async for t in engine.generate(model="tiny_lstm", prime_ids=[1, 2], n=5,
-                                                             temperature=0)]
+        greedy = [
+            t.token_id async for t in engine.generate(model="tiny_lstm", prime_ids=[1, 2], n=5, temperature=0)
+        ]
         sid = (await engine.create_session("tiny_lstm")).session_id
-        gen = [t.token_id async for t in engine.generate(session_id=sid, seq=1, prime_ids=[1, 2], n=5,
-                                                          temperature=0)]
+        gen = [
+            t.token_id
+            async for t in engine.generate(session_id=sid, seq=1, prime_ids=[1, 2], n=5, temperature=0)
+        ]
         assert gen == greedy
-        replay = [t.token_id async for t in engine.generate(session_id=sid, seq=1, prime_ids=[1, 2], n=5,
-                                                             temperature=0)]
+        replay = [
+            t.token_id
+            async for t in engine.generate(session_id=sid, seq=1, prime_ids=[1, 2], n=5, temperature=0)
+        ]
         assert replay == gen and engine.describe(sid).last_seq == 1
         # the state consumed the prime and every generated token: continuing equals one pass over all of them
         nxt = (await engine.step(sid, 2, {"tokens": np.array([4], np.int64)})).outputs["logits"]
@@ -434,8 +450,10 @@ def test_generate_on_fresh_and_existing_sessions(model_repository):
         with pytest.raises(FailedPrecondition, match="expected seq 3"):
             async for _ in engine.generate(session_id=sid, seq=5, prime_ids=[1], n=2):
                 pass
-        top1 = [t.token_id async for t in engine.generate(model="tiny_lstm", prime_ids=[1, 2], n=5, top_k=1,
-                                                          seed=9)]
+        top1 = [
+            t.token_id
+            async for t in engine.generate(model="tiny_lstm", prime_ids=[1, 2], n=5, top_k=1, seed=9)
+        ]
         assert top1 == greedy  # top-1 sampling is greedy
 
     run_engine(model_repository, body)
@@ -495,10 +513,15 @@ def test_metrics_are_recorded(model_repository):
         assert metric(engine, "rnnserve_request_seconds_count", labels) == 1
         assert metric(engine, "rnnserve_queue_seconds_count", labels) == 1
         assert metric(engine, "rnnserve_compute_seconds_count", labels) == 1
-        assert metric(engine, "rnnserve_sessions_created_total", {"model": "tiny_lstm", "protocol": "native"}) == 1
+        assert (
+            metric(engine, "rnnserve_sessions_created_total", {"model": "tiny_lstm", "protocol": "native"})
+            == 1
+        )
         assert metric(engine, "rnnserve_model_versions_loaded") == 4
         await engine.close(sid)
         assert metric(engine, "rnnserve_active_sessions", labels) == 0
-        assert metric(engine, "rnnserve_sessions_ended_total", {"model": "tiny_lstm", "reason": "closed"}) == 1
+        assert (
+            metric(engine, "rnnserve_sessions_ended_total", {"model": "tiny_lstm", "reason": "closed"}) == 1
+        )
 
     run_engine(model_repository, body)

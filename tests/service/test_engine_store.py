@@ -17,18 +17,26 @@ from service.store import InMemoryStore
 
 def test_session_resumes_on_another_engine_without_loss_or_duplication(model_repository):
     seq = np.random.default_rng(3).integers(0, 39, 30).astype(np.int64)
-    want = fixtures.run_whole(model_repository / "tiny_lstm" / "1" / "model.onnx", {"tokens": seq[None]})["logits"][0]
+    want = fixtures.run_whole(model_repository / "tiny_lstm" / "1" / "model.onnx", {"tokens": seq[None]})[
+        "logits"
+    ][0]
 
     async def main():
         store = InMemoryStore(persistent=True)
-        a = Engine(settings(model_repository, replica_id="a", lease_s=30), registry=CollectorRegistry(), store=store)
-        b = Engine(settings(model_repository, replica_id="b", lease_s=30), registry=CollectorRegistry(), store=store)
+        a = Engine(
+            settings(model_repository, replica_id="a", lease_s=30), registry=CollectorRegistry(), store=store
+        )
+        b = Engine(
+            settings(model_repository, replica_id="b", lease_s=30), registry=CollectorRegistry(), store=store
+        )
         await a.start()
         await b.start()
         try:
             sid = (await a.create_session("tiny_lstm")).session_id
-            outs = [(await a.step(sid, i + 1, {"tokens": seq[i * 5:(i + 1) * 5]})).outputs["logits"]
-                    for i in range(3)]
+            outs = [
+                (await a.step(sid, i + 1, {"tokens": seq[i * 5 : (i + 1) * 5]})).outputs["logits"]
+                for i in range(3)
+            ]
             with pytest.raises(Unavailable, match="owned by another live replica"):
                 await b.step(sid, 4, {"tokens": seq[15:20]})  # a's lease is alive: b must not advance it
             await a.stop()  # drain: flush and release the lease
@@ -52,8 +60,12 @@ def test_session_resumes_on_another_engine_without_loss_or_duplication(model_rep
 def test_resume_after_owner_lease_expires(model_repository):
     async def main():
         store = InMemoryStore(persistent=True)
-        a = Engine(settings(model_repository, replica_id="a", lease_s=0.2), registry=CollectorRegistry(), store=store)
-        b = Engine(settings(model_repository, replica_id="b", lease_s=0.2), registry=CollectorRegistry(), store=store)
+        a = Engine(
+            settings(model_repository, replica_id="a", lease_s=0.2), registry=CollectorRegistry(), store=store
+        )
+        b = Engine(
+            settings(model_repository, replica_id="b", lease_s=0.2), registry=CollectorRegistry(), store=store
+        )
         await a.start()
         await b.start()
         try:

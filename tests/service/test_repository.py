@@ -48,18 +48,34 @@ def npy_b64(arr):
 def test_bad_models_are_skipped_with_reasons(tmp_path):
     fixtures.accumulator(tmp_path, "good")
     h = ["batch", 1, 4]
-    identity_model(tmp_path / "dtype/1/model.onnx", ("state_in_h", TensorProto.FLOAT, h),
-                   ("state_out_h", TensorProto.DOUBLE, h))
+    identity_model(
+        tmp_path / "dtype/1/model.onnx",
+        ("state_in_h", TensorProto.FLOAT, h),
+        ("state_out_h", TensorProto.DOUBLE, h),
+    )
     identity_model(tmp_path / "unpaired/1/model.onnx", ("state_in_h", TensorProto.FLOAT, h), None)
-    identity_model(tmp_path / "dynamic/1/model.onnx", ("state_in_h", TensorProto.FLOAT, ["batch", "n", 4]),
-                   ("state_out_h", TensorProto.FLOAT, ["batch", "n", 4]))
-    identity_model(tmp_path / "static_batch/1/model.onnx", ("state_in_h", TensorProto.FLOAT, [1, 1, 4]),
-                   ("state_out_h", TensorProto.FLOAT, [1, 1, 4]))
-    identity_model(tmp_path / "init_shape/1/model.onnx", ("state_in_h", TensorProto.FLOAT, h),
-                   ("state_out_h", TensorProto.FLOAT, h),
-                   meta={"rnnserve.initial_state.h": npy_b64(np.zeros((2, 4), np.float32))})
-    identity_model(tmp_path / "vocab/1/model.onnx", ("state_in_h", TensorProto.FLOAT, h),
-                   ("state_out_h", TensorProto.FLOAT, h), meta={"rnnserve.vocabulary": "{not json"})
+    identity_model(
+        tmp_path / "dynamic/1/model.onnx",
+        ("state_in_h", TensorProto.FLOAT, ["batch", "n", 4]),
+        ("state_out_h", TensorProto.FLOAT, ["batch", "n", 4]),
+    )
+    identity_model(
+        tmp_path / "static_batch/1/model.onnx",
+        ("state_in_h", TensorProto.FLOAT, [1, 1, 4]),
+        ("state_out_h", TensorProto.FLOAT, [1, 1, 4]),
+    )
+    identity_model(
+        tmp_path / "init_shape/1/model.onnx",
+        ("state_in_h", TensorProto.FLOAT, h),
+        ("state_out_h", TensorProto.FLOAT, h),
+        meta={"rnnserve.initial_state.h": npy_b64(np.zeros((2, 4), np.float32))},
+    )
+    identity_model(
+        tmp_path / "vocab/1/model.onnx",
+        ("state_in_h", TensorProto.FLOAT, h),
+        ("state_out_h", TensorProto.FLOAT, h),
+        meta={"rnnserve.vocabulary": "{not json"},
+    )
     (tmp_path / "garbage/1").mkdir(parents=True)
     (tmp_path / "garbage/1/model.onnx").write_bytes(b"not an onnx file")
     fixtures.accumulator(tmp_path, "badcfg")

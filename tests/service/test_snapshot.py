@@ -12,11 +12,19 @@ from service.store import SessionRecord
 
 def record(last_outputs=True) -> SessionRecord:
     return SessionRecord(
-        session_id="abc", model="m", version=3, last_seq=17,
-        state={"h": np.arange(6, dtype=np.float32).reshape(2, 3), "count": np.array([5], np.int64),
-               "flag": np.array([True, False])},
+        session_id="abc",
+        model="m",
+        version=3,
+        last_seq=17,
+        state={
+            "h": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "count": np.array([5], np.int64),
+            "flag": np.array([True, False]),
+        },
         last_outputs={"y": np.ones((4, 2), np.float16)} if last_outputs else None,
-        idle_ttl_s=12.5, created_at=1.0e9, owner="replica-1",
+        idle_ttl_s=12.5,
+        created_at=1.0e9,
+        owner="replica-1",
     )
 
 
@@ -26,7 +34,13 @@ def test_round_trip(key, with_outputs):
     rec = record(with_outputs)
     back = snapshot.decode(snapshot.encode(rec, key), key)
     assert (back.session_id, back.model, back.version, back.last_seq, back.idle_ttl_s, back.owner) == (
-        "abc", "m", 3, 17, 12.5, "replica-1")
+        "abc",
+        "m",
+        3,
+        17,
+        12.5,
+        "replica-1",
+    )
     for name, arr in rec.state.items():
         assert back.state[name].dtype == arr.dtype
         np.testing.assert_array_equal(back.state[name], arr)
