@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.client import Client, ModelInfo
+from service.client import Client, ModelInfo, default_address
 
 
 def _shape(shape: Sequence[int | None]) -> str:
@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of `rnnserve`."""
     parser = argparse.ArgumentParser(prog="rnnserve", description="Client of the rnnserve native gRPC API.")
     parser.add_argument(
-        "--address", default="localhost:8001", help="host:port[,host:port...] (failover order)"
+        "--address",
+        default=default_address(),
+        help="host:port[,host:port...] in failover order (default: $RNNSERVE_ADDRESS, else localhost:8001)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     sub = parser.add_subparsers(dest="command", required=True)

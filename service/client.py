@@ -18,6 +18,7 @@ other addresses (with a shared session store, any replica can resume it from the
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -126,6 +127,11 @@ class SessionInfo:
         )
 
 
+def default_address() -> str:
+    """Return the address(es) to use when none is given: $RNNSERVE_ADDRESS, else localhost:8001."""
+    return os.environ.get("RNNSERVE_ADDRESS", "localhost:8001")
+
+
 def _outputs(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
     return {t.name: convert.tensor_to_array(t, "output") for t in tensors}
 
@@ -133,20 +139,21 @@ def _outputs(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
 class Client:
     """A synchronous client over one or more server addresses (failover in list order).
 
-    `addresses`: "host:port", "h1:p1,h2:p2" or a list. `timeout`: seconds per call. `max_attempts`: tries of
-    one
-    request across transport errors and failovers.
+    `addresses`: "host:port", "h1:p1,h2:p2" or a list (default: $RNNSERVE_ADDRESS, else localhost:8001).
+    `timeout`: seconds per call. `max_attempts`: tries of one request across transport errors and failovers.
     """
 
     def __init__(
         self,
-        addresses: str | Sequence[str],
+        addresses: str | Sequence[str] | None = None,
         *,
         timeout: float = 30.0,
         max_attempts: int = 6,
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        if addresses is None:
+            addresses = default_address()
         if isinstance(addresses, str):
             addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         if not addresses:

@@ -88,6 +88,7 @@ class RunningServer:
     _metrics_http: Any = None
     _stopping: asyncio.Task[None] | None = None
     _serving: bool = True
+    _health_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -111,9 +112,19 @@ class RunningServer:
             await self.health.set(name, status)
         self.model_names = names
 
+    async def _follow_repository(self, interval_s: float) -> None:
+        """Keep per-model health in step with versions the engine's repository watcher loads or drops."""
+        while self._serving:
+            await asyncio.sleep(interval_s)
+            names = {s.name for s in self.engine.list_models()}
+            if names != self.model_names and self._serving:
+                await self.set_models(names)
+
     async def _stop(self, grace: float) -> None:
         deadline = time.monotonic() + grace
         self._serving = False
+        if self._health_task is not None:
+            self._health_task.cancel()
         # 1. Probes and balancers see NOT_SERVING first (overall, per service, per model).
         for name in ["", NATIVE_SERVICE, "inference.GRPCInferenceService", *sorted(self.model_names)]:
             await self.health.set(name, NOT_SERVING)
@@ -230,6 +241,8 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     for name in ["", *services]:
         await health.set(name, SERVING)
     await running.set_models(s.name for s in engine.list_models())
+    if settings.repository_poll_s > 0:
+        running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
     return running
 
 

@@ -148,3 +148,30 @@ def test_new_work_refused_while_draining_but_health_answers(repo):
             )
     finally:
         srv.stop()
+
+
+def test_health_follows_models_the_repository_watcher_loads(tmp_path):
+    root = tmp_path / "repo"
+    fixtures.token_lstm(root, "first")
+    srv = ServerThread(make_settings(root, repository_poll_s=0.1))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            request = health_pb2.HealthCheckRequest(service="second")
+            with pytest.raises(grpc.RpcError) as err:
+                health.Check(request)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            fixtures.token_lstm(root, "second")
+            deadline = time.monotonic() + 20
+            status = None
+            while time.monotonic() < deadline:
+                try:
+                    status = health.Check(request).status
+                except grpc.RpcError:
+                    status = None
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
