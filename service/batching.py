@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import ResourceExhausted, ServeError, Unavailable
+from service.errors import InvalidArgument, ResourceExhausted, ServeError, Unavailable
 from service.repository import STATE_IN, STATE_OUT, ModelSpec
 from service.runtime import Runtime
 from service.slab import StateSlab
@@ -237,11 +237,10 @@ class Batcher:
             started = time.perf_counter()
             error: BaseException | None = None
             try:
-                results = await loop.run_in_executor(self.executor, self._compute, batch)
-            except ServeError as exc:
-                results, error = None, exc
-            except Exception as exc:  # an ORT failure fails this batch only; state rows were not written
-                _log.error("batch of %s failed: %r", self.label, exc, exc_info=exc)
+                results = await loop.run_in_executor(self.executor, self._compute_isolated, batch)
+            except Exception as exc:  # a failure fails this batch only; state rows were not written
+                if not isinstance(exc, ServeError):
+                    _log.error("batch of %s failed: %r", self.label, exc, exc_info=exc)
                 results, error = None, exc
             finish = self._finish
             if results is None:
@@ -253,7 +252,28 @@ class Batcher:
                 self._observe(len(batch), batch[0].steps, started, time.perf_counter(), batch)
             self._inflight = []
             for req, out in zip(batch, results, strict=True):
-                finish(req, out, None)
+                if isinstance(out, BaseException):
+                    finish(req, None, out)
+                else:
+                    finish(req, out, None)
+
+    def _compute_isolated(self, batch: list[StepRequest]) -> list[dict[str, np.ndarray] | BaseException]:
+        """Run the batch; if ORT rejects it, rerun each request alone so one bad input fails only itself.
+
+        A failed run writes no state rows, so every rerun starts from the same state the batch would have.
+        """
+        try:
+            return self._compute(batch)  # type: ignore[return-value]
+        except Exception as exc:
+            if len(batch) == 1:
+                return [_model_error(exc, self.label)]
+        out: list[dict[str, np.ndarray] | BaseException] = []
+        for req in batch:
+            try:
+                out.append(self._compute([req])[0])
+            except Exception as exc:
+                out.append(_model_error(exc, self.label))
+        return out
 
     def _compute(self, batch: list[StepRequest]) -> list[dict[str, np.ndarray]]:
         """Gather -> run -> scatter -> split (runs in the executor thread)."""
@@ -266,3 +286,10 @@ class Batcher:
         outs = self.runtime.run(feeds)
         self.slab.scatter(slots, {name: outs[out] for name, _, out in self._state_feeds})
         return split([outs[name] for name in self._output_names], self._output_names, n)
+
+
+def _model_error(exc: Exception, label: str) -> BaseException:
+    """ONNX Runtime's verdict on one request's inputs: INVALID_ARGUMENT-class errors are the client's."""
+    if type(exc).__name__ == "InvalidArgument" and "onnxruntime" in type(exc).__module__:
+        return InvalidArgument(f"model {label} rejected the input: {str(exc)[:300]}")
+    return exc

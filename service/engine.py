@@ -102,7 +102,7 @@ class GeneratedToken(NamedTuple):
 class _Inputs:
     """Precomputed validation of one model version's data inputs (the per-step hot path)."""
 
-    __slots__ = ("specs", "names", "expected", "timed", "finite", "max_chunk", "label")
+    __slots__ = ("specs", "names", "expected", "timed", "finite", "max_chunk", "label", "token_range")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.specs = spec.inputs
@@ -112,6 +112,10 @@ class _Inputs:
         self.finite = tuple((not spec.config.allow_non_finite) and t.dtype.kind in "fc" for t in spec.inputs)
         self.max_chunk = spec.config.max_chunk_steps
         self.label = f"model {spec.name!r} v{spec.version}"
+        # Token ids index an embedding: ONNX Gather would wrap negative ids and fail the whole batch on large
+        # ones, so integer inputs of vocabulary models are range-checked here.
+        vocab = len(spec.vocabulary) if spec.vocabulary is not None else 0
+        self.token_range = tuple(vocab if t.dtype.kind in "iu" else 0 for t in spec.inputs)
 
     def check(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
         """Return validated arrays in spec order, the batching key (their shapes) and the timestep count."""
@@ -141,9 +145,19 @@ class _Inputs:
                     f"{self.label}: input {t.name!r} holds NaN or infinity; this model "
                     "expects finite values (allow_non_finite is off)"
                 )
+            if self.token_range[i]:
+                self._check_ids(t, a, self.token_range[i])
             arrays.append(a)
         key = arrays[0].shape if len(arrays) == 1 else tuple(a.shape for a in arrays)
         return tuple(arrays), key, steps
+
+    def _check_ids(self, t: TensorSpec, a: np.ndarray, vocab: int) -> None:
+        bad = (a < 0) | (a >= vocab)
+        if bad.any():
+            raise InvalidArgument(
+                f"{self.label}: input {t.name!r} has token ids {a[bad][:10].tolist()} outside the "
+                f"vocabulary; expected 0 <= id < {vocab}"
+            )
 
     def _check_shape(self, t: TensorSpec, a: np.ndarray) -> None:
         want = t.shape[1:]

@@ -11,7 +11,7 @@ import pytest
 
 from service.batching import Batcher, StepRequest, merge, split
 from service.config import Settings
-from service.errors import Unavailable
+from service.errors import InvalidArgument, Unavailable
 from service.repository import ModelConfig, describe
 from service.runtime import Runtime
 from service.slab import StateSlab
@@ -102,3 +102,23 @@ def test_ort_error_fails_only_that_batch(model_repository):
 
     assert asyncio.run(main())["logits"].shape == (1, 39)
     assert fixtures  # the fixture module builds the repository used here
+
+
+def test_one_rejected_input_fails_only_its_own_request(model_repository):
+    """ORT rejects a batch because of one row: the others rerun alone and succeed (no validation here)."""
+
+    async def main():
+        b = make(model_repository)
+        slots = [b.slab.alloc() for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in slots]
+        for slot, tok, f in zip(slots, (1, 999, 2), futs, strict=True):
+            b.submit(StepRequest(slot, (np.array([tok], np.int64),), (1,), f))
+        b.start()
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        await b.stop()
+        return results
+
+    ok1, bad, ok2 = asyncio.run(main())
+    assert isinstance(bad, InvalidArgument) and "rejected the input" in str(bad)
+    assert ok1["logits"].shape == (1, 39) and ok2["logits"].shape == (1, 39)

@@ -525,3 +525,21 @@ def test_metrics_are_recorded(model_repository):
         )
 
     run_engine(model_repository, body)
+
+
+def test_out_of_vocabulary_ids_are_refused_and_never_poison_a_batch(model_repository):
+    async def body(engine: Engine):
+        sids = [(await engine.create_session("tiny_lstm")).session_id for _ in range(4)]
+        for bad in (np.array([1, 39], np.int64), np.array([-1], np.int64)):
+            with pytest.raises(InvalidArgument, match="expected 0 <= id < 39"):
+                await engine.step(sids[0], 1, {"tokens": bad})
+        seqs = [tokens(3) for _ in sids]
+        results = await asyncio.gather(
+            *(engine.step(s, 1, {"tokens": q}) for s, q in zip(sids, seqs, strict=True))
+        )
+        for q, r in zip(seqs, results, strict=True):
+            np.testing.assert_allclose(
+                r.outputs["logits"], oracle(model_repository, "tiny_lstm", 1, "tokens", q), atol=1e-5
+            )
+
+    run_engine(model_repository, body)
