@@ -473,27 +473,21 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         inflight = asyncio.Semaphore(self._stream_max_inflight)
         running: set[asyncio.Task[None]] = set()
+        order = _ReplyOrder()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest, turn: _Turn) -> None:
             try:
-                response = await self.infer(request)
-                if _final_response_wanted(request):
-                    # Not decoupled: the one response is also the final one, flagged as Triton flags it.
-                    response.parameters["triton_final_response"].bool_param = True
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error_message
-                _, message = status_of(exc)
-                reply = pb.ModelStreamInferResponse(error_message=message)
-                reply.infer_response.id = request.id
-                reply.infer_response.model_name = request.model_name
-                reply.infer_response.model_version = request.model_version
+                reply = await self._stream_reply(request)
+                await turn.wait()  # replies of one sequence leave in request order
                 out.put_nowait(reply)
+            finally:
+                turn.done()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     await inflight.acquire()
-                    task = asyncio.create_task(answer(request))
+                    task = asyncio.create_task(answer(request, order.turn(request)))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 if running:
@@ -512,6 +506,21 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(running):
                 task.cancel()
+
+    async def _stream_reply(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        try:
+            response = await self.infer(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error_message
+            _, message = status_of(exc)
+            reply = pb.ModelStreamInferResponse(error_message=message)
+            reply.infer_response.id = request.id
+            reply.infer_response.model_name = request.model_name
+            reply.infer_response.model_version = request.model_version
+            return reply
+        if _final_response_wanted(request):
+            # Not decoupled: the one response is also the final one, flagged as Triton flags it.
+            response.parameters["triton_final_response"].bool_param = True
+        return pb.ModelStreamInferResponse(infer_response=response)
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Run one ModelInferRequest; raises typed errors (shared by the unary and the streaming method)."""
@@ -565,6 +574,48 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             # from the initial state.
             outputs = await self._engine.infer_stateless(spec.name, spec.version, arrays)
         return outputs, version
+
+
+@dataclass(slots=True, eq=False)
+class _Turn:
+    """A stream reply's place in its sequence: wait for the previous reply, then let the next one go."""
+
+    previous: asyncio.Future[None] | None
+    mine: asyncio.Future[None] | None
+    release: Callable[[], None]
+
+    async def wait(self) -> None:
+        if self.previous is not None:
+            await self.previous
+
+    def done(self) -> None:
+        if self.mine is not None and not self.mine.done():
+            self.mine.set_result(None)
+        self.release()
+
+
+class _ReplyOrder:
+    """Per stream: a chain of futures per sequence, so its replies are written in request order."""
+
+    def __init__(self) -> None:
+        self._last: dict[SequenceKey, asyncio.Future[None]] = {}
+
+    def turn(self, request: pb.ModelInferRequest) -> _Turn:
+        try:
+            sequence_id = parse_sequence(request.parameters).sequence_id
+        except InvalidArgument:
+            sequence_id = None  # the request fails on its own; it has no place in a sequence
+        if sequence_id is None:
+            return _Turn(None, None, lambda: None)
+        key: SequenceKey = (request.model_name, sequence_id)
+        previous = self._last.get(key)
+        mine = self._last[key] = asyncio.get_running_loop().create_future()
+
+        def release() -> None:
+            if self._last.get(key) is mine:
+                del self._last[key]
+
+        return _Turn(previous, mine, release)
 
 
 def _final_response_wanted(request: pb.ModelInferRequest) -> bool:
