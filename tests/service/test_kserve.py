@@ -485,3 +485,36 @@ def test_client_cancelling_mid_step_never_desynchronises_the_sequence(client, re
     skipped = fixtures.run_whole(model, {"tokens": np.concatenate([prefix, last], 1)})["logits"][0, -3:]
     assert got.shape == (3, vocab)
     assert np.allclose(got, applied, atol=1e-5) or np.allclose(got, skipped, atol=1e-5)
+
+
+def test_stream_many_sequences_one_step_each_request(client, repo):
+    """20 sequences, one character per request, all pipelined on one stream: each equals ORT on the whole."""
+    rng = np.random.default_rng(13)
+    vocab = len(fixtures.DEFAULT_VOCAB)
+    streams = {sid: rng.integers(0, vocab, size=12).astype(np.int64) for sid in range(100, 120)}
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for t in range(12):
+            for sid, toks in streams.items():
+                client.async_stream_infer(
+                    "tiny_lstm2",
+                    [_tokens(toks[None, t : t + 1])],
+                    request_id=f"{sid}:{t}",
+                    sequence_id=sid,
+                    sequence_start=t == 0,
+                    sequence_end=t == 11,
+                )
+        replies = [results.get(timeout=60) for _ in range(12 * len(streams))]
+    finally:
+        client.stop_stream()
+    assert [e for _, e in replies if e is not None] == []
+    got: dict[int, list] = {sid: [] for sid in streams}
+    for result, _ in replies:
+        sid, t = map(int, result.get_response().id.split(":"))
+        got[sid].append((t, result.as_numpy("logits")[0, 0]))
+    model = repo / "tiny_lstm2" / "1" / "model.onnx"
+    for sid, toks in streams.items():
+        assert [t for t, _ in got[sid]] == list(range(12))  # written in request order
+        want = fixtures.run_whole(model, {"tokens": toks[None]})["logits"][0]
+        np.testing.assert_allclose(np.stack([a for _, a in got[sid]]), want, atol=1e-5, rtol=0)
