@@ -15,6 +15,7 @@ from the initial state (`Engine.infer_stateless`), so a batch > 1 is allowed the
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -153,6 +154,13 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("rnnserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        return "0+unknown"
+
+
 def _version_arg(text: str) -> int | None:
     if not text:
         return None
@@ -178,12 +186,12 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self,
         engine: Engine,
         *,
-        version: str = "0.1.0",
+        version: str | None = None,
         ready: Callable[[], bool] = lambda: True,
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
     ) -> None:
         self._engine = engine
-        self._version = version
+        self._version = version or _package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
         self.sequences = SequenceTable(engine)
@@ -527,7 +535,7 @@ def add_to_server(
     engine: Engine,
     *,
     ready: Callable[[], bool] = lambda: True,
-    version: str = "0.1.0",
+    version: str | None = None,
     stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
 ) -> KServeServicer:
     """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer."""
