@@ -132,7 +132,36 @@ def default_address() -> str:
     return os.environ.get("RNNSERVE_ADDRESS", "localhost:8001")
 
 
-def _outputs(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
+def encode_inputs(model: ModelInfo, inputs: Inputs) -> list[pb.Tensor]:
+    """Encode one chunk: an array for a single-input model, else a dict by input name (cast to its dtype)."""
+    specs = {t.name: t for t in model.inputs}
+    if not isinstance(inputs, Mapping):
+        if len(specs) != 1:
+            raise ValueError(f"model {model.name!r} has inputs {list(specs)}: pass a dict by name")
+        inputs = {next(iter(specs)): inputs}
+    tensors = []
+    for name, value in inputs.items():
+        spec = specs.get(name)
+        arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
+        tensors.append(convert.array_to_tensor(name, arr))
+    return tensors
+
+
+def should_retry(
+    err: grpc.RpcError, attempt: int, max_attempts: int, n_addresses: int, session_bound: bool
+) -> bool:
+    """Whether a failed call may be re-sent as is (on the next address) after attempt number `attempt`."""
+    if attempt + 1 >= max_attempts:
+        return False
+    code = err.code()
+    if code in RETRYABLE:
+        return True
+    # A replica that does not know the session may simply not be its owner: try the others once each.
+    return session_bound and code == grpc.StatusCode.NOT_FOUND and attempt + 1 < n_addresses
+
+
+def outputs_of(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
+    """Decode output tensors by name."""
     return {t.name: convert.tensor_to_array(t, "output") for t in tensors}
 
 
@@ -168,6 +197,7 @@ class Client:
         ]
         self._lock = threading.Lock()
         self._index = 0
+        self.failovers = 0  # how many times a call was re-sent after a transport error (or moved address)
         self._models: dict[tuple[str, int], ModelInfo] = {}
         self._connect()
 
@@ -184,22 +214,12 @@ class Client:
             if seen_channel is not None and seen_channel is not self._channel:
                 return
             self._channel.close()
+            self.failovers += 1
             self._index = (self._index + 1) % len(self.addresses)
             self._connect()
 
     def _should_retry(self, err: grpc.RpcError, attempt: int, session_bound: bool) -> bool:
-        code = err.code()
-        if attempt + 1 >= self.max_attempts:
-            return False
-        if code in RETRYABLE:
-            return True
-        # A replica that does not know the session may simply not be its owner: try the others once each.
-        return (
-            session_bound
-            and code == grpc.StatusCode.NOT_FOUND
-            and len(self.addresses) > 1
-            and (attempt + 1 < len(self.addresses))
-        )
+        return should_retry(err, attempt, self.max_attempts, len(self.addresses), session_bound)
 
     def call(self, method: str, request: Any, *, session_bound: bool = False) -> Any:
         """Call a unary method by name with retry and failover (requests are idempotent or seq-guarded)."""
@@ -326,17 +346,7 @@ class Session:
     # ---- inputs -------------------------------------------------------------------------------------------
 
     def _tensors(self, inputs: Inputs) -> list[pb.Tensor]:
-        specs = {t.name: t for t in self.model.inputs}
-        if not isinstance(inputs, Mapping):
-            if len(specs) != 1:
-                raise ValueError(f"model {self.model.name!r} has inputs {list(specs)}: pass a dict by name")
-            inputs = {next(iter(specs)): inputs}
-        tensors = []
-        for name, value in inputs.items():
-            spec = specs.get(name)
-            arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
-            tensors.append(convert.array_to_tensor(name, arr))
-        return tensors
+        return encode_inputs(self.model, inputs)
 
     # ---- stepping -----------------------------------------------------------------------------------------
 
@@ -347,7 +357,7 @@ class Session:
         )
         response = self.client.call("Step", request, session_bound=True)
         self.seq = response.seq
-        return _outputs(response.outputs)
+        return outputs_of(response.outputs)
 
     def stream(self, chunks: Iterable[Inputs], *, last_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Send chunks over one bidi stream, yielding each chunk's outputs in order.
@@ -457,7 +467,7 @@ class _AttachedStream:
                 self._requests.put(request)
                 response = next(self._call)
                 self._session.seq = response.seq
-                return _outputs(response.outputs)
+                return outputs_of(response.outputs)
             except grpc.RpcError as err:
                 self.end()
                 if not client._should_retry(err, attempt, session_bound=True):

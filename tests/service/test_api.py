@@ -231,6 +231,32 @@ def test_stream_keep_and_attach(stub, repo):
     assert stub.DescribeSession(pb.SessionRequest(session_id=sid)).last_seq == 2
 
 
+def test_stream_bad_chunk_ends_stream_and_leaves_kept_session_untouched(stub, repo):
+    data = tokens(10, seed=13)
+    want = oracle(repo, "tiny_lstm", "tokens", data)["logits"]
+    bad = pb.Tensor(name="tokens", dtype=pb.DATA_TYPE_INT64, shape=[3], data=b"\0" * 7)
+    responses = []
+    with pytest.raises(grpc.RpcError) as err:
+        for r in stub.Stream(
+            iter(
+                [
+                    pb.StreamRequest(
+                        open=pb.StreamOpen(model="tiny_lstm", keep=True),
+                        seq=1,
+                        inputs=[convert.array_to_tensor("tokens", data[:4])],
+                    ),
+                    pb.StreamRequest(seq=2, inputs=[bad]),
+                ]
+            )
+        ):
+            responses.append(r)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected" in err.value.details()
+    sid = responses[0].session.session_id
+    assert stub.DescribeSession(pb.SessionRequest(session_id=sid)).last_seq == 1
+    rest = outs(step(stub, sid, 2, "tokens", data[4:]))["logits"]
+    np.testing.assert_allclose(np.concatenate([outs(responses[0])["logits"], rest]), want, atol=ATOL)
+
+
 def test_stream_protocol_errors(stub):
     code, msg = code_of(lambda: list(stub.Stream(iter([pb.StreamRequest(seq=1)]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "open" in msg

@@ -7,14 +7,13 @@ a second address that nothing listens on makes the client fail over.
 from __future__ import annotations
 
 import socket
-import threading
 from pathlib import Path
 
 import fixtures
 import grpc
 import numpy as np
 import pytest
-from server_thread import ServerThread, make_settings
+from server_thread import CuttableProxy, ServerThread, make_settings
 
 from service.client import Client
 
@@ -56,57 +55,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class CuttableProxy:
-    """A loopback TCP proxy; `cut()` resets every open connection (the listener stays up)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            up = socket.create_connection(self.upstream)
-            with self.lock:
-                self.conns += [down, up]
-            threading.Thread(target=self._pump, args=(down, up), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for s in conns:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
-            s.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        self.cut()
 
 
 def test_models(client):
@@ -192,6 +140,7 @@ def test_retry_after_connection_reset_is_exactly_once(server, repo):
             np.testing.assert_allclose(np.concatenate(got), want, atol=ATOL)
             info = s.describe()
             assert info.last_seq == 5 and info.steps == 30
+            assert c.failovers >= 1
             s.close()
     finally:
         proxy.close()

@@ -22,7 +22,11 @@ def test_docs_client_example_runs_against_the_default_model():
     srv = ServerProcess(ROOT / "models" / "repository")
     try:
         out = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**os.environ, "RNNSERVE_ADDRESS": srv.address},
         )
     finally:
