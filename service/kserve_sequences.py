@@ -19,8 +19,6 @@ from service.engine import Engine
 from service.errors import InvalidArgument, NotFound
 from service.kserve_convert import SequenceControl
 
-# Seconds between sweeps that forget sequences whose session the engine has expired.
-SEQUENCE_SWEEP_S = 5.0
 SequenceKey = tuple[str, int | str]
 ENDED = "ended by sequence_end"
 
@@ -63,6 +61,8 @@ class SequenceTable:
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
         self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
         self._max_gone = engine.settings.max_tombstones
+        # Sequences whose session the engine expired are forgotten at most this often (on a start request).
+        self._sweep_every_s = engine.settings.sweep_interval_s
         self._last_sweep = time.monotonic()
 
     def __len__(self) -> int:
@@ -181,7 +181,7 @@ class SequenceTable:
     def _sweep(self) -> None:
         """Forget sequences whose engine session expired (clients that never sent sequence_end)."""
         now = time.monotonic()
-        if now - self._last_sweep < SEQUENCE_SWEEP_S:
+        if now - self._last_sweep < self._sweep_every_s:
             return
         self._last_sweep = now
         for key, entry in list(self._live.items()):
