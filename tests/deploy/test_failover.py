@@ -32,6 +32,7 @@ MODEL = "tiny_lstm"
 CHUNKS, CHUNK_T = 120, 3
 FAIL_AT = 40  # the failure is injected while chunks FAIL_AT .. FAIL_AT + 5 are in flight
 LEASE_S = 1.0
+DRAIN_GRACE_S = 5.0
 
 
 def reference_logits(repository: Path, tokens: np.ndarray) -> np.ndarray:
@@ -59,7 +60,11 @@ def pair(
 ) -> Iterator[tuple[Replica, Replica]]:
     """Replicas `a` and `b` on the shared store, flushing every step, with a short lease."""
     common = dict(
-        store="redis", redis_url=clean_redis.url, store_flush_every=1, lease_s=LEASE_S, drain_grace_s=5
+        store="redis",
+        redis_url=clean_redis.url,
+        store_flush_every=1,
+        lease_s=LEASE_S,
+        drain_grace_s=DRAIN_GRACE_S,
     )
     a = start_replica("a", tmp_path, model_repository, **common)
     try:
@@ -144,15 +149,19 @@ def test_sigkill_of_the_serving_replica_loses_and_repeats_nothing(
 
 def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_repository, clean_redis):
     a, b = pair
-    started = time.monotonic()
+    drain_took: list[float] = []
 
     def drain() -> None:
+        t0 = time.monotonic()
         a.terminate()
         a.process.wait(30)
+        drain_took.append(time.monotonic() - t0)
 
     outputs, at = stream_with_failure([a.address, b.address], tokens, drain)
     assert a.process.returncode == 0, a.log_text()
-    assert time.monotonic() - started < 30
+    # The kubelet SIGKILLs after terminationGracePeriodSeconds, which the manifests set above drain_grace_s:
+    # that only protects the drain if the server really finishes within drain_grace_s.
+    assert drain_took[0] < DRAIN_GRACE_S + 2, f"drain took {drain_took[0]:.1f} s"
     assert at < CHUNKS
     assert_exact_history(outputs, reference_logits(model_repository, tokens))
     assert stored_session(clean_redis) == (CHUNKS, "b")
