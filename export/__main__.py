@@ -24,7 +24,7 @@ def _print(result: ExportResult) -> None:
     print(result.report.format())
     if result.quantization is not None:
         print(result.quantization.format())
-        print(f"(written to {result.path.parent / 'quantization.json'})")
+        print(f"(written to {result.path.parent / 'quantization.json'} and quantization.png)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,7 +128,14 @@ def export_checkpoint(
         qcheck = check_contract(qproto, QUANT_TOL)
         if not qcheck.ok:
             raise ExportError(f"int8 model of {checkpoint} breaks the contract; nothing written", qcheck)
-        qreport = compare(proto, qproto, eval_text=eval_text, seconds=timing_seconds)
+        plot_dir = Path(tempfile.mkdtemp(prefix="rnnserve-quant-"))
+        qreport = compare(
+            proto,
+            qproto,
+            eval_text=eval_text,
+            seconds=timing_seconds,
+            plot_path=plot_dir / "quantization.png",
+        )
         proto = qproto
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +144,8 @@ def export_checkpoint(
         onnx.save(proto, str(tmp / "model.onnx"))
         if qreport is not None:
             (tmp / "quantization.json").write_text(qreport.to_json() + "\n")
+            shutil.move(str(plot_dir / "quantization.png"), tmp / "quantization.png")
+            shutil.rmtree(plot_dir, ignore_errors=True)
         (tmp / "verification.txt").write_text(report.format() + "\n")
         os.chmod(tmp, 0o755)
         os.rename(tmp, target)  # atomic: the version appears complete or not at all

@@ -156,8 +156,9 @@ def compare(
     eval_text: str | None = None,
     seconds: float = 1.0,
     seed: int = 0,
+    plot_path: Path | None = None,
 ) -> QuantizationReport:
-    """Measure the accuracy and speed change of ``int8`` against ``fp32``."""
+    """Measure the accuracy and speed change of ``int8`` against ``fp32`` (and plot it to ``plot_path``)."""
     spec = read_contract(fp32)
     s32, s8 = _session(fp32.SerializeToString()), _session(int8.SerializeToString())
     rng = np.random.default_rng(seed)
@@ -183,7 +184,7 @@ def compare(
     if eval_text is not None and spec.vocabulary is not None:
         bpc32, chars = bits_per_char(s32, spec, eval_text)
         bpc8, _ = bits_per_char(s8, spec, eval_text)
-    return QuantizationReport(
+    report = QuantizationReport(
         output=out_name,
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
@@ -197,3 +198,35 @@ def compare(
         fp32_bpc=bpc32,
         int8_bpc=bpc8,
     )
+    if plot_path is not None:
+        name = fp32.graph.name.removeprefix("rnnserve_")
+        plot(report, diff, plot_path, f"int8 dynamic quantization: {name}")
+    return report
+
+
+def plot(report: QuantizationReport, diffs: np.ndarray | None, path: Path, title: str) -> None:
+    """Write a PNG: throughput float32 vs int8 per call shape, and the distribution of output differences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = [f"B={t.batch} T={t.steps}" for t in report.throughput]
+    xs = np.arange(len(labels))
+    ax1.bar(xs - 0.2, [t.fp32_steps_per_s for t in report.throughput], 0.4, label="float32")
+    ax1.bar(xs + 0.2, [t.int8_steps_per_s for t in report.throughput], 0.4, label="int8")
+    ax1.set_xticks(xs, labels)
+    ax1.set_ylabel("steps/s (1 ORT thread)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.set_title("throughput")
+    if diffs is not None and diffs.size:
+        ax2.hist(np.log10(np.maximum(diffs.ravel(), 1e-12)), bins=50)
+    ax2.set_xlabel(f"log10 |int8 - float32| of {report.output}")
+    ax2.set_ylabel("count")
+    ax2.set_title(f"max {report.max_abs_diff:.3g}, mean {report.mean_abs_diff:.3g}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -207,6 +207,7 @@ def test_int8_quantization(tmp_path):
     assert q is not None and q.fp32_bpc is not None and q.int8_bpc is not None
     assert 0 < q.max_abs_diff < 0.5 and q.int8_bytes < q.fp32_bytes and q.eval_text_chars == len(text) - 1
     saved = json.loads((r.path.parent / "quantization.json").read_text())
+    assert (r.path.parent / "quantization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["throughput"][0]["speedup"] > 0
     sess = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
     md = sess.get_modelmeta().custom_metadata_map
