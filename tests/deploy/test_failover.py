@@ -304,3 +304,43 @@ def test_flush_every_n_loses_at_most_n_minus_1_steps_and_says_so(
     finally:
         a.stop()
         b.stop()
+
+
+def test_many_concurrent_sessions_survive_a_crash(pair, model_repository, clean_redis):
+    """Six sessions stream at once (batched together); half start on `a`, half on `b`; `a` is SIGKILLed."""
+    a, b = pair
+    n_sessions, n_chunks = 6, 40
+    rng = np.random.default_rng(11)
+    vocab = reference_logits(model_repository, np.zeros(1, dtype=np.int64)).shape[-1]
+    seqs = [rng.integers(0, vocab, size=n_chunks * CHUNK_T, dtype=np.int64) for _ in range(n_sessions)]
+    results: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    halfway = threading.Barrier(n_sessions + 1)
+
+    def run(i: int) -> None:
+        order = [a.address, b.address] if i % 2 == 0 else [b.address, a.address]
+        try:
+            with Client(order, max_attempts=80, backoff_s=0.1, timeout=20) as client:
+                session = client.session(MODEL)
+                outs = []
+                for k in range(n_chunks):
+                    if k == n_chunks // 2:
+                        halfway.wait(30)
+                    outs.append(session.step(seqs[i][k * CHUNK_T : (k + 1) * CHUNK_T])["logits"])
+                results[i] = outs
+        except BaseException as exc:  # reported below with the replica logs
+            errors.append(exc)
+            halfway.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_sessions)]
+    for t in threads:
+        t.start()
+    halfway.wait(30)
+    a.kill()
+    for t in threads:
+        t.join(120)
+    assert not errors, f"{errors[0]!r}\n--- b:\n{b.log_text()[-3000:]}"
+    for i in range(n_sessions):
+        expected = reference_logits(model_repository, seqs[i])
+        np.testing.assert_allclose(np.concatenate(results[i]), expected, rtol=0, atol=1e-5)
+    assert "resumed session" in b.log_text()
