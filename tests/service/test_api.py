@@ -384,11 +384,6 @@ def test_bad_inputs_exact_codes_and_state_unchanged(tmp_path_factory):
         srv.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine does not range-check token ids before ONNX Runtime: the whole "
-    "batch fails with INTERNAL (reported to the engine owner)",
-)
 def test_out_of_vocabulary_token_id_is_invalid_argument(stub):
     sid = create(stub).session_id
     bad = convert.array_to_tensor("tokens", np.array([1, VOCAB + 5, 2], np.int64))

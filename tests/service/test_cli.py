@@ -112,3 +112,12 @@ def test_errors_exit_nonzero_with_status(server, tmp_path):
     path.write_text("\u00e9")
     out = cli(server, "stream", "--model", "default", "--text", str(path))
     assert out.returncode != 0 and "vocabulary" in out.stderr
+
+
+def test_console_script_is_installed(server):
+    script = Path(sys.executable).parent / "rnnserve"
+    assert script.exists(), "pip install -e . installs the rnnserve console script"
+    out = subprocess.run(
+        [str(script), "--address", server.address, "models"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "default  v1" in out.stdout, out.stderr
