@@ -50,7 +50,7 @@ class PendingOp:
 class StepRequest(PendingOp):
     """One session's chunk waiting for (or in) a batch. `owner` and `seq` are the engine's bookkeeping."""
 
-    __slots__ = ("slot", "inputs", "key", "future", "enqueued", "owner", "seq", "steps", "taken")
+    __slots__ = ("slot", "inputs", "key", "future", "enqueued", "owner", "seq", "steps", "taken", "row")
 
     def __init__(
         self,
@@ -72,6 +72,9 @@ class StepRequest(PendingOp):
         self.seq = seq
         self.steps = steps
         self.taken = False
+        # (the batch's output arrays in spec order, this request's index): a compact handle that sessions keep
+        # as their cached result instead of a dict of views per session.
+        self.row: tuple[tuple[np.ndarray, ...], int] | None = None
 
 
 def merge(requests: Sequence[StepRequest], n_inputs: int) -> list[np.ndarray]:
@@ -285,7 +288,10 @@ class Batcher:
             feeds[name] = arr
         outs = self.runtime.run(feeds)
         self.slab.scatter(slots, {name: outs[out] for name, _, out in self._state_feeds})
-        return split([outs[name] for name in self._output_names], self._output_names, n)
+        arrays = tuple(outs[name] for name in self._output_names)
+        for i, req in enumerate(batch):
+            req.row = (arrays, i)
+        return split(arrays, self._output_names, n)
 
 
 def _model_error(exc: Exception, label: str) -> BaseException:

@@ -234,6 +234,7 @@ class Engine:
         self._started = False
         self._stopped = False
         self._active_steps = 0
+        self._wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock, fixed once
         self.draining = False
 
     @staticmethod
@@ -472,16 +473,26 @@ class Engine:
         if self._persist and delete and reason in _FINAL_REASONS:
             self._spawn(self.store.delete(s.session_id))
 
+    @staticmethod
+    def _cached(s: Session) -> StepResult | None:
+        """Return the cached result of the session's last applied chunk, if any."""
+        last = s.last_result
+        if last is None or isinstance(last, StepResult):
+            return last
+        arrays, i = last
+        names = [t.name for t in s.mv.spec.outputs]
+        return StepResult(s.last_seq, {n: a[i] for n, a in zip(names, arrays, strict=True)}, False)
+
     def _info(self, s: Session) -> SessionInfo:
-        offset = time.time() - time.monotonic()
+        offset = self._wall_offset
         last_used = s.last_used + offset
-        expires = min(last_used + s.idle_ttl_s, s.created_wall + self.settings.max_lifetime_s)
+        expires = min(last_used + s.idle_ttl_s, s.created_at + offset + self.settings.max_lifetime_s)
         return SessionInfo(
             s.session_id,
             s.mv.spec.name,
             s.mv.spec.version,
             s.last_seq,
-            s.created_wall,
+            s.created_at + self._wall_offset,
             last_used,
             s.idle_ttl_s,
             expires,
@@ -528,7 +539,7 @@ class Engine:
 
     def _record(self, s: Session) -> SessionRecord:
         assert s.mv.slab is not None
-        last = s.last_result
+        last = self._cached(s)
         return SessionRecord(
             s.session_id,
             s.mv.spec.name,
@@ -537,7 +548,7 @@ class Engine:
             s.mv.slab.read(s.slot),
             None if last is None else dict(last.outputs),
             s.idle_ttl_s,
-            s.created_wall,
+            s.created_at + self._wall_offset,
             self.settings.replica_id,
         )
 
@@ -594,7 +605,7 @@ class Engine:
         assert mv.slab is not None
         mv.slab.write(s.slot, rec.state)
         s.last_seq = rec.last_seq
-        s.created_wall = rec.created_at
+        s.created_at = rec.created_at - self._wall_offset  # the lifetime counts from the first creation
         s.lease_until = time.monotonic() + self.settings.lease_s
         if rec.last_outputs is not None:
             s.last_result = StepResult(rec.last_seq, rec.last_outputs, False)
@@ -668,8 +679,8 @@ class Engine:
 
     def _out_of_order(self, s: Session, seq: int, last_only: bool) -> StepResult:
         last = s.last_seq
-        if seq == last and s.last_result is not None and s.last_result.seq == seq:
-            r = s.last_result
+        r = self._cached(s) if seq == last else None
+        if r is not None and r.seq == seq:
             cached = StepResult(r.seq, r.outputs, True)
             return _last_only(cached, s.mv.spec) if last_only and s.mv.spec.time_axis else cached
         if not isinstance(seq, int) or seq < 1:
@@ -710,7 +721,7 @@ class Engine:
             return
         result = StepResult(req.seq, outputs, False)  # type: ignore[arg-type]
         s.last_seq = req.seq
-        s.last_result = result
+        s.last_result = req.row if req.row is not None else result
         s.steps += req.steps
         if self._persist:
             s.unsaved += 1
@@ -902,8 +913,9 @@ class Engine:
         try:
             async with self._exclusive(session_id) as s:
                 spec = self._token_model(s.mv.spec)
-                if seq == s.last_seq and s.last_result is not None and GENERATED in s.last_result.outputs:
-                    for tid in s.last_result.outputs[GENERATED].tolist():
+                cached = self._cached(s) if seq == s.last_seq else None
+                if cached is not None and GENERATED in cached.outputs:
+                    for tid in cached.outputs[GENERATED].tolist():
                         yield GeneratedToken(int(tid), spec.vocabulary[tid])  # type: ignore[index]
                     return
                 if seq != s.last_seq + 1:

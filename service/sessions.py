@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from service.errors import NotFound, ResourceExhausted
 
 if TYPE_CHECKING:
@@ -42,7 +44,6 @@ class Session:
         "last_seq",
         "last_result",
         "created_at",
-        "created_wall",
         "last_used",
         "idle_ttl_s",
         "pending",
@@ -59,10 +60,11 @@ class Session:
         self.mv = mv
         self.slot = slot
         self.last_seq = 0
-        self.last_result: StepResult | None = None
+        # The cached result of the last applied chunk (exactly-once retries): a StepResult, or a compact
+        # (batch output arrays, row) handle from the batcher that `Engine._cached` turns into one on a retry.
+        self.last_result: StepResult | tuple[tuple[np.ndarray, ...], int] | None = None
         now = time.monotonic()
         self.created_at = now
-        self.created_wall = time.time()
         self.last_used = now
         self.idle_ttl_s = idle_ttl_s
         self.pending: PendingOp | None = None
