@@ -9,6 +9,7 @@ request metrics.
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -579,3 +580,29 @@ def test_request_metrics(server, stub):
     text = text.decode()
     assert 'rnnserve_requests_total{code="OK",method="ListModels",protocol="native"}' in text
     assert 'rnnserve_requests_total{code="NOT_FOUND",method="GetModel",protocol="native"}' in text
+
+
+def test_capacity_and_idle_expiry_statuses(tmp_path_factory):
+    root = tmp_path_factory.mktemp("limits_repo")
+    fixtures.token_lstm(root, "tiny_lstm")
+    srv = ServerThread(make_settings(root, max_sessions=2, sweep_interval_s=0.05))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.RecurrentServiceStub(ch)
+            short = create(stub, idle_ttl_s=0.2).session_id
+            create(stub)
+            code, msg = code_of(lambda: create(stub))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2" in msg, msg
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    stub.DescribeSession(pb.SessionRequest(session_id=short))
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.NOT_FOUND and "idle" in err.details()
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the idle session did not expire")
+            create(stub)  # its slot is free again
+    finally:
+        srv.stop()
