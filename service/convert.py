@@ -38,6 +38,10 @@ _ENUM_OF: dict[str, pb.DataType] = {
     dt.str.lstrip("<|=>"): cast(pb.DataType, code) for code, dt in _DTYPES.items()
 }
 _LITTLE = sys.byteorder == "little"
+# Exact dtype objects whose bytes are already little-endian -> enum value (big-endian hosts: none qualify).
+_CODE_OF_DTYPE: dict[np.dtype, pb.DataType] = (
+    {dt: cast(pb.DataType, code) for code, dt in _DTYPES.items()} if _LITTLE else {}
+)
 _KNOWN = ", ".join(pb.DataType.Name(c) for c in _DTYPES)
 # A shape claiming more elements than this is rejected before any multiplication could overflow a buffer.
 _MAX_ELEMENTS = 1 << 40
@@ -62,29 +66,35 @@ def enum_of(dtype: np.dtype | type) -> pb.DataType:
 
 def tensor_to_array(t: pb.Tensor, what: str = "tensor") -> np.ndarray:
     """Decode one `Tensor` into a read-only numpy view of its bytes (no copy on little-endian hosts)."""
+    # Hot path (every message): each field is read once, since protobuf field access builds a new object.
     dt = _DTYPES.get(t.dtype)
     if dt is None:
         raise InvalidArgument(
             f"{what} {t.name!r}: unsupported dtype enum value {t.dtype}; expected one of {_KNOWN}"
         )
     shape = tuple(t.shape)
+    data = t.data
     n = 1
     for d in shape:
-        if d < 0:
-            raise InvalidArgument(f"{what} {t.name!r}: negative dimension in shape {list(shape)}")
         n *= d
-        if n > _MAX_ELEMENTS:
-            raise InvalidArgument(f"{what} {t.name!r}: shape {list(shape)} is too large")
-    expected = n * dt.itemsize
-    if len(t.data) != expected:
-        raise InvalidArgument(
-            f"{what} {t.name!r}: data has {len(t.data)} bytes; expected prod({list(shape)}) * "
-            f"{dt.itemsize} ({dt.name}) = {expected}"
-        )
-    arr = np.frombuffer(t.data, dtype=dt).reshape(shape)
+    if n * dt.itemsize != len(data) or n > _MAX_ELEMENTS or (shape and min(shape) < 0):
+        _raise_bad_size(t.name, shape, dt, len(data), what)
+    arr = np.frombuffer(data, dtype=dt).reshape(shape)
     if not _LITTLE:  # pragma: no cover - every supported deployment target is little-endian
         arr = arr.astype(dt.newbyteorder("="))
     return arr
+
+
+def _raise_bad_size(name: str, shape: tuple[int, ...], dt: np.dtype, size: int, what: str) -> None:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what} {name!r}: negative dimension in shape {list(shape)}")
+    n = math.prod(shape)
+    if n > _MAX_ELEMENTS:
+        raise InvalidArgument(f"{what} {name!r}: shape {list(shape)} is too large")
+    raise InvalidArgument(
+        f"{what} {name!r}: data has {size} bytes; expected prod({list(shape)}) * "
+        f"{dt.itemsize} ({dt.name}) = {n * dt.itemsize}"
+    )
 
 
 def tensors_to_arrays(tensors: Iterable[pb.Tensor], what: str = "input") -> dict[str, np.ndarray]:
@@ -102,10 +112,11 @@ def tensors_to_arrays(tensors: Iterable[pb.Tensor], what: str = "input") -> dict
 def array_to_tensor(name: str, arr: np.ndarray) -> pb.Tensor:
     """Encode an array as a `Tensor` (C order, little-endian)."""
     arr = np.asarray(arr)
-    code = _ENUM_OF.get(arr.dtype.str.lstrip("<|=>"))
+    code = _CODE_OF_DTYPE.get(arr.dtype)  # native-order dtypes hit this dict directly (hot path)
     if code is None:
-        raise InvalidArgument(f"{name!r}: dtype {arr.dtype} has no wire type; supported: {_KNOWN}")
-    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
+        code = _ENUM_OF.get(arr.dtype.str.lstrip("<|=>"))
+        if code is None:
+            raise InvalidArgument(f"{name!r}: dtype {arr.dtype} has no wire type; supported: {_KNOWN}")
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return pb.Tensor(name=name, dtype=code, shape=arr.shape, data=arr.tobytes())
 

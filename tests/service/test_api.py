@@ -606,3 +606,33 @@ def test_capacity_and_idle_expiry_statuses(tmp_path_factory):
             create(stub)  # its slot is free again
     finally:
         srv.stop()
+
+
+# ---- convert (pure) -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["?", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"])
+def test_convert_round_trips_every_dtype_little_endian(dtype):
+    arr = (np.arange(12).reshape(3, 4) % 2).astype(dtype)
+    t = convert.array_to_tensor("t", arr)
+    assert t.data == arr.astype(np.dtype(dtype).newbyteorder("<")).tobytes() and list(t.shape) == [3, 4]
+    back = convert.tensor_to_array(t)
+    assert back.dtype == np.dtype(dtype) and np.array_equal(back, arr)
+    big = convert.array_to_tensor("t", arr.astype(np.dtype(dtype).newbyteorder(">")))
+    assert big.data == t.data and big.dtype == t.dtype
+
+
+def test_convert_rejects_malformed_tensors():
+    ok = convert.array_to_tensor("t", np.zeros((2, 3), np.float32))
+    cases = [
+        (pb.Tensor(name="t", dtype=0, shape=[2, 3], data=ok.data), "DATA_TYPE_FLOAT32"),
+        (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3], data=ok.data[:-4]), "expected prod([2, 3])"),
+        (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[-2, -3], data=ok.data), "negative"),
+        (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[1 << 30, 1 << 30], data=b""), "too large"),
+    ]
+    for tensor, needle in cases:
+        with pytest.raises(convert.InvalidArgument) as err:
+            convert.tensor_to_array(tensor)
+        assert needle in err.value.message, err.value.message
+    with pytest.raises(convert.InvalidArgument):
+        convert.array_to_tensor("c", np.zeros(2, np.complex64))
