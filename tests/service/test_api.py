@@ -608,7 +608,7 @@ def test_capacity_and_idle_expiry_statuses(tmp_path_factory):
         srv.stop()
 
 
-# ---- convert (pure) -----------------------------------------------------------------------------------------------
+# ---- convert (pure) ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", ["?", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"])
@@ -626,7 +626,7 @@ def test_convert_rejects_malformed_tensors():
     ok = convert.array_to_tensor("t", np.zeros((2, 3), np.float32))
     cases = [
         (pb.Tensor(name="t", dtype=0, shape=[2, 3], data=ok.data), "DATA_TYPE_FLOAT32"),
-        (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3], data=ok.data[:-4]), "expected prod([2, 3])"),
+        (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3], data=ok.data[:-4]), "prod([2, 3])"),
         (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[-2, -3], data=ok.data), "negative"),
         (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[1 << 30, 1 << 30], data=b""), "too large"),
     ]
