@@ -665,37 +665,34 @@ class Engine:
         `last_only` returns time-axis outputs as `(1, ...)`: the last step only.
         """
         started = time.perf_counter()
-        self._active_steps += 1
+        self._active_steps += 1  # drain() waits for these
         try:
-            return await self._step(session_id, seq, inputs, last_only, started)
+            s = self.sessions.sessions.get(session_id)
+            if s is None:
+                s = await self._session(session_id)
+            if self._persist and time.monotonic() > s.lease_until - self.settings.lease_s / 3:
+                await self._renew(s)
+                await self._wait_idle(s)  # also re-checks that the session is still open after the await
+            elif s.pending is not None:
+                await self._wait_idle(s)
+            # From here to submit() nothing awaits: no other operation on this session can interleave.
+            if seq != s.last_seq + 1:
+                return self._out_of_order(s, seq, last_only)
+            mv = s.mv
+            v = self._versioned[mv]
+            arrays, key, steps = v.inputs.check(inputs)
+            fut = self._loop.create_future()
+            req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
+            mv.batcher.submit(req)  # type: ignore[union-attr]
+            s.pending = req
+            self.sessions.touch(s, time.monotonic())
+            result: StepResult = await fut
+            v.request_seconds.observe(time.perf_counter() - started)  # type: ignore[attr-defined]
+            if last_only and mv.spec.time_axis:
+                return _last_only(result, mv.spec)
+            return result
         finally:
             self._active_steps -= 1
-
-    async def _step(
-        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], last_only: bool, started: float
-    ) -> StepResult:
-        s = self.sessions.sessions.get(session_id)
-        if s is None:
-            s = await self._session(session_id)
-        if s.pending is not None:
-            await self._wait_idle(s)
-        if seq != s.last_seq + 1:
-            return self._out_of_order(s, seq, last_only)
-        mv = s.mv
-        v = self._versioned[mv]
-        arrays, key, steps = v.inputs.check(inputs)
-        if self._persist and time.monotonic() > s.lease_until - self.settings.lease_s / 3:
-            await self._renew(s)
-        fut = self._loop.create_future()
-        req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
-        mv.batcher.submit(req)  # type: ignore[union-attr]
-        s.pending = req
-        self.sessions.touch(s, time.monotonic())
-        result: StepResult = await fut
-        v.request_seconds.observe(time.perf_counter() - started)  # type: ignore[attr-defined]
-        if last_only and mv.spec.time_axis:
-            return _last_only(result, mv.spec)
-        return result
 
     def _out_of_order(self, s: Session, seq: int, last_only: bool) -> StepResult:
         last = s.last_seq
