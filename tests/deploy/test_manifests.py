@@ -309,3 +309,20 @@ def test_replica_id_comes_from_the_pod_name(rendered: Rendered):
     container = rendered.one("Deployment", "rnnserve")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container.get("env", [])}
     assert env["RNNSERVE_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_every_container_env_var_is_a_real_setting(rendered: Rendered):
+    container = rendered.one("Deployment", "rnnserve")["spec"]["template"]["spec"]["containers"][0]
+    fields = set(Settings.model_fields)
+    for var in container.get("env", []):
+        assert var["name"].removeprefix("RNNSERVE_").lower() in fields, f"{var['name']} is not a setting"
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert ref.get("optional") is True, "a missing Secret must not keep the pods from starting"
+
+
+def test_prod_state_key_comes_from_a_secret(prod: Rendered):
+    container = prod.one("Deployment", "rnnserve")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["RNNSERVE_STATE_HMAC_KEY"]["valueFrom"]
+    assert "RNNSERVE_STATE_HMAC_KEY" not in prod.settings_env(), "secrets never go into the ConfigMap"
