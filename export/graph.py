@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import onnx
@@ -223,8 +224,6 @@ def metadata_props(
     model: RecurrentModel, meta: CheckpointMeta, checkpoint_sha256: str = ""
 ) -> dict[str, str]:
     """Return the ``rnnserve.*`` metadata_props of the contract (docs/DESIGN.md section 1)."""
-    from dataclasses import asdict
-
     cfg = model.cfg
     props = {
         "rnnserve.family": cfg.family,
@@ -280,7 +279,7 @@ def build_onnx(
 
     states_in, states_out = [], []
     for s in model.state_shapes():
-        dtype = TensorProto.INT64 if s.dtype.is_floating_point is False else F32
+        dtype = F32 if s.dtype.is_floating_point else TensorProto.INT64  # count is the only int state
         states_in.append(helper.make_tensor_value_info(f"state_in_{s.name}", dtype, [BATCH, *s.shape]))
         states_out.append(helper.make_tensor_value_info(f"state_out_{s.name}", dtype, [BATCH, *s.shape]))
     graph = helper.make_graph(
