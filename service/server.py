@@ -135,18 +135,22 @@ class RunningServer:
         # 3. In-flight unary calls and busy streams finish (bounded by the grace period) ...
         while (self.interceptor.in_flight or self.streams.open_count) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        # 4. ... and so does whatever the engine still has queued; it flushes sessions to the store.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.engine.drain(), timeout=max(deadline - time.monotonic(), 0.1))
-        # 5. What is left is idle (health watches, idle KServe streams): cancel it, stop serving.
-        await self.server.stop(max(deadline - time.monotonic(), 0.0) if self.interceptor.in_flight else 0)
-        if self.kserve is not None:
-            with contextlib.suppress(Exception):
-                await self.kserve.sequences.close_all()
-        await self.engine.stop()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        try:
+            # 4. ... and so does whatever the engine still has queued; it flushes sessions to the store.
+            try:
+                await asyncio.wait_for(self.engine.drain(), timeout=max(deadline - time.monotonic(), 0.1))
+            except Exception:  # noqa: BLE001 - shutdown goes on; the cause is logged
+                _log.exception("engine drain did not complete cleanly")
+            # 5. What is left is idle (health watches, idle KServe streams) or past the grace: cancel it.
+            await self.server.stop(0)
+            if self.kserve is not None:
+                with contextlib.suppress(Exception):
+                    await self.kserve.sequences.close_all()
+        finally:
+            await self.engine.stop()
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
         _log.info("rnnserve stopped")
 
     async def stop(self, grace: float | None = None) -> None:
