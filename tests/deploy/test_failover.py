@@ -32,6 +32,7 @@ MODEL = "tiny_lstm"
 CHUNKS, CHUNK_T = 120, 3
 FAIL_AT = 40  # the failure is injected while chunks FAIL_AT .. FAIL_AT + 5 are in flight
 LEASE_S = 1.0
+LONG_LEASE_S = 30.0
 DRAIN_GRACE_S = 5.0
 
 
@@ -56,16 +57,18 @@ def tokens(model_repository: Path) -> np.ndarray:
 
 @pytest.fixture
 def pair(
-    tmp_path: Path, model_repository: Path, clean_redis: RedisServer
+    request, tmp_path: Path, model_repository: Path, clean_redis: RedisServer
 ) -> Iterator[tuple[Replica, Replica]]:
-    """Replicas `a` and `b` on the shared store, flushing every step, with a short lease."""
-    common = dict(
+    """Replicas `a` and `b` on the shared store, flushing every step, with a short lease (or settings given
+    through indirect parametrization)."""
+    common: dict[str, object] = dict(
         store="redis",
         redis_url=clean_redis.url,
         store_flush_every=1,
         lease_s=LEASE_S,
         drain_grace_s=DRAIN_GRACE_S,
     )
+    common.update(getattr(request, "param", {}))
     a = start_replica("a", tmp_path, model_repository, **common)
     try:
         b = start_replica("b", tmp_path, model_repository, **common)
@@ -147,9 +150,12 @@ def test_sigkill_of_the_serving_replica_loses_and_repeats_nothing(
     assert stored_session(clean_redis) == (CHUNKS, "b")
 
 
+@pytest.mark.parametrize("pair", [{"lease_s": LONG_LEASE_S}], indirect=True)
 def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_repository, clean_redis):
+    """With a long lease: the handover is immediate only because the draining replica released its leases."""
     a, b = pair
     drain_took: list[float] = []
+    started = time.monotonic()
 
     def drain() -> None:
         t0 = time.monotonic()
@@ -162,6 +168,9 @@ def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_reposit
     # The kubelet SIGKILLs after terminationGracePeriodSeconds, which the manifests set above drain_grace_s:
     # that only protects the drain if the server really finishes within drain_grace_s.
     assert drain_took[0] < DRAIN_GRACE_S + 2, f"drain took {drain_took[0]:.1f} s"
+    assert time.monotonic() - started < LONG_LEASE_S / 2, (
+        "b waited for the lease to lapse: it was not released"
+    )
     assert at < CHUNKS
     assert_exact_history(outputs, reference_logits(model_repository, tokens))
     assert stored_session(clean_redis) == (CHUNKS, "b")
