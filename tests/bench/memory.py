@@ -68,6 +68,12 @@ async def measure(repository: Path, model: str, sessions: int, written: bool) ->
     rss1 = proc.memory_info().rss
     # The ids list is the client's, not the server's: measure it and take it off.
     ids_bytes = sys.getsizeof(ids) + sum(sys.getsizeof(i) for i in ids)
+    # A full collection walks every tracked object, sessions included: its pause grows with the session
+    # count and lands on the event loop (a latency spike for every stream): part of what idle sessions cost.
+    t_gc = time.perf_counter()
+    gc.collect()
+    gc_full_ms = (time.perf_counter() - t_gc) * 1e3
+    tracked = len(gc.get_objects())
     inputs = {
         t.name: np.zeros(tuple(1 if d is None else d for d in t.shape[1:]), t.dtype) for t in spec.inputs
     }
@@ -88,6 +94,8 @@ async def measure(repository: Path, model: str, sessions: int, written: bool) ->
         "raw_state_bytes_per_session": row_bytes,
         "ratio": per_session / row_bytes,
         "create_seconds": create_s,
+        "gc_full_collection_ms": gc_full_ms,
+        "gc_tracked_objects": tracked,
         "sessions_stepped_after": stepped,
     }
 

@@ -94,6 +94,9 @@ class LoadRow:
     batch_p99: float = float("nan")
     batch_buckets: list[tuple[float, float]] = field(default_factory=list)
     rate_per_s: float = 0.0
+    ceiling_steps_per_s: float = float("nan")  # raw ORT at this row's batch size, measured right after it
+    ceiling_steps_per_cpu_s: float = float("nan")
+    ceiling_batch: int = 0
     errors: int = 0
     first_error: str = ""
     runs: list[dict[str, float]] = field(default_factory=list)
@@ -200,7 +203,9 @@ class Runner:
         self.result = SuiteResult(plan, _environment(plan.quick))
         self.models: dict[str, Path] = {REF_MODEL: self.ref_path}
         default = DEFAULT_REPOSITORY / "default"
-        if default.is_dir():
+        if plan.quick:
+            self.result.notes.append("quick run: the default model is benchmarked only in the full run")
+        elif default.is_dir():
             shutil.copytree(default, self.repo / "default")
             versions = sorted(
                 (p for p in (self.repo / "default").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
@@ -212,12 +217,16 @@ class Runner:
         self.bar = tqdm(total=self._count_steps(), desc="bench", unit="scenario", file=sys.stderr)
 
     def _count_steps(self) -> int:
+        """Progress-bar units: one per load run, plus positions, ceilings and the two memory runs."""
         p = self.plan
-        per_model_loads = (
-            len(p.one_step_streams) * 2 + 2 * 2 + 2 + 1
-        )  # echo+service one-step, chunk, many, nobatch
-        loads = per_model_loads * p.repeats * len(self.models) + len(p.one_step_streams) * p.repeats + 1
-        return loads + 6
+        many = len({n for n in (128, max(p.one_step_streams)) if n in p.one_step_streams}) + 1
+        scenarios = len(p.one_step_streams) + 1
+        runs = 0
+        for model in self.models:
+            runs += 2 * scenarios + many
+            if model == REF_MODEL:
+                runs += scenarios + 2  # batching off, paced half-peak (Stream and StreamMany)
+        return runs * p.repeats + 1 + 1 + 2
 
     def close(self) -> None:
         """Drop the temporary repository."""
@@ -272,102 +281,137 @@ class Runner:
         return spec
 
     # -- scenarios -----------------------------------------------------------------------------------------
-    def _load(self, model: str, system: str, server: ServerProcess, spec: LoadSpec) -> LoadRow:
-        results, hists = [], []
+    def _loads(self, model: str, items: list[tuple[str, ServerProcess, LoadSpec]]) -> list[LoadRow]:
+        """Run each item ``repeats`` times, interleaved (item 1, item 2, ..., item 1, ...), one row per item.
+
+        Interleaving puts the runs a ratio compares (service vs echo, batching on vs off) next to each other
+        in time, so slow drifts in the machine's background load hit both sides alike. A service run is
+        followed at once by raw ONNX Runtime at the batch size it formed, for the same reason.
+        """
+        results: list[list[LoadResult]] = [[] for _ in items]
+        hists: list[list[BatchHistogram | None]] = [[] for _ in items]
+        ceilings: list[list[CeilingPoint]] = [[] for _ in items]
         for _ in range(self.plan.repeats):
-            marks: dict[str, BatchHistogram] = {}
+            for i, (_system, server, spec) in enumerate(items):
+                marks: dict[str, BatchHistogram] = {}
 
-            def on_window(edge: str, marks: dict[str, BatchHistogram] = marks) -> None:
-                if server.metrics_port:
-                    marks[edge] = scrape_batch_sizes(server.metrics_port, model)
+                def on_window(
+                    edge: str, marks: dict[str, BatchHistogram] = marks, server: ServerProcess = server
+                ) -> None:
+                    if server.metrics_port:
+                        marks[edge] = scrape_batch_sizes(server.metrics_port, model)
 
-            results.append(run_load(spec, server.pid, on_window))
-            hists.append(marks["end"].minus(marks["start"]) if len(marks) == 2 else None)
-            self.bar.update()
-        row = _median_row(model, system, spec, results, hists)
-        if row.errors:
-            self.result.notes.append(
-                f"{model} {system} {spec.streams}x{spec.steps_per_message}: {row.errors} "
-                f"errors, first: {row.first_error[:300]}"
-            )
-        self.bar.set_postfix_str(
-            f"{system} {spec.streams}s x{spec.steps_per_message}: {row.steps_per_s:,.0f} st/s"
-        )
-        self.result.loads.append(row)
-        return row
-
-    def echo(self, model: str) -> None:
-        """The Python gRPC edge floor at the service's message sizes."""
-        _, out = self._io(model)
-        for steps, streams_list in (
-            (1, self.plan.one_step_streams),
-            (self.plan.chunk_steps, (self.plan.chunk_streams,)),
-        ):
-            probe = self._spec(model, "echo", "", 1, steps)
-            _, resp_bytes = stream_message_sizes(probe, out)
-            server = start_echo(resp_bytes)
-            try:
-                for n in streams_list:
-                    self._load(model, "echo", server, self._spec(model, "echo", server.address, n, steps))
-            finally:
-                server.stop()
-
-    def service(self, model: str, *, batching: bool) -> list[LoadRow]:
-        """The service over ``Stream`` (and ``StreamMany`` when batching), one-step and chunked."""
-        flags = () if batching else ("--max-batch-size", "1")
-        system = "service" if batching else "service (batching off)"
-        server = start_service(self.repo, *flags)
-        rows = []
-        try:
-            for n in self.plan.one_step_streams:
-                rows.append(
-                    self._load(model, system, server, self._spec(model, "stream", server.address, n, 1))
-                )
-            rows.append(
-                self._load(
-                    model,
-                    system,
-                    server,
-                    self._spec(
-                        model, "stream", server.address, self.plan.chunk_streams, self.plan.chunk_steps
-                    ),
-                )
-            )
-            if batching:
-                k = self.plan.many_sessions_per_message
-                many = sorted(
-                    {n for n in (128, max(self.plan.one_step_streams)) if n in self.plan.one_step_streams}
-                )
-                for sessions, steps in [(n, 1) for n in many] + [
-                    (self.plan.chunk_streams, self.plan.chunk_steps)
-                ]:
-                    per = min(k, sessions)
-                    self._load(
-                        model,
-                        "service StreamMany",
-                        server,
-                        self._spec(
-                            model,
-                            "stream_many",
-                            server.address,
-                            sessions // per,
-                            steps,
-                            sessions_per_message=per,
-                        ),
+                results[i].append(run_load(spec, server.pid, on_window))
+                hist = marks["end"].minus(marks["start"]) if len(marks) == 2 else None
+                hists[i].append(hist)
+                if hist is not None and hist.count:
+                    ceilings[i].append(
+                        measure_ceiling(
+                            self.models[model],
+                            max(1, round(hist.mean)),
+                            spec.steps_per_message,
+                            seconds=self.plan.ceiling_seconds,
+                        )
                     )
-                if model == REF_MODEL:
-                    self._half_peak(model, server, rows)
-                    self._positions(model, server)
-        finally:
-            server.stop()
+                self.bar.update()
+        rows = []
+        for i, (system, _server, spec) in enumerate(items):
+            row = _median_row(model, system, spec, results[i], hists[i])
+            if ceilings[i]:
+                row.ceiling_steps_per_s = float(np.median([c.steps_per_s for c in ceilings[i]]))
+                row.ceiling_steps_per_cpu_s = float(np.median([c.steps_per_cpu_s for c in ceilings[i]]))
+                row.ceiling_batch = int(np.median([c.batch for c in ceilings[i]]))
+            if row.errors:
+                self.result.notes.append(
+                    f"{model} {system} {spec.streams}x{spec.steps_per_message}: {row.errors} "
+                    f"errors, first: {row.first_error[:300]}"
+                )
+            self.bar.set_postfix_str(
+                f"{system} {row.sessions}x{spec.steps_per_message}: {row.steps_per_s:,.0f} st/s"
+            )
+            self.result.loads.append(row)
+            rows.append(row)
         return rows
 
+    def model_suite(self, model: str) -> None:
+        """Every load scenario of one model: echo, service, StreamMany, batching off, paced half-peak."""
+        _, out = self._io(model)
+        p = self.plan
+        chunk = (p.chunk_streams, p.chunk_steps)
+        echo_sizes = {
+            steps: stream_message_sizes(self._spec(model, "echo", "", 1, steps), out)[1]
+            for steps in (1, p.chunk_steps)
+        }
+        echo = {steps: start_echo(size) for steps, size in echo_sizes.items()}
+        service = start_service(self.repo)
+        nobatch = start_service(self.repo, "--max-batch-size", "1") if model == REF_MODEL else None
+        try:
+            many_sizes = sorted({n for n in (128, max(p.one_step_streams)) if n in p.one_step_streams})
+            k = p.many_sessions_per_message
+            one_step_rows: list[LoadRow] = []
+            for sessions, steps in [(n, 1) for n in p.one_step_streams] + [chunk]:
+                items = [
+                    ("echo", echo[steps], self._spec(model, "echo", echo[steps].address, sessions, steps)),
+                    ("service", service, self._spec(model, "stream", service.address, sessions, steps)),
+                ]
+                if sessions in many_sizes or (sessions, steps) == chunk:
+                    per = min(k, sessions)
+                    items.append(
+                        (
+                            "service StreamMany",
+                            service,
+                            self._spec(
+                                model,
+                                "stream_many",
+                                service.address,
+                                sessions // per,
+                                steps,
+                                sessions_per_message=per,
+                            ),
+                        )
+                    )
+                if nobatch is not None:
+                    items.append(
+                        (
+                            "service (batching off)",
+                            nobatch,
+                            self._spec(model, "stream", nobatch.address, sessions, steps),
+                        )
+                    )
+                rows = self._loads(model, items)
+                if steps == 1:
+                    one_step_rows += rows
+            if model == REF_MODEL:
+                self._half_peak(model, service, one_step_rows)
+                self._positions(model, service)
+        finally:
+            for server in (*echo.values(), service, *([nobatch] if nobatch else [])):
+                server.stop()
+
     def _half_peak(self, model: str, server: ServerProcess, rows: list[LoadRow]) -> None:
-        one_step = [r for r in rows if r.steps_per_message == 1]
-        peak = max(one_step, key=lambda r: r.steps_per_s)
-        streams = 128 if 128 in self.plan.one_step_streams else peak.streams
-        spec = self._spec(model, "stream", server.address, streams, 1, rate=peak.steps_per_s / 2)
-        self._load(model, "service (half of peak, paced)", server, spec)
+        """Paced load at half the peak one-step throughput: over ``Stream`` and over ``StreamMany``.
+
+        Each is paced at half of its own peak, on the same streams as its 128-session closed-loop run.
+        """
+        items = []
+        for system, target in (("service", "stream"), ("service StreamMany", "stream_many")):
+            one_step = [r for r in rows if r.system == system]
+            if not one_step:
+                continue
+            peak = max(one_step, key=lambda r: r.steps_per_s)
+            at = next((r for r in one_step if r.sessions == 128), peak)
+            per = at.sessions // at.streams
+            spec = self._spec(
+                model,
+                target,
+                server.address,
+                at.streams,
+                1,
+                sessions_per_message=per,
+                rate=peak.steps_per_s / 2 / per,
+            )
+            items.append((f"{system} (half of peak, paced)", server, spec))
+        self._loads(model, items)
 
     def _positions(self, model: str, server: ServerProcess) -> None:
         spec = self._spec(model, "stream", server.address, 1, 1)
@@ -430,10 +474,7 @@ class Runner:
         """Run every scenario in the plan."""
         try:
             for model in self.models:
-                self.echo(model)
-                self.service(model, batching=True)
-                if model == REF_MODEL:
-                    self.service(model, batching=False)
+                self.model_suite(model)
             self.ceilings()
             self.memory()
         finally:
