@@ -310,21 +310,38 @@ class Client:
         *,
         version: int | None = None,
     ) -> Iterator[str]:
-        """Sample `n` tokens from a token model after a prime (text or token ids); yields text pieces."""
+        """Sample `n` tokens from a token model after a prime (text or token ids); yields text pieces.
+
+        The generation runs on a session of its own, as one chunk with seq 1. After a transport error it is
+        re-requested with the same seq (on the next address): the server replays a finished generation from
+        its cache, or re-runs a rolled-back one with the same seed, so the pieces already yielded are skipped
+        and the text goes on exactly where it broke.
+        """
+        session = self.session(model, version)
         request = pb.GenerateRequest(
-            model=model,
-            version=version or 0,
-            n_tokens=n,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
+            session_id=session.id, seq=1, n_tokens=n, temperature=temperature, top_k=top_k, seed=seed
         )
         if isinstance(prime, str):
             request.prime_text = prime
         else:
             request.prime_ids.extend(int(t) for t in prime)
-        for response in self.stub.Generate(request, timeout=self.timeout + n * 0.1):
-            yield response.text
+        done = 0
+        try:
+            for attempt in range(self.max_attempts):
+                channel = self._channel
+                try:
+                    for i, response in enumerate(self.stub.Generate(request, timeout=self.timeout + n * 0.1)):
+                        if i >= done:
+                            done += 1
+                            yield response.text
+                    return
+                except grpc.RpcError as err:
+                    if not self._should_retry(err, attempt, session_bound=True):
+                        raise
+                    self.failover(channel)
+                    time.sleep(self._backoff_s * min(attempt, 4))
+        finally:
+            session.close()
 
 
 class Session:

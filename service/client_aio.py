@@ -166,16 +166,34 @@ class AsyncClient:
         *,
         version: int | None = None,
     ) -> AsyncIterator[str]:
-        """Sample `n` tokens from a token model after a prime; yields text pieces as they come."""
+        """Sample `n` tokens after a prime; yields text pieces (resumes after errors like the sync client)."""
+        session = await self.session(model, version)
         request = pb.GenerateRequest(
-            model=model, version=version or 0, n_tokens=n, temperature=temperature, top_k=top_k, seed=seed
+            session_id=session.id, seq=1, n_tokens=n, temperature=temperature, top_k=top_k, seed=seed
         )
         if isinstance(prime, str):
             request.prime_text = prime
         else:
             request.prime_ids.extend(int(t) for t in prime)
-        async for response in self.stub.Generate(request, timeout=self.timeout + n * 0.1):
-            yield response.text
+        done = 0
+        try:
+            for attempt in range(self.max_attempts):
+                channel = self.channel
+                try:
+                    i = 0
+                    async for response in self.stub.Generate(request, timeout=self.timeout + n * 0.1):
+                        if i >= done:
+                            done += 1
+                            yield response.text
+                        i += 1
+                    return
+                except grpc.RpcError as err:
+                    if not self.retry(err, attempt, session_bound=True):
+                        raise
+                    self.failover(channel)
+                    await asyncio.sleep(self.backoff_s * min(attempt, 4))
+        finally:
+            await session.close()
 
 
 class AsyncSession:

@@ -167,3 +167,21 @@ def test_errors_surface_with_status(client):
         assert s.seq == 0
         s.step(tokens(2))
         assert s.seq == 1
+
+
+def test_generate_resumes_after_connection_reset(server):
+    n = 1500
+    with Client(server.address) as c:
+        want = list(c.generate("tiny_lstm", prime="AB", n=n, temperature=1.0, seed=11))
+    proxy = CuttableProxy(server.running.port)
+    try:
+        with Client(f"127.0.0.1:{proxy.port}", timeout=20, backoff_s=0.01) as c:
+            got = []
+            for piece in c.generate("tiny_lstm", prime="AB", n=n, temperature=1.0, seed=11):
+                got.append(piece)
+                if len(got) == 5:
+                    proxy.cut()
+            assert got == want
+            assert c.failovers >= 1
+    finally:
+        proxy.close()
