@@ -46,7 +46,7 @@ class AnomalyTrainConfig:
     window: int = 32
     batch: int = 32
     seq_len: int = 128
-    steps: int = 500
+    steps: int = 300
     lr: float = 3e-3
     clip: float = 1.0
     seed: int = 0

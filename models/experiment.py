@@ -49,7 +49,7 @@ class LagConfig:
     window: int = 16
     batch: int = 64
     steps: int = 600
-    lr: float = 5e-3
+    lr: float = 1e-2
     clip: float = 1.0
     seed: int = 0
     first_fraction: float = 0.1

@@ -141,10 +141,41 @@ def write_long_lag_report(results_dir: Path = RESULTS_DIR) -> Path:
     return out
 
 
+def plot_char_curves(results_dir: Path = RESULTS_DIR, runs_dir: Path = Path("runs")) -> Path | None:
+    """Plot validation bits/char against the step for every run in ``char_bpc.json`` (runs/*/history.json).
+
+    Returns the PNG path, or None when the run directories are not on this machine.
+    """
+    data = _load(results_dir / "char_bpc.json")
+    histories = {r["name"]: runs_dir / r["name"] / "history.json" for r in data["runs"]}
+    if not all(p.is_file() for p in histories.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, path in histories.items():
+        val = json.loads(path.read_text())["val"]
+        ax.plot([p["step"] for p in val], [p["val_bpc"] for p in val], "o-", ms=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title("char models on the Irish folk tunes (same budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = results_dir / "char_val_bpc.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Regenerate every table whose JSON exists."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--runs-dir", type=Path, default=Path("runs"))
     args = ap.parse_args(argv)
     for stem, write in (
         ("char_bpc", write_char_report),
@@ -153,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if (args.results_dir / f"{stem}.json").exists():
             print(write(args.results_dir))
+    if (args.results_dir / "char_bpc.json").exists():
+        print(plot_char_curves(args.results_dir, args.runs_dir))
     return 0
 
 

@@ -49,7 +49,7 @@ class CharTrainConfig:
     window: int = 32
     batch: int = 32
     seq_len: int = 64
-    steps: int = 1000
+    steps: int = 600
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     clip: float = 1.0
@@ -315,15 +315,35 @@ def run_char(
 
 
 def run_all(
-    base: CharTrainConfig, families: tuple[str, ...], runs_dir: Path, results_dir: Path, sample_len: int = 800
+    base: CharTrainConfig,
+    families: tuple[str, ...],
+    runs_dir: Path,
+    results_dir: Path,
+    sample_len: int = 800,
+    jobs: int = 1,
 ) -> list[CharRunResult]:
     """Train ``char_<family>`` for every family, same budget; write the results JSON, table and sample."""
     corpus = load_tunes()
-    results = []
-    for fam in families:
-        cfg = CharTrainConfig(**{**asdict(base), "name": f"char_{fam}", "family": fam})
-        results.append(run_char(cfg, corpus, runs_dir))
-        print(f"char_{fam}: val {results[-1].val_bpc:.4f} bpc in {results[-1].seconds:.0f} s", flush=True)
+    cfgs = [CharTrainConfig(**{**asdict(base), "name": f"char_{fam}", "family": fam}) for fam in families]
+    results: list[CharRunResult] = []
+    if jobs <= 1:
+        for cfg in cfgs:
+            results.append(run_char(cfg, corpus, runs_dir))
+            print(f"{cfg.name}: val {results[-1].val_bpc:.4f} bpc in {results[-1].seconds:.0f} s", flush=True)
+    else:
+        # One process per run, one thread each; the slowest family (attention) starts first.
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        cfgs.sort(key=lambda c: c.family != "attention")
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futs = [pool.submit(run_char, cfg, corpus, runs_dir, False) for cfg in cfgs]
+            for fut in tqdm(as_completed(futs), total=len(futs), desc="char models", dynamic_ncols=True):
+                results.append(fut.result())
+                print(
+                    f"{results[-1].name}: val {results[-1].val_bpc:.4f} bpc in {results[-1].seconds:.0f} s",
+                    flush=True,
+                )
+        results.sort(key=lambda r: families.index(r.family))
     best = min(results, key=lambda r: r.val_bpc)
     tune = sample(load_checkpoint(best.checkpoint), corpus, prime="X:", length=sample_len, seed=base.seed)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -371,9 +391,10 @@ def run_all(
     import shutil
 
     shutil.copy(runs_dir / best.name / "loss.png", results_dir / "char_loss_best.png")
-    from models.report import write_char_report
+    from models.report import plot_char_curves, write_char_report
 
     write_char_report(results_dir)
+    plot_char_curves(results_dir, runs_dir)
     return results
 
 
@@ -424,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_budget_args(one, d)
     every = sub.add_parser("all", help="every family with the same budget; writes docs/results/char_bpc.*")
     every.add_argument("--families", default=",".join(FAMILIES))
+    every.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process and thread each)")
     _add_budget_args(every, d)
     dflt = sub.add_parser(
         "default", help="the small default model (runs/default), exported by `make default-model`"
@@ -440,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(fams) - set(FAMILIES)
         if unknown:
             ap.error(f"unknown families {sorted(unknown)}; expected some of {FAMILIES}")
-        run_all(_budget(args, "", "lstm"), fams, args.runs_dir, args.results_dir)
+        run_all(_budget(args, "", "lstm"), fams, args.runs_dir, args.results_dir, jobs=args.jobs)
         return 0
     name = "default" if args.cmd == "default" else (args.name or f"char_{args.family}")
     corpus = load_tunes()
