@@ -32,15 +32,18 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from service import kserve
 from service.config import Settings, load_settings
 from service.engine import Engine
 from service.interceptors import CallObserver, ErrorMappingInterceptor
 from service.proto import rnnserve_pb2 as pb
 from service.servicers import RecurrentServicer, StreamRegistry
+from service.servicers import add_to_server as add_native
 
 _log = logging.getLogger("rnnserve.server")
 
 NATIVE_SERVICE = pb.DESCRIPTOR.services_by_name["RecurrentService"].full_name
+KSERVE_SERVICE = "inference.GRPCInferenceService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -126,7 +129,7 @@ class RunningServer:
         if self._health_task is not None:
             self._health_task.cancel()
         # 1. Probes and balancers see NOT_SERVING first (overall, per service, per model).
-        for name in ["", NATIVE_SERVICE, "inference.GRPCInferenceService", *sorted(self.model_names)]:
+        for name in ["", NATIVE_SERVICE, KSERVE_SERVICE, *sorted(self.model_names)]:
             await self.health.set(name, NOT_SERVING)
         # 2. Refuse new work (UNAVAILABLE "server draining; reconnect"); idle native streams end now, busy
         #    ones after their current step.
@@ -198,37 +201,21 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         if running is not None:
             asyncio.ensure_future(running.set_models(s.name for s in specs))
 
-    servicer = RecurrentServicer(engine, streams, on_reload=on_reload)
-    from service.servicers import add_to_server as add_native
-
-    add_native(servicer, server)
+    add_native(RecurrentServicer(engine, streams, on_reload=on_reload), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    services = [NATIVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-
-    kserve_servicer = None
-    try:
-        from service import kserve
-    except ImportError as exc:  # the KServe edge is optional: the native API works without it
-        _log.warning("KServe v2 API not available: %s", exc)
-    else:
-        kserve_servicer = kserve.add_to_server(server, engine, ready=lambda: holder["server"].is_serving())
-        services.append("inference.GRPCInferenceService")
-    services.append(reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
+    kserve_servicer = kserve.add_to_server(server, engine, ready=lambda: holder["server"].is_serving())
+    services = [NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 
     try:
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    except RuntimeError as exc:
-        await engine.stop()
-        raise SystemExit(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}: {exc}") from exc
-    await server.start()
-    try:
         httpd, metrics_port = _start_metrics_http(settings, registry)
-    except OSError as exc:
-        await server.stop(0)
+    except (RuntimeError, OSError) as exc:
         await engine.stop()
-        raise SystemExit(f"cannot bind metrics port {settings.metrics_port}: {exc}") from exc
-
+        raise SystemExit(
+            f"cannot bind {settings.grpc_host}:{settings.grpc_port} (gRPC) or port {settings.metrics_port} "
+            f"(metrics): {exc}"
+        ) from exc
     running = RunningServer(
         settings=settings,
         server=server,
@@ -242,9 +229,11 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         _metrics_http=httpd,
     )
     holder["server"] = running
+    # Statuses are in place before the first RPC can arrive.
     for name in ["", *services]:
         await health.set(name, SERVING)
     await running.set_models(s.name for s in engine.list_models())
+    await server.start()
     if settings.repository_poll_s > 0:
         running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
     return running
