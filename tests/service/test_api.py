@@ -525,6 +525,20 @@ def test_reload_repository_pins_open_sessions(tmp_path_factory):
             assert [list(m.versions) for m in models if m.name == "m"] == [[1, 2]]
             assert create(stub, "m").version == 2
             assert old.version == 1
+            fixtures.token_lstm(root, "newcomer")
+            stub.ReloadRepository(pb.ReloadRepositoryRequest())
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the health update is scheduled right after the reload
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(service="newcomer")).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.02)
+            assert health.Check(health_pb2.HealthCheckRequest(service="newcomer")).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
             data = tokens(5)
             got = outs(step(stub, old.session_id, 1, "tokens", data))["logits"]
             want = fixtures.run_whole(root / "m" / "1" / "model.onnx", {"tokens": data[None]})["logits"][0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -175,3 +177,30 @@ def test_health_follows_models_the_repository_watcher_loads(tmp_path):
             assert status == health_pb2.HealthCheckResponse.SERVING
     finally:
         srv.stop()
+
+
+def test_port_in_use_exits_with_a_message(repo):
+    first = ServerProcess(repo)
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.server",
+                "--model-repository",
+                str(repo),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(first.port),
+                "--metrics-port",
+                "-1",
+            ],
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0 and "cannot bind" in out.stderr, out.stderr[-2000:]
+    finally:
+        first.stop()
