@@ -53,6 +53,7 @@ from service.store import InMemoryStore, SessionRecord, SessionStore
 
 __all__ = [
     "Engine",
+    "StepCall",
     "GeneratedToken",
     "ModelConfig",
     "ModelSpec",
@@ -90,6 +91,14 @@ class StepResult:
     seq: int
     outputs: dict[str, np.ndarray]
     cached: bool
+
+
+class StepCall(NamedTuple):
+    """One session's chunk inside a multiplexed `Engine.step_many` call."""
+
+    session_id: str
+    seq: int
+    inputs: dict[str, np.ndarray]
 
 
 class GeneratedToken(NamedTuple):
@@ -215,6 +224,53 @@ def _shape_text(t: TensorSpec) -> str:
         "T" if (i == 0 and t.time_axis) else ("?" if d is None else str(d)) for i, d in enumerate(t.shape[1:])
     ]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+class _Group:
+    """Results of one `step_many` call; its single future resolves when the last call finishes."""
+
+    __slots__ = ("results", "left", "future")
+
+    def __init__(self, n: int, future: asyncio.Future) -> None:
+        self.results: list = [None] * n
+        self.left = n
+        self.future = future
+
+    def put(self, index: int, value: object) -> None:
+        self.results[index] = value
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(self.results)
+
+
+class _GroupSlot:
+    """The future-like handle of one call in a group, resolved by the batcher (no asyncio future per call)."""
+
+    __slots__ = ("group", "index", "_done")
+
+    def __init__(self, group: _Group, index: int) -> None:
+        self.group = group
+        self.index = index
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return self.group.future.cancelled()
+
+    def set_result(self, value: object) -> None:
+        if not self._done:
+            self._done = True
+            self.group.put(self.index, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.set_result(exc)
+
+    def from_task(self, task: asyncio.Task) -> None:
+        self.set_result(
+            task.exception() or task.result() if not task.cancelled() else asyncio.CancelledError()
+        )
 
 
 class _Versioned(NamedTuple):
@@ -593,11 +649,27 @@ class Engine:
             del self._resuming[session_id]
             fut.set_result(None)
 
+    async def _claim_waiting(self, session_id: str) -> bool:
+        """Claim the session's lease, waiting up to one lease for another holder's lease to lapse.
+
+        A crashed owner's lease runs out by itself within `lease_s`: waiting here lets a failed-over client
+        resume without seeing an error. A live owner renews its lease with every step, so the wait ends in a
+        refusal (and an idle owner that stays idle for a whole lease hands the session over, which is safe:
+        its next save is refused by the store's compare-and-set).
+        """
+        deadline = time.monotonic() + self.settings.lease_s
+        poll = min(0.1, self.settings.lease_s / 10)
+        while not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
+            if self.draining or time.monotonic() + poll > deadline:
+                return False
+            await asyncio.sleep(poll)
+        return True
+
     async def _resume(self, session_id: str) -> Session:
         if self.draining:
             raise Unavailable("server is draining; resume the session on another replica")
         # Claim before load: once the lease is ours nobody else can save, so the next read is the latest.
-        if not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
+        if not await self._claim_waiting(session_id):
             raise Unavailable(
                 f"session {session_id} is owned by another live replica; retry there, or after its "
                 f"lease ({self.settings.lease_s} s) runs out"
@@ -693,6 +765,65 @@ class Engine:
             return result
         finally:
             self._active_steps -= 1
+
+    async def step_many(
+        self, calls: Sequence[StepCall], *, last_only: bool = False
+    ) -> list[StepResult | ServeError]:
+        """Apply chunks of many sessions in one call (a multiplexed request, e.g. from a gateway).
+
+        Same semantics as `step` for each call, in order per session; a failed call yields its `ServeError` in
+        its place instead of raising, so one bad chunk never fails the others. One coroutine, one future for
+        the whole call instead of one per chunk: the way past the per-message cost of the gRPC edge.
+        """
+        if not calls:
+            return []
+        started = time.perf_counter()
+        self._active_steps += 1
+        group = _Group(len(calls), self._loop.create_future())
+        try:
+            fast = [
+                self._submit_nowait(call, _GroupSlot(group, i), last_only) for i, call in enumerate(calls)
+            ]
+            results = await group.future
+            elapsed = time.perf_counter() - started
+            for item in results:
+                if not isinstance(item, StepResult | ServeError):
+                    raise item  # a bug or a cancellation, not a client error: fail the call as `step` would
+            for call, was_fast, item in zip(calls, fast, results, strict=True):
+                if was_fast and isinstance(
+                    item, StepResult
+                ):  # slow calls went through `step`, which observes
+                    s = self.sessions.sessions.get(call.session_id)
+                    v = self._versioned.get(s.mv) if s is not None else None
+                    if v is not None:
+                        v.request_seconds.observe(elapsed)  # type: ignore[attr-defined]
+            return results
+        finally:
+            self._active_steps -= 1
+
+    def _submit_nowait(self, call: StepCall, slot: _GroupSlot, last_only: bool) -> bool:
+        """Submit a call now if the session is local and idle (True); else run the full `step` as a task."""
+        s = self.sessions.sessions.get(call.session_id)
+        slow = s is None or s.pending is not None or call.seq != s.last_seq + 1 or last_only
+        if not slow and self._persist:
+            slow = time.monotonic() > s.lease_until - self.settings.lease_s / 3  # type: ignore[union-attr]
+        if slow:
+            task = asyncio.ensure_future(
+                self.step(call.session_id, call.seq, call.inputs, last_only=last_only)
+            )
+            task.add_done_callback(slot.from_task)
+            return False
+        assert s is not None
+        try:
+            arrays, key, steps = self._versioned[s.mv].inputs.check(call.inputs)
+            req = StepRequest(s.slot, arrays, key, slot, s, call.seq, steps)  # type: ignore[arg-type]
+            s.mv.batcher.submit(req)  # type: ignore[union-attr]
+        except ServeError as exc:
+            slot.set_exception(exc)
+            return True
+        s.pending = req
+        self.sessions.touch(s, time.monotonic())
+        return True
 
     def _out_of_order(self, s: Session, seq: int, last_only: bool) -> StepResult:
         last = s.last_seq

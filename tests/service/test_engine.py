@@ -543,3 +543,35 @@ def test_out_of_vocabulary_ids_are_refused_and_never_poison_a_batch(model_reposi
             )
 
     run_engine(model_repository, body)
+
+
+def test_step_many_equals_single_steps_and_isolates_errors(model_repository):
+    from service.engine import StepCall
+
+    streams = [tokens(12) for _ in range(6)]
+    wants = [oracle(model_repository, "tiny_lstm", 1, "tokens", q) for q in streams]
+
+    async def body(engine: Engine):
+        sids = [(await engine.create_session("tiny_lstm")).session_id for _ in streams]
+        outs: list[list[np.ndarray]] = [[] for _ in streams]
+        for k in range(4):  # 4 multiplexed calls of 3-step chunks; one session appears twice in the last one
+            calls = [
+                StepCall(sid, k + 1, {"tokens": q[3 * k : 3 * k + 3]})
+                for sid, q in zip(sids, streams, strict=True)
+            ]
+            if k == 3:
+                calls.append(StepCall(sids[0], 4, {"tokens": streams[0][9:]}))  # a retry: cached
+                calls.append(StepCall(sids[1], 9, {"tokens": streams[1][:1]}))  # wrong seq: its own error
+                calls.append(StepCall("gone", 1, {"tokens": streams[1][:1]}))
+            results = await engine.step_many(calls)
+            for i in range(len(streams)):
+                outs[i].append(results[i].outputs["logits"])
+            if k == 3:
+                assert results[6].cached
+                np.testing.assert_array_equal(results[6].outputs["logits"], results[0].outputs["logits"])
+                assert isinstance(results[7], FailedPrecondition) and "expected seq 5" in results[7].message
+                assert isinstance(results[8], NotFound)
+        return [np.concatenate(o) for o in outs]
+
+    for got, want in zip(run_engine(model_repository, body), wants, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,0 +1,88 @@
+"""In-process microbenchmark of the engine alone (no gRPC): steps/s through `Engine.step` / `Engine.step_many`.
+
+    .venv/bin/python tests/service/engine_microbench.py --streams 128 --seconds 5
+
+N concurrent coroutines each stream one-step chunks into their own session of a tiny token LSTM; the number
+says how much per-message budget the engine leaves the gRPC edge. `--multiplex` sends all streams' chunks in
+one `step_many` call per round instead (the gateway shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fixtures  # noqa: E402
+
+from service.config import Settings  # noqa: E402
+from service.engine import Engine, StepCall  # noqa: E402
+
+
+async def run(repo: Path, streams: int, seconds: float, multiplex: bool) -> tuple[float, float, float]:
+    engine = Engine(Settings(model_repository=repo), registry=CollectorRegistry())
+    await engine.start()
+    ids = [(await engine.create_session("bench")).session_id for _ in range(streams)]
+    tok = {"tokens": np.array([3], np.int64)}
+    count = 0
+    stop = False
+
+    async def worker(sid: str) -> None:
+        nonlocal count
+        seq = 1
+        while not stop:
+            await engine.step(sid, seq, tok)
+            seq += 1
+            count += 1
+
+    async def gateway() -> None:
+        nonlocal count
+        seq = 1
+        while not stop:
+            await engine.step_many([StepCall(sid, seq, tok) for sid in ids])
+            seq += 1
+            count += len(ids)
+
+    tasks = [asyncio.create_task(gateway())] if multiplex else [asyncio.create_task(worker(s)) for s in ids]
+    await asyncio.sleep(1.0)  # warm-up
+    c0, t0, cpu0 = count, time.perf_counter(), time.process_time()
+    await asyncio.sleep(seconds)
+    c1, t1, cpu1 = count, time.perf_counter(), time.process_time()
+    stop = True
+    await asyncio.gather(*tasks)
+    await engine.stop()
+    rate = (c1 - c0) / (t1 - t0)
+    cores = (cpu1 - cpu0) / (t1 - t0)
+    return rate, cores, cores / rate * 1e6
+
+
+def main() -> None:
+    """Parse flags, build the tiny model, print steps/s and CPU microseconds per step."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--multiplex", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        fixtures.token_lstm(repo, "bench")
+        rate, cores, us = asyncio.run(run(repo, args.streams, args.seconds, args.multiplex))
+    mode = "step_many" if args.multiplex else "step"
+    print(
+        f"{mode}: streams={args.streams} steps/s={rate:.0f} cpu={cores:.2f} cores ({us:.1f} us CPU per step)"
+    )
+
+
+if __name__ == "__main__":
+    main()
