@@ -1,4 +1,4 @@
-"""In-process microbenchmark of the engine alone (no gRPC): steps/s through `Engine.step` / `Engine.step_many`.
+"""In-process microbenchmark of the engine alone (no gRPC): steps/s through `Engine.step` or `step_many`.
 
     .venv/bin/python tests/service/engine_microbench.py --streams 128 --seconds 5
 
