@@ -6,6 +6,7 @@ is a blocking client); results are compared with ONNX Runtime run directly on ea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import re
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.grpc.aio as atc
 from kserve_harness import ServerThread
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -518,3 +520,43 @@ def test_stream_many_sequences_one_step_each_request(client, repo):
         assert [t for t, _ in got[sid]] == list(range(12))  # written in request order
         want = fixtures.run_whole(model, {"tokens": toks[None]})["logits"][0]
         np.testing.assert_allclose(np.stack([a for _, a in got[sid]]), want, atol=1e-5, rtol=0)
+
+
+def test_asyncio_client_stream_infer(server):
+    """tritonclient.grpc.aio (the asyncio client): unary infer and stream_infer over the accumulator."""
+
+    def acc_input(value: int) -> atc.InferInput:
+        inp = atc.InferInput("x", [1, 1], "INT32")
+        inp.set_data_from_numpy(np.array([[value]], np.int32))
+        return inp
+
+    async def main() -> tuple[list[int], list[int]]:
+        async with atc.InferenceServerClient(url=server.url) as c:
+            assert await c.is_model_ready("accumulator")
+            unary = []
+            for i, v in enumerate([2, 3, 4]):
+                r = await c.infer("accumulator", [acc_input(v)], sequence_id="aio-u", sequence_start=i == 0)
+                unary.append(int(r.as_numpy("y")[0, 0]))
+
+            async def requests():
+                for i, v in enumerate([5, 6, 7]):
+                    yield {
+                        "model_name": "accumulator",
+                        "inputs": [acc_input(v)],
+                        "request_id": str(i),
+                        "sequence_id": 808,
+                        "sequence_start": i == 0,
+                        "sequence_end": i == 2,
+                    }
+
+            streamed = []
+            async for result, error in c.stream_infer(requests()):
+                assert error is None, error
+                streamed.append(int(result.as_numpy("y")[0, 0]))
+                if len(streamed) == 3:
+                    break
+            return unary, streamed
+
+    unary, streamed = asyncio.run(main())
+    assert unary == [2, 5, 9]
+    assert streamed == [5, 11, 18]
