@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from service import convert
-from service.engine import Engine, ModelSpec
+from service.engine import Engine, ModelSpec, StepCall, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable, status_of
 from service.interceptors import DRAINING_MESSAGE
 from service.proto import rnnserve_pb2 as pb
@@ -241,12 +241,6 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             if session_id and not keep and not self.streams.draining:
                 await self._close_quietly(session_id)
 
-    async def _step_row(self, sid: str, seq: int, inputs: dict[str, np.ndarray], last_only: bool) -> Any:
-        try:
-            return await self._engine.step(sid, seq, inputs, last_only=last_only)
-        except Exception as exc:  # noqa: BLE001 - reported in-band per session, the stream goes on
-            return exc
-
     async def _step_many(self, req: pb.StepManyRequest) -> pb.StepManyResponse:
         n = len(req.session_ids)
         if len(req.seqs) != n:
@@ -257,38 +251,12 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                 raise InvalidArgument(
                     f"input {name!r} has shape {list(arr.shape)}; expected ({n}, ...): one row per session_id"
                 )
-        results = await asyncio.gather(
-            *(
-                self._step_row(sid, seq, {k: a[i] for k, a in batched.items()}, req.last_only)
-                for i, (sid, seq) in enumerate(zip(req.session_ids, req.seqs, strict=True))
-            )
-        )
-        ok = [r for r in results if not isinstance(r, BaseException)]
-        codes: list[int] = []
-        messages: list[str] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                code, msg = status_of(r)
-                codes.append(code.value[0])
-                messages.append(msg)
-            else:
-                codes.append(0)
-                messages.append("")
-        outputs: list[pb.Tensor] = []
-        if ok:
-            for name, first in ok[0].outputs.items():
-                stacked = np.zeros((n, *first.shape), first.dtype)
-                for i, r in enumerate(results):
-                    if not isinstance(r, BaseException):
-                        stacked[i] = r.outputs[name]
-                outputs.append(convert.array_to_tensor(name, stacked))
-        return pb.StepManyResponse(
-            tag=req.tag,
-            outputs=outputs,
-            cached=[False if isinstance(r, BaseException) else r.cached for r in results],
-            codes=codes,
-            messages=messages,
-        )
+        calls = [
+            StepCall(sid, seq, {k: a[i] for k, a in batched.items()})
+            for i, (sid, seq) in enumerate(zip(req.session_ids, req.seqs, strict=True))
+        ]
+        results = await self._engine.step_many(calls, last_only=req.last_only)
+        return _many_response(req, results)
 
     async def StreamMany(self, request_iterator: AsyncIterator[pb.StepManyRequest], context: Any) -> None:
         """Multiplexed bidi: each message steps many sessions at once; per-session errors travel in-band."""
@@ -352,6 +320,43 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         finally:
             if owned:
                 await self._close_quietly(sid)
+
+
+def _many_response(req: pb.StepManyRequest, results: list[StepResult | ServeError]) -> pb.StepManyResponse:
+    """Stack per-session results into (N, ...) outputs; failed rows carry their status in-band (data zeros)."""
+    n = len(results)
+    codes = [0] * n
+    messages = [""] * n
+    cached = [False] * n
+    first: StepResult | None = None
+    for i, r in enumerate(results):
+        if isinstance(r, ServeError):
+            code, messages[i] = status_of(r)
+            codes[i] = code.value[0]
+        elif first is None:
+            first = r
+    outputs: list[pb.Tensor] = []
+    if first is not None:
+        shapes = {k: (v.shape, v.dtype) for k, v in first.outputs.items()}
+        stacked = {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+        for i, r in enumerate(results):
+            if isinstance(r, ServeError):
+                continue
+            if {k: (v.shape, v.dtype) for k, v in r.outputs.items()} != shapes:
+                # Applied, but its outputs do not stack with the others (another model, or another T): the
+                # chunk is not lost, a Step with the same seq answers it from the cache.
+                codes[i] = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                messages[i] = (
+                    f"chunk seq {r.seq} of session {req.session_ids[i]} was applied, but its outputs do not "
+                    "stack with the first session's (one StreamMany message takes sessions of one model "
+                    f"version); fetch them with Step(seq={r.seq}), which answers from the cache"
+                )
+                continue
+            cached[i] = r.cached
+            for k, arr in r.outputs.items():
+                stacked[k][i] = arr
+        outputs = convert.arrays_to_tensors(stacked)
+    return pb.StepManyResponse(tag=req.tag, outputs=outputs, cached=cached, codes=codes, messages=messages)
 
 
 def add_to_server(servicer: RecurrentServicer, server: grpc.aio.Server) -> None:

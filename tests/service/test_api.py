@@ -473,6 +473,32 @@ def test_stream_many_equals_per_session_steps(stub, repo):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "seqs" in msg
 
 
+def test_stream_many_rows_that_do_not_stack_are_applied_and_fetchable(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many_repo")
+    fixtures.token_lstm(root, "small")
+    fixtures.token_lstm(root, "wide", vocab=(*fixtures.DEFAULT_VOCAB, "Q", "R"))
+    srv = ServerThread(make_settings(root))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.RecurrentServiceStub(ch)
+            sids = [create(stub, "small").session_id, create(stub, "wide").session_id]
+            data = tokens(6, seed=7).reshape(2, 3)
+            request = pb.StepManyRequest(
+                tag=1, session_ids=sids, seqs=[1, 1], inputs=[convert.array_to_tensor("tokens", data)]
+            )
+            (answer,) = list(stub.StreamMany(iter([request])))
+            assert list(answer.codes) == [0, grpc.StatusCode.FAILED_PRECONDITION.value[0]]
+            assert "Step(seq=1)" in answer.messages[1]
+            got = convert.tensor_to_array(answer.outputs[0])
+            assert got.shape == (2, 3, VOCAB) and not got[1].any()
+            wide = step(stub, sids[1], 1, "tokens", data[1])
+            assert wide.cached
+            want = fixtures.run_whole(root / "wide" / "1" / "model.onnx", {"tokens": data[1:]})["logits"][0]
+            np.testing.assert_allclose(outs(wide)["logits"], want, atol=ATOL)
+    finally:
+        srv.stop()
+
+
 # ---- generation --------------------------------------------------------------------------------------------
 
 
