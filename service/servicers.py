@@ -323,7 +323,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
 
 
 def _many_response(req: pb.StepManyRequest, results: list[StepResult | ServeError]) -> pb.StepManyResponse:
-    """Stack per-session results into (N, ...) outputs; failed rows carry their status in-band (data zeros)."""
+    """Stack per-session results into (N, ...) outputs; failed rows carry their status in-band."""
     n = len(results)
     codes = [0] * n
     messages = [""] * n
