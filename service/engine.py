@@ -361,9 +361,9 @@ class Engine:
     async def drain(self) -> None:
         """Refuse new sessions, let in-flight steps finish, and flush every session to the store."""
         self.draining = True
-        while (
-            self._active_steps
-        ):  # steps already inside the engine finish (new ones still may: edges stop those)
+        # Steps already inside the engine finish. The edges stop new RPCs; the grace bounds a steady trickle.
+        deadline = time.monotonic() + self.settings.drain_grace_s
+        while self._active_steps and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         for s in list(self.sessions):
             with contextlib.suppress(ServeError):
