@@ -121,6 +121,46 @@ def verdicts(res: SuiteResult) -> list[Verdict]:
                 at_least=True,
             )
         )
+        # What a round trip over Python gRPC can reach at all: the echo's own latency plus one raw ORT step.
+        echo1 = _row(res, "echo", 1, 1)
+        ort1 = next(
+            (c for c in res.ceilings if c["model"] == REF_MODEL and c["batch"] == 1 and c["steps"] == 1), None
+        )
+        if echo1 and ort1:
+            floor = echo1.p50_ms + ort1["ms_per_run"]
+            out.append(
+                _ratio_verdict(
+                    "(bound) stateless @ pos 1000 / (echo round trip + raw ORT step)",
+                    pos[1000]["stateless_ms"],
+                    floor,
+                    f"best any gRPC step could do here: {echo1.p50_ms:.2f} ms echo p50 + "
+                    f"{ort1['ms_per_run']:.2f} ms ORT = {floor:.2f} ms",
+                    100,
+                    at_least=True,
+                )
+            )
+        batched = [
+            r
+            for r in res.loads
+            if r.model == REF_MODEL
+            and r.system.startswith("service")
+            and r.steps_per_message == 1
+            and r.rate_per_s == 0
+            and r.server_cpu_us_per_step == r.server_cpu_us_per_step
+        ]
+        if batched:
+            best = min(batched, key=lambda r: r.server_cpu_us_per_step)
+            out.append(
+                _ratio_verdict(
+                    "(cost) stateless raw ORT CPU @ pos 1000 / served CPU per step",
+                    pos[1000]["ort_stateless_ms"] * 1e3,
+                    best.server_cpu_us_per_step,
+                    f"{pos[1000]['ort_stateless_ms']:.1f} ms vs {best.server_cpu_us_per_step:.0f} us server "
+                    f"CPU per step ({best.system}, {best.sessions} sessions)",
+                    100,
+                    at_least=True,
+                )
+            )
     written = next((m for m in res.memory if m["state"] == "written"), None)
     if written:
         out.append(
