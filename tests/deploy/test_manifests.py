@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod")
 # The schemas kubernetes-validate ships for the newest release it knows (strict: unknown fields fail).
 K8S_VERSION = kubernetes_validate.latest_version()
+# The oldest release the manifests support: the preStop `sleep` action is on by default from 1.30
+# (native gRPC probes are GA since 1.27).
+K8S_OLDEST = "1.30.0"
 CRD_GROUPS = ("monitoring.coreos.com",)
 
 
@@ -109,17 +112,18 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # --- schema validation --------------------------------------------------------------------------------
 
 
-def test_every_core_object_validates_against_current_kubernetes_schemas(rendered: Rendered):
+@pytest.mark.parametrize("version", [K8S_VERSION, K8S_OLDEST])
+def test_every_core_object_validates_against_kubernetes_schemas(rendered: Rendered, version: str):
     checked = 0
     for obj in rendered.objects:
         if obj["apiVersion"].split("/")[0] in CRD_GROUPS:
             continue
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(
                 f"{rendered.overlay}: {obj['kind']}/{obj['metadata']['name']} "
-                f"invalid for Kubernetes {K8S_VERSION}: {exc}"
+                f"invalid for Kubernetes {version}: {exc}"
             )
         checked += 1
     assert checked == sum(1 for o in rendered.objects if o["apiVersion"].split("/")[0] not in CRD_GROUPS) >= 6
