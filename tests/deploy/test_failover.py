@@ -23,7 +23,7 @@ from service.client import Client
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 from service.redis_store import RedisStore
-from tests.deploy.conftest import RedisServer, free_port
+from tests.deploy.redis_server import RedisServer, free_port
 from tests.deploy.replicas import Replica, start_replica
 
 pytestmark = pytest.mark.slow

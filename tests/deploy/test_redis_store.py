@@ -190,7 +190,7 @@ def test_save_without_owner_is_a_programming_error(clean_redis):
 
 
 def test_unreachable_redis_is_a_typed_unavailable():
-    from tests.deploy.conftest import free_port
+    from tests.deploy.redis_server import free_port
 
     async def body():
         store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5)
