@@ -117,6 +117,14 @@ def test_ports_env_and_entrypoint_match_the_server():
     assert Path(env["RNNSERVE_MODEL_REPOSITORY"]) == dest
 
 
+def test_build_tools_do_not_reach_the_runtime_stage():
+    build = " ".join(" ".join(c.value) for c in stages()[0].all("RUN"))
+    assert "pip uninstall -y grpcio-tools" in build
+    runtime = stages()[-1]
+    copied = [c.value[0] for c in runtime.all("COPY") if any(f == "--from=build" for f in c.flags)]
+    assert set(copied) == {"/opt/venv", "/src/service"}, copied
+
+
 def test_protoc_invocation_matches_the_makefile():
     """The image generates the stubs exactly as `make protos` does (same import root, same outputs)."""
     make = (ROOT / "Makefile").read_text()
