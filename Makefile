@@ -21,6 +21,7 @@ help:
 	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite (not part of make test)"
+	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
