@@ -19,10 +19,12 @@ Gate orders: PyTorch stacks LSTM gates (i, f, g, o), ONNX (i, o, f, c); GRU (r, 
 ONNX's peephole ``P`` is (i, o, f). The cifg layer has no forget-gate weights; ONNX's op ignores the f
 block when ``input_forget=1``, so it is written as zeros.
 
-The attention readout (see ``models.cells.WindowAttention``) has no loop: with S = [window_in; h_1..h_T]
-(B, W+T, H), step t attends over S[t+1 .. t+W], gathered at once as (B, T, W, H); a slot is valid when its
-index in S is >= W - count_in. ``window_out`` is the last W rows of S, ``count_out`` = min(count_in + T,
-W).
+The attention readout (see ``models.cells.WindowAttention``) has no per-step loop: with
+S = [window_in; h_1..h_T] (B, W+T, H), step t attends over S[t+1 .. t+W]; a row is valid when its index in S
+is >= W - count_in. The windows are gathered a block of K = min(T, ATTENTION_BLOCK) steps at a time
+inside an ONNX ``Loop`` (T padded up to a multiple of K), so memory stays O(B K W H) whatever the chunk
+length, where gathering all T steps at once would hold B T W H floats. ``window_out`` is the last W rows of
+S, ``count_out`` = min(count_in + T, W).
 """
 
 from __future__ import annotations
@@ -41,24 +43,31 @@ from models.cells import GRULayer, LSTMLayer, RNNLayer
 
 OPSET = 17
 BATCH, TIME = "batch", "time"
+ATTENTION_BLOCK = 32  # steps per Loop iteration of the attention readout (bounds its memory)
 PRODUCER = "rnnserve.export"
 
 
 class _Graph:
     """Accumulates nodes and initialisers with unique names."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "", constant_nodes: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
+        self._prefix = prefix  # keeps a subgraph's names apart from the outer graph's
+        self._constant_nodes = constant_nodes  # subgraphs: Constant nodes instead of initialisers
 
     def name(self, base: str) -> str:
         self._n += 1
-        return f"{base}_{self._n}"
+        return f"{self._prefix}{base}_{self._n}"
 
     def const(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        if self._constant_nodes:
+            self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        else:
+            self.inits.append(tensor)
         return name
 
     def op(
@@ -169,38 +178,90 @@ def _recurrent_stack(g: _Graph, model: RecurrentModel, seq_tbi: str) -> tuple[st
     return x, h_out, c_out
 
 
+def _attention_block_body(W: int, H: int, q_pad: str, s_pad: str, thresh: str, k: str) -> onnx.GraphProto:
+    """Loop body: attention of block i's K steps over their windows, gathered as (B, K, W, H).
+
+    Step t (global) attends over S rows t+1 .. t+W of S = [window_in; h_1 .. h_T]; a row is valid when its
+    index is >= W - count_in (``thresh``). Reads q_pad, s_pad, thresh and K from the outer graph.
+    """
+    b = _Graph(prefix="blk_", constant_nodes=True)
+    lo = b.op1("Mul", ["blk_i", k], "lo")  # scalar
+    hi = b.op1("Add", [lo, k], "hi")
+    steps = b.op1("Range", [lo, hi, b.const("one", np.array(1, np.int64))], "steps")  # (K,)
+    axes0 = b.const("axes0", np.array([0], np.int64))
+    axes1 = b.const("axes1", np.array([1], np.int64))
+    q_blk = b.op1(
+        "Slice", [q_pad, b.op1("Unsqueeze", [lo, axes0]), b.op1("Unsqueeze", [hi, axes0]), axes1], "q_blk"
+    )  # (B, K, H)
+    idx = b.op1(
+        "Add",
+        [b.op1("Unsqueeze", [steps, axes1]), b.const("slot1", np.arange(1, W + 1, dtype=np.int64)[None])],
+        "idx",
+    )  # (K, W): S rows attended by each step
+    win = b.op1("Gather", [s_pad, idx], "win", axis=1)  # (B, K, W, H)
+    q4 = b.op1("Unsqueeze", [q_blk, b.const("axes3", np.array([3], np.int64))], "q4")  # (B, K, H, 1)
+    scores = b.op1("MatMul", [win, q4], "scores4")  # (B, K, W, 1)
+    scores = b.op1("Squeeze", [scores, b.const("axes3", np.array([3], np.int64))], "scores")  # (B, K, W)
+    scores = b.op1("Mul", [scores, b.const("scale", np.array(1.0 / math.sqrt(H), np.float32))], "scaled")
+    valid = b.op1("GreaterOrEqual", [idx, thresh], "valid")  # (B, K, W)
+    masked = b.op1("Where", [valid, scores, b.const("neginf", np.array(-np.inf, np.float32))], "masked")
+    attn = b.op1("Softmax", [masked], "attn", axis=-1)  # (B, K, W)
+    attn4 = b.op1("Unsqueeze", [attn, b.const("axes2", np.array([2], np.int64))], "attn4")  # (B, K, 1, W)
+    ctx = b.op1("MatMul", [attn4, win], "ctx4")  # (B, K, 1, H)
+    b.named("Squeeze", [ctx, b.const("axes2", np.array([2], np.int64))], "blk_ctx")  # (B, K, H)
+    b.named("Identity", ["blk_cond_in"], "blk_cond_out")
+    return helper.make_graph(
+        b.nodes,
+        "attention_block",
+        [
+            helper.make_tensor_value_info("blk_i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("blk_cond_in", TensorProto.BOOL, None),
+        ],
+        [
+            helper.make_tensor_value_info("blk_cond_out", TensorProto.BOOL, None),
+            helper.make_tensor_value_info("blk_ctx", TensorProto.FLOAT, None),
+        ],
+    )
+
+
 def _attention(g: _Graph, model: RecurrentModel, top: str) -> str:
     """Emit the attention readout on top (B, T, H) and state_out_window/count; return (B, T, H)."""
     att = model.attention
     W, H = att.window, att.hidden
     S = g.op1("Concat", ["state_in_window", top], "S", axis=1)  # (B, W+T, H)
     t_vec = g.op1("Shape", [top], "T", start=1, end=2)  # (1,) int64
-    t_scalar = g.op1("Squeeze", [t_vec, g.const("axes0", np.array([0], np.int64))], "T_scalar")
-    steps = g.op1(
-        "Range",
-        [g.const("zero", np.array(0, np.int64)), t_scalar, g.const("one", np.array(1, np.int64))],
-        "steps",
-    )  # (T,)
-    steps_col = g.op1("Unsqueeze", [steps, g.const("axes1", np.array([1], np.int64))], "steps_col")  # (T, 1)
-    idx = g.op1(
-        "Add", [steps_col, g.const("slot1", np.arange(1, W + 1, dtype=np.int64)[None])], "idx"
-    )  # (T, W)
-    win = g.op1("Gather", [S, idx], "win", axis=1)  # (B, T, W, H)
     q = g.op1("MatMul", [top, g.const("W_a", _np(att.weight_a))], "q")  # (B, T, H)
-    q4 = g.op1("Unsqueeze", [q, g.const("axes3", np.array([3], np.int64))], "q4")  # (B, T, H, 1)
-    scores = g.op1("MatMul", [win, q4], "scores4")  # (B, T, W, 1)
-    scores = g.op1("Squeeze", [scores, g.const("axes3", np.array([3], np.int64))], "scores")  # (B, T, W)
-    scores = g.op1("Mul", [scores, g.const("scale", np.array(1.0 / math.sqrt(H), np.float32))], "scaled")
     count = g.op1("Max", ["state_in_count", g.const("zero", np.array([0], np.int64))], "count_lo")
     count = g.op1("Min", [count, g.const("Wmax", np.array([W], np.int64))], "count_in")  # clamp to 0..W
     thresh = g.op1("Sub", [g.const("W", np.array(W, np.int64)), count], "thresh")  # (B, 1)
     thresh = g.op1("Unsqueeze", [thresh, g.const("axes2", np.array([2], np.int64))], "thresh3")  # (B, 1, 1)
-    valid = g.op1("GreaterOrEqual", [idx, thresh], "valid")  # (B, T, W)
-    masked = g.op1("Where", [valid, scores, g.const("neginf", np.array(-np.inf, np.float32))], "masked")
-    attn = g.op1("Softmax", [masked], "attn", axis=-1)  # (B, T, W)
-    attn4 = g.op1("Unsqueeze", [attn, g.const("axes2", np.array([2], np.int64))], "attn4")  # (B, T, 1, W)
-    ctx = g.op1("MatMul", [attn4, win], "ctx4")  # (B, T, 1, H)
-    ctx = g.op1("Squeeze", [ctx, g.const("axes2", np.array([2], np.int64))], "ctx")  # (B, T, H)
+    # Time in blocks of K = min(T, ATTENTION_BLOCK) steps, padded to nb * K, so one Loop iteration holds only
+    # (B, K, W, H) of gathered window, whatever T is; a streaming step (T = 1) is one iteration of one step.
+    k1 = g.op1("Min", [t_vec, g.const("block", np.array([ATTENTION_BLOCK], np.int64))], "K")  # (1,)
+    nb1 = g.op1(
+        "Div",
+        [g.op1("Sub", [g.op1("Add", [t_vec, k1]), g.const("one", np.array([1], np.int64))]), k1],
+        "n_blocks",
+    )  # (1,) = ceil(T / K)
+    pad = g.op1("Sub", [g.op1("Mul", [nb1, k1]), t_vec], "pad")  # (1,)
+    zeros4 = g.const("zeros4", np.zeros(4, np.int64))
+    pads = g.op1("Concat", [zeros4, pad, g.const("zero", np.array([0], np.int64))], "pads", axis=0)  # (6,)
+    q_pad = g.op1("Pad", [q, pads], "q_pad")  # (B, nb*K, H)
+    s_pad = g.op1("Pad", [S, pads], "S_pad")  # (B, W + nb*K, H)
+    k0 = g.op1("Squeeze", [k1, g.const("axes0", np.array([0], np.int64))], "K_scalar")
+    nb0 = g.op1("Squeeze", [nb1, g.const("axes0", np.array([0], np.int64))], "n_blocks_scalar")
+    body = _attention_block_body(W, H, q_pad, s_pad, thresh, k0)
+    cond = g.const("true", np.array(True))
+    ctx_blocks = g.op1("Loop", [nb0, cond], "ctx_blocks", body=body)  # (nb, B, K, H)
+    ctx = g.op1("Transpose", [ctx_blocks], "ctx_bnkh", perm=[1, 0, 2, 3])  # (B, nb, K, H)
+    ctx = g.op1(
+        "Reshape", [ctx, g.const("shape_bth", np.array([0, -1, H], np.int64))], "ctx_pad"
+    )  # (B, nb*K, H)
+    ctx = g.op1(
+        "Slice",
+        [ctx, g.const("zero", np.array([0], np.int64)), t_vec, g.const("axes1", np.array([1], np.int64))],
+        "ctx",
+    )  # (B, T, H)
     cat = g.op1("Concat", [ctx, top], "ctx_h", axis=2)  # (B, T, 2H)
     comb = g.op1("MatMul", [cat, g.const("W_c", _np(att.combine.weight).T)], "comb")  # (B, T, H)
     comb = g.op1("Add", [comb, g.const("b_c", _np(att.combine.bias))], "comb_b")
