@@ -284,3 +284,25 @@ def test_float32_noise_floor_fallback():
     assert all("noise floor used" in c.detail for c in report.checks if c.max_abs and c.max_abs > 1e-9)
     bad = verify_against_torch(_perturb(proto, "R_l", 1e-3), model, tol=1e-9, progress=False)
     assert not bad.ok
+
+
+def test_attention_long_chunk_crosses_blocks():
+    """T = 300 runs as 10 Loop blocks of 32 (the last one padded) and still equals the equations."""
+    from export.graph import ATTENTION_BLOCK
+
+    model = tiny_model("attention", "numeric")
+    sess = ort.InferenceSession(build_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    steps = 300
+    assert steps % ATTENTION_BLOCK and steps > 5 * ATTENTION_BLOCK
+    x = rng.standard_normal((2, steps, 3)).astype(np.float32)
+    state = {
+        "h": (0.5 * rng.standard_normal((2, 2, 8))).astype(np.float32),
+        "c": (0.5 * rng.standard_normal((2, 2, 8))).astype(np.float32),
+        "window": rng.standard_normal((2, 16, 8)).astype(np.float32),
+        "count": np.array([[3], [16]], np.int64),
+    }
+    y, *_ = sess.run(None, {"x": x, **{f"state_in_{k}": v for k, v in state.items()}})
+    params = {k: v.numpy() for k, v in model.state_dict().items()}
+    y_ref, _ = reference_forward(model.cfg, params, x, state)
+    assert float(np.max(np.abs(y - y_ref))) <= 1e-5
