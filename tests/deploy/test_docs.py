@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,14 @@ def test_deploy_commands_name_what_the_tests_render(doc: Path):
             assert c[c.index("-f") + 1] == "deploy/Dockerfile" and c[-1] == ".", c
         if c[:1] == ["make"]:
             assert re.search(rf"^{re.escape(c[1])}:", (ROOT / "Makefile").read_text(), re.M), c
+
+
+def test_deploy_doc_includes_equal_the_generated_files():
+    """docs/deploy.md quotes docs/deploy/failover.md (written by deploy/failover_report.py) verbatim."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    import sync_readme
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "<!-- include: docs/deploy/failover.md -->" in text
+    assert sync_readme.render(text, ROOT) == text, "re-copy docs/deploy/failover.md into docs/deploy.md"
+    assert (ROOT / "docs" / "deploy" / "failover.png").stat().st_size > 10_000
