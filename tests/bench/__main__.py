@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.bench import report
-from tests.bench.suite import Plan, Runner
+from tests.bench.suite import Plan, Runner, load_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +26,22 @@ def main(argv: list[str] | None = None) -> int:
         help="where the README's Performance section goes ('-' = do not write)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="runs per load scenario (median kept)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="do not measure: re-render the report from an earlier results.json",
+    )
     args = parser.parse_args(argv)
-    plan = Plan.make(args.quick, args.repeats)
-    runner = Runner(plan, args.out)
-    try:
-        result = runner.run()
-    finally:
-        runner.close()
+    if args.render is not None:
+        result = load_result(args.render)
+    else:
+        runner = Runner(Plan.make(args.quick, args.repeats), args.out)
+        try:
+            result = runner.run()
+        finally:
+            runner.close()
     perf = None if str(args.performance_md) == "-" else args.performance_md
     verdicts = report.write(result, args.out, perf)
     print(report.verdict_table(verdicts))

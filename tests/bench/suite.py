@@ -481,3 +481,19 @@ class Runner:
             self.result.environment["load_average_1m_at_end"] = os.getloadavg()[0]
             self.result.environment["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return self.result
+
+
+def load_result(path: Path) -> SuiteResult:
+    """Read a ``results.json`` back into a ``SuiteResult`` (to re-render the report without re-running)."""
+    d = json.loads(path.read_text())
+    plan_fields = {f.name for f in dataclasses.fields(Plan)}
+    plan = Plan(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items() if k in plan_fields}
+    )
+    row_fields = {f.name for f in dataclasses.fields(LoadRow)}
+    loads = []
+    for row in d["loads"]:
+        kw = {k: v for k, v in row.items() if k in row_fields}
+        kw["batch_buckets"] = [tuple(b) for b in kw.get("batch_buckets", [])]
+        loads.append(LoadRow(**kw))
+    return SuiteResult(plan, d["environment"], loads, d["ceilings"], d["positions"], d["memory"], d["notes"])
