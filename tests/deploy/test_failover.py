@@ -150,9 +150,15 @@ def test_sigkill_of_the_serving_replica_loses_and_repeats_nothing(
     assert stored_session(clean_redis) == (CHUNKS, "b")
 
 
-@pytest.mark.parametrize("pair", [{"lease_s": LONG_LEASE_S}], indirect=True)
-def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_repository, clean_redis):
-    """With a long lease: the handover is immediate only because the draining replica released its leases."""
+@pytest.mark.parametrize(
+    "pair",
+    [{"lease_s": LONG_LEASE_S}, {"lease_s": LONG_LEASE_S, "store_flush_every": 7}],
+    indirect=True,
+    ids=["flush-every-step", "flush-every-7"],
+)
+def test_sigterm_drains_hands_over_and_exits_cleanly(request, pair, tokens, model_repository, clean_redis):
+    """With a long lease: the handover is immediate only because the draining replica released its leases.
+    With store_flush_every=7 nothing is lost either: the drain flushes the unsaved steps."""
     a, b = pair
     drain_took: list[float] = []
     started = time.monotonic()
@@ -173,7 +179,10 @@ def test_sigterm_drains_hands_over_and_exits_cleanly(pair, tokens, model_reposit
     )
     assert at < CHUNKS
     assert_exact_history(outputs, reference_logits(model_repository, tokens))
-    assert stored_session(clean_redis) == (CHUNKS, "b")
+    flush_every = request.node.callspec.params["pair"].get("store_flush_every", 1)
+    seq, owner = stored_session(clean_redis)
+    # b, still serving, may not have flushed its last < N steps yet.
+    assert owner == "b" and 0 <= CHUNKS - seq < flush_every
     assert "draining" in a.log_text()
 
 
