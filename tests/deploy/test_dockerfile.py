@@ -77,6 +77,8 @@ def test_runtime_runs_as_a_numeric_non_root_user():
     uid, _, gid = users[-1].value[0].partition(":")
     assert uid.isdigit() and int(uid) > 0, "USER must be numeric (runAsNonRoot can only verify a numeric uid)"
     assert not gid or (gid.isdigit() and int(gid) > 0)
+    created = " ".join(" ".join(c.value) for c in runtime.all("RUN"))
+    assert f"--uid {uid}" in created, "USER names the uid of the account the image creates"
     # The manifests run as the same uid.
     deployment = (ROOT / "deploy" / "base" / "deployment.yaml").read_text()
     assert f"runAsUser: {uid}" in deployment
