@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import Aborted
+
 
 @dataclass(slots=True)
 class SessionRecord:
@@ -67,10 +69,22 @@ class InMemoryStore(SessionStore):
     def __init__(self, persistent: bool = False) -> None:
         self.persistent = persistent
         self._records: dict[str, SessionRecord] = {}
-        self._leases: dict[str, tuple[str, float]] = {}
+        self._leases: dict[str, tuple[str, float, float]] = {}  # id -> (owner, expiry, lease length)
 
     async def save(self, record: SessionRecord) -> None:
-        """Keep a deep copy (the slab row is overwritten by later steps)."""
+        """Keep a deep copy if `record.owner` holds (or may retake) the lease, and renew it; else `Aborted`.
+
+        The same compare-and-set as the Redis store: a replica that lost its lease never overwrites the owner.
+        """
+        now = time.monotonic()
+        held = self._leases.get(record.session_id)
+        if held is not None and held[0] != record.owner and held[1] > now:
+            raise Aborted(
+                f"session {record.session_id} is owned by replica {held[0]}; replica {record.owner} lost its "
+                f"lease and did not apply seq {record.last_seq}: reconnect to resume the session"
+            )
+        if held is not None and record.owner is not None:
+            self._leases[record.session_id] = (record.owner, now + held[2], held[2])
         self._records[record.session_id] = SessionRecord(
             record.session_id,
             record.model,
@@ -98,7 +112,7 @@ class InMemoryStore(SessionStore):
         held = self._leases.get(session_id)
         if held is not None and held[0] != owner and held[1] > now:
             return False
-        self._leases[session_id] = (owner, now + lease_s)
+        self._leases[session_id] = (owner, now + lease_s, lease_s)
         return True
 
     async def close(self) -> None:

@@ -26,8 +26,9 @@ def test_session_resumes_on_another_engine_without_loss_or_duplication(model_rep
         a = Engine(
             settings(model_repository, replica_id="a", lease_s=30), registry=CollectorRegistry(), store=store
         )
+        # b waits at most one of its own leases for a's lease to lapse before it gives up: keep that short
         b = Engine(
-            settings(model_repository, replica_id="b", lease_s=30), registry=CollectorRegistry(), store=store
+            settings(model_repository, replica_id="b", lease_s=0.3), registry=CollectorRegistry(), store=store
         )
         await a.start()
         await b.start()
