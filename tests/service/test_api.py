@@ -258,6 +258,34 @@ def test_stream_bad_chunk_ends_stream_and_leaves_kept_session_untouched(stub, re
     np.testing.assert_allclose(np.concatenate([outs(responses[0])["logits"], rest]), want, atol=ATOL)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_cancelled_stream_closes_its_session_unless_keep(stub, keep):
+    gate = threading.Event()
+
+    def requests():
+        yield pb.StreamRequest(open=pb.StreamOpen(model="tiny_lstm", keep=keep))
+        gate.wait(30)
+
+    call = stub.Stream(requests())
+    sid = next(call).session.session_id
+    call.cancel()
+    gate.set()
+    deadline = time.monotonic() + 10
+    closed = False
+    while time.monotonic() < deadline and not closed:
+        try:
+            stub.DescribeSession(pb.SessionRequest(session_id=sid))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND and "closed" in err.details()
+            closed = True
+        if not closed and keep:
+            time.sleep(0.3)  # give a (wrong) close time to happen, then check once more
+            stub.DescribeSession(pb.SessionRequest(session_id=sid))
+            break
+        time.sleep(0.02)
+    assert closed is not keep
+
+
 def test_stream_protocol_errors(stub):
     code, msg = code_of(lambda: list(stub.Stream(iter([pb.StreamRequest(seq=1)]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "open" in msg
