@@ -450,11 +450,18 @@ class Engine:
             for s, reason in self.sessions.expired(now, self.settings.max_lifetime_s):
                 self._end(s, reason)
 
+    async def reload_async(self) -> RepositoryChange:
+        """Rescan the repository with the slow part (disk, ONNX Runtime loads) off the event loop."""
+        plan = await asyncio.get_running_loop().run_in_executor(None, self.repository.plan)
+        change = self.repository.apply(plan)
+        self._apply(change)
+        return change
+
     async def _watcher(self) -> None:
         while True:
             await asyncio.sleep(self.settings.repository_poll_s)
             try:
-                self.reload()
+                await self.reload_async()
             except Exception as exc:  # a watcher must outlive any one bad scan
                 _log.error("repository scan failed: %r", exc, exc_info=exc)
 

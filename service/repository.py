@@ -296,6 +296,14 @@ class RepositoryChange:
     unload: tuple[ModelVersion, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ScanPlan:
+    """What `Repository.plan` found: versions listed on disk per model, and newly loaded newest versions."""
+
+    listed: dict[str, tuple[int, ...]]
+    candidates: dict[str, ModelVersion]
+
+
 class Repository:
     """The loaded models of one repository directory, with version retirement and refcounted unloading."""
 
@@ -352,29 +360,41 @@ class Repository:
         )
         return ModelVersion(spec, runtime)
 
-    def scan(self) -> RepositoryChange:
-        """Compare the disk with what is loaded: load new newest versions, retire replaced or removed ones."""
+    def plan(self) -> ScanPlan:
+        """Do the slow half of a scan (read the disk, load new versions into ONNX Runtime); change nothing.
+
+        Safe to run in a worker thread while the event loop serves: it only reads `current`.
+        """
         on_disk = self._on_disk()
-        loaded, retired = [], []
+        candidates: dict[str, ModelVersion] = {}
         for name, versions in on_disk.items():
             cur = self.current.get(name)
-            listed = tuple(sorted(v for v, _ in versions))
             for version, path in sorted(versions, reverse=True):  # newest valid version wins
                 if cur is not None and cur.spec.version == version:
                     break
                 mv = self._load(name, version, path)
-                if mv is None:
-                    continue
-                if cur is not None:
-                    cur.retired = True
-                    retired.append(cur)
-                self.current[name] = cur = mv
-                loaded.append(mv)
-                break
+                if mv is not None:
+                    candidates[name] = mv
+                    break
+        listed = {name: tuple(sorted(v for v, _ in versions)) for name, versions in on_disk.items()}
+        return ScanPlan(listed, candidates)
+
+    def apply(self, plan: ScanPlan) -> RepositoryChange:
+        """Do the quick half of a scan, on the loop: swap in new versions, retire replaced or removed ones."""
+        loaded, retired = [], []
+        for name, mv in plan.candidates.items():
+            cur = self.current.get(name)
+            if cur is not None:
+                cur.retired = True
+                retired.append(cur)
+            self.current[name] = mv
+            loaded.append(mv)
+        for name, listed in plan.listed.items():
+            cur = self.current.get(name)
             if cur is not None and cur.spec.versions != listed:
                 cur.spec = replace(cur.spec, versions=listed)
         for name in list(self.current):
-            if name not in on_disk:
+            if name not in plan.listed:
                 mv = self.current.pop(name)
                 mv.retired = True
                 retired.append(mv)
@@ -384,6 +404,10 @@ class Repository:
         for mv in unload:
             self.retired.remove(mv)
         return RepositoryChange(tuple(loaded), tuple(retired), unload)
+
+    def scan(self) -> RepositoryChange:
+        """Compare the disk with what is loaded: load new newest versions, retire replaced or removed ones."""
+        return self.apply(self.plan())
 
     def newest(self, name: str) -> ModelVersion:
         """Return the version of `name` that takes new sessions."""
