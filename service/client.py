@@ -261,6 +261,10 @@ class Client:
             self._models[key] = self._models[(name, info.version)] = info
         return info
 
+    def multiplexer(self) -> Multiplexer:
+        """Return a `Multiplexer`: many sessions stepped by one StreamMany message per call."""
+        return Multiplexer(self)
+
     def reload(self) -> list[ModelInfo]:
         """Ask the server to rescan its model repository now."""
         return [
@@ -504,3 +508,110 @@ class _AttachedStream:
                 pass  # a broken call changes nothing already answered
         self._call = None
         self._requests = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """A session's chunk that a multiplexed step refused (the other sessions of the message went on)."""
+
+    session_id: str
+    code: grpc.StatusCode
+    message: str
+
+
+class Multiplexer:
+    """Step many sessions (of one model version) with one `StreamMany` message per call, in lock-step.
+
+    For a gateway forwarding many devices: one message carries every session's chunk and one answer carries
+    every session's outputs, which is far cheaper per step than one message per session. After a transport
+    error the same message (same seqs) is re-sent on the next address; rows that were applied are answered
+    from the cache, so every chunk applies exactly once.
+    """
+
+    _CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._call: Any = None
+        self._requests: queue.SimpleQueue[Any] | None = None
+        self._tag = 0
+
+    def _open(self) -> None:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def feed() -> Iterator[pb.StepManyRequest]:
+            while (item := requests.get()) is not _END:
+                yield item
+
+        self._requests = requests
+        self._call = self._client.stub.StreamMany(feed())
+
+    def step(
+        self, chunks: Sequence[tuple[Session, Inputs]], *, last_only: bool = False
+    ) -> list[dict[str, np.ndarray] | RowError]:
+        """Apply one chunk per session (equal shapes); returns each session's outputs or its `RowError`."""
+        if not chunks:
+            return []
+        sessions = [s for s, _ in chunks]
+        encoded = [encode_inputs(s.model, x) for s, x in chunks]
+        names = [t.name for t in encoded[0]]
+        stacked = {
+            name: np.stack([convert.tensor_to_array(row[j]) for row in encoded])
+            for j, name in enumerate(names)
+        }
+        self._tag += 1
+        request = pb.StepManyRequest(
+            tag=self._tag,
+            session_ids=[s.id for s in sessions],
+            seqs=[s.seq + 1 for s in sessions],
+            inputs=convert.arrays_to_tensors(stacked),
+            last_only=last_only,
+        )
+        response = self._send(request)
+        outputs = {t.name: convert.tensor_to_array(t, "output") for t in response.outputs}
+        results: list[dict[str, np.ndarray] | RowError] = []
+        for i, s in enumerate(sessions):
+            if response.codes[i]:
+                code = self._CODES.get(response.codes[i], grpc.StatusCode.UNKNOWN)
+                results.append(RowError(s.id, code, response.messages[i]))
+            else:
+                s.seq = request.seqs[i]
+                results.append({name: arr[i] for name, arr in outputs.items()})
+        return results
+
+    def _send(self, request: pb.StepManyRequest) -> pb.StepManyResponse:
+        client = self._client
+        for attempt in range(client.max_attempts):
+            channel = client._channel
+            try:
+                if self._call is None:
+                    self._open()
+                assert self._requests is not None
+                self._requests.put(request)
+                return next(self._call)
+            except grpc.RpcError as err:
+                self.close()
+                if not client._should_retry(err, attempt, session_bound=False):
+                    raise
+                client.failover(channel)
+                time.sleep(client._backoff_s * min(attempt, 4))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """End the stream (the sessions stay open)."""
+        if self._requests is not None:
+            self._requests.put(_END)
+        if self._call is not None:
+            try:
+                for _ in self._call:
+                    pass
+            except grpc.RpcError:
+                pass
+        self._call = None
+        self._requests = None
+
+    def __enter__(self) -> Multiplexer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

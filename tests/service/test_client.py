@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from server_thread import CuttableProxy, ServerThread, make_settings
 
-from service.client import Client
+from service.client import Client, RowError
 
 ATOL = 1e-5
 VOCAB = len(fixtures.DEFAULT_VOCAB)
@@ -182,6 +182,39 @@ def test_generate_resumes_after_connection_reset(server):
                 if len(got) == 5:
                     proxy.cut()
             assert got == want
+            assert c.failovers >= 1
+    finally:
+        proxy.close()
+
+
+def test_multiplexer_steps_many_sessions_exactly_once(server, repo):
+    n, length = 5, 12
+    datas = [tokens(length, seed=40 + i) for i in range(n)]
+    wants = [oracle(repo, "tiny_lstm", "tokens", d)["logits"] for d in datas]
+    proxy = CuttableProxy(server.running.port)
+    try:
+        with Client(f"127.0.0.1:{proxy.port}", timeout=10, backoff_s=0.01) as c:
+            sessions = [c.session("tiny_lstm") for _ in range(n)]
+            got: list[list[np.ndarray]] = [[] for _ in range(n)]
+            with c.multiplexer() as mux:
+                for k in range(0, length, 3):
+                    if k == 6:
+                        proxy.cut()
+                    for i, out in enumerate(
+                        mux.step([(s, d[k : k + 3]) for s, d in zip(sessions, datas, strict=True)])
+                    ):
+                        assert isinstance(out, dict), out
+                        got[i].append(out["logits"])
+                # A bad row (a seq gap) answers in-band; the others still apply.
+                sessions[0].seq += 5
+                mixed = mux.step([(s, d[:1]) for s, d in zip(sessions, datas, strict=True)])
+                sessions[0].seq -= 5
+            assert isinstance(mixed[0], RowError) and "expected seq" in mixed[0].message, mixed[0]
+            assert mixed[0].code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE)
+            assert all(isinstance(r, dict) for r in mixed[1:])
+            for i in range(n):
+                np.testing.assert_allclose(np.concatenate(got[i]), wants[i], atol=ATOL)
+            assert [s.describe().steps for s in sessions] == [length] + [length + 1] * (n - 1)
             assert c.failovers >= 1
     finally:
         proxy.close()
