@@ -398,12 +398,22 @@ class Engine:
         batch_h = self.metrics.batch_size.labels(*labels)
         steps_c = self.metrics.steps.labels(*labels)
 
+        request_h = self.metrics.request_seconds.labels(*labels)
+
         def observe(n: int, steps: int, started: float, ended: float, batch: list[StepRequest]) -> None:
+            # Once per batch: the per-request latencies go in bulk (see metrics.BulkHistogram). A request's
+            # end-to-end time runs from its arrival (validated, queued) to its batch's results.
             batch_h.observe(n)
             compute_h.observe(ended - started)
             steps_c.inc(n * steps)
-            for req in batch:
-                queue_h.observe(started - req.enqueued)
+            if n == 1:
+                waited = started - batch[0].enqueued
+                queue_h.observe(waited)
+                request_h.observe(ended - batch[0].enqueued)
+            else:
+                enqueued = np.fromiter((r.enqueued for r in batch), np.float64, n)
+                queue_h.observe_many(started - enqueued)
+                request_h.observe_many(ended - enqueued)
 
         mv.slab = StateSlab(spec.states)
         mv.batcher = Batcher(
@@ -743,7 +753,6 @@ class Engine:
 
         `last_only` returns time-axis outputs as `(1, ...)`: the last step only.
         """
-        started = time.perf_counter()
         self._active_steps += 1  # drain() waits for these
         try:
             s = self.sessions.sessions.get(session_id)
@@ -766,7 +775,6 @@ class Engine:
             s.pending = req
             self.sessions.touch(s, time.monotonic())
             result: StepResult = await fut
-            v.request_seconds.observe(time.perf_counter() - started)  # type: ignore[attr-defined]
             if last_only and mv.spec.time_axis:
                 return _last_only(result, mv.spec)
             return result
@@ -784,26 +792,15 @@ class Engine:
         """
         if not calls:
             return []
-        started = time.perf_counter()
         self._active_steps += 1
         group = _Group(len(calls), self._loop.create_future())
         try:
-            fast = [
-                self._submit_nowait(call, _GroupSlot(group, i), last_only) for i, call in enumerate(calls)
-            ]
+            for i, call in enumerate(calls):
+                self._submit_nowait(call, _GroupSlot(group, i), last_only)
             results = await group.future
-            elapsed = time.perf_counter() - started
             for item in results:
                 if not isinstance(item, StepResult | ServeError):
                     raise item  # a bug or a cancellation, not a client error: fail the call as `step` would
-            for call, was_fast, item in zip(calls, fast, results, strict=True):
-                if was_fast and isinstance(
-                    item, StepResult
-                ):  # slow calls went through `step`, which observes
-                    s = self.sessions.sessions.get(call.session_id)
-                    v = self._versioned.get(s.mv) if s is not None else None
-                    if v is not None:
-                        v.request_seconds.observe(elapsed)  # type: ignore[attr-defined]
             return results
         finally:
             self._active_steps -= 1

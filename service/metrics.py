@@ -7,7 +7,13 @@ Naming follows Prometheus conventions: base units in the name, counters end in `
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 # Latency buckets from 50 us to 10 s: a one-step message is ~100 us, a long chunk can take seconds.
 LATENCY_BUCKETS = (
@@ -31,6 +37,80 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class BulkHistogram(Collector):
+    """A Prometheus histogram fed a whole batch at a time (numpy), exposed through a custom collector.
+
+    `prometheus_client.Histogram.observe` takes a lock and walks the buckets in Python for each value: a few
+    microseconds per request on the hot path. A batch of B latencies costs one `searchsorted` + `bincount`
+    here instead. Exposition is the standard histogram (`_bucket{le}`, `_count`, `_sum`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._children: dict[tuple[str, ...], BulkHistogramChild] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> BulkHistogramChild:
+        """Return the child for one label set (cache it: it is the hot-path handle)."""
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = BulkHistogramChild(self.bounds)
+            return child
+
+    def remove(self, *values: str) -> None:
+        """Forget one label set (e.g. an unloaded model version)."""
+        with self._lock:
+            self._children.pop(tuple(str(v) for v in values), None)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """Yield the standard histogram exposition of every label set."""
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            children = list(self._children.items())
+        for key, child in children:
+            counts, total = child.counts.copy(), child.sum
+            cumulative = np.cumsum(counts)
+            buckets = [(repr(float(b)), float(c)) for b, c in zip(self.bounds, cumulative[:-1], strict=True)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(key), buckets, total)
+        yield family
+
+
+class BulkHistogramChild:
+    """Bucket counts of one label set; updated from the event loop thread only."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: np.ndarray) -> None:
+        self.bounds = bounds
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last bucket is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        self.counts[int(np.searchsorted(self.bounds, value, side="left"))] += 1
+        self.sum += value
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Record many values at once."""
+        idx = np.searchsorted(self.bounds, values, side="left")
+        self.counts += np.bincount(idx, minlength=len(self.counts))
+        self.sum += float(values.sum())
+
+
 class Metrics:
     """The server's metrics on one registry; labelled children of hot metrics are cached per model version."""
 
@@ -43,7 +123,7 @@ class Metrics:
             ["method", "code", "protocol"],
             registry=r,
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = BulkHistogram(
             "rnnserve_queue_seconds",
             "Time a step waited in the batcher queue.",
             ["model", "version"],
@@ -57,7 +137,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = BulkHistogram(
             "rnnserve_request_seconds",
             "End-to-end engine latency of a step, from arrival to result.",
             ["model", "version"],

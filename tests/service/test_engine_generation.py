@@ -33,3 +33,30 @@ def test_check_ids():
     check_ids([0, 4], 5)
     with pytest.raises(InvalidArgument, match=r"\[5, -1\]"):
         check_ids([5, -1, 2], 5)
+
+
+def test_bulk_histogram_matches_prometheus_histogram():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from service.metrics import LATENCY_BUCKETS, BulkHistogram
+
+    reg = CollectorRegistry()
+    bulk = BulkHistogram("bulk_seconds", "x", ["m"], LATENCY_BUCKETS, reg).labels("a")
+    ref = Histogram("ref_seconds", "x", ["m"], buckets=LATENCY_BUCKETS, registry=reg).labels("a")
+    values = np.concatenate([np.random.default_rng(0).exponential(0.01, 500), list(LATENCY_BUCKETS)])
+    bulk.observe_many(values[:300])
+    for v in values[300:]:
+        bulk.observe(float(v))
+    for v in values:
+        ref.observe(float(v))
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        got = reg.get_sample_value(
+            "bulk_seconds_bucket", {"m": "a", "le": str(float(le)) if le != "+Inf" else le}
+        )
+        want = reg.get_sample_value(
+            "ref_seconds_bucket", {"m": "a", "le": str(float(le)) if le != "+Inf" else le}
+        )
+        assert got == want, le
+    assert reg.get_sample_value("bulk_seconds_sum", {"m": "a"}) == pytest.approx(
+        reg.get_sample_value("ref_seconds_sum", {"m": "a"})
+    )
