@@ -1041,11 +1041,9 @@ class Engine:
         """Sample `n` tokens after a prime, streaming each as it is sampled (token models only).
 
         On an existing session the whole generation is ONE applied chunk (seq = last + 1); the state then
-        holds
-        the prime and every generated token, and a retry of that seq replays the cached tokens. With `model`
-        it
-        runs on a throwaway session. A failure or a cancelled stream rolls the state back.
-        Wrap the iterator in `contextlib.aclosing` so a cancelled caller releases the session at once.
+        holds the prime and every generated token, and a retry of that seq replays the cached tokens. With
+        `model` it runs on a throwaway session. A failure or a cancelled stream rolls the state back. Wrap the
+        iterator in `contextlib.aclosing` so a cancelled caller releases the session at once.
         """
         if (session_id is None) == (model is None):
             raise InvalidArgument("generate needs exactly one of a model (fresh session) or a session id")
@@ -1075,9 +1073,8 @@ class Engine:
                     raise FailedPrecondition(f"seq {seq} was not a generation; expected seq {s.last_seq + 1}")
                 prime = self._prime(spec, prime_ids, prime_text)
                 sampler = self._sample(s, spec, seq, prime, n, temperature, top_k, seed)
-                async with contextlib.aclosing(
-                    sampler
-                ):  # closing us closes it now: its rollback runs in time
+                # Closing this generator closes the sampler at once, so its rollback runs in time.
+                async with contextlib.aclosing(sampler):
                     async for token in sampler:
                         yield token
         finally:
