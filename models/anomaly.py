@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import CheckpointMeta, ModelConfig, build_model, save_checkpoint
+from models import CheckpointMeta, ModelConfig, build_model, read_checkpoint, save_checkpoint
 from models.data import AnomalySeries, load_ucr135
 from models.train import TrainHistory, open_forget_gates_, plot_loss
 
@@ -202,10 +202,39 @@ class AnomalyRunResult:
     checkpoint: str
 
 
+def _reuse(cfg: AnomalyTrainConfig, series: AnomalySeries, runs_dir: Path) -> AnomalyRunResult | None:
+    """Rebuild a finished run's result from its checkpoint and scores if it was trained with ``cfg``."""
+    run = runs_dir / cfg.name
+    if not (run / "ckpt.pt").is_file() or not (run / "scores.npy").is_file():
+        return None
+    ckpt = read_checkpoint(run / "ckpt.pt")
+    if ckpt.meta.extra.get("train") != asdict(cfg):
+        return None
+    scores = np.load(run / "scores.npy")
+    return AnomalyRunResult(
+        cfg.name,
+        cfg.family,
+        sum(p.numel() for p in ckpt.model.parameters()),
+        float(ckpt.meta.metrics["train_mse"]),
+        float(ckpt.meta.metrics["normal_test_mse"]),
+        judge(scores, series.anomaly, series.tolerance),
+        float(ckpt.meta.extra.get("seconds", float("nan"))),
+        str(run / "ckpt.pt"),
+    )
+
+
 def run_anomaly(
-    cfg: AnomalyTrainConfig, series: AnomalySeries, runs_dir: Path = RUNS_DIR, progress: bool = True
+    cfg: AnomalyTrainConfig,
+    series: AnomalySeries,
+    runs_dir: Path = RUNS_DIR,
+    progress: bool = True,
+    reuse: bool = False,
 ) -> AnomalyRunResult:
     """Train one next-value predictor, score the test series, write ``runs/<name>/`` (ckpt, plots, scores)."""
+    if reuse:
+        done = _reuse(cfg, series, runs_dir)
+        if done is not None:
+            return done
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     norm = Normaliser(float(series.train.mean()), float(series.train.std()))
@@ -247,7 +276,7 @@ def run_anomaly(
             f"on UCR #135 heart rate; feed (x - {norm.mean:.4f}) / {norm.std:.4f} one value per step; "
             "y[t] predicts the next normalised value, score = squared error"
         ),
-        extra={"train": asdict(cfg)},
+        extra={"train": asdict(cfg), "seconds": seconds},
     )
     save_checkpoint(run / "ckpt.pt", model, meta)
     np.save(run / "scores.npy", scores)
@@ -287,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take finished runs trained with the same settings from --runs-dir",
+    )
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     fams = tuple(f for f in args.families.split(",") if f)
@@ -304,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in ("hidden", "layers", "batch", "seq_len", "steps", "seed", "chunk", "threads")
             },
         )
-        r = run_anomaly(cfg, series, args.runs_dir)
+        r = run_anomaly(cfg, series, args.runs_dir, reuse=args.reuse)
         results.append(r)
         print(
             f"{r.name}: top score at {r.detection.top_index} -> "
@@ -334,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": r.params,
                 "train_mse": r.train_mse,
                 "normal_test_mse": r.normal_test_mse,
-                "seconds": r.seconds,
+                "seconds": None if r.seconds != r.seconds else r.seconds,
                 **asdict(r.detection),
             }
             for r in results

@@ -20,7 +20,9 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _fmt_seconds(s: float) -> str:
+def _fmt_seconds(s: float | None) -> str:
+    if s is None or s != s:  # not recorded (a reused run from before timings were stored)
+        return "-"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import tarfile
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from models import ModelConfig, build_model, load_checkpoint, read_checkpoint
 from models import data as D
-from models.anomaly import AnomalyTrainConfig, judge, stream_scores, train_predictor
+from models.anomaly import AnomalyTrainConfig, _reuse, judge, run_anomaly, stream_scores
 from models.experiment import BASELINE_MSE, LagConfig, adding_problem, run_lag
 from models.report import render_char, render_long_lag
 from models.train import (
@@ -208,23 +209,33 @@ def test_judge_applies_the_tolerance_rule() -> None:
     assert judge(scores, (500, 510), 100).distance == 0
 
 
-def test_anomaly_scoring_finds_an_injected_spike() -> None:
+def test_anomaly_scoring_finds_an_injected_spike(tmp_path: Path) -> None:
     t = np.arange(1500)
-    train = np.sin(2 * np.pi * t[:400] / 25)
-    test = np.sin(2 * np.pi * t / 25)
-    test[1100] += 2.5  # the injected anomaly
-    model = build_model(ModelConfig(family="gru", task="numeric", in_features=1, out_features=1, hidden=16))
-    cfg = AnomalyTrainConfig(name="t", family="gru", hidden=16, batch=16, seq_len=48, steps=120, lr=1e-2)
-    losses = train_predictor(model, train, cfg, progress=False)
-    assert np.mean(losses[-10:]) < 0.1 * np.mean(losses[:10])
-    scores = stream_scores(model, test, chunk=200)
-    det = judge(scores, (1100, 1100), 5)
-    assert det.correct, det
+    test = 60 + 10 * np.sin(2 * np.pi * t / 25)
+    test[1100] += 25.0  # the injected anomaly
+    labels = np.zeros(len(test), dtype=bool)
+    labels[1100] = True
+    series = D.AnomalySeries(test[:400].copy(), test, labels, (1100, 1100), 5, "synthetic sine")
+    cfg = AnomalyTrainConfig(name="anomaly_gru", family="gru", hidden=16, batch=16, seq_len=48, steps=120,
+                             lr=1e-2, chunk=200)
+    r = run_anomaly(cfg, series, tmp_path, progress=False)
+    assert r.detection.correct and r.detection.top_index == 1100, r.detection
+    assert r.train_mse < 0.05  # normalised units: the sine is learned
+    run = tmp_path / "anomaly_gru"
+    assert (run / "anomaly.png").stat().st_size > 1000 and (run / "loss.png").is_file()
+    ckpt = read_checkpoint(run / "ckpt.pt")
+    assert ckpt.meta.metrics["input_mean"] == pytest.approx(test[:400].mean())
     # Streaming invariance: the chunk size the series is cut into does not change any score.
-    np.testing.assert_allclose(stream_scores(model, test, chunk=37), scores, atol=1e-5)
+    norm = (test - ckpt.meta.metrics["input_mean"]) / ckpt.meta.metrics["input_std"]
+    scores = np.load(run / "scores.npy")
+    np.testing.assert_allclose(stream_scores(ckpt.model, norm, chunk=37), scores, atol=1e-5)
+    # --reuse takes the finished run (same settings) instead of training again; other settings retrain.
+    again = run_anomaly(cfg, series, tmp_path, progress=False, reuse=True)
+    assert again.detection == r.detection and again.seconds == pytest.approx(r.seconds)
+    assert _reuse(AnomalyTrainConfig(**{**asdict(cfg), "steps": 7}), series, tmp_path) is None
 
 
-# ---------------------------------------------------------------------------------------------- adding problem
+# ------------------------------------------------------------------------------------------- adding problem
 
 
 def test_adding_problem_targets() -> None:
