@@ -356,7 +356,11 @@ def plot_positions(res: SuiteResult, path: Path) -> None:
 
 def plot_batches_and_cpu(res: SuiteResult, path: Path) -> None:
     """Batch sizes the server formed, and the CPU split between server and clients, per scenario."""
-    rows = [r for r in res.loads if r.batch_buckets and r.batch_mean == r.batch_mean]
+    rows = [
+        r
+        for r in res.loads
+        if r.batch_buckets and r.batch_mean == r.batch_mean and r.model == REF_MODEL and "off" not in r.system
+    ]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     for r in rows:
         edges = [le for le, _ in r.batch_buckets]
@@ -374,7 +378,7 @@ def plot_batches_and_cpu(res: SuiteResult, path: Path) -> None:
             )
     ax.set(
         xscale="log",
-        xlabel="batch size (bucket upper bound)",
+        xlabel=f"batch size (bucket upper bound), {REF_MODEL}",
         ylabel="fraction of ONNX Runtime runs",
         title="batch sizes formed",
     )
