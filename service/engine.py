@@ -133,6 +133,22 @@ class _Inputs:
 
     def check(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
         """Return validated arrays in spec order, the batching key (their shapes) and the timestep count."""
+        if len(self.specs) == 1 and len(inputs) == 1:
+            # The common case (one data input, e.g. tokens): straight-line checks, same rules as below.
+            t = self.specs[0]
+            a = inputs.get(t.name)
+            rest = self.rest[0]
+            if type(a) is np.ndarray and a.dtype == t.dtype and rest is not None:
+                shape = a.shape
+                if len(shape) == len(rest) + 1 and shape[1:] == rest and 0 < shape[0] <= self.max_chunk:
+                    if self.finite[0] and not np.isfinite(a).all():
+                        self._check_all(inputs)  # raises with the full message
+                    if self.token_range[0]:
+                        self._check_ids(t, a, self.token_range[0])
+                    return (a,), shape, shape[0]
+        return self._check_all(inputs)
+
+    def _check_all(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
         if len(inputs) != len(self.specs) or not self.names.issuperset(inputs):
             self._names_error(inputs)
         arrays = []
