@@ -21,6 +21,7 @@ class CeilingPoint:
 
     batch: int
     steps: int
+    intra_op_threads: int  # 1 = the server's default; 0 = ONNX Runtime's default (every core)
     runs_per_s: float
     steps_per_s: float  # batch * steps * runs_per_s (wall clock)
     ms_per_run: float
@@ -68,7 +69,7 @@ def measure_ceiling(
     rate = runs / elapsed
     # With one intra-op thread ORT computes on the calling thread, so thread CPU time is the compute cost.
     per_cpu = runs * batch * steps / cpu if cpu > 0 and intra_op_threads == 1 else float("nan")
-    return CeilingPoint(batch, steps, rate, rate * batch * steps, 1e3 / rate, per_cpu)
+    return CeilingPoint(batch, steps, intra_op_threads, rate, rate * batch * steps, 1e3 / rate, per_cpu)
 
 
 def stateless_seconds(model: Path, history: int, *, intra_op_threads: int = 1, repeats: int = 5) -> float:
