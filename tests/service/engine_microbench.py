@@ -4,13 +4,15 @@
 
 N concurrent coroutines each stream one-step chunks into their own session of a tiny token LSTM; the number
 says how much per-message budget the engine leaves the gRPC edge. `--multiplex` sends all streams' chunks in
-one `step_many` call per round instead (the gateway shape).
+one `step_many` call per round instead (the gateway shape). `--sweep DIR` measures both modes at 1, 16, 128
+and 512 streams and writes `engine_microbench.json` and `engine_microbench.png` to DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -65,18 +67,63 @@ async def run(repo: Path, streams: int, seconds: float, multiplex: bool) -> tupl
     return rate, cores, cores / rate * 1e6
 
 
+def sweep(repo: Path, out: Path, seconds: float) -> None:
+    """Both modes at several stream counts -> JSON + PNG in `out` (tqdm shows progress)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tqdm import tqdm
+
+    streams = [1, 16, 128, 512]
+    rows = []
+    for n, multiplex in tqdm([(n, m) for m in (False, True) for n in streams], desc="engine microbench"):
+        rate, cores, us = asyncio.run(run(repo, n, seconds, multiplex))
+        rows.append(
+            {
+                "mode": "step_many" if multiplex else "step",
+                "streams": n,
+                "steps_per_s": rate,
+                "cpu_cores": cores,
+                "cpu_us_per_step": us,
+            }
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_microbench.json").write_text(json.dumps(rows, indent=2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("step", "step_many"):
+        sel = [r for r in rows if r["mode"] == mode]
+        ax1.plot([r["streams"] for r in sel], [r["steps_per_s"] for r in sel], marker="o", label=mode)
+        ax2.plot([r["streams"] for r in sel], [r["cpu_us_per_step"] for r in sel], marker="o", label=mode)
+    for ax, label in ((ax1, "steps/s (engine only, no gRPC)"), (ax2, "CPU us per step")):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent streams (one-step chunks)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("rnnserve engine microbenchmark (tiny token LSTM)")
+    fig.tight_layout()
+    fig.savefig(out / "engine_microbench.png", dpi=120)
+    for r in rows:
+        print(r)
+
+
 def main() -> None:
-    """Parse flags, build the tiny model, print steps/s and CPU microseconds per step."""
+    """Parse flags, build the tiny model, print steps/s and CPU microseconds per step (or run a sweep)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--streams", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--multiplex", action="store_true")
+    parser.add_argument("--sweep", type=Path, default=None, help="write JSON + PNG for 1..512 streams here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
         fixtures.token_lstm(repo, "bench")
+        if args.sweep is not None:
+            sweep(repo, args.sweep, args.seconds)
+            return
         rate, cores, us = asyncio.run(run(repo, args.streams, args.seconds, args.multiplex))
     mode = "step_many" if args.multiplex else "step"
     print(
