@@ -71,6 +71,8 @@ def render_anomaly(data: dict) -> str:
             f"{'correct' if r['correct'] else 'wrong'} | {r['normal_test_mse']:.4f} | "
             f"{_fmt_seconds(r['seconds'])} |"
         )
+    if any(r["seconds"] is None for r in data["runs"]):
+        lines += ["", "Time `-`: the run was reused (`--reuse`) from an earlier run that did not record it."]
     b = data["budget"]
     n_ok = sum(r["correct"] for r in data["runs"])
     lines += [
