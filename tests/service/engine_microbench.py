@@ -5,7 +5,9 @@
 N concurrent coroutines each stream one-step chunks into their own session of a tiny token LSTM; the number
 says how much per-message budget the engine leaves the gRPC edge. `--multiplex` sends all streams' chunks in
 one `step_many` call per round instead (the gateway shape). `--sweep DIR` measures both modes at 1, 16, 128
-and 512 streams and writes `engine_microbench.json` and `engine_microbench.png` to DIR.
+and 512 streams and writes `engine_microbench.json` and `engine_microbench.png` to DIR. `--idle N` opens N
+sessions on a 2-layer H=256 LSTM, applies one step to each (so each caches a result, as real idle sessions
+do), and prints resident memory per session against the raw state bytes.
 """
 
 from __future__ import annotations
@@ -108,6 +110,32 @@ def sweep(repo: Path, out: Path, seconds: float) -> None:
         print(r)
 
 
+async def idle(repo: Path, n: int) -> tuple[float, float]:
+    """Resident bytes added per session, and that over the raw state bytes, for `n` stepped idle sessions."""
+    import gc
+
+    import psutil
+    from tqdm import tqdm
+
+    engine = Engine(
+        Settings(model_repository=repo, max_sessions=n + 1, max_sessions_per_model=n + 1),
+        registry=CollectorRegistry(),
+    )
+    await engine.start()
+    gc.collect()
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    ids = [(await engine.create_session("ref")).session_id for _ in tqdm(range(n), desc="open sessions")]
+    tok = {"tokens": np.array([1], np.int64)}
+    for k in tqdm(range(0, n, 256), desc="one step each"):
+        await asyncio.gather(*(engine.step(s, 1, tok) for s in ids[k : k + 256]))
+    gc.collect()
+    per_session = (proc.memory_info().rss - before) / n
+    raw = engine.get_model("ref").state_bytes
+    await engine.stop()
+    return per_session, per_session / raw
+
+
 def main() -> None:
     """Parse flags, build the tiny model, print steps/s and CPU microseconds per step (or run a sweep)."""
     parser = argparse.ArgumentParser(
@@ -117,9 +145,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--multiplex", action="store_true")
     parser.add_argument("--sweep", type=Path, default=None, help="write JSON + PNG for 1..512 streams here")
+    parser.add_argument(
+        "--idle", type=int, default=0, help="measure memory of this many stepped idle sessions"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
+        if args.idle:
+            fixtures.token_lstm(repo, "ref", hidden=256, layers=2)
+            per, ratio = asyncio.run(idle(repo, args.idle))
+            print(f"idle: sessions={args.idle} resident={per:.0f} B/session = {ratio:.3f} x raw state bytes")
+            return
         fixtures.token_lstm(repo, "bench")
         if args.sweep is not None:
             sweep(repo, args.sweep, args.seconds)
