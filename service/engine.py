@@ -382,8 +382,11 @@ class Engine:
         while self._active_steps and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         for s in list(self.sessions):
-            with contextlib.suppress(ServeError):
-                await self._wait_idle(s)
+            remaining = deadline - time.monotonic()
+            if s.pending is None or remaining <= 0:
+                continue
+            with contextlib.suppress(ServeError, TimeoutError):  # e.g. a long generation: the grace bounds it
+                await asyncio.wait_for(self._wait_idle(s), remaining)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._persist:
