@@ -130,14 +130,23 @@ class BatchHistogram:
         return float("nan")
 
 
-def scrape_batch_sizes(metrics_port: int, model: str) -> BatchHistogram:
-    """Read the server's Prometheus batch-size histogram for ``model`` (all versions summed)."""
+SERVER_HISTOGRAMS = (
+    "rnnserve_batch_size",
+    "rnnserve_request_seconds",
+    "rnnserve_queue_seconds",
+    "rnnserve_compute_seconds",
+)
+
+
+def scrape_histograms(metrics_port: int, model: str) -> dict[str, BatchHistogram]:
+    """Read the server's batch-size and latency histograms for ``model`` (all versions summed)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    buckets: dict[float, float] = {}
-    total = count = 0.0
+    out: dict[str, BatchHistogram] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name != "rnnserve_batch_size":
+        if fam.name not in SERVER_HISTOGRAMS:
             continue
+        buckets: dict[float, float] = {}
+        total = count = 0.0
         for s in fam.samples:
             if s.labels.get("model") != model:
                 continue
@@ -148,4 +157,10 @@ def scrape_batch_sizes(metrics_port: int, model: str) -> BatchHistogram:
                 total += s.value
             elif s.name.endswith("_count"):
                 count += s.value
-    return BatchHistogram(tuple(sorted(buckets.items())), total, count)
+        out[fam.name] = BatchHistogram(tuple(sorted(buckets.items())), total, count)
+    return out
+
+
+def scrape_batch_sizes(metrics_port: int, model: str) -> BatchHistogram:
+    """Read the server's Prometheus batch-size histogram for ``model`` (all versions summed)."""
+    return scrape_histograms(metrics_port, model).get("rnnserve_batch_size", BatchHistogram((), 0.0, 0.0))

@@ -29,7 +29,7 @@ from tests.bench.ceiling import CeilingPoint, measure_ceiling, stateless_seconds
 from tests.bench.loadgen import LoadResult, LoadSpec, run_load
 from tests.bench.position import PositionPoint, measure_positions
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
-from tests.bench.servers import BatchHistogram, ServerProcess, scrape_batch_sizes, start_echo, start_service
+from tests.bench.servers import BatchHistogram, ServerProcess, scrape_histograms, start_echo, start_service
 from tests.bench.service_drivers import stream_message_sizes
 
 REF_MODEL = "ref_lstm"
@@ -97,6 +97,14 @@ class LoadRow:
     ceiling_steps_per_s: float = float("nan")  # raw ORT at this row's batch size, measured right after it
     ceiling_steps_per_cpu_s: float = float("nan")
     ceiling_batch: int = 0
+    # Server-side latency (the engine's histograms; bucket upper bounds, so coarse): what the server itself
+    # adds, apart from the gRPC transport and the load generator.
+    server_request_p50_ms: float = float("nan")
+    server_request_p99_ms: float = float("nan")
+    server_queue_p50_ms: float = float("nan")
+    server_queue_p99_ms: float = float("nan")
+    server_compute_p50_ms: float = float("nan")
+    server_compute_p99_ms: float = float("nan")
     errors: int = 0
     first_error: str = ""
     runs: list[dict[str, float]] = field(default_factory=list)
@@ -138,6 +146,21 @@ def _environment(quick: bool) -> dict[str, str | float | int]:
     }
 
 
+def _merge_hists(hists: list[BatchHistogram]) -> BatchHistogram | None:
+    """Sum histograms of the same metric (repeats of one scenario)."""
+    if not hists:
+        return None
+    total = hists[0]
+    for h in hists[1:]:
+        other = dict(h.buckets)
+        total = BatchHistogram(
+            tuple((le, c + other.get(le, 0.0)) for le, c in total.buckets),
+            total.total + h.total,
+            total.count + h.count,
+        )
+    return total
+
+
 def _median_row(
     model: str, system: str, spec: LoadSpec, results: list[LoadResult], hists: list[BatchHistogram | None]
 ) -> LoadRow:
@@ -176,15 +199,8 @@ def _median_row(
             for r in results
         ],
     )
-    good = [h for h in hists if h is not None and h.count > 0]
-    if good:
-        total = good[0]
-        for h in good[1:]:
-            total = BatchHistogram(
-                tuple((le, c + dict(h.buckets).get(le, 0.0)) for le, c in total.buckets),
-                total.total + h.total,
-                total.count + h.count,
-            )
+    total = _merge_hists([h for h in hists if h is not None and h.count > 0])
+    if total is not None:
         row.batch_mean, row.batch_p50, row.batch_p99 = total.mean, total.quantile(0.5), total.quantile(0.99)
         row.batch_buckets = list(total.buckets)
     return row
@@ -291,18 +307,28 @@ class Runner:
         results: list[list[LoadResult]] = [[] for _ in items]
         hists: list[list[BatchHistogram | None]] = [[] for _ in items]
         ceilings: list[list[CeilingPoint]] = [[] for _ in items]
+        server_hists: list[dict[str, list[BatchHistogram]]] = [{} for _ in items]
         for _ in range(self.plan.repeats):
             for i, (_system, server, spec) in enumerate(items):
-                marks: dict[str, BatchHistogram] = {}
+                marks: dict[str, dict[str, BatchHistogram]] = {}
 
                 def on_window(
-                    edge: str, marks: dict[str, BatchHistogram] = marks, server: ServerProcess = server
+                    edge: str,
+                    marks: dict[str, dict[str, BatchHistogram]] = marks,
+                    server: ServerProcess = server,
                 ) -> None:
                     if server.metrics_port:
-                        marks[edge] = scrape_batch_sizes(server.metrics_port, model)
+                        marks[edge] = scrape_histograms(server.metrics_port, model)
 
                 results[i].append(run_load(spec, server.pid, on_window))
-                hist = marks["end"].minus(marks["start"]) if len(marks) == 2 else None
+                deltas = (
+                    {k: v.minus(marks["start"][k]) for k, v in marks["end"].items() if k in marks["start"]}
+                    if len(marks) == 2
+                    else {}
+                )
+                for name, delta in deltas.items():
+                    server_hists[i].setdefault(name, []).append(delta)
+                hist = deltas.get("rnnserve_batch_size")
                 hists[i].append(hist)
                 if hist is not None and hist.count:
                     ceilings[i].append(
@@ -317,6 +343,15 @@ class Runner:
         rows = []
         for i, (system, _server, spec) in enumerate(items):
             row = _median_row(model, system, spec, results[i], hists[i])
+            for name, field_name in (
+                ("rnnserve_request_seconds", "server_request"),
+                ("rnnserve_queue_seconds", "server_queue"),
+                ("rnnserve_compute_seconds", "server_compute"),
+            ):
+                merged = _merge_hists(server_hists[i].get(name, []))
+                if merged is not None and merged.count:
+                    setattr(row, f"{field_name}_p50_ms", merged.quantile(0.5) * 1e3)
+                    setattr(row, f"{field_name}_p99_ms", merged.quantile(0.99) * 1e3)
             if ceilings[i]:
                 row.ceiling_steps_per_s = float(np.median([c.steps_per_s for c in ceilings[i]]))
                 row.ceiling_steps_per_cpu_s = float(np.median([c.steps_per_cpu_s for c in ceilings[i]]))
