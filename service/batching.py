@@ -80,6 +80,59 @@ class StepRequest(PendingOp):
         self.row: tuple[tuple[np.ndarray, ...], int] | None = None
 
 
+class StepGroup:
+    """Results of one multiplexed call (`Engine.step_many`); its future resolves when the last call ends."""
+
+    __slots__ = ("results", "left", "future")
+
+    def __init__(self, n: int, future: asyncio.Future) -> None:
+        self.results: list = [None] * n
+        self.left = n
+        self.future = future
+
+    def put(self, index: int, value: object) -> None:
+        """Store one call's result (or error); resolve the group's future after the last."""
+        self.results[index] = value
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(self.results)
+
+
+class GroupSlot:
+    """The future-like handle of one call in a group, resolved by the batcher (no asyncio future per call)."""
+
+    __slots__ = ("group", "index", "_done")
+
+    def __init__(self, group: StepGroup, index: int) -> None:
+        self.group = group
+        self.index = index
+        self._done = False
+
+    def done(self) -> bool:
+        """As `asyncio.Future.done`."""
+        return self._done
+
+    def cancelled(self) -> bool:
+        """Tell whether the caller of the whole group gave up."""
+        return self.group.future.cancelled()
+
+    def set_result(self, value: object) -> None:
+        """As `asyncio.Future.set_result` (a second call is ignored)."""
+        if not self._done:
+            self._done = True
+            self.group.put(self.index, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Record the error in this call's place."""
+        self.set_result(exc)
+
+    def from_task(self, task: asyncio.Task) -> None:
+        """Done-callback for a call that went the slow way (a full `Engine.step` task)."""
+        self.set_result(
+            task.exception() or task.result() if not task.cancelled() else asyncio.CancelledError()
+        )
+
+
 def merge(requests: Sequence[StepRequest], n_inputs: int) -> list[np.ndarray]:
     """Stack each data input of equally shaped requests into one `(B, ...)` array (pure)."""
     if len(requests) == 1:

@@ -27,7 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from service import snapshot
-from service.batching import Batcher, PendingOp, StepRequest
+from service.batching import Batcher, GroupSlot, PendingOp, StepGroup, StepRequest
 from service.config import Settings
 from service.errors import (
     FailedPrecondition,
@@ -37,6 +37,7 @@ from service.errors import (
     Unavailable,
 )
 from service.generation import check_ids, encode_text, sample
+from service.inputs import InputValidator
 from service.metrics import Metrics
 from service.repository import (
     ModelConfig,
@@ -108,191 +109,10 @@ class GeneratedToken(NamedTuple):
     text: str
 
 
-class _Inputs:
-    """Precomputed validation of one model version's data inputs (the per-step hot path)."""
-
-    __slots__ = ("specs", "names", "expected", "timed", "finite", "max_chunk", "label", "token_range", "rest")
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.specs = spec.inputs
-        self.names = frozenset(t.name for t in spec.inputs)
-        self.expected = ", ".join(f"{t.name} ({t.dtype.name}, shape {_shape_text(t)})" for t in spec.inputs)
-        self.timed = spec.time_axis
-        self.finite = tuple((not spec.config.allow_non_finite) and t.dtype.kind in "fc" for t in spec.inputs)
-        self.max_chunk = spec.config.max_chunk_steps
-        self.label = f"model {spec.name!r} v{spec.version}"
-        # Token ids index an embedding: ONNX Gather would wrap negative ids and fail the whole batch on large
-        # ones, so integer inputs of vocabulary models are range-checked here.
-        vocab = len(spec.vocabulary) if spec.vocabulary is not None else 0
-        self.token_range = tuple(vocab if t.dtype.kind in "iu" else 0 for t in spec.inputs)
-        # Fast shape check for the usual case: a time axis and static other dims (None = take the slow path).
-        self.rest = tuple(
-            t.shape[2:] if self.timed and all(d is not None for d in t.shape[2:]) else None
-            for t in spec.inputs
-        )
-
-    def check(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
-        """Return validated arrays in spec order, the batching key (their shapes) and the timestep count."""
-        if len(self.specs) == 1 and len(inputs) == 1:
-            # The common case (one data input, e.g. tokens): straight-line checks, same rules as below.
-            t = self.specs[0]
-            a = inputs.get(t.name)
-            rest = self.rest[0]
-            if type(a) is np.ndarray and a.dtype == t.dtype and rest is not None:
-                shape = a.shape
-                if len(shape) == len(rest) + 1 and shape[1:] == rest and 0 < shape[0] <= self.max_chunk:
-                    if self.finite[0] and not np.isfinite(a).all():
-                        self._check_all(inputs)  # raises with the full message
-                    if self.token_range[0]:
-                        self._check_ids(t, a, self.token_range[0])
-                    return (a,), shape, shape[0]
-        return self._check_all(inputs)
-
-    def _check_all(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
-        if len(inputs) != len(self.specs) or not self.names.issuperset(inputs):
-            self._names_error(inputs)
-        arrays = []
-        steps = 1
-        for i, t in enumerate(self.specs):
-            a = inputs[t.name]
-            if not isinstance(a, np.ndarray):
-                raise InvalidArgument(f"input {t.name!r} must be a numpy array")
-            if a.dtype != t.dtype:
-                raise InvalidArgument(
-                    f"{self.label}: input {t.name!r} has dtype {a.dtype.name}; expected {t.dtype.name}"
-                )
-            rest = self.rest[i]
-            shape = a.shape
-            if (
-                rest is None
-                or shape[1:] != rest
-                or len(shape) == len(rest)
-                or not 0 < shape[0] <= self.max_chunk
-            ):
-                self._check_shape(t, a)
-            if self.timed:
-                if i == 0:
-                    steps = a.shape[0]
-                elif a.shape[0] != steps:
-                    raise InvalidArgument(
-                        f"{self.label}: inputs have different chunk lengths ({steps} and "
-                        f"{a.shape[0]} steps); every input needs the same T"
-                    )
-            if self.finite[i] and not np.isfinite(a).all():
-                raise InvalidArgument(
-                    f"{self.label}: input {t.name!r} holds NaN or infinity; this model "
-                    "expects finite values (allow_non_finite is off)"
-                )
-            if self.token_range[i]:
-                self._check_ids(t, a, self.token_range[i])
-            arrays.append(a)
-        key = arrays[0].shape if len(arrays) == 1 else tuple(a.shape for a in arrays)
-        return tuple(arrays), key, steps
-
-    def _check_ids(self, t: TensorSpec, a: np.ndarray, vocab: int) -> None:
-        if a.size == 1:  # one-step messages: a Python comparison beats two array reductions
-            x = a.item()
-            if 0 <= x < vocab:
-                return
-        elif a.min() >= 0 and a.max() < vocab:
-            return
-        bad = (a < 0) | (a >= vocab)
-        if bad.any():
-            raise InvalidArgument(
-                f"{self.label}: input {t.name!r} has token ids {a[bad][:10].tolist()} outside the "
-                f"vocabulary; expected 0 <= id < {vocab}"
-            )
-
-    def _check_shape(self, t: TensorSpec, a: np.ndarray) -> None:
-        want = t.shape[1:]
-        if a.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, a.shape, strict=True)):
-            raise InvalidArgument(
-                f"{self.label}: input {t.name!r} has shape {tuple(a.shape)}; expected "
-                f"{_shape_text(t)} (per session, no batch axis)"
-            )
-        if 0 in a.shape:
-            raise InvalidArgument(
-                f"{self.label}: input {t.name!r} is empty (shape {tuple(a.shape)}); a chunk "
-                "needs at least one step"
-            )
-        if self.timed and a.shape[0] > self.max_chunk:
-            raise OutOfRange(
-                f"{self.label}: chunk of {a.shape[0]} steps is longer than max_chunk_steps "
-                f"({self.max_chunk}); split it into smaller chunks"
-            )
-
-    def _names_error(self, inputs: dict[str, np.ndarray]) -> None:
-        state = [n for n in inputs if n.startswith("state_in_")]
-        if state:
-            raise InvalidArgument(
-                f"{self.label}: {state} are state inputs, which the server holds; send only "
-                f"the data inputs: {self.expected}"
-            )
-        missing = sorted(self.names - set(inputs))
-        extra = sorted(set(inputs) - self.names)
-        raise InvalidArgument(
-            f"{self.label}: wrong inputs (missing {missing}, unexpected {extra}); expected {self.expected}"
-        )
-
-
-def _shape_text(t: TensorSpec) -> str:
-    dims = [
-        "T" if (i == 0 and t.time_axis) else ("?" if d is None else str(d)) for i, d in enumerate(t.shape[1:])
-    ]
-    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
-
-
-class _Group:
-    """Results of one `step_many` call; its single future resolves when the last call finishes."""
-
-    __slots__ = ("results", "left", "future")
-
-    def __init__(self, n: int, future: asyncio.Future) -> None:
-        self.results: list = [None] * n
-        self.left = n
-        self.future = future
-
-    def put(self, index: int, value: object) -> None:
-        self.results[index] = value
-        self.left -= 1
-        if self.left == 0 and not self.future.done():
-            self.future.set_result(self.results)
-
-
-class _GroupSlot:
-    """The future-like handle of one call in a group, resolved by the batcher (no asyncio future per call)."""
-
-    __slots__ = ("group", "index", "_done")
-
-    def __init__(self, group: _Group, index: int) -> None:
-        self.group = group
-        self.index = index
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return self.group.future.cancelled()
-
-    def set_result(self, value: object) -> None:
-        if not self._done:
-            self._done = True
-            self.group.put(self.index, value)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.set_result(exc)
-
-    def from_task(self, task: asyncio.Task) -> None:
-        self.set_result(
-            task.exception() or task.result() if not task.cancelled() else asyncio.CancelledError()
-        )
-
-
 class _Versioned(NamedTuple):
     """Per-model-version objects the engine keeps beside the repository entry."""
 
-    inputs: _Inputs
+    inputs: InputValidator
     request_seconds: object
     active: object
     state_bytes: object
@@ -448,7 +268,7 @@ class Engine:
         )
         mv.batcher.start()
         self._versioned[mv] = _Versioned(
-            _Inputs(spec),
+            InputValidator(spec),
             self.metrics.request_seconds.labels(*labels),
             self.metrics.active_sessions.labels(*labels),
             self.metrics.state_bytes.labels(*labels),
@@ -812,10 +632,10 @@ class Engine:
         if not calls:
             return []
         self._active_steps += 1
-        group = _Group(len(calls), self._loop.create_future())
+        group = StepGroup(len(calls), self._loop.create_future())
         try:
             for i, call in enumerate(calls):
-                self._submit_nowait(call, _GroupSlot(group, i), last_only)
+                self._submit_nowait(call, GroupSlot(group, i), last_only)
             results = await group.future
             for item in results:
                 if not isinstance(item, StepResult | ServeError):
@@ -824,7 +644,7 @@ class Engine:
         finally:
             self._active_steps -= 1
 
-    def _submit_nowait(self, call: StepCall, slot: _GroupSlot, last_only: bool) -> bool:
+    def _submit_nowait(self, call: StepCall, slot: GroupSlot, last_only: bool) -> bool:
         """Submit a call now if the session is local and idle (True); else run the full `step` as a task."""
         s = self.sessions.sessions.get(call.session_id)
         slow = s is None or s.pending is not None or call.seq != s.last_seq + 1 or last_only
