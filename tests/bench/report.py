@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tests.bench.suite import REF_MODEL, LoadRow, SuiteResult  # noqa: E402
 
+HALF = " (paced, 50% of peak)"
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
@@ -200,8 +202,8 @@ def verdicts(res: SuiteResult) -> list[Verdict]:
                 float(written["ratio"]) <= 1.25,
             )
         )
-    for half in (r for r in res.loads if r.model == REF_MODEL and "(half of peak" in r.system):
-        how = half.system.replace(" (half of peak, paced)", "")
+    for half in (r for r in res.loads if r.model == REF_MODEL and r.system.endswith(HALF)):
+        how = half.system.replace(HALF, "")
         out.append(
             Verdict(
                 f"p99 at half of peak, {how} ({half.rate_per_s * half.sessions / half.streams:,.0f} steps/s "
@@ -359,6 +361,36 @@ def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> Non
     plt.close(fig)
 
 
+def plot_latency_load(res: SuiteResult, path: Path) -> None:
+    """Client-observed p50/p99 against achieved throughput: paced runs plus the closed-loop peak."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for system in ("service", "service StreamMany"):
+        paced = sorted(
+            (r for r in res.loads if r.model == REF_MODEL and r.system.startswith(f"{system} (paced")),
+            key=lambda r: r.steps_per_s,
+        )
+        peak = _row(res, system, 128, 1)
+        rows = paced + ([peak] if peak else [])
+        if not rows:
+            continue
+        color = _COLORS[system]
+        x = [r.steps_per_s for r in rows]
+        ax.plot(x, [r.p50_ms for r in rows], "o-", color=color, label=f"{system} p50")
+        ax.plot(x, [r.p99_ms for r in rows], "s--", color=color, alpha=0.7, label=f"{system} p99")
+    ax.axhline(5.0, color="k", ls=":", lw=1, label="5 ms target (p99 at half of peak)")
+    ax.set(
+        yscale="log",
+        xlabel="achieved steps/s (paced at 25/50/75% of peak; last point: closed loop, 128 sessions)",
+        ylabel="latency ms",
+        title=f"{REF_MODEL}: latency against load, one-step messages, 128 sessions",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_positions(res: SuiteResult, path: Path) -> None:
     """Streamed per-step latency vs stateless recompute, against stream position."""
     pts = [p for p in res.positions if p["model"] == REF_MODEL]
@@ -454,6 +486,7 @@ def write(res: SuiteResult, out: Path, performance_md: Path | None) -> list[Verd
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
     plot_throughput(res, out / "throughput.png")
     plot_positions(res, out / "position.png")
+    plot_latency_load(res, out / "latency_load.png")
     plot_batches_and_cpu(res, out / "batches_cpu.png")
     env = res.environment
     header = (
@@ -525,10 +558,10 @@ def analysis(res: SuiteResult) -> str:
             f"({written.get('gc_tracked_objects', 0):,} tracked objects), a latency spike for every stream "
             "whenever the collector runs a full pass."
         )
-    halves = [r for r in res.loads if "(half of peak" in r.system and r.model == REF_MODEL]
+    halves = [r for r in res.loads if r.system.endswith(HALF) and r.model == REF_MODEL]
     if halves:
         parts = ", ".join(
-            f"{r.system.replace(' (half of peak, paced)', '')}: p50 {r.p50_ms:.2f} / p99 {r.p99_ms:.2f} ms "
+            f"{r.system.replace(HALF, '')}: p50 {r.p50_ms:.2f} / p99 {r.p99_ms:.2f} ms "
             "at "
             f"{r.steps_per_s:,.0f} steps/s, of which the engine itself p99 <= "
             f"{r.server_request_p99_ms:.1f} ms"
@@ -566,6 +599,7 @@ def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path) ->
         f"{analysis(res)}\n"
         f"![throughput and latency]({rel}/throughput.png)\n\n"
         f"![cost against stream position]({rel}/position.png)\n\n"
+        f"![latency against load]({rel}/latency_load.png)\n\n"
         f"{load_table(res)}\n"
         f"All figures, the reference-point tables and the batch-size / CPU plot: `{rel}/results.md`, "
         f"`{rel}/results.json`, `{rel}/batches_cpu.png`.\n"

@@ -44,8 +44,8 @@ class Plan:
     one_step_streams: tuple[int, ...]
     chunk_streams: int = 64
     chunk_steps: int = 16
-    warmup_s: float = 1.0
-    duration_s: float = 4.0
+    warmup_s: float = 0.75
+    duration_s: float = 3.0
     repeats: int = 3
     workers: int = 2
     many_sessions_per_message: int = 32
@@ -54,6 +54,7 @@ class Plan:
     position_window: int = 10
     idle_sessions: int = 1_000_000
     ceiling_seconds: float = 1.5
+    paced_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # paced load, as fractions of the closed-loop peak
 
     @staticmethod
     def make(quick: bool, repeats: int | None = None) -> Plan:
@@ -68,6 +69,7 @@ class Plan:
                 position_sessions=1,
                 idle_sessions=20_000,
                 ceiling_seconds=0.5,
+                paced_fractions=(0.5,),
             )
         return Plan(False, (1, 16, 128, 512), repeats=repeats or 3)
 
@@ -241,7 +243,7 @@ class Runner:
         for model in self.models:
             runs += 2 * scenarios + many
             if model == REF_MODEL:
-                runs += scenarios + 2  # batching off, paced half-peak (Stream and StreamMany)
+                runs += scenarios + 2 * len(p.paced_fractions)  # batching off; paced Stream and StreamMany
         return runs * p.repeats + 1 + 1 + 2
 
     def close(self) -> None:
@@ -417,35 +419,37 @@ class Runner:
                 if steps == 1:
                     one_step_rows += rows
             if model == REF_MODEL:
-                self._half_peak(model, service, one_step_rows)
+                self._paced(model, service, one_step_rows)
                 self._positions(model, service)
         finally:
             for server in (*echo.values(), service, *([nobatch] if nobatch else [])):
                 server.stop()
 
-    def _half_peak(self, model: str, server: ServerProcess, rows: list[LoadRow]) -> None:
-        """Paced load at half the peak one-step throughput: over ``Stream`` and over ``StreamMany``.
+    def _paced(self, model: str, server: ServerProcess, rows: list[LoadRow]) -> None:
+        """Paced (open-loop) one-step load at fractions of the peak: over ``Stream`` and over ``StreamMany``.
 
-        Each is paced at half of its own peak, on the same streams as its 128-session closed-loop run.
+        Each is paced at fractions of its own closed-loop peak, on the same streams as its 128-session run;
+        latency counts from each scheduled send time, so a server that falls behind is charged for it.
         """
         items = []
-        for system, target in (("service", "stream"), ("service StreamMany", "stream_many")):
-            one_step = [r for r in rows if r.system == system]
-            if not one_step:
-                continue
-            peak = max(one_step, key=lambda r: r.steps_per_s)
-            at = next((r for r in one_step if r.sessions == 128), peak)
-            per = at.sessions // at.streams
-            spec = self._spec(
-                model,
-                target,
-                server.address,
-                at.streams,
-                1,
-                sessions_per_message=per,
-                rate=peak.steps_per_s / 2 / per,
-            )
-            items.append((f"{system} (half of peak, paced)", server, spec))
+        for fraction in self.plan.paced_fractions:
+            for system, target in (("service", "stream"), ("service StreamMany", "stream_many")):
+                one_step = [r for r in rows if r.system == system]
+                if not one_step:
+                    continue
+                peak = max(one_step, key=lambda r: r.steps_per_s)
+                at = next((r for r in one_step if r.sessions == 128), peak)
+                per = at.sessions // at.streams
+                spec = self._spec(
+                    model,
+                    target,
+                    server.address,
+                    at.streams,
+                    1,
+                    sessions_per_message=per,
+                    rate=peak.steps_per_s * fraction / per,
+                )
+                items.append((f"{system} (paced, {fraction:.0%} of peak)", server, spec))
         self._loads(model, items)
 
     def _positions(self, model: str, server: ServerProcess) -> None:

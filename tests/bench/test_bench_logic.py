@@ -80,7 +80,7 @@ def test_verdicts_compute_ratios_and_verdicts():
             ceiling_batch=32,
             batch_mean=32.0,
         ),
-        _row("service (half of peak, paced)", 128, 1, 4_000.0, rate_per_s=4_000.0, p99=4.0),
+        _row("service (paced, 50% of peak)", 128, 1, 4_000.0, rate_per_s=4_000.0, p99=4.0),
     ]
     res.positions = [
         {"model": REF_MODEL, "position": 1, "stream_ms": 0.5, "stateless_ms": 0.6, "ort_stateless_ms": 0.1},
