@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme clean
+.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -48,7 +48,16 @@ protos: $(PROTO_OUT)
 serve: install protos
 	$(PY) -m service.server --model-repository $(REPOSITORY)
 
-test: install-dev protos
+# Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer).
+APT_PACKAGES := redis-server libb64-0d
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+test: system-deps install-dev protos
 	$(PY) -m pytest -q tests
 
 lint: install-dev protos
