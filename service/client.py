@@ -14,12 +14,22 @@ of its last seq from a cache without applying it again. So after a transport err
 dead server, a deadline) the client re-sends the same chunk with the same seq, reconnecting to the next
 address of its list first; a NOT_FOUND from a replica that does not hold the session is also tried on the
 other addresses (with a shared session store, any replica can resume it from the seq it holds).
+
+Affinity: every call that belongs to one session (CreateSession, Step, Stream, Generate, GetState,
+SetState, Fork, Reset, Close, DescribeSession) carries the gRPC metadata `x-rnnserve-affinity: <key>`
+(`AFFINITY_HEADER`), so a consistent-hash proxy (deploy/components/envoy: Envoy's RING_HASH on that header)
+sends all of them to one replica. The key is a random token the `Session` draws before CreateSession (the
+server picks the session id, so the id cannot be the key of its own creation); a session opened with
+`attach(session_id)` uses its id. A fork keeps its parent's key (it is created where the parent's state is).
+The server ignores the header.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -47,6 +57,27 @@ RETRYABLE = frozenset(
 
 ArrayLike = Any
 Inputs = ArrayLike | Mapping[str, ArrayLike]
+
+# The gRPC metadata key a consistent-hash proxy hashes on (deploy/components/envoy/envoy.yaml names it too;
+# tests/deploy/test_manifests.py checks that they are equal). Lower case: gRPC metadata keys are.
+AFFINITY_HEADER = "x-rnnserve-affinity"
+Metadata = tuple[tuple[str, str], ...]
+
+
+def new_affinity_key() -> str:
+    """Return a fresh random affinity key (96 bits, URL-safe base64: a valid metadata value)."""
+    return secrets.token_urlsafe(12)
+
+
+def affinity_metadata(key: str) -> Metadata:
+    """Return the metadata that routes a call by `key` (built once per session, reused for every call).
+
+    A key that is not printable ASCII (metadata values must be) is replaced by its SHA-256, so attaching to a
+    malformed session id still reaches the server, which answers it with a typed status.
+    """
+    if not key.isascii() or not key.isprintable() or not key:
+        key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return ((AFFINITY_HEADER, key),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,12 +252,17 @@ class Client:
     def _should_retry(self, err: grpc.RpcError, attempt: int, session_bound: bool) -> bool:
         return should_retry(err, attempt, self.max_attempts, len(self.addresses), session_bound)
 
-    def call(self, method: str, request: Any, *, session_bound: bool = False) -> Any:
-        """Call a unary method by name with retry and failover (requests are idempotent or seq-guarded)."""
+    def call(
+        self, method: str, request: Any, *, session_bound: bool = False, metadata: Metadata | None = None
+    ) -> Any:
+        """Call a unary method by name with retry and failover (requests are idempotent or seq-guarded).
+
+        `metadata`: sent with every attempt (a session's affinity header, see the module docstring).
+        """
         for attempt in range(self.max_attempts):
             channel = self._channel
             try:
-                return getattr(self.stub, method)(request, timeout=self.timeout)
+                return getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as err:
                 if not self._should_retry(err, attempt, session_bound):
                     raise
@@ -261,9 +297,13 @@ class Client:
             self._models[key] = self._models[(name, info.version)] = info
         return info
 
-    def multiplexer(self) -> Multiplexer:
-        """Return a `Multiplexer`: many sessions stepped by one StreamMany message per call."""
-        return Multiplexer(self)
+    def multiplexer(self, *, affinity_key: str | None = None) -> Multiplexer:
+        """Return a `Multiplexer`: many sessions stepped by one StreamMany message per call.
+
+        `affinity_key`: sent as the affinity header of the StreamMany (give it the key the sessions were
+        opened with, `session(..., affinity_key=...)`, so that a consistent-hash proxy keeps them together).
+        """
+        return Multiplexer(self, affinity_key=affinity_key)
 
     def reload(self) -> list[ModelInfo]:
         """Ask the server to rescan its model repository now."""
@@ -280,8 +320,14 @@ class Client:
         *,
         idle_ttl_s: float | None = None,
         initial_state: Mapping[str, ArrayLike] | None = None,
+        affinity_key: str | None = None,
     ) -> Session:
-        """Open a new session on `model` (newest version unless given)."""
+        """Open a new session on `model` (newest version unless given).
+
+        `affinity_key`: the routing key of every call of this session (default: a fresh random one); sessions
+        that share a key are kept on one replica by a consistent-hash proxy.
+        """
+        metadata = affinity_metadata(affinity_key if affinity_key is not None else new_affinity_key())
         request = pb.CreateSessionRequest(
             model=model,
             version=version or 0,
@@ -290,17 +336,29 @@ class Client:
                 convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
             ],
         )
-        info = SessionInfo.from_pb(self.call("CreateSession", request))
-        return Session(self, info)
+        info = SessionInfo.from_pb(self.call("CreateSession", request, metadata=metadata))
+        return Session(self, info, metadata)
 
-    def attach(self, session_id: str) -> Session:
-        """Return a `Session` for an existing session (resuming from the seq the server holds)."""
-        return Session(self, self.describe_session(session_id))
+    def attach(self, session_id: str, *, affinity_key: str | None = None) -> Session:
+        """Return a `Session` for an existing session (resuming from the seq the server holds).
 
-    def describe_session(self, session_id: str) -> SessionInfo:
-        """Return a session's info."""
+        Its calls are routed by `affinity_key`, by default the session id (the key it was created with is not
+        known here; the replica that the id hashes to resumes the session from the shared store).
+        """
+        metadata = affinity_metadata(session_id if affinity_key is None else affinity_key)
+        return Session(self, self.describe_session(session_id, metadata=metadata), metadata)
+
+    def describe_session(self, session_id: str, *, metadata: Metadata | None = None) -> SessionInfo:
+        """Return a session's info (routed by `metadata`, by default the session id as affinity key)."""
+        if metadata is None:
+            metadata = affinity_metadata(session_id)
         return SessionInfo.from_pb(
-            self.call("DescribeSession", pb.SessionRequest(session_id=session_id), session_bound=True)
+            self.call(
+                "DescribeSession",
+                pb.SessionRequest(session_id=session_id),
+                session_bound=True,
+                metadata=metadata,
+            )
         )
 
     def generate(
@@ -334,7 +392,10 @@ class Client:
             for attempt in range(self.max_attempts):
                 channel = self._channel
                 try:
-                    for i, response in enumerate(self.stub.Generate(request, timeout=self.timeout + n * 0.1)):
+                    responses = self.stub.Generate(
+                        request, timeout=self.timeout + n * 0.1, metadata=session.metadata
+                    )
+                    for i, response in enumerate(responses):
                         if i >= done:
                             done += 1
                             yield response.text
@@ -352,13 +413,15 @@ class Session:
     """One server-side session: `.step(x)`, `.stream(chunks)`, state, fork, reset, close. A context manager.
 
     `seq` is the last applied seq as this object knows it; every call sends `seq + 1` and retries with the
-    same
-    seq after transport errors (see the module docstring).
+    same seq after transport errors (see the module docstring). `metadata` (the affinity header) goes with
+    every call of the session; `affinity_key` is its value.
     """
 
-    def __init__(self, client: Client, info: SessionInfo) -> None:
+    def __init__(self, client: Client, info: SessionInfo, metadata: Metadata | None = None) -> None:
         self.client = client
         self.id = info.session_id
+        self.metadata: Metadata = metadata if metadata is not None else affinity_metadata(info.session_id)
+        self.affinity_key = self.metadata[0][1]
         self.info = info
         self.seq = info.last_seq
         self.model = client.get_model(info.model, info.version)
@@ -376,7 +439,7 @@ class Session:
         request = pb.StepRequest(
             session_id=self.id, seq=self.seq + 1, inputs=self._tensors(inputs), last_only=last_only
         )
-        response = self.client.call("Step", request, session_bound=True)
+        response = self.client.call("Step", request, session_bound=True, metadata=self.metadata)
         self.seq = response.seq
         return outputs_of(response.outputs)
 
@@ -399,34 +462,45 @@ class Session:
 
     def describe(self) -> SessionInfo:
         """Fetch the server's view of this session."""
-        self.info = self.client.describe_session(self.id)
+        self.info = self.client.describe_session(self.id, metadata=self.metadata)
         return self.info
 
     def state(self) -> bytes:
         """Return the whole state as a versioned, integrity-checked blob."""
-        return self.client.call("GetState", pb.SessionRequest(session_id=self.id), session_bound=True).blob
+        return self.client.call(
+            "GetState", pb.SessionRequest(session_id=self.id), session_bound=True, metadata=self.metadata
+        ).blob
 
     def set_state(self, blob: bytes) -> SessionInfo:
         """Replace the state (and seq) from a blob taken with `state()`."""
         info = SessionInfo.from_pb(
             self.client.call(
-                "SetState", pb.SetStateRequest(session_id=self.id, blob=blob), session_bound=True
+                "SetState",
+                pb.SetStateRequest(session_id=self.id, blob=blob),
+                session_bound=True,
+                metadata=self.metadata,
             )
         )
         self.seq, self.info = info.last_seq, info
         return info
 
     def fork(self, *, idle_ttl_s: float | None = None) -> Session:
-        """Open a new session starting from a copy of this one's state."""
+        """Open a new session starting from a copy of this one's state (routed by this one's key)."""
         info = self.client.call(
-            "Fork", pb.ForkRequest(session_id=self.id, idle_ttl_s=idle_ttl_s or 0.0), session_bound=True
+            "Fork",
+            pb.ForkRequest(session_id=self.id, idle_ttl_s=idle_ttl_s or 0.0),
+            session_bound=True,
+            metadata=self.metadata,
         )
-        return Session(self.client, SessionInfo.from_pb(info))
+        # The fork is created on the parent's replica: keeping the parent's key keeps it there.
+        return Session(self.client, SessionInfo.from_pb(info), self.metadata)
 
     def reset(self) -> SessionInfo:
         """State back to the initial state, seq back to 0."""
         info = SessionInfo.from_pb(
-            self.client.call("Reset", pb.SessionRequest(session_id=self.id), session_bound=True)
+            self.client.call(
+                "Reset", pb.SessionRequest(session_id=self.id), session_bound=True, metadata=self.metadata
+            )
         )
         self.seq, self.info = info.last_seq, info
         return info
@@ -437,7 +511,9 @@ class Session:
             return
         self._closed = True
         try:
-            self.client.call("Close", pb.SessionRequest(session_id=self.id), session_bound=True)
+            self.client.call(
+                "Close", pb.SessionRequest(session_id=self.id), session_bound=True, metadata=self.metadata
+            )
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -473,7 +549,7 @@ class _AttachedStream:
                 yield item
 
         self._requests = requests
-        self._call = self._session.client.stub.Stream(feed())
+        self._call = self._session.client.stub.Stream(feed(), metadata=self._session.metadata)
         first = next(self._call)
         self._session.info = SessionInfo.from_pb(first.session)
 
@@ -530,8 +606,9 @@ class Multiplexer:
 
     _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, affinity_key: str | None = None) -> None:
         self._client = client
+        self._metadata = affinity_metadata(affinity_key) if affinity_key is not None else None
         self._call: Any = None
         self._requests: queue.SimpleQueue[Any] | None = None
         self._tag = 0
@@ -544,7 +621,7 @@ class Multiplexer:
                 yield item
 
         self._requests = requests
-        self._call = self._client.stub.StreamMany(feed())
+        self._call = self._client.stub.StreamMany(feed(), metadata=self._metadata)
 
     def step(
         self, chunks: Sequence[tuple[Session, Inputs]], *, last_only: bool = False

@@ -7,7 +7,8 @@
                 ...
 
 Semantics are those of the blocking client (see its module docstring): every chunk carries seq = last applied
-+ 1; after a transport error the same chunk is re-sent with the same seq on the next address.
++ 1; after a transport error the same chunk is re-sent with the same seq on the next address; every call of a
+session carries its affinity header (`service.client.AFFINITY_HEADER`), keyed the same way.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from service import convert
 from service.client import (
     ArrayLike,
     Inputs,
+    Metadata,
     ModelInfo,
     SessionInfo,
+    affinity_metadata,
     default_address,
     encode_inputs,
+    new_affinity_key,
     outputs_of,
     should_retry,
 )
@@ -85,12 +89,14 @@ class AsyncClient:
         """Whether `err` on attempt `attempt` may be retried (see `service.client.should_retry`)."""
         return should_retry(err, attempt, self.max_attempts, len(self.addresses), session_bound)
 
-    async def call(self, method: str, request: Any, *, session_bound: bool = False) -> Any:
-        """Call a unary method by name with retry and failover."""
+    async def call(
+        self, method: str, request: Any, *, session_bound: bool = False, metadata: Metadata | None = None
+    ) -> Any:
+        """Call a unary method by name with retry and failover (`metadata` goes with every attempt)."""
         for attempt in range(self.max_attempts):
             channel = self.channel
             try:
-                return await getattr(self.stub, method)(request, timeout=self.timeout)
+                return await getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as err:
                 if not self.retry(err, attempt, session_bound):
                     raise
@@ -132,8 +138,10 @@ class AsyncClient:
         *,
         idle_ttl_s: float | None = None,
         initial_state: Mapping[str, ArrayLike] | None = None,
+        affinity_key: str | None = None,
     ) -> AsyncSession:
-        """Open a new session on `model`."""
+        """Open a new session on `model` (`affinity_key`: see `service.client.Client.session`)."""
+        metadata = affinity_metadata(affinity_key if affinity_key is not None else new_affinity_key())
         request = pb.CreateSessionRequest(
             model=model,
             version=version or 0,
@@ -142,18 +150,21 @@ class AsyncClient:
                 convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
             ],
         )
-        info = SessionInfo.from_pb(await self.call("CreateSession", request))
-        return AsyncSession(self, info, await self.get_model(info.model, info.version))
+        info = SessionInfo.from_pb(await self.call("CreateSession", request, metadata=metadata))
+        return AsyncSession(self, info, await self.get_model(info.model, info.version), metadata)
 
-    async def attach(self, session_id: str) -> AsyncSession:
-        """Return an `AsyncSession` for an existing session (resuming from the seq the server holds)."""
-        info = await self.describe_session(session_id)
-        return AsyncSession(self, info, await self.get_model(info.model, info.version))
+    async def attach(self, session_id: str, *, affinity_key: str | None = None) -> AsyncSession:
+        """Return an `AsyncSession` for an existing session (routed by its id unless `affinity_key`)."""
+        metadata = affinity_metadata(session_id if affinity_key is None else affinity_key)
+        info = await self.describe_session(session_id, metadata=metadata)
+        return AsyncSession(self, info, await self.get_model(info.model, info.version), metadata)
 
-    async def describe_session(self, session_id: str) -> SessionInfo:
-        """Return a session's info."""
+    async def describe_session(self, session_id: str, *, metadata: Metadata | None = None) -> SessionInfo:
+        """Return a session's info (routed by `metadata`, by default the session id as affinity key)."""
         request = pb.SessionRequest(session_id=session_id)
-        return SessionInfo.from_pb(await self.call("DescribeSession", request, session_bound=True))
+        metadata = metadata if metadata is not None else affinity_metadata(session_id)
+        response = await self.call("DescribeSession", request, session_bound=True, metadata=metadata)
+        return SessionInfo.from_pb(response)
 
     async def generate(
         self,
@@ -181,7 +192,10 @@ class AsyncClient:
                 channel = self.channel
                 try:
                     i = 0
-                    async for response in self.stub.Generate(request, timeout=self.timeout + n * 0.1):
+                    responses = self.stub.Generate(
+                        request, timeout=self.timeout + n * 0.1, metadata=session.metadata
+                    )
+                    async for response in responses:
                         if i >= done:
                             done += 1
                             yield response.text
@@ -199,9 +213,13 @@ class AsyncClient:
 class AsyncSession:
     """One server-side session (asyncio); see `service.client.Session`."""
 
-    def __init__(self, client: AsyncClient, info: SessionInfo, model: ModelInfo) -> None:
+    def __init__(
+        self, client: AsyncClient, info: SessionInfo, model: ModelInfo, metadata: Metadata | None = None
+    ) -> None:
         self.client = client
         self.id = info.session_id
+        self.metadata: Metadata = metadata if metadata is not None else affinity_metadata(info.session_id)
+        self.affinity_key = self.metadata[0][1]
         self.info = info
         self.seq = info.last_seq
         self.model = model
@@ -215,7 +233,7 @@ class AsyncSession:
             inputs=encode_inputs(self.model, inputs),
             last_only=last_only,
         )
-        response = await self.client.call("Step", request, session_bound=True)
+        response = await self.client.call("Step", request, session_bound=True, metadata=self.metadata)
         self.seq = response.seq
         return outputs_of(response.outputs)
 
@@ -233,7 +251,7 @@ class AsyncSession:
                     channel = self.client.channel
                     try:
                         if call is None:
-                            call = self.client.stub.Stream()
+                            call = self.client.stub.Stream(metadata=self.metadata)
                             opening = pb.StreamOpen(session_id=self.id, keep=True)
                             await call.write(pb.StreamRequest(open=opening))
                             self.info = SessionInfo.from_pb((await call.read()).session)
@@ -260,31 +278,37 @@ class AsyncSession:
 
     async def describe(self) -> SessionInfo:
         """Fetch the server's view of this session."""
-        self.info = await self.client.describe_session(self.id)
+        self.info = await self.client.describe_session(self.id, metadata=self.metadata)
         return self.info
 
     async def state(self) -> bytes:
         """Return the whole state as a versioned, integrity-checked blob."""
         request = pb.SessionRequest(session_id=self.id)
-        return (await self.client.call("GetState", request, session_bound=True)).blob
+        return (await self.client.call("GetState", request, session_bound=True, metadata=self.metadata)).blob
 
     async def set_state(self, blob: bytes) -> SessionInfo:
         """Replace the state (and seq) from a blob taken with `state()`."""
         request = pb.SetStateRequest(session_id=self.id, blob=blob)
-        info = SessionInfo.from_pb(await self.client.call("SetState", request, session_bound=True))
+        info = SessionInfo.from_pb(
+            await self.client.call("SetState", request, session_bound=True, metadata=self.metadata)
+        )
         self.seq, self.info = info.last_seq, info
         return info
 
     async def fork(self, *, idle_ttl_s: float | None = None) -> AsyncSession:
         """Open a new session starting from a copy of this one's state."""
         request = pb.ForkRequest(session_id=self.id, idle_ttl_s=idle_ttl_s or 0.0)
-        info = SessionInfo.from_pb(await self.client.call("Fork", request, session_bound=True))
-        return AsyncSession(self.client, info, self.model)
+        info = SessionInfo.from_pb(
+            await self.client.call("Fork", request, session_bound=True, metadata=self.metadata)
+        )
+        return AsyncSession(self.client, info, self.model, self.metadata)  # stays with its parent
 
     async def reset(self) -> SessionInfo:
         """State back to the initial state, seq back to 0."""
         request = pb.SessionRequest(session_id=self.id)
-        info = SessionInfo.from_pb(await self.client.call("Reset", request, session_bound=True))
+        info = SessionInfo.from_pb(
+            await self.client.call("Reset", request, session_bound=True, metadata=self.metadata)
+        )
         self.seq, self.info = info.last_seq, info
         return info
 
@@ -294,7 +318,9 @@ class AsyncSession:
             return
         self._closed = True
         try:
-            await self.client.call("Close", pb.SessionRequest(session_id=self.id), session_bound=True)
+            await self.client.call(
+                "Close", pb.SessionRequest(session_id=self.id), session_bound=True, metadata=self.metadata
+            )
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
