@@ -42,14 +42,13 @@ def render_char(data: dict) -> str:
     lines += [
         "",
         f"Same budget for every variant: {b['layers']} layer x {b['hidden']} hidden (embedding "
-        f"{b['embed']}), "
-        f"{b['steps']} steps of {b['batch']} streams x {b['seq_len']} characters (truncated BPTT, state "
-        f"carried), "
-        f"Adam lr {b['lr']} with cosine decay, gradient clipping at {b['clip']}, seed {b['seed']}; "
-        f"attention window "
+        f"{b['embed']}), {b['steps']} steps of {b['batch']} streams x {b['seq_len']} characters "
+        f"(truncated BPTT, state carried), Adam lr {b['lr']} with cosine decay, gradient clipping at "
+        f"{b['clip']}, seed {b['seed']}; "
+        f"LSTM-kind forget gates start open (bias +{b.get('forget_bias', 1.0)}); attention window "
         f"{b['window']}. Validation: the held-out tunes, whole, with the state carried. Training time is "
-        f"wall clock "
-        "on a shared 2-core CPU, one thread.",
+        f"wall clock on a 2-core CPU shared with other jobs ({data.get('jobs', 1)} runs in parallel, one "
+        "thread each), so it compares poorly across runs.",
         f"Data: {data['data']}.",
         f"Command: `{data['command']}`. Sampled tune from `{data['sample']['from']}` (prime "
         f"`{data['sample']['prime']}`, temperature {data['sample']['temperature']}): "

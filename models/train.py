@@ -53,6 +53,7 @@ class CharTrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     clip: float = 1.0
+    forget_bias: float = 1.0  # added to LSTM-kind forget-gate biases at initialisation (open_forget_gates_)
     seed: int = 0
     eval_every: int = 100
     eval_batch: int = 16
@@ -278,7 +279,7 @@ def run_char(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_char_model(cfg, len(corpus.vocabulary))
-    open_forget_gates_(model)
+    open_forget_gates_(model, cfg.forget_bias)
     hist = train_char_model(model, corpus, cfg, progress=progress)
     val_bpc = hist.val[-1].val_bpc
     train_bpc = float(np.mean(hist.train_bpc[-50:]))
@@ -361,12 +362,14 @@ def run_all(
                 "steps",
                 "lr",
                 "clip",
+                "forget_bias",
                 "seed",
                 "window",
             )
         },
         "command": " ".join(["python -m models.train"] + sys.argv[1:]),
         "best": best.name,
+        "jobs": jobs,
         "sample": {
             "from": best.name,
             "prime": "X:",
@@ -412,8 +415,8 @@ def _add_budget_args(ap: argparse.ArgumentParser, d: CharTrainConfig) -> None:
         "threads",
     ):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
-    for f in ("lr", "clip"):
-        ap.add_argument(f"--{f}", type=float, default=getattr(d, f))
+    for f in ("lr", "clip", "forget_bias"):
+        ap.add_argument(f"--{f.replace('_', '-')}", type=float, default=getattr(d, f))
 
 
 def _budget(args: argparse.Namespace, name: str, family: str) -> CharTrainConfig:
@@ -430,6 +433,7 @@ def _budget(args: argparse.Namespace, name: str, family: str) -> CharTrainConfig
         "threads",
         "lr",
         "clip",
+        "forget_bias",
     )
     return CharTrainConfig(name=name, family=family, **{k: getattr(args, k) for k in keys})
 
