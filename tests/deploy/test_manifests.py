@@ -10,8 +10,12 @@ Settings, selectors select the pods, probes, limits and the security context are
 from __future__ import annotations
 
 import copy
+import importlib
+import re
 import shutil
 import subprocess
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.client import AFFINITY_HEADER
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,8 +253,21 @@ def test_selectors_select_the_pods(rendered: Rendered):
         assert any(selects(svc["spec"]["selector"], labels) for labels in pods.values()), svc["metadata"][
             "name"
         ]
+    # Every PDB guards the pods of exactly one workload, the server's PDB the server's pods.
     for pdb in rendered.of_kind("PodDisruptionBudget"):
-        assert selects(pdb["spec"]["selector"]["matchLabels"], server)
+        guarded = [n for n, labels in pods.items() if selects(pdb["spec"]["selector"]["matchLabels"], labels)]
+        assert len(guarded) == 1, f"PDB {pdb['metadata']['name']} guards {guarded}"
+    if rendered.of_kind("PodDisruptionBudget"):
+        assert selects(
+            rendered.one("PodDisruptionBudget", "rnnserve")["spec"]["selector"]["matchLabels"], server
+        )
+    # A workload's selector selects its own pods only (the proxies are never taken for servers, or back).
+    for workload in workloads(rendered):
+        name = workload["metadata"]["name"]
+        selected = [
+            n for n, labels in pods.items() if selects(workload["spec"]["selector"]["matchLabels"], labels)
+        ]
+        assert selected == [name], f"{name} selects the pods of {selected}"
     for policy in rendered.of_kind("NetworkPolicy"):
         assert any(selects(policy["spec"]["podSelector"]["matchLabels"], labels) for labels in pods.values())
     for hpa in rendered.of_kind("HorizontalPodAutoscaler"):
@@ -330,3 +348,199 @@ def test_prod_state_key_comes_from_a_secret(prod: Rendered):
     env = {e["name"]: e for e in container["env"]}
     assert "secretKeyRef" in env["RNNSERVE_STATE_HMAC_KEY"]["valueFrom"]
     assert "RNNSERVE_STATE_HMAC_KEY" not in prod.settings_env(), "secrets never go into the ConfigMap"
+
+
+# --- Envoy front proxy (prod): consistent hashing on the client's affinity header -------------------------
+
+
+def envoy_config(r: Rendered) -> dict[str, Any]:
+    """The envoy.yaml that the rendered Envoy Deployment mounts (read from the ConfigMap of the render)."""
+    pod = r.one("Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    path = Path(args[args.index("--config-path") + 1])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    data = r.one("ConfigMap", volume["configMap"]["name"])["data"]
+    assert path.name in data, f"{volume['configMap']['name']} has no key {path.name}"
+    return yaml.safe_load(data[path.name])
+
+
+def envoy_type_urls(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "@type":
+                yield value
+            else:
+                yield from envoy_type_urls(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from envoy_type_urls(value)
+
+
+# envoy-data-plane warns "<Message>.<field> is deprecated" for fields Envoy deprecated (and will remove).
+_DEPRECATED_FIELD = re.compile(r"\w+\.\w+ is deprecated")
+
+
+def parse_envoy_bootstrap(config: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Parse a bootstrap config strictly against Envoy's v3 API; return it and the deprecated fields it uses.
+
+    Unknown fields, bad enum values, bad durations and unregistered `@type`s raise. Each typed_config's
+    package is imported first, which registers its message type for the `Any` field.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+        for url in set(envoy_type_urls(config)):
+            package, _, name = url.removeprefix("type.googleapis.com/").rpartition(".")
+            module = importlib.import_module(f"envoy_data_plane.{package}")
+            assert hasattr(module, name), f"unknown Envoy type {url}"
+        bootstrap = Bootstrap.from_dict(config)
+    deprecated = sorted({str(w.message) for w in caught if _DEPRECATED_FIELD.fullmatch(str(w.message))})
+    return bootstrap, deprecated
+
+
+def seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+def listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [x for x in config["static_resources"]["listeners"] if x["name"] == name]
+    return found
+
+
+def http_connection_manager(lst: dict[str, Any]) -> dict[str, Any]:
+    (chain,) = lst["filter_chains"]
+    (hcm,) = [f for f in chain["filters"] if f["name"] == "envoy.filters.network.http_connection_manager"]
+    return hcm["typed_config"]
+
+
+@pytest.fixture(scope="module")
+def envoy(prod: Rendered) -> dict[str, Any]:
+    return envoy_config(prod)
+
+
+def test_dev_has_no_proxy(dev: Rendered):
+    assert not [o for o in dev.objects if "envoy" in o["metadata"]["name"]]
+
+
+def test_envoy_config_is_valid_against_the_envoy_v3_api(envoy: dict[str, Any]):
+    bootstrap, deprecated = parse_envoy_bootstrap(envoy)
+    assert not deprecated, f"envoy.yaml uses fields Envoy deprecated: {deprecated}"
+    (cluster,) = bootstrap.static_resources.clusters
+    assert cluster.lb_policy.name in ("RING_HASH", "MAGLEV")
+
+
+def test_envoy_api_check_catches_a_typo(envoy: dict[str, Any]):
+    """The parse above can fail: a misspelt field inside a typed_config, a bad enum, a bad duration."""
+    hcm = http_connection_manager(listener(envoy, "grpc"))
+    mutations = [
+        lambda c: http_connection_manager(listener(c, "grpc"))["route_config"]["virtual_hosts"][0]["routes"][
+            0
+        ]["route"]["hash_policy"][0]["header"].update(name=AFFINITY_HEADER),
+        lambda c: c["static_resources"]["clusters"][0].update(lb_policy="RINGHASH"),
+        lambda c: c["static_resources"]["clusters"][0].update(connect_timeout="2 seconds"),
+        lambda c: http_connection_manager(listener(c, "grpc")).update({"@type": hcm["@type"] + "X"}),
+    ]
+    for mutate in mutations:
+        broken = copy.deepcopy(envoy)
+        mutate(broken)
+        with pytest.raises((KeyError, ValueError, TypeError, AssertionError, ModuleNotFoundError)):
+            parse_envoy_bootstrap(broken)
+
+
+def test_envoy_hashes_sessions_by_the_client_affinity_header(prod: Rendered, envoy: dict[str, Any]):
+    hcm = http_connection_manager(listener(envoy, "grpc"))
+    assert hcm["codec_type"] == "HTTP2", "gRPC clients speak cleartext HTTP/2 with prior knowledge"
+    assert [f["name"] for f in hcm["http_filters"]][-1] == "envoy.filters.http.router"
+    (cluster,) = envoy["static_resources"]["clusters"]
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    (route,) = vhost["routes"]
+    assert route["match"] == {"prefix": "/"}, "every gRPC method goes through the hashed route"
+    action = route["route"]
+    assert action["cluster"] == cluster["name"]
+    headers = [p["header"]["header_name"] for p in action["hash_policy"] if "header" in p]
+    assert headers == [AFFINITY_HEADER], "the route must hash on the header the client library sends"
+    assert cluster["lb_policy"] in ("RING_HASH", "MAGLEV"), "a header hash needs a consistent-hash balancer"
+    # Long-lived bidi streams: no route timeout, the client's deadline honoured, idle streams kept for at
+    # least as long as a session may idle.
+    assert seconds(action["timeout"]) == 0
+    assert seconds(action["max_stream_duration"]["grpc_timeout_header_max"]) == 0
+    assert seconds(hcm["stream_idle_timeout"]) >= Settings.model_fields["idle_ttl_s"].default
+    assert seconds(hcm["common_http_protocol_options"]["idle_timeout"]) >= seconds(hcm["stream_idle_timeout"])
+
+
+def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod: Rendered, envoy: dict[str, Any]):
+    (cluster,) = envoy["static_resources"]["clusters"]
+    assert cluster["type"] == "STRICT_DNS", "one host per address the headless Service resolves to"
+    ((endpoint,),) = [group["lb_endpoints"] for group in cluster["load_assignment"]["endpoints"]]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address["port_value"] == Settings().grpc_port
+    headless = prod.one("Service", "rnnserve-headless")
+    assert address["address"] == f"rnnserve-headless.{headless['metadata']['namespace']}.svc.cluster.local"
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"], "gRPC upstreams need HTTP/2"
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"].get("service_name", "") == "", "the overall status, as the probes ask"
+    assert cluster["common_lb_config"]["healthy_panic_threshold"]["value"] == 0, (
+        "never route to a draining pod"
+    )
+    assert cluster["ignore_health_on_host_removal"] is True
+
+
+def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod: Rendered, envoy: dict[str, Any]):
+    container = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {
+        "grpc": listener(envoy, "grpc")["address"]["socket_address"]["port_value"],
+        "probes": listener(envoy, "probes")["address"]["socket_address"]["port_value"],
+    }
+    svc = prod.one("Service", "rnnserve-envoy")
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "grpc" and port["appProtocol"] == "kubernetes.io/h2c"
+    envoy_pods = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
+    assert selects(svc["spec"]["selector"], envoy_pods)
+    # The readiness probe asks the health-check filter of the probe listener.
+    probe = container["readinessProbe"]["httpGet"]
+    assert ports[probe["port"]] == ports["probes"]
+    (health,) = [
+        f["typed_config"]
+        for f in http_connection_manager(listener(envoy, "probes"))["http_filters"]
+        if f["name"] == "envoy.filters.http.health_check"
+    ]
+    assert health["pass_through_mode"] is False
+    assert {"name": ":path", "string_match": {"exact": probe["path"]}} in health["headers"]
+    # The admin API can stop Envoy: loopback only. No shared memory on a read-only root: hot restart is off.
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert "--disable-hot-restart" in container["args"]
+    assert re.fullmatch(r"envoyproxy/envoy:v1\.\d+\.\d+", container["image"]), container["image"]
+
+
+def test_envoy_may_reach_the_servers_and_nothing_else(prod: Rendered):
+    policy = prod.one("NetworkPolicy", "rnnserve-envoy")["spec"]
+    envoy_pods = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
+    server_pods = prod.one("Deployment", "rnnserve")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["podSelector"]["matchLabels"], envoy_pods)
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    to_servers = [
+        rule
+        for rule in policy["egress"]
+        if any(
+            selects(peer.get("podSelector", {}).get("matchLabels", {}), server_pods) for peer in rule["to"]
+        )
+    ]
+    assert {p["port"] for rule in to_servers for p in rule["ports"]} == {Settings().grpc_port}
+    for rule in policy["egress"]:
+        if rule not in to_servers:
+            assert {p["port"] for p in rule["ports"]} == {53}, "only DNS besides the servers"
+    # The servers' own policy admits the gRPC port from in-cluster peers (the proxies among them).
+    server_ingress = prod.one("NetworkPolicy", "rnnserve")["spec"]["ingress"]
+    assert any(
+        "from" not in rule and Settings().grpc_port in {p["port"] for p in rule["ports"]}
+        for rule in server_ingress
+    )
