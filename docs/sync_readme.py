@@ -19,6 +19,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
+LINK = re.compile(r"(\]\()(?P<target>[^)#\s]+)(\))")
+
+
+def rebase_links(body: str, source: Path, root: Path) -> str:
+    """Make links that are relative to the included file's folder relative to the README instead."""
+
+    def fix(m: re.Match[str]) -> str:
+        target = m.group("target")
+        if "://" in target or target.startswith("/") or (root / target).exists():
+            return m.group(0)
+        local = source.parent / target
+        if local.exists():
+            return f"{m.group(1)}{local.resolve().relative_to(root.resolve()).as_posix()}{m.group(3)}"
+        return m.group(0)
+
+    return LINK.sub(fix, body)
 
 
 def render(readme: str, root: Path = ROOT) -> str:
@@ -26,7 +42,12 @@ def render(readme: str, root: Path = ROOT) -> str:
 
     def fill(m: re.Match[str]) -> str:
         path = root / m.group("path")
-        body = path.read_text() if path.exists() else f"_(not generated yet: `{m.group('path')}`)_\n"
+        if not path.exists():
+            body = f"_(not generated yet: `{m.group('path')}`)_\n"
+        elif path.suffix == ".md":
+            body = rebase_links(path.read_text(), path, root)
+        else:  # any other text file (a sampled tune, a log) is shown verbatim
+            body = "```\n" + path.read_text().rstrip("\n") + "\n```\n"
         if not body.endswith("\n"):
             body += "\n"
         return f"{m.group(1)}{body}{m.group(4)}"
