@@ -17,7 +17,7 @@ from tests.bench.suite import Plan, Runner, load_result
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; exit status 0 whether or not targets are met (the verdict is in the report)."""
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced run (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="reduced run (one to two minutes)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="results folder")
     parser.add_argument(
         "--performance-md",

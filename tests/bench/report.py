@@ -588,7 +588,7 @@ def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path) ->
     )
     return (
         "Measured by `make bench` (full suite, about 15 minutes on 2 cores; "
-        "`make bench BENCH_ARGS=--quick` for a reduced run in about a minute). The load generator runs "
+        "`make bench BENCH_ARGS=--quick` for a reduced run in one to two minutes). The load generator runs "
         "closed-loop bidi streams from separate client processes; the reference model is a 2-layer LSTM with "
         "hidden size 256 (`tests/bench/refmodel.py`). Reference points are measured in the same run on the "
         "same model and message sizes: a no-op grpc.aio echo server (the Python gRPC floor), raw ONNX "
