@@ -1,4 +1,4 @@
-"""Batcher: a lone one-step request runs on the event loop; anything bigger runs in the executor."""
+"""Batcher: small batches (rows x steps <= inline_max_steps) run on the event loop, bigger ones off it."""
 
 from __future__ import annotations
 
@@ -8,64 +8,67 @@ import threading
 import numpy as np
 from test_batching import make
 
-from service.batching import StepRequest
+from service.batching import INLINE_MAX_STEPS, StepRequest
 
 
 class RecordingRuntime:
-    """Delegates to the real Runtime and records which thread ran each batch."""
+    """Delegates to the real Runtime and records which thread ran each batch, and its shape."""
 
     def __init__(self, runtime):
         self._runtime = runtime
-        self.threads: list[tuple[int, int]] = []  # (thread id, batch size)
+        self.runs: list[tuple[int, tuple[int, ...]]] = []  # (thread id, shape of the data input)
 
     def run(self, feeds):
         out = self._runtime.run(feeds)
-        self.threads.append((threading.get_ident(), len(next(iter(feeds.values())))))
+        self.runs.append((threading.get_ident(), feeds["tokens"].shape))
         return out
 
 
-def test_lone_one_step_request_runs_inline_others_in_executor(model_repository):
+async def _submit_together(b, rows: int, steps: int):
+    loop = asyncio.get_running_loop()
+    futs = [loop.create_future() for _ in range(rows)]
+    for f in futs:
+        b.submit(StepRequest(b.slab.alloc(), (np.full(steps, 3, np.int64),), (steps,), f, steps=steps))
+    return await asyncio.gather(*futs)
+
+
+def test_small_batches_run_inline_bigger_ones_in_the_executor(model_repository):
+    assert INLINE_MAX_STEPS >= 2
+
     async def main():
         b = make(model_repository)
         rec = b.runtime = RecordingRuntime(b.runtime)
-        loop = asyncio.get_running_loop()
         b.start()
-        outs = []
-        # One session, one step: inline on the loop thread.
-        f = loop.create_future()
-        b.submit(StepRequest(b.slab.alloc(), (np.full(1, 3, np.int64),), (1,), f, steps=1))
-        outs.append(await f)
-        # One session, a 4-step chunk: executor.
-        f = loop.create_future()
-        b.submit(StepRequest(b.slab.alloc(), (np.full(4, 3, np.int64),), (4,), f, steps=4))
-        outs.append(await f)
-        # Two sessions queued together: one batch of two, executor.
-        futs = [loop.create_future() for _ in range(2)]
-        for fut in futs:
-            b.submit(StepRequest(b.slab.alloc(), (np.full(1, 3, np.int64),), (1,), fut, steps=1))
-        outs += await asyncio.gather(*futs)
+        outs = [
+            await _submit_together(b, 1, 1),  # 1 row x 1 step: inline
+            await _submit_together(b, INLINE_MAX_STEPS, 1),  # at the threshold: inline
+            await _submit_together(b, INLINE_MAX_STEPS + 1, 1),  # one row more: executor
+            await _submit_together(b, 1, INLINE_MAX_STEPS + 1),  # one long chunk: executor
+        ]
         await b.stop()
-        return rec.threads, outs
+        return rec.runs, outs
 
     loop_thread = threading.get_ident()
-    threads, outs = asyncio.run(main())
-    assert [n for _, n in threads] == [1, 1, 2]
-    assert threads[0][0] == loop_thread
-    assert threads[1][0] != loop_thread and threads[2][0] != loop_thread
-    # Inline or not, the same input from the same (zero) state gives the same output.
-    np.testing.assert_allclose(outs[0]["logits"], outs[2]["logits"], rtol=0, atol=1e-6)
-    assert outs[1]["logits"].shape[0] == 4
+    runs, outs = asyncio.run(main())
+    assert [shape for _, shape in runs] == [
+        (1, 1),
+        (INLINE_MAX_STEPS, 1),
+        (INLINE_MAX_STEPS + 1, 1),
+        (1, INLINE_MAX_STEPS + 1),
+    ]
+    assert [tid == loop_thread for tid, _ in runs] == [True, True, False, False]
+    # Inline or not, the same token from the same (zero) state gives the same output.
+    np.testing.assert_allclose(outs[0][0]["logits"], outs[2][0]["logits"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(outs[1][-1]["logits"], outs[2][-1]["logits"], rtol=0, atol=1e-6)
 
 
 def test_inline_threshold_zero_keeps_everything_off_the_loop(model_repository):
     async def main():
         b = make(model_repository, inline_max_steps=0)
         rec = b.runtime = RecordingRuntime(b.runtime)
-        f = asyncio.get_running_loop().create_future()
         b.start()
-        b.submit(StepRequest(b.slab.alloc(), (np.full(1, 3, np.int64),), (1,), f, steps=1))
-        await f
+        await _submit_together(b, 1, 1)
         await b.stop()
-        return rec.threads
+        return rec.runs
 
     assert asyncio.run(main())[0][0] != threading.get_ident()
