@@ -47,8 +47,8 @@ def render_char(data: dict) -> str:
         f"{b['clip']}, seed {b['seed']}; "
         f"LSTM-kind forget gates start open (bias +{b.get('forget_bias', 1.0)}); attention window "
         f"{b['window']}. Validation: the held-out tunes, whole, with the state carried. Training time is "
-        f"wall clock on a 2-core CPU shared with other jobs ({data.get('jobs', 1)} runs in parallel, one "
-        "thread each), so it compares poorly across runs.",
+        "wall clock on a 2-core CPU shared with other jobs (one thread per run; `--jobs` in the command "
+        "says how many ran in parallel), so it compares poorly across runs.",
         f"Data: {data['data']}.",
         f"Command: `{data['command']}`. Sampled tune from `{data['sample']['from']}` (prime "
         f"`{data['sample']['prime']}`, temperature {data['sample']['temperature']}): "

@@ -454,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     dflt = sub.add_parser(
         "default", help="the small default model (runs/default), exported by `make default-model`"
     )
-    dflt.add_argument("--family", choices=FAMILIES, default="lstm")
-    _add_budget_args(dflt, CharTrainConfig(name="default", steps=600, forget_bias=0.0))
+    dflt.add_argument("--family", choices=FAMILIES, default="attention")
+    _add_budget_args(dflt, CharTrainConfig(name="default", steps=600))
     for p in (one, every, dflt):
         p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     every.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
