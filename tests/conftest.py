@@ -19,7 +19,7 @@ import fixtures  # noqa: E402
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory) -> Path:
-    """A read-only repository with one of each fixture model. Tests that modify a repository build their own."""
+    """A read-only repository with one of each fixture model (tests that modify one build their own)."""
     repo = tmp_path_factory.mktemp("repository")
     fixtures.token_lstm(repo, "tiny_lstm")
     fixtures.token_lstm(repo, "tiny_lstm2", layers=2, hidden=6, seed=3)

@@ -1,13 +1,14 @@
 """Tiny ONNX models that follow the state contract (docs/DESIGN.md), built with onnx.helper (no torch).
 
-Tests never need a trained model: these builders make small, random-weight models in milliseconds. Each builder
-writes `<repository>/<name>/<version>/model.onnx` and returns the path.
+Tests never need a trained model: these builders make small, random-weight models in milliseconds.
+Each builder writes `<repository>/<name>/<version>/model.onnx` and returns the path.
 
 - `token_lstm`: tokens int64 (B, T) -> embedding -> L fused LSTM layers -> logits float32 (B, T, V);
   states `h`, `c` (B, L, H). Carries a vocabulary in its metadata, like the exported char models.
-- `numeric_gru`: x float32 (B, T, F) -> fused GRU (linear_before_reset=1) -> y float32 (B, T, O); state `h` (B, 1, H).
-- `accumulator`: a user's own stateful model without a time axis: x int32 (B, 1); state_out_acc = state_in_acc + x;
-  y = state_out_acc.
+- `numeric_gru`: x float32 (B, T, F) -> fused GRU (linear_before_reset=1) -> y float32 (B, T, O);
+  state `h` (B, 1, H).
+- `accumulator`: a user's own stateful model without a time axis: x int32 (B, 1);
+  state_out_acc = state_in_acc + x; y = state_out_acc.
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(array, name)
 
 
-def _stacked_state_layers(
-    nodes: list, prefix: str, state: str, layers: int
-) -> list[str]:
+def _stacked_state_layers(nodes: list, prefix: str, state: str, layers: int) -> list[str]:
     """Split a contract state (B, L, H) into L op-shaped states (1, B, H)."""
     nodes.append(helper.make_node("Transpose", [state], [f"{prefix}_t"], perm=[1, 0, 2]))  # (L, B, H)
     if layers == 1:
@@ -75,7 +74,7 @@ def token_lstm(
     seed: int = 0,
     initial_c: np.ndarray | None = None,
 ) -> Path:
-    """A token (char) LSTM following the contract; `initial_c` (L, H) declares a non-zero initial cell state."""
+    """A token (char) LSTM following the contract; `initial_c` (L, H) declares a non-zero initial c."""
     rng = np.random.default_rng(seed)
     v, h = len(vocab), hidden
     inits = [
@@ -209,7 +208,7 @@ def numeric_gru(
 
 
 def accumulator(repository: Path, name: str = "accumulator", version: int = 1) -> Path:
-    """A user's own stateful model, no time axis: state_out_acc = state_in_acc + x; y = state_out_acc (int32)."""
+    """A user's own stateful model, no time axis: state_out_acc = state_in_acc + x; y = state_out_acc."""
     nodes = [
         helper.make_node("Add", ["state_in_acc", "x"], ["state_out_acc"]),
         helper.make_node("Identity", ["state_out_acc"], ["y"]),
@@ -231,7 +230,7 @@ def accumulator(repository: Path, name: str = "accumulator", version: int = 1) -
 
 
 def run_whole(model_path: Path, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray] | None = None):
-    """Run a contract model directly in ONNX Runtime on one batch, from zero (or given) state: the test oracle."""
+    """Run a contract model in ONNX Runtime on one batch from zero (or given) state: the test oracle."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -240,7 +239,7 @@ def run_whole(model_path: Path, inputs: dict[str, np.ndarray], states: dict[str,
     dtypes = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
     for inp in sess.get_inputs():
         if inp.name.startswith("state_in_"):
-            key = inp.name[len("state_in_"):]
+            key = inp.name[len("state_in_") :]
             if states and key in states:
                 feeds[inp.name] = states[key]
             else:
