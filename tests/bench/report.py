@@ -574,6 +574,18 @@ def analysis(res: SuiteResult) -> str:
             "for "
             "milliseconds at a time on a busy machine, which is what the p99 sees first."
         )
+        for half in halves:
+            system = half.system.replace(HALF, "")
+            peak = _row(res, system, half.sessions, 1)
+            if peak and peak.server_cpu_us_per_step == peak.server_cpu_us_per_step:
+                notes.append(
+                    f"  - {system}: half of the peak rate is not half of the server's CPU. Batches shrink "
+                    f"from {peak.batch_mean:.0f} to {half.batch_mean:.0f} sessions, so the fixed costs per "
+                    f"message and per batch are shared by fewer steps: {half.server_cpu_us_per_step:.0f} "
+                    "us of "
+                    f"server CPU per step at half load against {peak.server_cpu_us_per_step:.0f} us at the "
+                    f"peak, {half.server_cpu_cores:.2f} cores busy against {peak.server_cpu_cores:.2f}."
+                )
     return "\n".join(notes) + "\n" if notes else ""
 
 
