@@ -29,8 +29,9 @@ from service.slab import StateSlab
 
 _log = logging.getLogger(__name__)
 
-# A batch of at most this many rows x steps runs on the event loop instead of the executor (see `_run`).
-INLINE_MAX_STEPS = 8
+# Default: every ONNX Runtime call runs in the executor, off the event loop (issue 3). A deployment that
+# prefers light-load latency can let tiny batches run inline with the `inline_max_steps` setting (see `_run`).
+INLINE_MAX_STEPS = 0
 
 
 class PendingOp:

@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     max_queue_delay_us: int = Field(
         0, ge=0, description="Extra microseconds a batch waits for more requests (0 = greedy batching only)."
     )
+    inline_max_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Batches of at most this many rows x steps run ONNX Runtime on the event loop instead of the"
+            " executor thread (0 = never: ORT always runs off the loop). Opt-in latency tuning for tiny"
+            " models at light load; each inline run blocks every stream for its duration."
+        ),
+    )
     max_queue_size: int = Field(
         65536, ge=1, description="Most requests waiting per model version before new ones are refused."
     )

@@ -262,6 +262,7 @@ class Engine:
             self.executor,
             max_batch_size=spec.config.max_batch_size,
             max_queue_delay_us=spec.config.max_queue_delay_us,
+            inline_max_steps=self.settings.inline_max_steps,
             max_queue_size=self.settings.max_queue_size,
             finish=self._finish,
             observe=observe,

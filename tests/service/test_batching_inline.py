@@ -1,4 +1,4 @@
-"""Batcher: small batches (rows x steps <= inline_max_steps) run on the event loop, bigger ones off it."""
+"""Batcher: ORT runs off the event loop by default; with inline_max_steps set, tiny batches run on it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import threading
 import numpy as np
 from test_batching import make
 
-from service.batching import INLINE_MAX_STEPS, StepRequest
+from service.batching import StepRequest
+from service.config import Settings
+
+INLINE_MAX_STEPS = 8  # the opt-in setting under test
 
 
 class RecordingRuntime:
@@ -33,10 +36,8 @@ async def _submit_together(b, rows: int, steps: int):
 
 
 def test_small_batches_run_inline_bigger_ones_in_the_executor(model_repository):
-    assert INLINE_MAX_STEPS >= 2
-
     async def main():
-        b = make(model_repository)
+        b = make(model_repository, inline_max_steps=INLINE_MAX_STEPS)
         rec = b.runtime = RecordingRuntime(b.runtime)
         b.start()
         outs = [
@@ -62,9 +63,11 @@ def test_small_batches_run_inline_bigger_ones_in_the_executor(model_repository):
     np.testing.assert_allclose(outs[1][-1]["logits"], outs[2][-1]["logits"], rtol=0, atol=1e-6)
 
 
-def test_inline_threshold_zero_keeps_everything_off_the_loop(model_repository):
+def test_default_keeps_every_ort_run_off_the_loop(model_repository):
+    assert Settings().inline_max_steps == 0
+
     async def main():
-        b = make(model_repository, inline_max_steps=0)
+        b = make(model_repository)
         rec = b.runtime = RecordingRuntime(b.runtime)
         b.start()
         await _submit_together(b, 1, 1)
