@@ -104,15 +104,12 @@ def render_long_lag(data: dict) -> str:
     b = data["budget"]
     lines += [
         "",
-        f"Adding problem (Hochreiter & Schmidhuber 1997, sec. 5.4): sequences of T steps of (value, "
-        f"marker); the "
-        f"target is the sum of the two marked values, one marked in the first {data['first_fraction']:.0%} "
-        f"of the "
-        f"sequence and one before T/2, so the answer depends on inputs at least "
-        f"{1 - data['first_fraction']:.0%} of "
-        f"T steps back. Cells: test MSE on {data['test_size']} fixed sequences at the end of training; "
-        f"baseline "
-        f"(always predict 1) is {data['baseline_mse']:.3f}; **learned** = MSE < {data['threshold']}.",
+        f"Adding problem (Hochreiter & Schmidhuber 1997, sec. 5.4): sequences of T steps of (value, marker); "
+        f"the target is the sum of the two marked values, one marked in the first "
+        f"{data['first_fraction']:.0%} of the sequence and one before T/2, so the answer depends on one "
+        f"input more than {1 - data['first_fraction']:.0%} of T steps back and another more than T/2 back. "
+        f"Cells: test MSE on {data['test_size']} fixed sequences at the end of training; baseline (always "
+        f"predict 1) is {data['baseline_mse']:.3f}; **learned** = MSE < {data['threshold']}.",
         f"Same budget for every variant and lag: hidden {b['hidden']}, {b['steps']} steps of batch "
         f"{b['batch']}, "
         f"Adam lr {b['lr']}, gradient-norm clipping at {b['clip']}, full BPTT through the sequence, seed "
