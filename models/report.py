@@ -53,6 +53,8 @@ def render_char(data: dict) -> str:
         f"Command: `{data['command']}`. Sampled tune from `{data['sample']['from']}` (prime "
         f"`{data['sample']['prime']}`, temperature {data['sample']['temperature']}): "
         f"[`{data['sample']['file']}`](sample_tune.abc).",
+        "",
+        "![validation bits per character during training](char_val_bpc.png)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -84,7 +86,9 @@ def render_anomaly(data: dict) -> str:
         f"score = "
         "squared prediction error.",
         f"Data: {data['data']}.",
-        f"Command: `{data['command']}`. Plot ({data['plot']['from']}): [`anomaly.png`](anomaly.png).",
+        f"Command: `{data['command']}`. Plot ({data['plot']['from']}): series, score, labelled region:",
+        "",
+        "![UCR #135: series, score, labelled anomaly](anomaly.png)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -114,8 +118,9 @@ def render_long_lag(data: dict) -> str:
         f"{b['batch']}, "
         f"Adam lr {b['lr']}, gradient-norm clipping at {b['clip']}, full BPTT through the sequence, seed "
         f"{b['seed']}.",
-        f"Command: `{data['command']}` ({_fmt_seconds(data['seconds'])} in all). Plot: "
-        f"[`long_lag.png`](long_lag.png).",
+        f"Command: `{data['command']}` ({_fmt_seconds(data['seconds'])} in all).",
+        "",
+        "![adding problem: final test MSE per lag and learning curves](long_lag.png)",
     ]
     return "\n".join(lines) + "\n"
 
