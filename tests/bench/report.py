@@ -544,6 +544,16 @@ def analysis(res: SuiteResult) -> str:
             f"takes {echo1.p50_ms:.2f} ms at one stream, so the table's bound row is the best any server "
             "behind Python gRPC could show here; the CPU-cost ratio is the like-for-like cost comparison."
         )
+    chunk, chunk_many = _row(res, "service", 64, 16), _row(res, "service StreamMany", 64, 16)
+    if chunk and chunk_many:
+        notes.append(
+            "- **16-step chunks.** Over Stream the server spends "
+            f"{chunk.server_cpu_us_per_step:.1f} us of CPU per step ({16 * chunk.server_cpu_us_per_step:.0f} us per 16-step message, mean batch "
+            f"{chunk.batch_mean:.0f}) against raw ONNX Runtime's cost at that batch in the ceiling rows; the "
+            "difference is again the per-message gRPC and protobuf work, paid once per session per chunk. "
+            "StreamMany pays it once per many sessions: "
+            f"{chunk_many.server_cpu_us_per_step:.1f} us per step, {chunk_many.steps_per_s:,.0f} steps/s."
+        )
     written = next((m for m in res.memory if m["state"] == "written"), None)
     fresh = next((m for m in res.memory if m["state"] == "fresh"), None)
     if written and fresh:
@@ -570,9 +580,17 @@ def analysis(res: SuiteResult) -> str:
         notes.append(
             f"- **Tail latency at half load** ({parts}). The load average was "
             f"{res.environment['load_average_1m_at_start']:.1f} at the start of this run on "
-            f"{res.environment['cpus']} cores; every process, the load generator included, is descheduled "
-            "for "
-            "milliseconds at a time on a busy machine, which is what the p99 sees first."
+            f"{res.environment['cpus']} cores. "
+            + (
+                "Every process, the load generator included, is descheduled for milliseconds at a time on a "
+                "busy machine, which is what the p99 sees first."
+                if res.environment["load_average_1m_at_start"] > 0.5 * float(res.environment["cpus"])
+                else "The machine was quiet, so the tail is the server's own: the engine's request p99 is "
+                "most of it. With small batches every step carries the per-batch fixed cost, an executor "
+                "thread hand-off per ONNX Runtime run (ORT runs off the event loop by default; the opt-in "
+                "`inline_max_steps` setting runs tiny batches on the loop instead, at the price of blocking "
+                "every stream while it runs)."
+            )
         )
         for half in halves:
             system = half.system.replace(HALF, "")
