@@ -548,7 +548,8 @@ def analysis(res: SuiteResult) -> str:
     if chunk and chunk_many:
         notes.append(
             "- **16-step chunks.** Over Stream the server spends "
-            f"{chunk.server_cpu_us_per_step:.1f} us of CPU per step ({16 * chunk.server_cpu_us_per_step:.0f} us per 16-step message, mean batch "
+            f"{chunk.server_cpu_us_per_step:.1f} us of CPU per step "
+            f"({16 * chunk.server_cpu_us_per_step:.0f} us per 16-step message, mean batch "
             f"{chunk.batch_mean:.0f}) against raw ONNX Runtime's cost at that batch in the ceiling rows; the "
             "difference is again the per-message gRPC and protobuf work, paid once per session per chunk. "
             "StreamMany pays it once per many sessions: "
