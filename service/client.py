@@ -163,6 +163,25 @@ def default_address() -> str:
     return os.environ.get("RNNSERVE_ADDRESS", "localhost:8001")
 
 
+def parse_addresses(addresses: str | Sequence[str] | None) -> list[str]:
+    """`"h1:p1,h2:p2"`, a list, or None ($RNNSERVE_ADDRESS, else localhost:8001) -> the failover list."""
+    if addresses is None:
+        addresses = default_address()
+    if isinstance(addresses, str):
+        addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("at least one server address is required")
+    return list(addresses)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """GRPC channel options both clients use."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
 def encode_inputs(model: ModelInfo, inputs: Inputs) -> list[pb.Tensor]:
     """Encode one chunk: an array for a single-input model, else a dict by input name (cast to its dtype)."""
     specs = {t.name: t for t in model.inputs}
@@ -212,20 +231,11 @@ class Client:
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        if addresses is None:
-            addresses = default_address()
-        if isinstance(addresses, str):
-            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
-        if not addresses:
-            raise ValueError("at least one server address is required")
-        self.addresses = list(addresses)
+        self.addresses = parse_addresses(addresses)
         self.timeout = timeout
         self.max_attempts = max(max_attempts, len(self.addresses) + 1)
         self._backoff_s = backoff_s
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._options = channel_options(max_message_bytes)
         self._lock = threading.Lock()
         self._index = 0
         self.failovers = 0  # how many times a call was re-sent after a transport error (or moved address)
@@ -528,6 +538,18 @@ class Session:
 _END = object()
 
 
+def _end_call(requests: queue.SimpleQueue[Any] | None, call: Any) -> None:
+    """Half-close a lock-step bidi call and drain it to its final status (a broken call changes nothing)."""
+    if requests is not None:
+        requests.put(_END)
+    if call is not None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError:
+            pass
+
+
 class _AttachedStream:
     """A lock-step bidi Stream attached to a session with keep=True; re-attaches after transport errors.
 
@@ -574,14 +596,7 @@ class _AttachedStream:
         raise AssertionError("unreachable")
 
     def end(self) -> None:
-        if self._requests is not None:
-            self._requests.put(_END)
-        if self._call is not None:
-            try:
-                for _ in self._call:  # drain to the final status
-                    pass
-            except grpc.RpcError:
-                pass  # a broken call changes nothing already answered
+        _end_call(self._requests, self._call)
         self._call = None
         self._requests = None
 
@@ -676,14 +691,7 @@ class Multiplexer:
 
     def close(self) -> None:
         """End the stream (the sessions stay open)."""
-        if self._requests is not None:
-            self._requests.put(_END)
-        if self._call is not None:
-            try:
-                for _ in self._call:
-                    pass
-            except grpc.RpcError:
-                pass
+        _end_call(self._requests, self._call)
         self._call = None
         self._requests = None
 

@@ -29,10 +29,11 @@ from service.client import (
     ModelInfo,
     SessionInfo,
     affinity_metadata,
-    default_address,
+    channel_options,
     encode_inputs,
     new_affinity_key,
     outputs_of,
+    parse_addresses,
     should_retry,
 )
 from service.proto import rnnserve_pb2 as pb
@@ -51,20 +52,11 @@ class AsyncClient:
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        if addresses is None:
-            addresses = default_address()
-        if isinstance(addresses, str):
-            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
-        if not addresses:
-            raise ValueError("at least one server address is required")
-        self.addresses = list(addresses)
+        self.addresses = parse_addresses(addresses)
         self.timeout = timeout
         self.max_attempts = max(max_attempts, len(self.addresses) + 1)
         self.backoff_s = backoff_s
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._options = channel_options(max_message_bytes)
         self._index = 0
         self.failovers = 0  # how many times a call was re-sent after a transport error (or moved address)
         self._models: dict[tuple[str, int], ModelInfo] = {}
