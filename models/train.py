@@ -401,40 +401,31 @@ def run_all(
     return results
 
 
+# The budget flags every char run shares: one list, so a new field cannot get a flag but miss the config.
+_INT_BUDGET = (
+    "hidden",
+    "layers",
+    "embed",
+    "window",
+    "batch",
+    "seq_len",
+    "steps",
+    "eval_every",
+    "seed",
+    "threads",
+)
+_FLOAT_BUDGET = ("lr", "clip", "forget_bias")
+
+
 def _add_budget_args(ap: argparse.ArgumentParser, d: CharTrainConfig) -> None:
-    for f in (
-        "hidden",
-        "layers",
-        "embed",
-        "window",
-        "batch",
-        "seq_len",
-        "steps",
-        "eval_every",
-        "seed",
-        "threads",
-    ):
+    for f in _INT_BUDGET:
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
-    for f in ("lr", "clip", "forget_bias"):
+    for f in _FLOAT_BUDGET:
         ap.add_argument(f"--{f.replace('_', '-')}", type=float, default=getattr(d, f))
 
 
 def _budget(args: argparse.Namespace, name: str, family: str) -> CharTrainConfig:
-    keys = (
-        "hidden",
-        "layers",
-        "embed",
-        "window",
-        "batch",
-        "seq_len",
-        "steps",
-        "eval_every",
-        "seed",
-        "threads",
-        "lr",
-        "clip",
-        "forget_bias",
-    )
+    keys = _INT_BUDGET + _FLOAT_BUDGET
     return CharTrainConfig(name=name, family=family, **{k: getattr(args, k) for k in keys})
 
 
