@@ -130,6 +130,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
+        self.metrics.max_sessions.set(settings.max_sessions)
         if store is None:
             store = self._default_store(settings)
         self.store = store
@@ -268,6 +269,9 @@ class Engine:
             observe=observe,
         )
         mv.batcher.start()
+        self.metrics.version_loaded(
+            *labels, spec.state_bytes, min(spec.config.max_sessions, self.settings.max_sessions)
+        )
         self._versioned[mv] = _Versioned(
             InputValidator(spec),
             self.metrics.request_seconds.labels(*labels),
@@ -281,9 +285,7 @@ class Engine:
         self._versioned.pop(mv, None)
         mv.slab = None
         mv.batcher = None
-        with contextlib.suppress(KeyError):
-            self.metrics.active_sessions.remove(mv.spec.name, str(mv.spec.version))
-            self.metrics.state_bytes.remove(mv.spec.name, str(mv.spec.version))
+        self.metrics.version_unloaded(mv.spec.name, str(mv.spec.version))
         self.metrics.model_versions.set(len(self.repository.loaded()))
         _log.info("unloaded model %s version %d", mv.spec.name, mv.spec.version)
 
