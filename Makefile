@@ -152,4 +152,4 @@ node-client: system-deps install-dev protos
 # Triton's perf_analyzer (tritonclient wheel) with its shared libraries found: make perf-analyzer ARGS='-m default ...'
 ARGS ?= --help
 perf-analyzer: install-dev
-	deploy/perf_analyzer $(ARGS)
+	RNNSERVE_PYTHON=$(abspath $(PY)) deploy/perf_analyzer $(ARGS)
