@@ -136,10 +136,9 @@ image-check: system-deps install-dev protos
 	$(PY) docs/sync_readme.py
 
 image-clean:
-	-CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf podman rmi --force localhost/rnnserve:check
-	-CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf podman images --format '{{.Repository}}:{{.Tag}}' \
-	  | grep '^localhost/rnnserve-base:' | xargs -r podman rmi --force
-	-CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf podman image prune --force
+	export CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf; \
+	podman images --format '{{.Repository}}:{{.Tag}}' | grep -E '^localhost/rnnserve(-base)?:' | xargs -r podman rmi --force; \
+	podman image prune --force >/dev/null; \
 	rm -rf $(IMAGE_CACHE)
 
 # Alert rules (promtool check + unit tests) and the dashboard's and rules' metric names against a live server.
