@@ -352,7 +352,7 @@ def test_writes_only_to_declared_volumes_and_exits_cleanly_on_sigterm(server, co
 
 
 def test_image_size_and_report(built):
-    """Last in the module: the image's size, and (RNNSERVE_IMAGE_REPORT=1) the report the README cites."""
+    """After the run checks: the image's size, and (RNNSERVE_IMAGE_REPORT=1) the report the README cites."""
     size = built["size_bytes"]
     assert 0 < size < MAX_IMAGE_BYTES, f"image is {size / 1e6:.0f} MB"
     if os.environ.get("RNNSERVE_IMAGE_REPORT") != "1":
@@ -396,3 +396,29 @@ def render_report(runs: dict) -> str:
     lines = ["| | " + " | ".join(head[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += ["| " + label + " | " + " | ".join(f(runs[c]) for c in cols) + " |" for label, f in rows]
     return "\n".join(lines) + "\n"
+
+
+def test_apt_mirror_reads_both_source_formats(tmp_path):
+    """The base is debootstrapped from the mirror apt uses: deb822 `.sources` and one-line `.list` files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_image", ROOT / "deploy" / "local_image.py")
+    assert spec and spec.loader
+    local_image = importlib.util.module_from_spec(spec)
+    sys.modules["local_image"] = local_image  # dataclasses look their module up there
+    spec.loader.exec_module(local_image)
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
+        "Enabled: no\nTypes: deb\nURIs: http://disabled.example/debian\nSuites: bookworm\n\n"
+        "Types: deb deb-src\n# a comment\nURIs: http://mirror.example/debian\n"
+        "Suites: bookworm bookworm-updates\n"
+    )
+    one_line = tmp_path / "sources.list"
+    one_line.write_text(
+        "# deb http://old.example/debian bookworm main\ndeb [arch=amd64] http://one.example/d bookworm main\n"
+    )
+    assert local_image.apt_mirror([deb822]) == "http://mirror.example/debian"
+    assert local_image.apt_mirror([one_line]) == "http://one.example/d"
+    with pytest.raises(SystemExit, match="no Debian mirror"):
+        local_image.apt_mirror([one_line], suite="trixie")
