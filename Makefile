@@ -134,6 +134,8 @@ IMAGE_CACHE ?= /var/cache/rnnserve-image
 image-check: system-deps install-dev protos
 	RNNSERVE_IMAGE_CACHE=$(IMAGE_CACHE) RNNSERVE_IMAGE_REPORT=1 $(PY) -m pytest -q tests/deploy/test_image.py
 	$(PY) docs/sync_readme.py
+	$(PY) -c "import pathlib, sys; sys.path.insert(0, 'docs'); import sync_readme as s; \
+	  p = pathlib.Path('docs/deploy.md'); p.write_text(s.render(p.read_text()))"
 
 image-clean:
 	export CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf; \
