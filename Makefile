@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check node-client perf-analyzer
+.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -25,6 +25,7 @@ help:
 	@echo "make image-check   build deploy/Dockerfile here (debootstrap base + buildah, cached) and run its checks"
 	@echo "make image-clean   remove the image-check cache (base rootfs tarball) and its local images"
 	@echo "make monitoring-check  promtool check/test the alert rules; dashboard + rules metrics vs a live server"
+	@echo "make dashboard-preview  draw the dashboard's panels from a real Prometheus + two loaded replicas (PNG)"
 	@echo "make node-client   run the Node.js client's test against a real server (clients/node)"
 	@echo "make perf-analyzer ARGS='...'  Triton's perf_analyzer from the venv, its libraries found (docs/triton.md)"
 
@@ -145,7 +146,11 @@ image-clean:
 
 # Alert rules (promtool check + unit tests) and the dashboard's and rules' metric names against a live server.
 monitoring-check: system-deps install-dev protos
-	$(PY) -m pytest -q tests/deploy/test_monitoring.py
+	$(PY) -m pytest -q tests/deploy/test_monitoring.py tests/deploy/test_dashboard_live.py
+
+# The dashboard's panels drawn from a real Prometheus scraping two replicas under load (~2 min): docs/deploy/dashboard.png
+dashboard-preview: system-deps install-dev protos
+	$(PY) deploy/dashboard_preview.py
 
 node-client: system-deps install-dev protos
 	$(PY) -m pytest -q tests/clients/test_node_client.py
