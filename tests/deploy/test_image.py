@@ -391,7 +391,7 @@ def render_report(runs: dict) -> str:
         ),
         ("base image step", lambda r: f"{r['base_seconds']:.0f} s"),
         ("`buildah build`", lambda r: f"{r['build_seconds']:.0f} s"),
-        ("the whole test module (build, run, checks)", lambda r: f"{r['module_seconds']:.0f} s"),
+        ("`make image-check`'s tests (build, run, checks)", lambda r: f"{r['module_seconds']:.0f} s"),
     ]
     lines = ["| | " + " | ".join(head[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += ["| " + label + " | " + " | ".join(f(runs[c]) for c in cols) + " |" for label, f in rows]
