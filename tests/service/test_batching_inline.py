@@ -8,8 +8,8 @@ import threading
 import numpy as np
 from test_batching import make
 
-from service.batching import StepRequest
 from service.config import Settings
+from service.core.scheduler import StepRequest
 
 INLINE_MAX_STEPS = 8  # the opt-in setting under test
 

@@ -1,6 +1,7 @@
 """The native gRPC servicer (`rnnserve.v1.RecurrentService`): convert the request, call the engine, convert.
 
-Errors are raised as `ServeError`s and mapped to gRPC statuses in exactly one place (`service.interceptors`).
+Errors are raised as `ServeError`s and mapped to gRPC statuses in exactly one place
+(`service.server.interceptors`).
 Streaming handlers write with `await context.write(...)` rather than yielding: the handler coroutine then owns
 every await point, so a drain can cancel an idle stream and turn that into UNAVAILABLE "server draining;
 reconnect" (see `StreamRegistry`). Measured here (bidi echo, 32 streams, separate client process, median of 6
@@ -18,12 +19,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service import convert
-from service.engine import Engine, ModelSpec, StepCall, StepResult
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable, status_of
-from service.interceptors import DRAINING_MESSAGE
+from service import wire
+from service.core.engine import Engine, ModelSpec, StepCall, StepResult
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
+from service.server.interceptors import DRAINING_MESSAGE, status_of
 
 MAX_GENERATE_TOKENS = 1 << 20
 
@@ -93,7 +94,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
     # ---- models -------------------------------------------------------------------------------------------
 
     def _model_pb(self, spec: Any) -> pb.ModelInfo:
-        return convert.model_to_pb(spec, _versions_of(spec))
+        return wire.model_to_pb(spec, _versions_of(spec))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         """List every served model (newest version of each, with its loaded versions)."""
@@ -101,8 +102,8 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
         """Describe one model version (0 = newest)."""
-        name = convert.require(request.name, "name")
-        return self._model_pb(self._engine.get_model(name, convert.optional_version(request.version)))
+        name = wire.require(request.name, "name")
+        return self._model_pb(self._engine.get_model(name, wire.optional_version(request.version)))
 
     async def ReloadRepository(
         self, request: pb.ReloadRepositoryRequest, context: Any
@@ -124,56 +125,56 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.SessionInfo:
         """Open a session (optional version, idle TTL and initial state)."""
         info = await self._engine.create_session(
-            convert.require(request.model, "model"),
-            convert.optional_version(request.version),
-            idle_ttl_s=convert.optional_ttl(request.idle_ttl_s),
-            initial_state=convert.tensors_to_arrays(request.initial_state, "initial_state") or None,
+            wire.require(request.model, "model"),
+            wire.optional_version(request.version),
+            idle_ttl_s=wire.optional_ttl(request.idle_ttl_s),
+            initial_state=wire.tensors_to_arrays(request.initial_state, "initial_state") or None,
         )
-        return convert.session_to_pb(info)
+        return wire.session_to_pb(info)
 
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
         """Apply one chunk (seq = last applied + 1; a repeat of the last seq is answered from the cache)."""
-        sid = convert.require(request.session_id, "session_id")
+        sid = wire.require(request.session_id, "session_id")
         res = await self._engine.step(
-            sid, request.seq, convert.tensors_to_arrays(request.inputs), last_only=request.last_only
+            sid, request.seq, wire.tensors_to_arrays(request.inputs), last_only=request.last_only
         )
         return pb.StepResponse(
-            session_id=sid, seq=res.seq, outputs=convert.arrays_to_tensors(res.outputs), cached=res.cached
+            session_id=sid, seq=res.seq, outputs=wire.arrays_to_tensors(res.outputs), cached=res.cached
         )
 
     async def GetState(self, request: pb.SessionRequest, context: Any) -> pb.GetStateResponse:
         """Snapshot a session's state as a blob."""
-        blob = await self._engine.get_state(convert.require(request.session_id, "session_id"))
+        blob = await self._engine.get_state(wire.require(request.session_id, "session_id"))
         return pb.GetStateResponse(blob=blob)
 
     async def SetState(self, request: pb.SetStateRequest, context: Any) -> pb.SessionInfo:
         """Replace a session's state (and seq) from a blob."""
-        sid = convert.require(request.session_id, "session_id")
+        sid = wire.require(request.session_id, "session_id")
         if not request.blob:
             raise InvalidArgument("blob is required (a snapshot from GetState)")
-        return convert.session_to_pb(await self._engine.set_state(sid, request.blob))
+        return wire.session_to_pb(await self._engine.set_state(sid, request.blob))
 
     async def Fork(self, request: pb.ForkRequest, context: Any) -> pb.SessionInfo:
         """Open a new session from a copy of another's state."""
-        sid = convert.require(request.session_id, "session_id")
-        info = await self._engine.fork(sid, idle_ttl_s=convert.optional_ttl(request.idle_ttl_s))
-        return convert.session_to_pb(info)
+        sid = wire.require(request.session_id, "session_id")
+        info = await self._engine.fork(sid, idle_ttl_s=wire.optional_ttl(request.idle_ttl_s))
+        return wire.session_to_pb(info)
 
     async def Reset(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
         """Put a session back to its initial state and seq 0."""
-        return convert.session_to_pb(
-            await self._engine.reset(convert.require(request.session_id, "session_id"))
+        return wire.session_to_pb(
+            await self._engine.reset(wire.require(request.session_id, "session_id"))
         )
 
     async def Close(self, request: pb.SessionRequest, context: Any) -> pb.CloseResponse:
         """End a session."""
-        await self._engine.close(convert.require(request.session_id, "session_id"))
+        await self._engine.close(wire.require(request.session_id, "session_id"))
         return pb.CloseResponse()
 
     async def DescribeSession(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
         """Describe a session (resumed from the shared store if another replica held it)."""
-        return convert.session_to_pb(
-            await self._engine.attach(convert.require(request.session_id, "session_id"))
+        return wire.session_to_pb(
+            await self._engine.attach(wire.require(request.session_id, "session_id"))
         )
 
     # ---- streams ------------------------------------------------------------------------------------------
@@ -185,9 +186,9 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             raise InvalidArgument("StreamOpen needs either model (new session) or session_id (attach)")
         return await self._engine.create_session(
             op.model,
-            convert.optional_version(op.version),
-            idle_ttl_s=convert.optional_ttl(op.idle_ttl_s),
-            initial_state=convert.tensors_to_arrays(op.initial_state, "initial_state") or None,
+            wire.optional_version(op.version),
+            idle_ttl_s=wire.optional_ttl(op.idle_ttl_s),
+            initial_state=wire.tensors_to_arrays(op.initial_state, "initial_state") or None,
         )
 
     async def _close_quietly(self, session_id: str) -> None:
@@ -211,18 +212,18 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                         )
                     info = await self._open_stream(req.open)
                     session_id, keep = info.session_id, req.open.keep
-                    session = convert.session_to_pb(info)
+                    session = wire.session_to_pb(info)
                 elif req.HasField("open"):
                     raise InvalidArgument("`open` is only allowed in the first Stream message")
                 if req.inputs:
                     res = await engine.step(
-                        session_id, req.seq, convert.tensors_to_arrays(req.inputs), last_only=req.last_only
+                        session_id, req.seq, wire.tensors_to_arrays(req.inputs), last_only=req.last_only
                     )
                     await context.write(
                         pb.StreamResponse(
                             session=session,
                             seq=res.seq,
-                            outputs=convert.arrays_to_tensors(res.outputs),
+                            outputs=wire.arrays_to_tensors(res.outputs),
                             cached=res.cached,
                         )
                     )
@@ -245,7 +246,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         n = len(req.session_ids)
         if len(req.seqs) != n:
             raise InvalidArgument(f"seqs has {len(req.seqs)} entries; expected one per session_id ({n})")
-        batched = convert.tensors_to_arrays(req.inputs)
+        batched = wire.tensors_to_arrays(req.inputs)
         for name, arr in batched.items():
             if arr.ndim == 0 or arr.shape[0] != n:
                 raise InvalidArgument(
@@ -290,7 +291,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             owned = False
         elif request.model:
             # The edge opens the session itself so that it can report the id and close it (unless keep).
-            info = await engine.create_session(request.model, convert.optional_version(request.version))
+            info = await engine.create_session(request.model, wire.optional_version(request.version))
             seq = 1
             owned = not request.keep
         else:
@@ -355,7 +356,7 @@ def _many_response(req: pb.StepManyRequest, results: list[StepResult | ServeErro
             cached[i] = r.cached
             for k, arr in r.outputs.items():
                 stacked[k][i] = arr
-        outputs = convert.arrays_to_tensors(stacked)
+        outputs = wire.arrays_to_tensors(stacked)
     return pb.StepManyResponse(tag=req.tag, outputs=outputs, cached=cached, codes=codes, messages=messages)
 
 

@@ -2,7 +2,7 @@
 
 `ErrorMappingInterceptor` wraps every method handler of the server (native, KServe, health, reflection):
 a `ServeError` raised by a handler ends the call with the error's own status code and message; any other
-exception becomes INTERNAL with a generic message (details go to the log, via `errors.status_of`). Each
+exception becomes INTERNAL with a generic message (details go to the log, via `status_of`). Each
 finished
 call is reported once to an observer (method, status code name, seconds) that feeds the Prometheus metrics.
 
@@ -13,6 +13,7 @@ wrapped as a whole, never per message.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service.errors import Unavailable, status_of
+from service.errors import ServeError, Unavailable
+
+_log = logging.getLogger(__name__)
 
 # (full method name, status code name, seconds) -> None
 CallObserver = Callable[[str, str, float], None]
@@ -35,6 +38,18 @@ def _code_name(context: Any, default: str) -> str:
     if isinstance(code, grpc.StatusCode):
         return code.name
     return default
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception to the (status code, client-safe message) pair the edge sends.
+
+    Typed errors keep their own code (mapped by name) and message. Anything else is a bug: it becomes INTERNAL
+    with a generic message, and the details (with traceback) go to the log, never to the client.
+    """
+    if isinstance(exc, ServeError):
+        return grpc.StatusCode[exc.code.name], exc.message
+    _log.error("internal error: %r", exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal server error (details are in the server log)"
 
 
 async def _abort(context: Any, exc: BaseException) -> None:
@@ -152,5 +167,4 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
 def _mapped_name(exc: BaseException) -> str:
     # status_of logs unknown exceptions; only typed errors are looked up here to avoid logging twice.
-    code = getattr(exc, "code", None)
-    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
+    return exc.code.name if isinstance(exc, ServeError) else "INTERNAL"

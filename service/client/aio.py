@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from service import convert
-from service.client import (
+from service import wire
+from service.client.sync import (
     ArrayLike,
     Inputs,
     Metadata,
@@ -139,7 +139,7 @@ class AsyncClient:
             version=version or 0,
             idle_ttl_s=idle_ttl_s or 0.0,
             initial_state=[
-                convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
+                wire.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
             ],
         )
         info = SessionInfo.from_pb(await self.call("CreateSession", request, metadata=metadata))

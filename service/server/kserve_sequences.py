@@ -2,7 +2,7 @@
 
 `sequence_start` opens (or restarts) an engine session, `sequence_end` closes it after that step, and the
 requests of one sequence apply one at a time in arrival order (one FIFO lock per sequence). Used by the KServe
-servicer (`service/kserve.py`); protocol-free apart from the typed errors it raises.
+servicer (`service/server/kserve.py`); protocol-free apart from the typed errors it raises.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from service.engine import Engine
+from service.core.engine import Engine
 from service.errors import InvalidArgument, NotFound
-from service.kserve_convert import SequenceControl
+from service.server.kserve_convert import SequenceControl
 
 SequenceKey = tuple[str, int | str]
 ENDED = "ended by sequence_end"

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 
 from service.errors import InvalidArgument
-from service.store import SessionRecord
+from service.stores.base import SessionRecord
 
 MAGIC = b"RNNS"
 FORMAT_VERSION = 1

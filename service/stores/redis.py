@@ -1,4 +1,4 @@
-"""Redis implementation of the session store seam (`service.store.SessionStore`), redis-py asyncio.
+"""Redis implementation of the session store seam (`service.stores.base.SessionStore`), redis-py asyncio.
 
 Any replica can resume a session whose owner is gone: after every applied step (or every
 `store_flush_every` steps) the owner writes the session's state, last seq and last response. The hot copy
@@ -7,7 +7,7 @@ stays in the owner's slab; Redis is only read when a replica meets a session it 
 Keys (the `{session_id}` hash tag keeps both keys of a session in one Redis Cluster slot, so the scripts
 below touch a single slot):
 
-    <prefix>:{<session_id>}:rec     hash  blob (service.snapshot bytes), seq, owner; expires with the session
+    <prefix>:{<session_id>}:rec     hash  blob (stores.snapshot bytes), seq, owner; expires with the session
     <prefix>:{<session_id>}:lease   string owner replica id, with a TTL of lease_s (SET NX PX semantics)
 
 Ownership. A replica may advance a session only while it holds the lease. `claim` takes the lease when it
@@ -31,10 +31,10 @@ import math
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from service import snapshot
 from service.config import Settings
 from service.errors import Aborted, Unavailable
-from service.store import SessionRecord, SessionStore
+from service.stores import snapshot
+from service.stores.base import SessionRecord, SessionStore
 
 # KEYS: rec, lease. ARGV: owner, lease_ms, seq, blob, record_ttl_ms.
 # Returns {1, owner} when written, {0, holder} when another replica owns the session.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.repository import StateSpec
+from service.core.types import StateSpec
 
 DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024
 

@@ -1,6 +1,6 @@
 """The session store seam (docs/DESIGN.md section 4): the only place sessions persist beyond the local slab.
 
-`InMemoryStore` is the default; `service.redis_store.RedisStore` shares sessions between replicas.
+`InMemoryStore` is the default; `service.stores.redis.RedisStore` shares sessions between replicas.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from service.errors import Aborted
 
 @dataclass(slots=True)
 class SessionRecord:
-    """Everything needed to resume a session on any replica; serialisable via `service.snapshot`."""
+    """Everything needed to resume a session on any replica; serialisable via `service.stores.snapshot`."""
 
     session_id: str
     model: str

@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service import convert
+from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
@@ -110,7 +110,7 @@ class ModelInfo:
 
         def specs(items: Iterable[Any]) -> tuple[TensorInfo, ...]:
             return tuple(
-                TensorInfo(t.name, convert.dtype_of(t.dtype), tuple(None if d < 0 else d for d in t.shape))
+                TensorInfo(t.name, wire.dtype_of(t.dtype), tuple(None if d < 0 else d for d in t.shape))
                 for t in items
             )
 
@@ -193,7 +193,7 @@ def encode_inputs(model: ModelInfo, inputs: Inputs) -> list[pb.Tensor]:
     for name, value in inputs.items():
         spec = specs.get(name)
         arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
-        tensors.append(convert.array_to_tensor(name, arr))
+        tensors.append(wire.array_to_tensor(name, arr))
     return tensors
 
 
@@ -212,7 +212,7 @@ def should_retry(
 
 def outputs_of(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
     """Decode output tensors by name."""
-    return {t.name: convert.tensor_to_array(t, "output") for t in tensors}
+    return {t.name: wire.tensor_to_array(t, "output") for t in tensors}
 
 
 class Client:
@@ -343,7 +343,7 @@ class Client:
             version=version or 0,
             idle_ttl_s=idle_ttl_s or 0.0,
             initial_state=[
-                convert.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
+                wire.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
             ],
         )
         info = SessionInfo.from_pb(self.call("CreateSession", request, metadata=metadata))
@@ -648,7 +648,7 @@ class Multiplexer:
         encoded = [encode_inputs(s.model, x) for s, x in chunks]
         names = [t.name for t in encoded[0]]
         stacked = {
-            name: np.stack([convert.tensor_to_array(row[j]) for row in encoded])
+            name: np.stack([wire.tensor_to_array(row[j]) for row in encoded])
             for j, name in enumerate(names)
         }
         self._tag += 1
@@ -656,11 +656,11 @@ class Multiplexer:
             tag=self._tag,
             session_ids=[s.id for s in sessions],
             seqs=[s.seq + 1 for s in sessions],
-            inputs=convert.arrays_to_tensors(stacked),
+            inputs=wire.arrays_to_tensors(stacked),
             last_only=last_only,
         )
         response = self._send(request)
-        outputs = {t.name: convert.tensor_to_array(t, "output") for t in response.outputs}
+        outputs = {t.name: wire.tensor_to_array(t, "output") for t in response.outputs}
         results: list[dict[str, np.ndarray] | RowError] = []
         for i, s in enumerate(sessions):
             if response.codes[i]:

@@ -32,13 +32,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import kserve
 from service.config import Settings, load_settings
-from service.engine import Engine
-from service.interceptors import CallObserver, ErrorMappingInterceptor
+from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
-from service.servicers import RecurrentServicer, StreamRegistry
-from service.servicers import add_to_server as add_native
+from service.server import kserve
+from service.server.interceptors import CallObserver, ErrorMappingInterceptor
+from service.server.native import RecurrentServicer, StreamRegistry
+from service.server.native import add_to_server as add_native
 
 _log = logging.getLogger("rnnserve.server")
 

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe v2) tensors and request parameters <-> numpy.
 
-Pure functions, no I/O: the KServe servicer (`service/kserve.py`) calls them at the edge. Messages are the
-generated classes of the maintained `tritonclient` package (`tritonclient.grpc.service_pb2`), never a copy.
+Pure functions, no I/O: the KServe servicer (`service/server/kserve.py`) calls them at the edge. Messages are
+the generated classes of the maintained `tritonclient` package (`tritonclient.grpc.service_pb2`), never
+a copy.
 
 Wire rules followed (KServe v2 gRPC and Triton):
 - An input's data travels either in its typed `contents` field or, for every input at once, in

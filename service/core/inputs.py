@@ -7,10 +7,12 @@ expected; nothing here touches any session state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from service.core.types import ModelSpec, TensorSpec
 from service.errors import InvalidArgument, OutOfRange
-from service.repository import ModelSpec, TensorSpec
 
 
 class InputValidator:
@@ -93,6 +95,61 @@ class InputValidator:
             arrays.append(a)
         key = arrays[0].shape if len(arrays) == 1 else tuple(a.shape for a in arrays)
         return tuple(arrays), key, steps
+
+    def check_batch(
+        self,
+        inputs: dict[str, np.ndarray],
+        max_batch_size: int,
+        dtype_name: Callable[[np.dtype], str] | None = None,
+    ) -> int:
+        """Validate inputs that carry a leading batch axis (stateless runs); returns the batch size.
+
+        Names, dtypes and shapes are checked against the full shapes (batch first); then every row gets the
+        per-session checks of `check`. `dtype_name`, if given, renders dtypes in the caller's wire vocabulary.
+        """
+        by_name = {t.name: t for t in self.specs}
+        unknown = sorted(set(inputs) - set(by_name))
+        if unknown:
+            hint = (
+                " (state is implicit and never an input)"
+                if any(n.startswith("state_in_") for n in unknown)
+                else ""
+            )
+            raise InvalidArgument(
+                f"{self.label} has no input {unknown[0]!r}{hint}; inputs: {sorted(by_name)}"
+            )
+        missing = sorted(set(by_name) - set(inputs))
+        if missing:
+            raise InvalidArgument(f"{self.label} needs input {missing[0]!r}; inputs: {sorted(by_name)}")
+        batches = set()
+        for name, a in inputs.items():
+            t = by_name[name]
+            if a.dtype != t.dtype:
+                word, want, got = (
+                    ("dtype", t.dtype.name, a.dtype.name)
+                    if dtype_name is None
+                    else ("datatype", dtype_name(t.dtype), dtype_name(a.dtype))
+                )
+                raise InvalidArgument(f"input {name!r} of {self.label} has {word} {want}, got {got}")
+            shape_text = "[" + ", ".join("-1" if d is None else str(d) for d in t.shape) + "]"
+            if a.ndim != len(t.shape) or any(
+                d is not None and d != n for d, n in zip(t.shape, a.shape, strict=False)
+            ):
+                raise InvalidArgument(
+                    f"input {name!r} of {self.label} has shape {shape_text} (batch first), "
+                    f"got {list(a.shape)}"
+                )
+            batches.add(a.shape[0])
+        if len(batches) != 1:
+            raise InvalidArgument(f"inputs disagree on the batch dimension (axis 0): {sorted(batches)}")
+        batch = int(batches.pop())
+        if batch < 1:
+            raise InvalidArgument("the batch dimension (axis 0) must be at least 1")
+        if batch > max_batch_size:
+            raise InvalidArgument(f"batch {batch} exceeds max_batch_size {max_batch_size} of {self.label}")
+        for i in range(batch):  # each row must be a valid per-session input (chunk length, finiteness, ids)
+            self.check({k: a[i] for k, a in inputs.items()})
+        return batch
 
     def _check_ids(self, t: TensorSpec, a: np.ndarray, vocab: int) -> None:
         if a.size == 1:  # one-step messages: a Python comparison beats two array reductions

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.client import Client, ModelInfo, default_address
+from service.client.sync import Client, ModelInfo, default_address
 
 
 def _shape(shape: Sequence[int | None]) -> str:

@@ -27,9 +27,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from service.engine import Engine, ModelSpec, TensorSpec
-from service.errors import InvalidArgument, NotFound, status_of
-from service.kserve_convert import (
+from service.core.engine import Engine, ModelSpec
+from service.errors import InvalidArgument, NotFound
+from service.server.interceptors import status_of
+from service.server.kserve_convert import (
     SequenceControl,
     decode_inputs,
     encode_outputs,
@@ -37,7 +38,7 @@ from service.kserve_convert import (
     wants_typed_outputs,
     wire_type_of,
 )
-from service.kserve_sequences import SequenceKey, SequenceTable
+from service.server.kserve_sequences import SequenceKey, SequenceTable
 
 SERVER_NAME = "rnnserve"
 PLATFORM = "onnxruntime_onnx"
@@ -361,7 +362,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             names = _requested_outputs(spec, request)
             arrays = decode_inputs(request)
-            batch = _check_inputs(spec, arrays)
+            batch = _batch_of(arrays)
             decoded = time.monotonic_ns()
             outputs, version = await self._run(spec, request, ctl, arrays, batch)
             inferred = time.monotonic_ns()
@@ -370,7 +371,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except Exception:
             stats.fail.add(time.monotonic_ns() - started)
             raise
-        stats.record((started, decoded, inferred, time.monotonic_ns()), batch)
+        stats.record((started, decoded, inferred, time.monotonic_ns()), batch or 0)
         return response
 
     async def _run(
@@ -379,11 +380,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest,
         ctl: SequenceControl,
         arrays: dict[str, np.ndarray],
-        batch: int,
+        batch: int | None,
     ) -> tuple[dict[str, np.ndarray], int]:
         """Run the model: a sequence step or a stateless run; outputs with the batch axis, and the version."""
         version = spec.version
-        if ctl.sequence_id is not None and spec.states:
+        if ctl.sequence_id is not None and spec.states and arrays:
             if batch != 1:
                 raise InvalidArgument(
                     "a request with a sequence_id carries one sequence: batch dimension must be 1, "
@@ -398,7 +399,9 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         else:
             # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
             # from the initial state.
-            outputs = await self._engine.infer_stateless(spec.name, spec.version, arrays)
+            outputs = await self._engine.infer_stateless(
+                spec.name, spec.version, arrays, dtype_name=_wire_name
+            )
         return outputs, version
 
 
@@ -469,57 +472,15 @@ def _requested_outputs(spec: ModelSpec, request: pb.ModelInferRequest) -> list[s
     return names
 
 
-def _check_inputs(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> int:
-    """Validate names, dtypes and shapes against the model's data inputs; returns the batch size."""
-    expected = {t.name: t for t in spec.inputs}
-    unknown = sorted(set(arrays) - set(expected))
-    if unknown:
-        hint = (
-            " (state is implicit and never an input)"
-            if any(n.startswith("state_in_") for n in unknown)
-            else ""
-        )
-        raise InvalidArgument(
-            f"model {spec.name!r} has no input {unknown[0]!r}{hint}; inputs: {sorted(expected)}"
-        )
-    missing = sorted(set(expected) - set(arrays))
-    if missing:
-        raise InvalidArgument(f"model {spec.name!r} needs input {missing[0]!r}; inputs: {sorted(expected)}")
-    batches = set()
-    for name, array in arrays.items():
-        _check_tensor(spec.name, expected[name], array)
-        batches.add(array.shape[0])
-    if len(batches) != 1:
-        raise InvalidArgument(f"inputs disagree on the batch dimension (axis 0): {sorted(batches)}")
-    batch = batches.pop()
-    if batch < 1:
-        raise InvalidArgument("the batch dimension (axis 0) must be at least 1")
-    if batch > spec.config.max_batch_size:
-        raise InvalidArgument(
-            f"batch {batch} exceeds max_batch_size {spec.config.max_batch_size} of {spec.name!r}"
-        )
-    return int(batch)
+def _batch_of(arrays: dict[str, np.ndarray]) -> int | None:
+    """Axis 0 of the first input, if any (the core validates the inputs; this only routes the request)."""
+    for a in arrays.values():
+        return int(a.shape[0]) if a.ndim else 0
+    return None
 
 
-def _check_tensor(model: str, t: TensorSpec, array: np.ndarray) -> None:
-    want = wire_type_of(t.dtype).name
-    got = wire_type_of(array.dtype).name
-    if got != want:
-        raise InvalidArgument(f"input {t.name!r} of model {model!r} has datatype {want}, got {got}")
-    shape_text = "[" + ", ".join("-1" if d is None else str(d) for d in t.shape) + "]"
-    if array.ndim != len(t.shape):
-        raise InvalidArgument(
-            f"input {t.name!r} of model {model!r} has shape {shape_text} (batch first), "
-            f"got {list(array.shape)}"
-        )
-    for axis, (dim, size) in enumerate(zip(t.shape, array.shape, strict=True)):
-        if dim is not None and dim != size:
-            raise InvalidArgument(
-                f"input {t.name!r} of model {model!r} has shape {shape_text} (batch first); "
-                f"axis {axis} must be {dim}, got {list(array.shape)}"
-            )
-        if axis == 1 and t.time_axis and size < 1:
-            raise InvalidArgument(f"input {t.name!r}: the time axis (axis 1) needs at least one step")
+def _wire_name(dtype: np.dtype) -> str:
+    return wire_type_of(dtype).name
 
 
 def add_to_server(

@@ -22,33 +22,17 @@ from typing import Any
 
 import numpy as np
 
+from service.core.runtime import Runtime
+from service.core.slab import StateSlab
+from service.core.table import PendingOp
+from service.core.types import STATE_IN, STATE_OUT, ModelSpec
 from service.errors import InvalidArgument, ResourceExhausted, ServeError, Unavailable
-from service.repository import STATE_IN, STATE_OUT, ModelSpec
-from service.runtime import Runtime
-from service.slab import StateSlab
 
 _log = logging.getLogger(__name__)
 
-# Default: every ONNX Runtime call runs in the executor, off the event loop (issue 3). A deployment that
-# prefers light-load latency can let tiny batches run inline with the `inline_max_steps` setting (see `_run`).
+# Default: every ONNX Runtime call runs in the executor, off the event loop. A deployment that prefers
+# light-load latency can let tiny batches run inline with the `inline_max_steps` setting (see `_run`).
 INLINE_MAX_STEPS = 0
-
-
-class PendingOp:
-    """Marks a session busy (a step in flight or an exclusive operation); waiters exist only on contention."""
-
-    __slots__ = ("waiters",)
-
-    def __init__(self) -> None:
-        self.waiters: list[asyncio.Future] | None = None
-
-    def wake(self) -> None:
-        """Wake everyone waiting for this operation to end."""
-        if self.waiters:
-            for w in self.waiters:
-                if not w.done():
-                    w.set_result(None)
-            self.waiters = None
 
 
 class StepRequest(PendingOp):
@@ -71,7 +55,7 @@ class StepRequest(PendingOp):
         self.inputs = inputs
         self.key = key
         self.future = future
-        self.enqueued = time.perf_counter()
+        self.enqueued = time.monotonic()
         self.owner = owner
         self.seq = seq
         self.steps = steps
@@ -296,7 +280,7 @@ class Batcher:
             if not batch:
                 continue
             self._inflight = batch
-            started = time.perf_counter()
+            started = time.monotonic()
             error: BaseException | None = None
             try:
                 results = await self._run(loop, batch)
@@ -311,7 +295,7 @@ class Batcher:
                     finish(req, None, error)
                 continue
             if self._observe is not None:
-                self._observe(len(batch), batch[0].steps, started, time.perf_counter(), batch)
+                self._observe(len(batch), batch[0].steps, started, time.monotonic(), batch)
             self._inflight = []
             for req, out in zip(batch, results, strict=True):
                 if isinstance(out, BaseException):

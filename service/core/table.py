@@ -9,6 +9,7 @@ restart.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,10 +19,9 @@ import numpy as np
 
 from service.errors import NotFound, ResourceExhausted
 
-if TYPE_CHECKING:
-    from service.batching import PendingOp
-    from service.engine import StepResult
-    from service.repository import ModelVersion
+if TYPE_CHECKING:  # annotations only: both modules sit below this one
+    from service.core.registry import ModelVersion
+    from service.core.types import StepResult
 
 REASON_TEXT = {
     "idle": "expired after its idle TTL",
@@ -32,6 +32,23 @@ REASON_TEXT = {
     "moved": "is now owned by another replica",
     "unloaded": "lost its model version",
 }
+
+
+class PendingOp:
+    """Marks a session busy (a step in flight or an exclusive operation); waiters exist only on contention."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future] | None = None
+
+    def wake(self) -> None:
+        """Wake everyone waiting for this operation to end."""
+        if self.waiters:
+            for w in self.waiters:
+                if not w.done():
+                    w.set_result(None)
+            self.waiters = None
 
 
 class Session:
