@@ -143,7 +143,7 @@ def gru_onnx_weights(
 
 @dataclass(frozen=True)
 class FusedLayer:
-    """One layer as an ONNX fused recurrent op: ``op`` (RNN, LSTM or GRU), ONNX-ordered weights, attributes."""
+    """One layer as a fused ONNX recurrent op: ``op`` (RNN, LSTM or GRU), ONNX-ordered weights, attrs."""
 
     op: str
     W: np.ndarray  # (1, G*H, I)

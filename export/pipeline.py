@@ -80,7 +80,11 @@ def _same_source(model_dir: Path, version: int, sha: str, quantize: str | None) 
 
 
 def write_version(
-    proto: onnx.ModelProto, report: Report, model_dir: Path, version: int, extra: dict[str, bytes] | None = None
+    proto: onnx.ModelProto,
+    report: Report,
+    model_dir: Path,
+    version: int,
+    extra: dict[str, bytes] | None = None,
 ) -> Path:
     """Write ``model_dir/<version>/`` (model.onnx, verification.txt, ``extra`` files) atomically.
 

@@ -1,4 +1,4 @@
-"""Export a user's own PyTorch module (nn.RNN / nn.LSTM / nn.GRU with simple layers around them) to verified ONNX.
+r"""Export a user's own PyTorch module (nn.RNN / LSTM / GRU with simple layers around them) to verified ONNX.
 
     from export.torch_module import export_module
     export_module(model, "my_repository", "my_model", vocabulary=vocab)     # my_repository/my_model/1/
@@ -110,31 +110,35 @@ def _check_recurrent(path: str, m: nn.Module) -> None:
         )
 
 
+def _leaf_problem(m: nn.Module) -> str | None:
+    """Why a per-step or embedding layer cannot be exported as configured, or None."""
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        return "nn.Embedding with max_norm rewrites its weights; not supported"
+    if isinstance(m, nn.Dropout) and m.training and m.p > 0:
+        return f"dropout p={m.p} is active in train mode; call model.eval() first"
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+        return "LayerNorm over more than the last dim is not supported"
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim not in (-1, 2):
+        return f"{type(m).__name__}(dim={m.dim}): only the last dim (-1)"
+    if isinstance(m, nn.GELU) and m.approximate != "none":
+        return f"GELU(approximate={m.approximate!r}): only the exact form"
+    if not isinstance(m, (*PER_STEP, nn.Embedding)):
+        return (
+            f"layer type {type(m).__name__} is not supported; supported: {SUPPORTED} "
+            "(or list the layers to export with layers=[...])"
+        )
+    return None
+
+
 def _check_leaf(i: int, path: str, m: nn.Module) -> None:
     if isinstance(m, RECURRENT):
         _check_recurrent(path, m)
-    elif isinstance(m, nn.Embedding):
-        if i != 0:
-            raise UnsupportedModule(f"{path}: nn.Embedding must be the first layer (it takes the token ids)")
-        if m.max_norm is not None:
-            raise UnsupportedModule(f"{path}: nn.Embedding with max_norm rewrites its weights; not supported")
-    elif isinstance(m, nn.Dropout):
-        if m.training and m.p > 0:
-            raise UnsupportedModule(f"{path}: dropout p={m.p} is active in train mode; call model.eval() first")
-    elif isinstance(m, nn.LayerNorm):
-        if len(m.normalized_shape) != 1:
-            raise UnsupportedModule(f"{path}: LayerNorm over more than the last dim is not supported")
-    elif isinstance(m, (nn.Softmax, nn.LogSoftmax)):
-        if m.dim not in (-1, 2):
-            raise UnsupportedModule(f"{path}: {type(m).__name__}(dim={m.dim}): only the last dim (-1)")
-    elif isinstance(m, nn.GELU):
-        if m.approximate != "none":
-            raise UnsupportedModule(f"{path}: GELU(approximate={m.approximate!r}): only the exact form")
-    elif not isinstance(m, PER_STEP):
-        raise UnsupportedModule(
-            f"{path}: layer type {type(m).__name__} is not supported; supported: {SUPPORTED} "
-            "(or list the layers to export with layers=[...])"
-        )
+        return
+    if isinstance(m, nn.Embedding) and i != 0:
+        raise UnsupportedModule(f"{path}: nn.Embedding must be the first layer (it takes the token ids)")
+    problem = _leaf_problem(m)
+    if problem:
+        raise UnsupportedModule(f"{path}: {problem}")
 
 
 def discover(module: nn.Module, layers: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -149,7 +153,9 @@ def discover(module: nn.Module, layers: Sequence[str] | None = None) -> list[tup
             try:
                 chain.append((path, module.get_submodule(path)))
             except AttributeError:
-                raise UnsupportedModule(f"layers: {type(module).__name__} has no submodule {path!r}") from None
+                raise UnsupportedModule(
+                    f"layers: {type(module).__name__} has no submodule {path!r}"
+                ) from None
     elif isinstance(module, (*RECURRENT, *PER_STEP, nn.Embedding)):
         chain = [(type(module).__name__.lower(), module)]
     else:
@@ -226,7 +232,7 @@ class ModulePipeline(nn.Module):
         return isinstance(self.steps[last], nn.Linear)
 
     def state_shapes(self) -> list[StateShape]:
-        """The carried state tensors in graph order, shapes without the batch axis."""
+        """Return the carried state tensors in graph order, shapes without the batch axis."""
         out = []
         for path, m in zip(self.paths, self.steps, strict=True):
             if isinstance(m, RECURRENT):
@@ -281,6 +287,27 @@ def _fused_layers(m: nn.Module) -> list[FusedLayer]:
     return out
 
 
+_ELEMENTWISE = (
+    (nn.ReLU, "Relu"),
+    (nn.Tanh, "Tanh"),
+    (nn.Sigmoid, "Sigmoid"),
+    (nn.LeakyReLU, "LeakyRelu"),
+    (nn.ELU, "Elu"),
+    (nn.Softmax, "Softmax"),
+    (nn.LogSoftmax, "LogSoftmax"),
+)
+
+
+def _attrs(m: nn.Module) -> dict[str, float | int]:
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        return {"axis": -1}
+    if isinstance(m, nn.LeakyReLU):
+        return {"alpha": float(m.negative_slope)}
+    if isinstance(m, nn.ELU):
+        return {"alpha": float(m.alpha)}
+    return {}
+
+
 def _per_step(g: _Graph, m: nn.Module, x: str, tag: str) -> str:
     """Emit one per-step layer on ``x`` (B, T, F); return its output name."""
     if isinstance(m, nn.Linear):
@@ -292,26 +319,15 @@ def _per_step(g: _Graph, m: nn.Module, x: str, tag: str) -> str:
         bias = _np(m.bias) if m.bias is not None else np.zeros(n, np.float32)
         ins = [x, g.const(f"{tag}_scale", scale), g.const(f"{tag}_bias", bias)]
         return g.op1("LayerNormalization", ins, tag, axis=-1, epsilon=float(m.eps))
-    if isinstance(m, nn.ReLU):
-        return g.op1("Relu", [x], tag)
-    if isinstance(m, nn.Tanh):
-        return g.op1("Tanh", [x], tag)
-    if isinstance(m, nn.Sigmoid):
-        return g.op1("Sigmoid", [x], tag)
-    if isinstance(m, nn.LeakyReLU):
-        return g.op1("LeakyRelu", [x], tag, alpha=float(m.negative_slope))
-    if isinstance(m, nn.ELU):
-        return g.op1("Elu", [x], tag, alpha=float(m.alpha))
+    for kind, op in _ELEMENTWISE:
+        if isinstance(m, kind):
+            return g.op1(op, [x], tag, **_attrs(m))
     if isinstance(m, nn.SiLU):
         return g.op1("Mul", [x, g.op1("Sigmoid", [x], f"{tag}_sig")], tag)
     if isinstance(m, nn.GELU):  # 0.5 x (1 + erf(x / sqrt 2)); ONNX has Gelu only from opset 20
         e = g.op1("Erf", [g.op1("Mul", [x, g.const("inv_sqrt2", np.array(2**-0.5, np.float32))])])
         one_plus = g.op1("Add", [e, g.const("one", np.array(1.0, np.float32))])
         return g.op1("Mul", [g.op1("Mul", [x, one_plus]), g.const("half", np.array(0.5, np.float32))], tag)
-    if isinstance(m, nn.Softmax):
-        return g.op1("Softmax", [x], tag, axis=-1)
-    if isinstance(m, nn.LogSoftmax):
-        return g.op1("LogSoftmax", [x], tag, axis=-1)
     if isinstance(m, NO_OPS):
         return x
     raise UnsupportedModule(f"{tag}: {type(m).__name__} is not supported")  # pragma: no cover - discover()
@@ -339,7 +355,7 @@ def _layer_summary(path: str, m: nn.Module) -> dict[str, object]:
 
 
 def metadata(pipe: ModulePipeline, meta: ModuleMeta, source: str) -> dict[str, str]:
-    """The ``rnnserve.*`` metadata_props for an exported user module."""
+    """Return the ``rnnserve.*`` metadata_props for an exported user module."""
     kinds = [type(m).__name__.lower() for m in pipe.steps if isinstance(m, RECURRENT)]
     family = "+".join(dict.fromkeys(kinds))
     chain = [_layer_summary(p, m) for p, m in zip(pipe.paths, pipe.steps, strict=True)]
@@ -358,7 +374,9 @@ def metadata(pipe: ModulePipeline, meta: ModuleMeta, source: str) -> dict[str, s
     }
     if meta.vocabulary is not None:
         if pipe.cfg.task != "token":
-            raise UnsupportedModule("a vocabulary was given but the model has no nn.Embedding (numeric input)")
+            raise UnsupportedModule(
+                "a vocabulary was given but the model has no nn.Embedding (numeric input)"
+            )
         if len(meta.vocabulary) != pipe.cfg.vocab_size:
             raise UnsupportedModule(
                 f"vocabulary has {len(meta.vocabulary)} entries but the embedding has {pipe.cfg.vocab_size}"
@@ -419,7 +437,7 @@ def build_module_onnx(pipe: ModulePipeline, props: dict[str, str]) -> onnx.Model
 
 
 def _call_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """The user's forward on ``x``: ``forward(x)``, else ``forward(x, None)``; the first tensor it returns."""
+    """Call the user's ``forward(x)``, else ``forward(x, None)``; return the first tensor it returns."""
     try:
         out = module(x)
     except TypeError:
@@ -427,12 +445,14 @@ def _call_forward(module: nn.Module, x: Tensor) -> Tensor:
     while isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, Tensor):
-        raise TypeError(f"forward returned {type(out).__name__}, expected a tensor or a tuple starting with one")
+        raise TypeError(
+            f"forward returned {type(out).__name__}, expected a tensor or a tuple starting with one"
+        )
     return out
 
 
 def check_forward(module: nn.Module, pipe: ModulePipeline, tol: float = 1e-5, seed: int = 0) -> CheckResult:
-    """The user's forward (zero state) equals the chain of layers read from the module, at T=9, B=3."""
+    """Check the user's forward (zero state) against the chain of layers read from it, at T=9, B=3."""
     name = "the module's forward(x) == the exported chain of layers (zero state, T=9, B=3)"
     gen = torch.Generator().manual_seed(seed)
     B, T = 3, 9
@@ -533,14 +553,19 @@ def export_module(
 
 
 def load_module(spec: str) -> nn.Module:
-    """``file.py:attr`` or ``package.module:attr`` (an nn.Module, or a callable returning one), or a
-    ``.pt`` file holding a whole pickled module (``torch.save(model, path)``)."""
+    """Load the module a CLI spec names.
+
+    ``file.py:attr`` or ``package.module:attr`` (an nn.Module, or a callable returning one), or a ``.pt``
+    file holding a whole pickled module (``torch.save(model, path)``).
+    """
     if ":" not in spec and spec.endswith((".pt", ".pth")):
         obj = torch.load(spec, map_location="cpu", weights_only=False)
     else:
         where, _, attr = spec.rpartition(":")
         if not where or not attr:
-            raise SystemExit(f"module spec {spec!r}: expected file.py:attr, package.module:attr or a .pt file")
+            raise SystemExit(
+                f"module spec {spec!r}: expected file.py:attr, package.module:attr or a .pt file"
+            )
         if where.endswith(".py"):
             mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
             if mod_spec is None or mod_spec.loader is None:

@@ -58,7 +58,12 @@ def test_walkthrough_runs_as_written(tmp_path):
         assert '"127.0.0.1:8001"' in client_code
         (tmp_path / "client_step.py").write_text(client_code.replace("127.0.0.1:8001", server.address))
         res = subprocess.run(
-            [sys.executable, "client_step.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "client_step.py"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == [f"{n} chunked == one pass" for n in NAMES]

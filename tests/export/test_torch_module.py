@@ -41,7 +41,7 @@ class TokenModel(nn.Module):
 
 
 class NumericModel(nn.Module):
-    """Numeric input, per-step layers before and after, two recurrent layers (time-major, as nn.RNN's default)."""
+    """Numeric input, per-step layers before and after, two recurrent layers (time-major, the default)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -246,7 +246,14 @@ def test_cli(tmp_path, bidirectional):
     src = tmp_path / "user_model.py"
     src.write_text(USER_FILE.replace("BIDIRECTIONAL", str(bidirectional)))
     (tmp_path / "vocab.json").write_text(json.dumps(VOCAB))
-    cmd = [sys.executable, "-m", "export.torch_module", f"{src}:build", "--repository", str(tmp_path / "repo")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "export.torch_module",
+        f"{src}:build",
+        "--repository",
+        str(tmp_path / "repo"),
+    ]
     cmd += ["--name", "tagger", "--vocabulary", str(tmp_path / "vocab.json")]
     if not bidirectional:
         torch.manual_seed(3)
@@ -273,3 +280,21 @@ def test_cli(tmp_path, bidirectional):
     init = {i.name: i for i in onnx.load(str(path)).graph.initializer}
     emb = next(v for k, v in init.items() if k.startswith("embed_0_weight"))
     assert np.array_equal(onnx.numpy_helper.to_array(emb), weights["embed.weight"].numpy())
+
+
+def test_every_per_step_layer_type():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(3, 6),
+        nn.Sigmoid(),
+        nn.Linear(6, 6),
+        nn.LeakyReLU(0.2),
+        nn.GRU(6, 5, batch_first=True),
+        nn.ELU(0.7),
+        nn.Identity(),
+        nn.Tanh(),
+        nn.Linear(5, 4, bias=False),
+        nn.Softmax(dim=-1),
+    ).eval()
+    result = export_module(model, check_forward_pass=False, progress=False)  # nn.GRU returns a tuple
+    assert result.report.ok, result.report.format()
