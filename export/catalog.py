@@ -19,8 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from export.contract import read_contract
-from export.pipeline import versions
+from export.contract import read_contract, versions
 
 # The metric a row shows, per task kind: validation bits/char for char models, normal-region MSE for anomaly.
 METRICS = (("val_bpc", "val bits/char {:.4f}"), ("normal_test_mse", "normal-region MSE {:.4f}"))

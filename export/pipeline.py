@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from export.contract import Report, check_contract
+from export.contract import Report, check_contract, versions
 from export.graph import build_onnx, file_sha256
 from export.quantize import QuantizationReport, compare, quantize_int8
 from export.verify import verify_against_torch
@@ -55,15 +55,6 @@ class ExportResult:
     report: Report
     skipped: bool = False
     quantization: QuantizationReport | None = None
-
-
-def versions(model_dir: Path) -> list[int]:
-    """Existing integer version directories, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -200,6 +200,18 @@ def _state_prefix(path: str, many: bool) -> str:
     return path.replace(".", "_") + "_" if many else ""
 
 
+def _input_width(steps: Sequence[nn.Module]) -> int:
+    """Feature width of a numeric chain's input: that of the first layer which declares one."""
+    for m in steps:
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        if isinstance(m, RECURRENT):
+            return m.input_size
+        if isinstance(m, nn.LayerNorm):
+            return m.normalized_shape[0]
+    raise UnsupportedModule("no layer declares the input width")  # pragma: no cover - a recurrent layer does
+
+
 class ModulePipeline(nn.Module):
     """The user's layers as one stateful model: ``forward(x, state) -> (y, state)``, batch first.
 
@@ -220,10 +232,7 @@ class ModulePipeline(nn.Module):
         if isinstance(first, nn.Embedding):
             self.cfg = PipelineConfig("token", vocab_size=first.num_embeddings, out_features=out)
         else:
-            in_f = first.in_features if isinstance(first, nn.Linear) else None
-            if in_f is None:
-                in_f = next(m.input_size for m in self.steps if isinstance(m, RECURRENT))
-            self.cfg = PipelineConfig("numeric", in_features=in_f, out_features=out)
+            self.cfg = PipelineConfig("numeric", in_features=_input_width(self.steps), out_features=out)
         self.cfg = PipelineConfig(**{**self.cfg.__dict__, "batch_first": rec[0].batch_first})
 
     def _last_linear_after_rnn(self) -> bool:

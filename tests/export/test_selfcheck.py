@@ -4,6 +4,8 @@ ONNX graphs (the fixtures, edited with onnx.helper)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import fixtures
@@ -129,3 +131,9 @@ def test_contract_problem_and_runtime_failure_are_refused(repo):
     verdict = _verdict(model)
     assert not verdict.ok and verdict.reason.startswith("run failed: ")
     assert "\n" not in verdict.reason
+
+
+def test_selfcheck_and_catalog_import_no_torch():
+    code = "import sys, export.selfcheck, export.catalog; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -298,3 +298,14 @@ def test_every_per_step_layer_type():
     ).eval()
     result = export_module(model, check_forward_pass=False, progress=False)  # nn.GRU returns a tuple
     assert result.report.ok, result.report.format()
+
+
+def test_single_file_output_and_input_width_from_layernorm(tmp_path):
+    model = nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 4), nn.GRU(4, 5, batch_first=True)).eval()
+    result = export_module(
+        model, output=tmp_path / "out" / "m.onnx", check_forward_pass=False, progress=False
+    )
+    assert result.path == tmp_path / "out" / "m.onnx" and check_contract(result.path).ok
+    assert "PASS" in (tmp_path / "out" / "m.onnx.verification.txt").read_text()
+    x = onnx.load(str(result.path)).graph.input[0]
+    assert [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim] == ["batch", "time", 3]
