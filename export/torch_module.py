@@ -176,8 +176,11 @@ def discover(module: nn.Module, layers: Sequence[str] | None = None) -> list[tup
     return chain
 
 
-def _check_widths(chain: list[tuple[str, nn.Module]]) -> None:
-    """Each layer must accept the previous layer's output width (a clear error instead of a shape crash)."""
+def _check_widths(chain: Sequence[tuple[str, nn.Module]]) -> int | None:
+    """Check each layer takes the previous layer's output width; return the chain's output width.
+
+    A clear error here instead of a shape crash in the graph. None: no layer fixes the width.
+    """
     width, prev = None, "the input"
     for path, m in chain:
         want = None
@@ -194,6 +197,7 @@ def _check_widths(chain: list[tuple[str, nn.Module]]) -> None:
         if want is not None and width is not None and want != width:
             raise UnsupportedModule(f"{path} expects {want} features but {prev} gives {width}")
         width, prev = out, path
+    return width
 
 
 def _state_prefix(path: str, many: bool) -> str:
@@ -227,18 +231,18 @@ class ModulePipeline(nn.Module):
         many = len(rec) > 1
         self.prefixes = {p: _state_prefix(p, many) for p, m in chain if isinstance(m, RECURRENT)}
         first = self.steps[0]
-        widths = [m.out_features for m in self.steps if isinstance(m, nn.Linear)]
-        out = widths[-1] if widths and self._last_linear_after_rnn() else rec[-1].hidden_size
+        out = _check_widths(chain) or rec[-1].hidden_size
         if isinstance(first, nn.Embedding):
-            self.cfg = PipelineConfig("token", vocab_size=first.num_embeddings, out_features=out)
+            self.cfg = PipelineConfig(
+                "token", vocab_size=first.num_embeddings, out_features=out, batch_first=rec[0].batch_first
+            )
         else:
-            self.cfg = PipelineConfig("numeric", in_features=_input_width(self.steps), out_features=out)
-        self.cfg = PipelineConfig(**{**self.cfg.__dict__, "batch_first": rec[0].batch_first})
-
-    def _last_linear_after_rnn(self) -> bool:
-        kinds = [isinstance(m, RECURRENT) or isinstance(m, nn.Linear) for m in self.steps]
-        last = max(i for i, k in enumerate(kinds) if k)
-        return isinstance(self.steps[last], nn.Linear)
+            self.cfg = PipelineConfig(
+                "numeric",
+                in_features=_input_width(self.steps),
+                out_features=out,
+                batch_first=rec[0].batch_first,
+            )
 
     def state_shapes(self) -> list[StateShape]:
         """Return the carried state tensors in graph order, shapes without the batch axis."""
