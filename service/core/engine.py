@@ -220,6 +220,15 @@ class Engine:
         """
         return await self.stepper.step(session_id, seq, inputs, last_only=last_only)
 
+    def submit(
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+    ) -> asyncio.Future[StepResult]:
+        """Start one step now; return the future of its result (`seq` None = the next step).
+
+        The streaming front ends' entry: no coroutine per message in the common case (see `Stepper.submit`).
+        """
+        return self.stepper.submit(session_id, seq, inputs, last_only=last_only)
+
     async def step_many(
         self, calls: Sequence[StepCall], *, last_only: bool = False
     ) -> list[StepResult | ServeError]:
