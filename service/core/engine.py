@@ -212,7 +212,7 @@ class Engine:
 
     # == steps ==============================================================================================
     async def step(
-        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
         """Apply one chunk (seq = last applied + 1); a retry of the last seq returns the cached result.
 

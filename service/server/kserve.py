@@ -32,6 +32,7 @@ from service.core.engine import Engine, ModelSpec
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.server.interceptors import status_of
 from service.server.kserve_convert import (
+    SequenceControl,
     decode_inputs,
     encode_outputs,
     parse_sequence,
@@ -360,41 +361,53 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         """Start one stream request; `ready` gets its reply when done, after earlier ones of its sequence."""
         try:
-            call = self._begin(request)
-        except Exception as exc:  # noqa: BLE001 - becomes this request's error_message
-            reply = _error_reply(request, exc)
-            prior = state.last.get(_sequence_key(request))
-            if prior is not None and not prior.done():  # behind the request of its sequence still running
-                prior.add_done_callback(lambda _f: ready(reply))
-            else:
+            ctl: SequenceControl | None = parse_sequence(request.parameters)
+        except InvalidArgument:
+            ctl = None  # the request fails on its own (in _begin); it has no place in a sequence
+        key = None if ctl is None or ctl.sequence_id is None else (request.model_name, ctl.sequence_id)
+        slot = None
+        if key is not None:  # replies of one sequence leave in request order, whatever order they finish in
+            slot = _Slot()
+            state.order.setdefault(key, collections.deque()).append(slot)
+
+        def emit(reply: pb.ModelStreamInferResponse) -> None:
+            if slot is None:
                 ready(reply)
+                return
+            slot.reply = reply
+            queue = state.order[key]  # type: ignore[index]
+            while queue and queue[0].reply is not None:
+                ready(queue.popleft().reply)  # type: ignore[arg-type]
+            if not queue:
+                del state.order[key]  # type: ignore[arg-type]
+
+        try:
+            call = self._begin(request, ctl)
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error_message
+            emit(_error_reply(request, exc))
             return
-        key = call.sequence_key
-        if key is not None:
-            state.last[key] = call.future
 
         def done(_fut: asyncio.Future[Any]) -> None:
-            if key is not None and state.last.get(key) is call.future:
-                del state.last[key]
             if call.future.cancelled():  # only at shutdown: the reply still counts against the stream
-                ready(_error_reply(request, Unavailable("the request was cancelled: server stopping")))
+                emit(_error_reply(request, Unavailable("the request was cancelled: server stopping")))
                 return
             try:
                 response = call.finish()
             except Exception as exc:  # noqa: BLE001 - becomes this request's error_message
-                ready(_error_reply(request, exc))
+                emit(_error_reply(request, exc))
                 return
             if _final_response_wanted(request):
                 # Not decoupled: the one response is also the final one, flagged as Triton flags it.
                 response.parameters["triton_final_response"].bool_param = True
-            ready(pb.ModelStreamInferResponse(infer_response=response))
+            emit(pb.ModelStreamInferResponse(infer_response=response))
 
         call.future.add_done_callback(done)
 
-    def _begin(self, request: pb.ModelInferRequest) -> _Call:
+    def _begin(self, request: pb.ModelInferRequest, ctl: SequenceControl | None = None) -> _Call:
         """Decode a request and start it in the core: a sequence step or a stateless run (no await)."""
         started = time.monotonic_ns()
-        ctl = parse_sequence(request.parameters)
+        if ctl is None:
+            ctl = parse_sequence(request.parameters)
         version = _version_arg(request.model_version)
         if version is None and ctl.sequence_id is not None and not ctl.start:
             # A live sequence is validated against (and counted for) the version it is pinned to.
@@ -416,19 +429,18 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     )
                 row = {k: v[0] for k, v in arrays.items()}
                 future, read = self.sequences.submit(spec.name, _version_arg(request.model_version), ctl, row)
-                key: SequenceKey | None = (spec.name, ctl.sequence_id)
             else:
                 # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
                 # from the initial state.
                 future = asyncio.ensure_future(
                     self._engine.infer_stateless(spec.name, spec.version, arrays, dtype_name=_wire_name)
                 )
-                read, key = _stateless_result(spec.version), None
+                read = _stateless_result(spec.version)
         except Exception:
             stats.fail.add(time.monotonic_ns() - started)
             raise
         return _Call(
-            self, request, spec, stats, names, batch or 0, started, time.monotonic_ns(), future, read, key
+            self, request, spec, stats, names, batch or 0, started, time.monotonic_ns(), future, read
         )
 
 
@@ -443,7 +455,14 @@ class _StreamState:
     inflight: int = 0
     reading: bool = True
     room: asyncio.Future[None] | None = None
-    last: dict[SequenceKey, asyncio.Future[Any]] = field(default_factory=dict)
+    order: dict[SequenceKey, collections.deque[_Slot]] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """A stream request's place among the requests of its sequence; `reply` is set when it is done."""
+
+    reply: pb.ModelStreamInferResponse | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -460,7 +479,6 @@ class _Call:
     decoded: int
     future: asyncio.Future[Any]
     read: Callable[[asyncio.Future[Any]], Any]
-    sequence_key: SequenceKey | None
 
     def finish(self) -> pb.ModelInferResponse:
         """Encode the outcome (or raise its typed error), counting it in the model's statistics."""
@@ -491,14 +509,6 @@ def _stateless_result(version: int) -> Callable[[asyncio.Future[Any]], tuple[dic
         return fut.result(), version
 
     return read
-
-
-def _sequence_key(request: pb.ModelInferRequest) -> SequenceKey | None:
-    try:
-        sequence_id = parse_sequence(request.parameters).sequence_id
-    except InvalidArgument:
-        return None  # the request fails on its own; it has no place in a sequence
-    return None if sequence_id is None else (request.model_name, sequence_id)
 
 
 def _error_reply(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:

@@ -68,6 +68,7 @@ class SequenceTable:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._live: dict[SequenceKey, _Sequence] = {}
+        self._slow: dict[SequenceKey, int] = {}  # requests per sequence on the slow path, not yet done
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
         self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
         self._max_gone = engine.settings.max_tombstones
@@ -85,13 +86,13 @@ class SequenceTable:
 
     def submit(
         self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
-    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], SequenceOutcome]]:
+    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Any]]:
         """Start one request of a sequence now; return its future and the function that reads its outcome.
 
         The fast path queues a plain step directly in the engine; everything else runs `step` as a task.
         """
         key: SequenceKey = (model, ctl.sequence_id)  # type: ignore[assignment]
-        entry = None if ctl.start or ctl.end else self._live.get(key)
+        entry = None if ctl.start or ctl.end or key in self._slow else self._live.get(key)
         if (
             entry is not None
             and entry.session_id is not None
@@ -100,8 +101,19 @@ class SequenceTable:
         ):
             fut = self._engine.submit(entry.session_id, None, inputs)
             return fut, lambda f: self._outcome(key, entry, f)
+        # A request of this sequence on the slow path has not reached the engine yet: later ones of the same
+        # sequence follow it there (the sequence lock is FIFO), never overtake it on the fast path.
+        self._slow[key] = self._slow.get(key, 0) + 1
         task = asyncio.ensure_future(self.step(model, version, ctl, inputs))
+        task.add_done_callback(lambda _t: self._slow_done(key))
         return task, _task_result
+
+    def _slow_done(self, key: SequenceKey) -> None:
+        left = self._slow[key] - 1
+        if left:
+            self._slow[key] = left
+        else:
+            del self._slow[key]
 
     def _outcome(self, key: SequenceKey, entry: _Sequence, fut: asyncio.Future[Any]) -> SequenceOutcome:
         try:
