@@ -105,6 +105,15 @@ class ContractSpec:
         return None if raw is None else list(json.loads(raw))
 
 
+def versions(model_dir: Path) -> list[int]:
+    """Version directories of one model (positive integer names, section 1 of the contract), ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
+
+
 def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
     tt = vi.type.tensor_type
     dims: list[int | str | None] = []

@@ -32,11 +32,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from models import CheckpointMeta, RecurrentModel
 from models.cells import GRULayer, LSTMLayer, RNNLayer
@@ -90,15 +91,23 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
-def _lstm_weights(layer: LSTMLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Return ONNX (W, R, B, P) for one LSTM layer, gate order (i, o, f, c)."""
-    H = layer.hidden
-    w_ih, w_hh, b_ih, b_hh = (
-        _np(p) for p in (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh)
-    )
+def lstm_onnx_weights(
+    w_ih: np.ndarray,
+    w_hh: np.ndarray,
+    b_ih: np.ndarray,
+    b_hh: np.ndarray,
+    variant: str = "lstm",
+    peephole: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return ONNX (W, R, B, P) for one LSTM layer from PyTorch-ordered arrays, gate order (i, o, f, c).
+
+    ``w_ih`` (G*H, I), ``w_hh`` (G*H, H), biases (G*H,) in PyTorch's (i, f, g, o) order (``cifg``: (i, g, o),
+    G = 3); ``peephole`` (3, H) as (i, f, o) for the ``peephole`` variant.
+    """
+    H = w_hh.shape[1]
 
     def blocks(a: np.ndarray) -> dict[str, np.ndarray]:
-        names = ("i", "g", "o") if layer.variant == "cifg" else ("i", "f", "g", "o")
+        names = ("i", "g", "o") if variant == "cifg" else ("i", "f", "g", "o")
         out = {n: a[k * H : (k + 1) * H] for k, n in enumerate(names)}
         out.setdefault("f", np.zeros_like(out["i"]))  # ignored by the op when input_forget=1
         return out
@@ -111,70 +120,93 @@ def _lstm_weights(layer: LSTMLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     R = onnx_order(w_hh)[None]  # (1, 4H, H)
     B = np.concatenate([onnx_order(b_ih), onnx_order(b_hh)])[None]  # (1, 8H)
     P = None
-    if layer.variant == "peephole":
-        p = _np(layer.weight_p)  # (3, H) as (i, f, o)
-        P = np.concatenate([p[0], p[2], p[1]])[None]  # (1, 3H) as (i, o, f)
+    if peephole is not None:
+        P = np.concatenate([peephole[0], peephole[2], peephole[1]])[None]  # (1, 3H) as (i, o, f)
     return W, R, B, P
 
 
-def _gru_weights(layer: GRULayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gru_onnx_weights(
+    w_ih: np.ndarray, w_hh: np.ndarray, b_ih: np.ndarray, b_hh: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ONNX (W, R, B) for one GRU layer, gate order (z, r, h) from PyTorch's (r, z, n)."""
-    H = layer.hidden
+    H = w_hh.shape[1]
 
     def reorder(a: np.ndarray) -> np.ndarray:
         r, z, n = a[:H], a[H : 2 * H], a[2 * H :]
         return np.concatenate([z, r, n], 0)
 
-    W = reorder(_np(layer.weight_ih))[None]  # (1, 3H, I)
-    R = reorder(_np(layer.weight_hh))[None]  # (1, 3H, H)
-    B = np.concatenate([reorder(_np(layer.bias_ih)), reorder(_np(layer.bias_hh))])[None]  # (1, 6H)
+    W = reorder(w_ih)[None]  # (1, 3H, I)
+    R = reorder(w_hh)[None]  # (1, 3H, H)
+    B = np.concatenate([reorder(b_ih), reorder(b_hh)])[None]  # (1, 6H)
     return W, R, B
 
 
-def _recurrent_stack(g: _Graph, model: RecurrentModel, seq_tbi: str) -> tuple[str, str, str | None]:
-    """Emit one fused op per layer. Returns top-layer outputs (T, B, H), h_out (L, B, H), c_out (L, B, H)."""
-    cfg = model.cfg
-    H = cfg.hidden
-    h_all = g.op1("Transpose", ["state_in_h"], "h_lbh", perm=[1, 0, 2])  # (L, B, H)
-    c_all = None
-    if "c" in {s.name for s in model.state_shapes()}:
-        c_all = g.op1("Transpose", ["state_in_c"], "c_lbh", perm=[1, 0, 2])  # (L, B, H)
+@dataclass(frozen=True)
+class FusedLayer:
+    """One layer as a fused ONNX recurrent op: ``op`` (RNN, LSTM or GRU), ONNX-ordered weights, attrs."""
+
+    op: str
+    W: np.ndarray  # (1, G*H, I)
+    R: np.ndarray  # (1, G*H, H)
+    B: np.ndarray  # (1, 2*G*H)
+    P: np.ndarray | None = None  # LSTM peepholes (1, 3H)
+    attrs: tuple[tuple[str, object], ...] = ()  # e.g. (("linear_before_reset", 1),)
+
+
+def _fused_layer(layer: nn.Module) -> FusedLayer:
+    """Our models' layer classes -> :class:`FusedLayer`."""
+    w = [_np(p) for p in (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh)]
+    if isinstance(layer, LSTMLayer):
+        p = _np(layer.weight_p) if layer.variant == "peephole" else None
+        W, R, B, P = lstm_onnx_weights(*w, variant=layer.variant, peephole=p)
+        return FusedLayer("LSTM", W, R, B, P, (("input_forget", 1 if layer.variant == "cifg" else 0),))
+    if isinstance(layer, GRULayer):
+        return FusedLayer("GRU", *gru_onnx_weights(*w), attrs=(("linear_before_reset", 1),))
+    if isinstance(layer, RNNLayer):
+        B = np.concatenate([w[2], w[3]])[None]  # (1, 2H)
+        return FusedLayer("RNN", w[0][None], w[1][None], B, attrs=(("activations", ["Tanh"]),))
+    raise TypeError(f"cannot export layer {type(layer).__name__}")  # pragma: no cover
+
+
+def fused_stack(
+    g: _Graph, layers: list[FusedLayer], seq_tbi: str, h_bl: str, c_bl: str | None, tag: str = ""
+) -> tuple[str, str, str | None]:
+    """Emit one fused op per layer on ``seq_tbi`` (T, B, I) from the contract's batch-first states.
+
+    ``h_bl``/``c_bl``: the states (B, L, H) (``c_bl`` only for LSTM stacks). Returns the top layer's outputs
+    (T, B, H) and the new states, batch first (B, L, H).
+    """
+    H = layers[0].R.shape[2]
+    h_all = g.op1("Transpose", [h_bl], f"{tag}h_lbh", perm=[1, 0, 2])  # (L, B, H)
+    c_all = None if c_bl is None else g.op1("Transpose", [c_bl], f"{tag}c_lbh", perm=[1, 0, 2])  # (L, B, H)
     axes0 = g.const("axes0", np.array([0], np.int64))
     axes1 = g.const("axes1", np.array([1], np.int64))
     hs, cs = [], []
     x = seq_tbi
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(layers):
         lo, hi = g.const("lo", np.array([i], np.int64)), g.const("hi", np.array([i + 1], np.int64))
-        h0 = g.op1("Slice", [h_all, lo, hi, axes0], f"h0_l{i}")  # (1, B, H)
-        if isinstance(layer, LSTMLayer):
-            assert c_all is not None
-            c0 = g.op1("Slice", [c_all, lo, hi, axes0], f"c0_l{i}")  # (1, B, H)
-            W, R, B, P = _lstm_weights(layer)
-            ins = [x, g.const(f"W_l{i}", W), g.const(f"R_l{i}", R), g.const(f"B_l{i}", B), "", h0, c0]
-            if P is not None:
-                ins.append(g.const(f"P_l{i}", P))
-            y, yh, yc = g.op(
-                "LSTM", ins, f"lstm_l{i}", 3, hidden_size=H, input_forget=1 if layer.variant == "cifg" else 0
-            )
+        h0 = g.op1("Slice", [h_all, lo, hi, axes0], f"{tag}h0_l{i}")  # (1, B, H)
+        ins = [x, g.const(f"{tag}W_l{i}", layer.W), g.const(f"{tag}R_l{i}", layer.R)]
+        ins += [g.const(f"{tag}B_l{i}", layer.B), "", h0]
+        attrs = dict(layer.attrs)
+        if layer.op == "LSTM":
+            if c_all is None:
+                raise ValueError("an LSTM stack needs a cell state")
+            ins.append(g.op1("Slice", [c_all, lo, hi, axes0], f"{tag}c0_l{i}"))  # (1, B, H)
+            if layer.P is not None:
+                ins.append(g.const(f"{tag}P_l{i}", layer.P))
+            y, yh, yc = g.op("LSTM", ins, f"{tag}lstm_l{i}", 3, hidden_size=H, **attrs)
             cs.append(yc)
-        elif isinstance(layer, GRULayer):
-            W, R, B = _gru_weights(layer)
-            ins = [x, g.const(f"W_l{i}", W), g.const(f"R_l{i}", R), g.const(f"B_l{i}", B), "", h0]
-            y, yh = g.op("GRU", ins, f"gru_l{i}", 2, hidden_size=H, linear_before_reset=1)
-        elif isinstance(layer, RNNLayer):
-            W = _np(layer.weight_ih)[None]  # (1, H, I)
-            R = _np(layer.weight_hh)[None]  # (1, H, H)
-            B = np.concatenate([_np(layer.bias_ih), _np(layer.bias_hh)])[None]  # (1, 2H)
-            ins = [x, g.const(f"W_l{i}", W), g.const(f"R_l{i}", R), g.const(f"B_l{i}", B), "", h0]
-            y, yh = g.op("RNN", ins, f"rnn_l{i}", 2, hidden_size=H, activations=["Tanh"])
-        else:  # pragma: no cover - build_model only makes the three kinds above
-            raise TypeError(f"cannot export layer {type(layer).__name__}")
+        else:
+            y, yh = g.op(layer.op, ins, f"{tag}{layer.op.lower()}_l{i}", 2, hidden_size=H, **attrs)
         hs.append(yh)
-        x = g.op1("Squeeze", [y, axes1], f"y_l{i}")  # (T, 1, B, H) -> (T, B, H)
-    h_out = hs[0] if len(hs) == 1 else g.op1("Concat", hs, "h_cat", axis=0)  # (L, B, H)
+        x = g.op1("Squeeze", [y, axes1], f"{tag}y_l{i}")  # (T, 1, B, H) -> (T, B, H)
+    h_out = hs[0] if len(hs) == 1 else g.op1("Concat", hs, f"{tag}h_cat", axis=0)  # (L, B, H)
+    h_out = g.op1("Transpose", [h_out], f"{tag}h_out", perm=[1, 0, 2])  # (B, L, H)
     c_out = None
     if cs:
-        c_out = cs[0] if len(cs) == 1 else g.op1("Concat", cs, "c_cat", axis=0)  # (L, B, H)
+        c_out = cs[0] if len(cs) == 1 else g.op1("Concat", cs, f"{tag}c_cat", axis=0)  # (L, B, H)
+        c_out = g.op1("Transpose", [c_out], f"{tag}c_out", perm=[1, 0, 2])  # (B, L, H)
     return x, h_out, c_out
 
 
@@ -328,10 +360,12 @@ def build_onnx(
         data_out = helper.make_tensor_value_info("y", F32, [BATCH, TIME, cfg.out_features])
         seq = "x"
     seq_tbi = g.op1("Transpose", [seq], "seq_tbi", perm=[1, 0, 2])  # (T, B, I)
-    top_tbh, h_out, c_out = _recurrent_stack(g, model, seq_tbi)
-    g.named("Transpose", [h_out], "state_out_h", perm=[1, 0, 2])  # (B, L, H)
+    has_c = "c" in {s.name for s in model.state_shapes()}
+    layers = [_fused_layer(layer) for layer in model.layers]
+    top_tbh, h_out, c_out = fused_stack(g, layers, seq_tbi, "state_in_h", "state_in_c" if has_c else None)
+    g.named("Identity", [h_out], "state_out_h")  # (B, L, H)
     if c_out is not None:
-        g.named("Transpose", [c_out], "state_out_c", perm=[1, 0, 2])  # (B, L, H)
+        g.named("Identity", [c_out], "state_out_c")  # (B, L, H)
     top = g.op1("Transpose", [top_tbh], "top", perm=[1, 0, 2])  # (B, T, H)
     if cfg.family == "attention":
         top = _attention(g, model, top)

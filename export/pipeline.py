@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from export.contract import Report, check_contract
+from export.contract import Report, check_contract, versions
 from export.graph import build_onnx, file_sha256
 from export.quantize import QuantizationReport, compare, quantize_int8
 from export.verify import verify_against_torch
@@ -57,15 +57,6 @@ class ExportResult:
     quantization: QuantizationReport | None = None
 
 
-def versions(model_dir: Path) -> list[int]:
-    """Existing integer version directories, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
-
-
 def _metadata(path: Path) -> dict[str, str]:
     m = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in m.metadata_props}
@@ -77,6 +68,42 @@ def _same_source(model_dir: Path, version: int, sha: str, quantize: str | None) 
     meta = _metadata(path) if path.exists() else {}
     same_quant = ("rnnserve.quantization" in meta) == (quantize is not None)
     return meta.get("rnnserve.checkpoint_sha256") == sha and same_quant
+
+
+def write_version(
+    proto: onnx.ModelProto,
+    report: Report,
+    model_dir: Path,
+    version: int,
+    extra: dict[str, bytes] | None = None,
+) -> Path:
+    """Write ``model_dir/<version>/`` (model.onnx, verification.txt, ``extra`` files) atomically.
+
+    The directory is built under a temporary name and renamed into place, so a server watching the
+    repository sees the version complete or not at all. A new model directory gets a commented
+    ``config.yaml``; an existing one is never overwritten. Returns the path of ``model.onnx``.
+    """
+    target = model_dir / str(version)
+    if target.exists():
+        raise FileExistsError(
+            f"{target} already exists; pick another --version or omit it for the next free one"
+        )
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir))
+    try:
+        onnx.save(proto, str(tmp / "model.onnx"))
+        for fname, blob in (extra or {}).items():
+            (tmp / fname).write_bytes(blob)
+        (tmp / "verification.txt").write_text(report.format() + "\n")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, target)  # atomic: the version appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    config = model_dir / "config.yaml"
+    if not config.exists():
+        config.write_text(CONFIG_TEMPLATE.format(name=model_dir.name))
+    return target / "model.onnx"
 
 
 def export_checkpoint(
@@ -139,21 +166,10 @@ def export_checkpoint(
         )
         proto = qproto
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir))
-    try:
-        onnx.save(proto, str(tmp / "model.onnx"))
-        if qreport is not None:
-            (tmp / "quantization.json").write_text(qreport.to_json() + "\n")
-            shutil.move(str(plot_dir / "quantization.png"), tmp / "quantization.png")
-            shutil.rmtree(plot_dir, ignore_errors=True)
-        (tmp / "verification.txt").write_text(report.format() + "\n")
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, target)  # atomic: the version appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    config = model_dir / "config.yaml"
-    if not config.exists():
-        config.write_text(CONFIG_TEMPLATE.format(name=name))
+    extra: dict[str, bytes] = {}
+    if qreport is not None:
+        extra["quantization.json"] = (qreport.to_json() + "\n").encode()
+        extra["quantization.png"] = (plot_dir / "quantization.png").read_bytes()
+        shutil.rmtree(plot_dir, ignore_errors=True)
+    write_version(proto, report, model_dir, version, extra)
     return ExportResult(name, version, target / "model.onnx", report, quantization=qreport)

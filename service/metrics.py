@@ -210,9 +210,8 @@ class Metrics:
         self.state_budget_bytes.labels(model, version).set(state_bytes * max_sessions)
 
     def version_unloaded(self, model: str, version: str) -> None:
-        """Forget an unloaded version's gauges."""
-        gauges = (self.active_sessions, self.state_bytes, self.model_max_sessions, self.state_budget_bytes)
-        for gauge in gauges:
+        """Forget an unloaded version's limit and budget gauges."""
+        for gauge in (self.model_max_sessions, self.state_budget_bytes):
             try:
                 gauge.remove(model, version)
             except KeyError:

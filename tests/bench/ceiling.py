@@ -1,6 +1,6 @@
 """In-process ONNX Runtime reference points: the compute ceiling and stateless recompute.
 
-Both use ``service.runtime.Runtime`` with the server's own session options (sequential, the same intra-op
+Both use ``service.core.runtime.Runtime`` with the server's own session options (sequential, the same intra-op
 thread count), so the only difference from the served number is everything the server does around ``run``.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime import ORT_DTYPES, Runtime
+from service.core.runtime import ORT_DTYPES, Runtime
 
 
 @dataclass(frozen=True, slots=True)

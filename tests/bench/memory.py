@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 from service.config import Settings
-from service.engine import Engine
+from service.core.engine import Engine
 
 
 async def measure(repository: Path, model: str, sessions: int, written: bool) -> dict[str, float | int | str]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service import convert
+from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 from tests.bench.drivers import Driver
@@ -36,7 +36,7 @@ def chunk_tensor(spec: LoadSpec, rows: int = 0, seed: int = 0) -> pb.Tensor:
     else:
         data = np.zeros(shape, dtype)
     return pb.Tensor(
-        name=spec.input_name, dtype=convert.enum_of(dtype), shape=list(shape), data=data.tobytes()
+        name=spec.input_name, dtype=wire.enum_of(dtype), shape=list(shape), data=data.tobytes()
     )
 
 
@@ -50,7 +50,7 @@ def stream_message_sizes(spec: LoadSpec, output: tuple[str, str, tuple[int, ...]
     shape = (spec.steps_per_message, *tail)
     dt = np.dtype(dtype)
     y = pb.Tensor(
-        name=name, dtype=convert.enum_of(dt), shape=list(shape), data=bytes(int(np.prod(shape)) * dt.itemsize)
+        name=name, dtype=wire.enum_of(dt), shape=list(shape), data=bytes(int(np.prod(shape)) * dt.itemsize)
     )
     resp = pb.StreamResponse(seq=123456, outputs=[y])
     return req.ByteSize(), resp.ByteSize()

@@ -41,7 +41,7 @@ class Replica:
         self.process.wait(10)
 
     def terminate(self) -> None:
-        """SIGTERM: what the kubelet sends; the server drains (see service/server.py)."""
+        """SIGTERM: what the kubelet sends; the server drains (see service/server/app.py)."""
         self.process.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:

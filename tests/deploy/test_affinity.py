@@ -25,7 +25,7 @@ import pytest
 from grpc import aio
 
 from service.client import AFFINITY_HEADER, Client, affinity_metadata
-from service.client_aio import AsyncClient
+from service.client.aio import AsyncClient
 from tests.service.server_thread import CuttableProxy, ServerThread, make_settings
 
 VOCAB = len(fixtures.DEFAULT_VOCAB)

@@ -173,7 +173,7 @@ def test_build_context_holds_what_copy_needs_and_nothing_heavy(ignore_patterns):
         assert _ignored(heavy, ignore_patterns), f"{heavy} would be sent to the docker daemon"
     # Stubs are generated in the build stage; stale local ones must not leak in.
     assert _ignored("service/proto/rnnserve_pb2.py", ignore_patterns)
-    assert not _ignored("service/server.py", ignore_patterns)
+    assert not _ignored("service/server/app.py", ignore_patterns)
 
 
 def test_build_commands_are_shell_parsable():

@@ -18,11 +18,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service import convert
+from service import wire
 from service.client import Client
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
-from service.redis_store import RedisStore
+from service.stores.redis import RedisStore
 from tests.deploy.redis_server import RedisServer, free_port
 from tests.deploy.replicas import Replica, start_replica
 
@@ -190,7 +190,7 @@ def _step(
     stub: pb_grpc.RecurrentServiceStub, session_id: str, seq: int, chunk: np.ndarray
 ) -> pb.StepResponse:
     request = pb.StepRequest(
-        session_id=session_id, seq=seq, inputs=[convert.array_to_tensor("tokens", chunk)]
+        session_id=session_id, seq=seq, inputs=[wire.array_to_tensor("tokens", chunk)]
     )
     return stub.Step(request, timeout=10)
 
@@ -231,7 +231,7 @@ def test_two_replicas_never_advance_one_session(pair, tokens, model_repository, 
     assert "owned by another live replica" in refused.value.details()
     n = len(answers)
     assert [r.seq for r in answers] == list(range(1, n + 1)) and n > 3
-    got = np.concatenate([convert.tensor_to_array(r.outputs[0], "output") for r in answers])
+    got = np.concatenate([wire.tensor_to_array(r.outputs[0], "output") for r in answers])
     np.testing.assert_allclose(
         got, reference_logits(model_repository, tokens[: n * CHUNK_T]), rtol=0, atol=1e-5
     )
@@ -259,8 +259,8 @@ def test_a_retry_whose_reply_was_lost_is_answered_from_the_store(pair, tokens, c
                 time.sleep(0.1)
         assert retried.seq == 2
         assert retried.cached, "the retried seq was applied again instead of answered from the stored reply"
-        want = convert.tensor_to_array(answered.outputs[0], "output")
-        np.testing.assert_array_equal(convert.tensor_to_array(retried.outputs[0], "output"), want)
+        want = wire.tensor_to_array(answered.outputs[0], "output")
+        np.testing.assert_array_equal(wire.tensor_to_array(retried.outputs[0], "output"), want)
         # ... and the history goes on from there.
         assert _step(stub_b, sid, 3, tokens[2 * CHUNK_T : 3 * CHUNK_T]).seq == 3
 

@@ -7,10 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from service import snapshot
 from service.errors import Aborted, InvalidArgument, Unavailable
-from service.redis_store import RedisStore
-from service.store import SessionRecord
+from service.stores import snapshot
+from service.stores.base import SessionRecord
+from service.stores.redis import RedisStore
 
 
 def record(seq: int, owner: str | None = "a", session_id: str = "s1", ttl: float = 60.0) -> SessionRecord:

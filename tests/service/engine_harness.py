@@ -11,8 +11,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from service.config import Settings
-from service.engine import Engine
-from service.store import SessionStore
+from service.core.engine import Engine
+from service.stores.base import SessionStore
 
 
 def settings(repository: Path, **overrides: Any) -> Settings:

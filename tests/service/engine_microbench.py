@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fixtures  # noqa: E402
 
 from service.config import Settings  # noqa: E402
-from service.engine import Engine, StepCall  # noqa: E402
+from service.core.engine import Engine, StepCall  # noqa: E402
 
 
 async def run(repo: Path, streams: int, seconds: float, multiplex: bool) -> tuple[float, float, float]:

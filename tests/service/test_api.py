@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_thread import ServerThread, make_settings
 
-from service import convert
+from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
@@ -80,13 +80,13 @@ def create(stub, model: str = "tiny_lstm", **kw) -> pb.SessionInfo:
 def step(stub, sid: str, seq: int, name: str, data: np.ndarray, last_only: bool = False) -> pb.StepResponse:
     return stub.Step(
         pb.StepRequest(
-            session_id=sid, seq=seq, inputs=[convert.array_to_tensor(name, data)], last_only=last_only
+            session_id=sid, seq=seq, inputs=[wire.array_to_tensor(name, data)], last_only=last_only
         )
     )
 
 
 def outs(response) -> dict[str, np.ndarray]:
-    return {t.name: convert.tensor_to_array(t) for t in response.outputs}
+    return {t.name: wire.tensor_to_array(t) for t in response.outputs}
 
 
 def code_of(fn) -> tuple[grpc.StatusCode, str]:
@@ -168,11 +168,11 @@ def test_initial_state(stub, repo):
     c0 = rng.normal(size=(1, 8)).astype(np.float32)
     data = tokens(9, seed=9)
     want = oracle(repo, "tiny_lstm", "tokens", data, {"h": h0[None], "c": c0[None]})["logits"]
-    info = create(stub, initial_state=[convert.array_to_tensor("h", h0), convert.array_to_tensor("c", c0)])
+    info = create(stub, initial_state=[wire.array_to_tensor("h", h0), wire.array_to_tensor("c", c0)])
     np.testing.assert_allclose(
         outs(step(stub, info.session_id, 1, "tokens", data))["logits"], want, atol=ATOL
     )
-    code, msg = code_of(lambda: create(stub, initial_state=[convert.array_to_tensor("h", h0[0])]))
+    code, msg = code_of(lambda: create(stub, initial_state=[wire.array_to_tensor("h", h0[0])]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
 
 
@@ -184,7 +184,7 @@ def test_stream_equals_whole_and_closes_at_end(stub, repo):
     def requests():
         yield pb.StreamRequest(open=pb.StreamOpen(model="tiny_lstm"))
         for seq, sl in enumerate(slices, 1):
-            yield pb.StreamRequest(seq=seq, inputs=[convert.array_to_tensor("tokens", data[sl])])
+            yield pb.StreamRequest(seq=seq, inputs=[wire.array_to_tensor("tokens", data[sl])])
 
     responses = list(stub.Stream(requests()))
     assert len(responses) == 1 + len(slices)
@@ -206,7 +206,7 @@ def test_stream_keep_and_attach(stub, repo):
                     pb.StreamRequest(
                         open=pb.StreamOpen(model="tiny_lstm", keep=True),
                         seq=1,
-                        inputs=[convert.array_to_tensor("tokens", data[:8])],
+                        inputs=[wire.array_to_tensor("tokens", data[:8])],
                     )
                 ]
             )
@@ -220,7 +220,7 @@ def test_stream_keep_and_attach(stub, repo):
             iter(
                 [
                     pb.StreamRequest(open=pb.StreamOpen(session_id=sid, keep=True)),
-                    pb.StreamRequest(seq=2, inputs=[convert.array_to_tensor("tokens", data[8:])]),
+                    pb.StreamRequest(seq=2, inputs=[wire.array_to_tensor("tokens", data[8:])]),
                 ]
             )
         )
@@ -244,7 +244,7 @@ def test_stream_bad_chunk_ends_stream_and_leaves_kept_session_untouched(stub, re
                     pb.StreamRequest(
                         open=pb.StreamOpen(model="tiny_lstm", keep=True),
                         seq=1,
-                        inputs=[convert.array_to_tensor("tokens", data[:4])],
+                        inputs=[wire.array_to_tensor("tokens", data[:4])],
                     ),
                     pb.StreamRequest(seq=2, inputs=[bad]),
                 ]
@@ -357,14 +357,14 @@ def test_retry_of_last_seq_is_cached_and_not_reapplied(stub, repo):
 
 
 def _bad_requests(sid: str) -> list[tuple[str, pb.StepRequest, grpc.StatusCode, str]]:
-    good = convert.array_to_tensor("tokens", tokens(3))
+    good = wire.array_to_tensor("tokens", tokens(3))
     bad_dtype = pb.Tensor(name="tokens", dtype=99, shape=[3], data=good.data)
     short = pb.Tensor(name="tokens", dtype=pb.DATA_TYPE_INT64, shape=[3], data=good.data[:-1])
-    floats = convert.array_to_tensor("tokens", np.zeros(3, np.float32))
-    two_d = convert.array_to_tensor("tokens", np.zeros((3, 2), np.int64))
-    unknown = convert.array_to_tensor("other", np.zeros(3, np.int64))
-    empty = convert.array_to_tensor("tokens", np.zeros(0, np.int64))
-    huge = convert.array_to_tensor("tokens", np.zeros(5000, np.int64))
+    floats = wire.array_to_tensor("tokens", np.zeros(3, np.float32))
+    two_d = wire.array_to_tensor("tokens", np.zeros((3, 2), np.int64))
+    unknown = wire.array_to_tensor("other", np.zeros(3, np.int64))
+    empty = wire.array_to_tensor("tokens", np.zeros(0, np.int64))
+    huge = wire.array_to_tensor("tokens", np.zeros(5000, np.int64))
     inv = grpc.StatusCode.INVALID_ARGUMENT
     return [
         ("bad dtype enum", pb.StepRequest(session_id=sid, seq=2, inputs=[bad_dtype]), inv, "expected one of"),
@@ -415,7 +415,7 @@ def test_bad_inputs_exact_codes_and_state_unchanged(tmp_path_factory):
 
 def test_out_of_vocabulary_token_id_is_invalid_argument(stub):
     sid = create(stub).session_id
-    bad = convert.array_to_tensor("tokens", np.array([1, VOCAB + 5, 2], np.int64))
+    bad = wire.array_to_tensor("tokens", np.array([1, VOCAB + 5, 2], np.int64))
     code, msg = code_of(lambda: stub.Step(pb.StepRequest(session_id=sid, seq=1, inputs=[bad])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
 
@@ -479,19 +479,19 @@ def test_stream_many_equals_per_session_steps(stub, repo):
                 tag=k,
                 session_ids=sids,
                 seqs=[k + 1] * n,
-                inputs=[convert.array_to_tensor("tokens", datas[:, k * t : (k + 1) * t])],
+                inputs=[wire.array_to_tensor("tokens", datas[:, k * t : (k + 1) * t])],
             )
         # One bad row (wrong seq) answers in-band; the others go on.
         yield pb.StepManyRequest(
             tag=99,
             session_ids=sids[:2],
             seqs=[length // t + 1, 1],
-            inputs=[convert.array_to_tensor("tokens", datas[:2, :1])],
+            inputs=[wire.array_to_tensor("tokens", datas[:2, :1])],
         )
 
     responses = list(stub.StreamMany(requests()))
     assert [r.tag for r in responses] == [0, 1, 2, 3, 99]
-    got = np.concatenate([convert.tensor_to_array(r.outputs[0]) for r in responses[:-1]], axis=1)  # (N, L, V)
+    got = np.concatenate([wire.tensor_to_array(r.outputs[0]) for r in responses[:-1]], axis=1)  # (N, L, V)
     for i in range(n):
         np.testing.assert_allclose(got[i], wants[i], atol=ATOL)
     last = responses[-1]
@@ -512,12 +512,12 @@ def test_stream_many_rows_that_do_not_stack_are_applied_and_fetchable(tmp_path_f
             sids = [create(stub, "small").session_id, create(stub, "wide").session_id]
             data = tokens(6, seed=7).reshape(2, 3)
             request = pb.StepManyRequest(
-                tag=1, session_ids=sids, seqs=[1, 1], inputs=[convert.array_to_tensor("tokens", data)]
+                tag=1, session_ids=sids, seqs=[1, 1], inputs=[wire.array_to_tensor("tokens", data)]
             )
             (answer,) = list(stub.StreamMany(iter([request])))
             assert list(answer.codes) == [0, grpc.StatusCode.FAILED_PRECONDITION.value[0]]
             assert "Step(seq=1)" in answer.messages[1]
-            got = convert.tensor_to_array(answer.outputs[0])
+            got = wire.tensor_to_array(answer.outputs[0])
             assert got.shape == (2, 3, VOCAB) and not got[1].any()
             wide = step(stub, sids[1], 1, "tokens", data[1])
             assert wide.cached
@@ -682,16 +682,16 @@ def test_capacity_and_idle_expiry_statuses(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["?", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"])
 def test_convert_round_trips_every_dtype_little_endian(dtype):
     arr = (np.arange(12).reshape(3, 4) % 2).astype(dtype)
-    t = convert.array_to_tensor("t", arr)
+    t = wire.array_to_tensor("t", arr)
     assert t.data == arr.astype(np.dtype(dtype).newbyteorder("<")).tobytes() and list(t.shape) == [3, 4]
-    back = convert.tensor_to_array(t)
+    back = wire.tensor_to_array(t)
     assert back.dtype == np.dtype(dtype) and np.array_equal(back, arr)
-    big = convert.array_to_tensor("t", arr.astype(np.dtype(dtype).newbyteorder(">")))
+    big = wire.array_to_tensor("t", arr.astype(np.dtype(dtype).newbyteorder(">")))
     assert big.data == t.data and big.dtype == t.dtype
 
 
 def test_convert_rejects_malformed_tensors():
-    ok = convert.array_to_tensor("t", np.zeros((2, 3), np.float32))
+    ok = wire.array_to_tensor("t", np.zeros((2, 3), np.float32))
     cases = [
         (pb.Tensor(name="t", dtype=0, shape=[2, 3], data=ok.data), "DATA_TYPE_FLOAT32"),
         (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3], data=ok.data[:-4]), "prod([2, 3])"),
@@ -699,8 +699,8 @@ def test_convert_rejects_malformed_tensors():
         (pb.Tensor(name="t", dtype=pb.DATA_TYPE_FLOAT32, shape=[1 << 30, 1 << 30], data=b""), "too large"),
     ]
     for tensor, needle in cases:
-        with pytest.raises(convert.InvalidArgument) as err:
-            convert.tensor_to_array(tensor)
+        with pytest.raises(wire.InvalidArgument) as err:
+            wire.tensor_to_array(tensor)
         assert needle in err.value.message, err.value.message
-    with pytest.raises(convert.InvalidArgument):
-        convert.array_to_tensor("c", np.zeros(2, np.complex64))
+    with pytest.raises(wire.InvalidArgument):
+        wire.array_to_tensor("c", np.zeros(2, np.complex64))

@@ -9,12 +9,13 @@ import fixtures
 import numpy as np
 import pytest
 
-from service.batching import Batcher, StepRequest, merge, split
 from service.config import Settings
+from service.core.contract import describe
+from service.core.runtime import Runtime
+from service.core.scheduler import Batcher, StepRequest, merge, split
+from service.core.slab import StateSlab
+from service.core.types import ModelConfig
 from service.errors import InvalidArgument, Unavailable
-from service.repository import ModelConfig, describe
-from service.runtime import Runtime
-from service.slab import StateSlab
 
 
 def req(arrays, fut=None, slot=0):

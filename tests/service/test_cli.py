@@ -37,7 +37,7 @@ def server(repo):
 
 def cli(server, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "--address", server.address, *args],
+        [sys.executable, "-m", "service.client.cli", "--address", server.address, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

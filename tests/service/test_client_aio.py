@@ -1,4 +1,4 @@
-"""`service.client_aio.AsyncClient` against the real server (its own event loop in this test's thread)."""
+"""`service.client.aio.AsyncClient` against the real server (its own event loop in this test's thread)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from server_thread import CuttableProxy, ServerThread, make_settings
 
-from service.client_aio import AsyncClient
+from service.client.aio import AsyncClient
 
 ATOL = 1e-5
 VOCAB = len(fixtures.DEFAULT_VOCAB)

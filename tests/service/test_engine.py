@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from engine_harness import eventually, metric, run_engine
 
-from service.engine import Engine
+from service.core.engine import Engine
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -546,7 +546,7 @@ def test_out_of_vocabulary_ids_are_refused_and_never_poison_a_batch(model_reposi
 
 
 def test_step_many_equals_single_steps_and_isolates_errors(model_repository):
-    from service.engine import StepCall
+    from service.core.engine import StepCall
 
     streams = [tokens(12) for _ in range(6)]
     wants = [oracle(model_repository, "tiny_lstm", 1, "tokens", q) for q in streams]

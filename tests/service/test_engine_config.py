@@ -10,7 +10,7 @@ import pytest
 from engine_harness import run_engine
 
 from service.config import Settings, load_settings
-from service.engine import Engine
+from service.core.engine import Engine
 
 
 def test_precedence_flags_over_env_over_file(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.core.generation import check_ids, encode_text, sample
 from service.errors import InvalidArgument
-from service.generation import check_ids, encode_text, sample
 
 
 def test_encode_text_longest_match_and_unknown_characters():

@@ -10,9 +10,9 @@ import pytest
 from engine_harness import settings
 from prometheus_client import CollectorRegistry
 
-from service.engine import Engine
+from service.core.engine import Engine
 from service.errors import NotFound, Unavailable
-from service.store import InMemoryStore
+from service.stores.base import InMemoryStore
 
 
 def test_session_resumes_on_another_engine_without_loss_or_duplication(model_repository):

@@ -12,7 +12,7 @@ from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from service.errors import InvalidArgument
-from service.kserve_convert import (
+from service.server.kserve_convert import (
     WIRE_TYPES,
     decode_inputs,
     encode_outputs,

@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from service.config import Settings
-from service.repository import Repository
+from service.core.registry import Repository
 
 
 def identity_model(path, state_in, state_out, data=("x", TensorProto.FLOAT, ["batch", "time", 2]), meta=None):

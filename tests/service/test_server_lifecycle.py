@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_thread import ServerProcess, ServerThread, make_settings
 
-from service import convert
+from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
@@ -66,7 +66,7 @@ def test_sigterm_drains_in_flight_and_ends_streams(repo):
             data = np.random.default_rng(0).integers(0, len(fixtures.DEFAULT_VOCAB), LONG_T).astype(np.int64)
             future = stub.Step.future(
                 pb.StepRequest(
-                    session_id=sid, seq=1, inputs=[convert.array_to_tensor("tokens", data)], last_only=True
+                    session_id=sid, seq=1, inputs=[wire.array_to_tensor("tokens", data)], last_only=True
                 ),
                 timeout=120,
             )
@@ -84,7 +84,7 @@ def test_sigterm_drains_in_flight_and_ends_streams(repo):
             want = fixtures.run_whole(repo / "big" / "1" / "model.onnx", {"tokens": data[None]})["logits"][
                 0, -1
             ]
-            np.testing.assert_allclose(convert.tensor_to_array(response.outputs[0])[0], want, atol=1e-4)
+            np.testing.assert_allclose(wire.tensor_to_array(response.outputs[0])[0], want, atol=1e-4)
 
             with pytest.raises(grpc.RpcError) as err:
                 next(stream)

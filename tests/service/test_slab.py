@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.repository import StateSpec
-from service.slab import StateSlab, block_rows_for
+from service.core.slab import StateSlab, block_rows_for
+from service.core.types import StateSpec
 
 STATES = (StateSpec("h", np.dtype(np.float32), (2, 3)), StateSpec("n", np.dtype(np.int64), (1,)))
 

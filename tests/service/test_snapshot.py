@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service import snapshot
 from service.errors import InvalidArgument
-from service.store import SessionRecord
+from service.stores import snapshot
+from service.stores.base import SessionRecord
 
 
 def record(last_outputs=True) -> SessionRecord:

@@ -1,0 +1,38 @@
+"""Python clients of the native API: `Client` (blocking), `AsyncClient` (asyncio) and the `rnnserve` CLI.
+
+This package needs only grpcio, protobuf and numpy (the `client` install): it never imports the server's
+core, ONNX Runtime or the stores.
+"""
+
+from service.client.aio import AsyncClient, AsyncSession
+from service.client.sync import (
+    AFFINITY_HEADER,
+    Client,
+    ModelInfo,
+    Multiplexer,
+    RowError,
+    Session,
+    SessionInfo,
+    TensorInfo,
+    affinity_metadata,
+    default_address,
+    new_affinity_key,
+    parse_addresses,
+)
+
+__all__ = [
+    "AFFINITY_HEADER",
+    "AsyncClient",
+    "AsyncSession",
+    "Client",
+    "ModelInfo",
+    "Multiplexer",
+    "RowError",
+    "Session",
+    "SessionInfo",
+    "TensorInfo",
+    "affinity_metadata",
+    "default_address",
+    "new_affinity_key",
+    "parse_addresses",
+]

@@ -1,0 +1,353 @@
+"""Sessions and their lifecycle: open, end, expire, resume from the shared store, and one operation at a time.
+
+`SessionManager` owns the session table (`table.SessionTable`), the session store seam (`stores.base`) and the
+leases a replica holds on the sessions it serves. A session has at most one operation in flight
+(`Session.pending`): a step, or an exclusive operation (get/set state, fork, reset, close, a generation);
+others wait their turn (`wait_idle`, `exclusive`).
+
+With a persistent store, a replica claims a session's lease before it loads or saves it, renews the lease as
+it steps, and gives it back at shutdown. A session this replica does not hold is resumed from the store on
+first use (`get`), after waiting at most one lease for a crashed owner's lease to lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from service.config import Settings
+from service.core.models import ModelHost
+from service.core.registry import ModelVersion
+from service.core.table import PendingOp, Session, SessionTable
+from service.core.tasks import Background
+from service.core.types import ModelSpec, SessionInfo, StepResult
+from service.errors import FailedPrecondition, InvalidArgument, OutOfRange, Unavailable
+from service.metrics import Metrics
+from service.stores.base import SessionRecord, SessionStore
+
+_log = logging.getLogger(__name__)
+
+# Reasons after which a session must never be resurrected from the shared store.
+FINAL_REASONS = frozenset({"closed", "idle", "lifetime", "capacity"})
+
+
+class SessionManager:
+    """The open sessions of this replica, their lifecycle and their leases (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        store: SessionStore,
+        host: ModelHost,
+        background: Background,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.persist = bool(store.persistent)
+        self.host = host
+        self.background = background
+        self.table = SessionTable(settings.max_sessions, settings.max_tombstones, settings.tombstone_ttl_s)
+        self.wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock, fixed once
+        self.draining = False
+        self._resuming: dict[str, asyncio.Future[None]] = {}
+
+    # -- opening and ending ---------------------------------------------------------------------------------
+    def ttl(self, mv: ModelVersion, idle_ttl_s: float | None) -> float:
+        """Return a new session's idle TTL: the model's default, or the client's within the maximum."""
+        if idle_ttl_s is None or idle_ttl_s == 0:
+            return mv.spec.config.idle_ttl_s
+        if not np.isfinite(idle_ttl_s) or idle_ttl_s < 0:
+            raise InvalidArgument(f"idle_ttl_s must be a positive number of seconds, got {idle_ttl_s}")
+        if idle_ttl_s > self.settings.max_idle_ttl_s:
+            raise OutOfRange(f"idle_ttl_s {idle_ttl_s} exceeds the maximum {self.settings.max_idle_ttl_s} s")
+        return float(idle_ttl_s)
+
+    @staticmethod
+    def check_state(spec: ModelSpec, state: dict[str, np.ndarray], *, complete: bool) -> None:
+        """Validate client- or store-supplied state rows against the model's state specs."""
+        by_name = {s.name: s for s in spec.states}
+        unknown = sorted(set(state) - set(by_name))
+        if unknown:
+            raise InvalidArgument(
+                f"model {spec.name!r} has no state {unknown}; its states are {sorted(by_name)}"
+            )
+        if complete and set(state) != set(by_name):
+            raise InvalidArgument(
+                f"state is missing {sorted(set(by_name) - set(state))}; model {spec.name!r} "
+                f"needs {sorted(by_name)}"
+            )
+        for name, arr in state.items():
+            st = by_name[name]
+            if not isinstance(arr, np.ndarray) or arr.dtype != st.dtype or tuple(arr.shape) != st.shape:
+                got = (
+                    (arr.dtype.name, tuple(arr.shape)) if isinstance(arr, np.ndarray) else type(arr).__name__
+                )
+                raise InvalidArgument(
+                    f"state {name!r} is {got}; expected dtype {st.dtype.name}, shape {st.shape} "
+                    "(no batch axis)"
+                )
+            if st.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise InvalidArgument(f"state {name!r} holds NaN or infinity; expected finite values")
+
+    def _make_room(self, mv: ModelVersion) -> None:
+        table, name, limit = self.table, mv.spec.name, mv.spec.config.max_sessions
+        for _ in range(3):  # at most: one eviction for the server limit, one for the model limit
+            if len(table) < table.max_sessions and table.per_model.get(name, 0) < limit:
+                return
+            victim = table.check_capacity(name, limit) if self.settings.evict_on_capacity else None
+            if victim is None:
+                raise table.refuse(name, limit)
+            self.end(victim, "capacity")
+        raise table.refuse(name, limit)
+
+    def open(self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None) -> Session:
+        """Open a local session on `mv` (a slab row, a table entry, the version pinned)."""
+        self._make_room(mv)
+        s = Session(session_id or secrets.token_urlsafe(16), mv, mv.slab.alloc(), ttl, protocol)
+        self.table.add(s)
+        self.host.pin(mv)
+        return s
+
+    def end(self, s: Session, reason: str, *, delete: bool = True) -> None:
+        """Forget a session locally (slot freed, tombstone left); nothing may be in flight."""
+        if s.session_id not in self.table.sessions:
+            return
+        self.table.remove(s, reason)
+        mv = s.mv
+        if mv.slab is not None:
+            mv.slab.free(s.slot)
+        self.metrics.sessions_ended.labels(mv.spec.name, reason).inc()
+        self.host.unpin(mv)
+        if self.persist and delete and reason in FINAL_REASONS:
+            self.background.spawn(self.store.delete(s.session_id))
+
+    async def create(
+        self,
+        model: str,
+        version: int | None,
+        idle_ttl_s: float | None,
+        initial_state: dict[str, np.ndarray] | None,
+        protocol: str,
+    ) -> Session:
+        """Open a new session (see `Engine.create_session`)."""
+        if self.draining:
+            raise Unavailable("server is draining; open the session on another replica")
+        mv = self.host.get(model, version)
+        ttl = self.ttl(mv, idle_ttl_s)
+        if initial_state:
+            self.check_state(mv.spec, initial_state, complete=False)
+        s = self.open(mv, ttl, protocol)
+        if initial_state:
+            full = mv.slab.read(s.slot)
+            full.update(initial_state)
+            mv.slab.write(s.slot, full)
+        self.metrics.sessions_created.labels(model, protocol).inc()
+        if self.persist:
+            await self.claim_and_save(s)
+        return s
+
+    def expire(self) -> None:
+        """End every session past its idle TTL or the maximum lifetime (nothing in flight)."""
+        for s, reason in self.table.expired(time.monotonic(), self.settings.max_lifetime_s):
+            self.end(s, reason)
+
+    async def sweep(self) -> None:
+        """Expire sessions every `sweep_interval_s` (a task)."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            self.expire()
+
+    # -- views ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def cached(s: Session) -> StepResult | None:
+        """Return the cached result of the session's last applied chunk, if any."""
+        last = s.last_result
+        if last is None or isinstance(last, StepResult):
+            return last
+        arrays, i = last
+        names = [t.name for t in s.mv.spec.outputs]
+        return StepResult(s.last_seq, {n: a[i] for n, a in zip(names, arrays, strict=True)}, False)
+
+    def info(self, s: Session) -> SessionInfo:
+        """Return the client's view of a session; times in wall-clock epoch seconds."""
+        offset = self.wall_offset
+        created = s.created_at + offset
+        last_used = s.last_used + offset
+        expires = min(last_used + s.idle_ttl_s, created + self.settings.max_lifetime_s)
+        spec = s.mv.spec
+        return SessionInfo(
+            s.session_id,
+            spec.name,
+            spec.version,
+            s.last_seq,
+            created,
+            last_used,
+            s.idle_ttl_s,
+            expires,
+            s.steps,
+        )
+
+    def record(self, s: Session) -> SessionRecord:
+        """Return the store's copy of a session: state rows, seq, cached result."""
+        last = self.cached(s)
+        return SessionRecord(
+            s.session_id,
+            s.mv.spec.name,
+            s.mv.spec.version,
+            s.last_seq,
+            s.mv.slab.read(s.slot),
+            None if last is None else dict(last.outputs),
+            s.idle_ttl_s,
+            s.created_at + self.wall_offset,
+            self.settings.replica_id,
+        )
+
+    # -- the shared store -----------------------------------------------------------------------------------
+    async def claim_and_save(self, s: Session) -> None:
+        """Take the lease of a session opened here and write its first record."""
+        if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
+            self.end(s, "moved", delete=False)
+            raise self.table.not_found(s.session_id)
+        s.lease_until = time.monotonic() + self.settings.lease_s
+        await self.store.save(self.record(s))
+        s.unsaved = 0
+
+    async def renew(self, s: Session) -> None:
+        """Extend this replica's lease; a lost lease ends the local copy (NOT_FOUND reason moved)."""
+        if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
+            self.end(s, "moved", delete=False)
+            raise self.table.not_found(s.session_id)
+        s.lease_until = time.monotonic() + self.settings.lease_s
+
+    def lease_due(self, s: Session) -> bool:
+        """Tell whether the session's lease should be renewed before its next step."""
+        return self.persist and time.monotonic() > s.lease_until - self.settings.lease_s / 3
+
+    async def get(self, session_id: str) -> Session:
+        """Return the local session, or resume it from the shared store; NotFound otherwise."""
+        s = self.table.sessions.get(session_id)
+        if s is not None:
+            return s
+        if not self.persist or not isinstance(session_id, str) or not session_id:
+            raise self.table.not_found(session_id)
+        if self.table.reason_of(session_id) in FINAL_REASONS:
+            raise self.table.not_found(session_id)
+        waiting = self._resuming.get(session_id)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            return self.table.get(session_id)
+        fut = asyncio.get_running_loop().create_future()
+        self._resuming[session_id] = fut
+        try:
+            return await self._resume(session_id)
+        finally:
+            del self._resuming[session_id]
+            fut.set_result(None)
+
+    async def _claim_waiting(self, session_id: str) -> bool:
+        """Claim the session's lease, waiting up to one lease for another holder's lease to lapse.
+
+        A crashed owner's lease runs out by itself within `lease_s`: waiting here lets a failed-over client
+        resume without seeing an error. A live owner renews its lease with every step, so the wait ends in a
+        refusal (and an idle owner that stays idle for a whole lease hands the session over, which is safe:
+        its next save is refused by the store's compare-and-set).
+        """
+        deadline = time.monotonic() + self.settings.lease_s
+        poll = min(0.1, self.settings.lease_s / 10)
+        while not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
+            if self.draining or time.monotonic() + poll > deadline:
+                return False
+            await asyncio.sleep(poll)
+        return True
+
+    async def _resume(self, session_id: str) -> Session:
+        if self.draining:
+            raise Unavailable("server is draining; resume the session on another replica")
+        # Claim before load: once the lease is ours nobody else can save, so the next read is the latest.
+        if not await self._claim_waiting(session_id):
+            raise Unavailable(
+                f"session {session_id} is owned by another live replica; retry there, or after its "
+                f"lease ({self.settings.lease_s} s) runs out"
+            )
+        rec = await self.store.load(session_id)
+        if rec is None:
+            await self.store.claim(session_id, self.settings.replica_id, 0.0)  # give the lease back
+            raise self.table.not_found(session_id)
+        mv = self.host.find(rec.model, rec.version)
+        if mv is None:
+            await self.store.claim(session_id, self.settings.replica_id, 0.0)
+            raise FailedPrecondition(
+                f"session {session_id} is pinned to model {rec.model!r} version {rec.version}, "
+                "which this replica does not serve"
+            )
+        self.check_state(mv.spec, rec.state, complete=True)
+        s = self.open(mv, rec.idle_ttl_s, "resumed", session_id)
+        mv.slab.write(s.slot, rec.state)
+        s.last_seq = rec.last_seq
+        s.created_at = rec.created_at - self.wall_offset  # the lifetime counts from the first creation
+        s.lease_until = time.monotonic() + self.settings.lease_s
+        if rec.last_outputs is not None:
+            s.last_result = StepResult(rec.last_seq, rec.last_outputs, False)
+        _log.info("resumed session %s at seq %d from the shared store", session_id, rec.last_seq)
+        return s
+
+    async def flush(self) -> None:
+        """Write every session to the store (drain)."""
+        if not self.persist:
+            return
+        for s in list(self.table):
+            if s.session_id in self.table.sessions:
+                with contextlib.suppress(Exception):
+                    await self.store.save(self.record(s))
+                    s.unsaved = 0
+
+    async def hand_over_all(self) -> None:
+        """End every local session (reason shutdown), giving leases back so another replica may claim now."""
+        for s in list(self.table):
+            if self.persist:
+                with contextlib.suppress(Exception):
+                    await self.store.claim(s.session_id, self.settings.replica_id, 0.0)
+            self.end(s, "shutdown", delete=False)
+
+    # -- one operation at a time ----------------------------------------------------------------------------
+    async def wait_idle(self, s: Session) -> None:
+        """Wait until `s` has nothing in flight; NotFound if it ended meanwhile."""
+        while (p := s.pending) is not None:
+            w = asyncio.get_running_loop().create_future()
+            if p.waiters is None:
+                p.waiters = []
+            p.waiters.append(w)
+            await w
+        if self.table.sessions.get(s.session_id) is not s:
+            raise self.table.not_found(s.session_id)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, session_id: str) -> AsyncIterator[Session]:
+        """Hold the session for one operation: nothing else runs on it until the block ends."""
+        s = await self.get(session_id)
+        await self.wait_idle(s)
+        op = PendingOp()
+        s.pending = op
+        try:
+            yield s
+        finally:
+            if s.pending is op:
+                s.pending = None
+            op.wake()
+
+    async def close(self, session_id: str) -> None:
+        """End a session (after its in-flight step). Closing a closed session again is a no-op."""
+        if session_id not in self.table.sessions and self.table.reason_of(session_id) == "closed":
+            return
+        async with self.exclusive(session_id) as s:
+            self.end(s, "closed", delete=False)
+            if self.persist:
+                await self.store.delete(session_id)

@@ -1,0 +1,5 @@
+"""`python -m service.server`: run the server (flags: `--help`)."""
+
+from service.server.app import main
+
+main()

@@ -1,0 +1,285 @@
+"""Server lifecycle: gRPC server (native API, KServe v2, health, reflection) and /metrics; drain on signals.
+
+`start(settings)` binds (port 0 picks a free port; `RunningServer.port` is what `add_insecure_port` returned)
+and returns a handle whose `stop()` shuts down in dependency order:
+
+1. health NOT_SERVING (overall and per model), so load balancers and probes stop sending new work;
+2. new work RPCs are refused with UNAVAILABLE "server draining; reconnect"; open native streams end with that
+   status (idle ones at once, busy ones after their current step) so clients reconnect elsewhere;
+3. in-flight unary calls finish (bounded by the grace period);
+4. the engine drains (refuses new sessions, finishes queued steps, flushes sessions to the store);
+5. `server.stop()` cancels what is left (idle health watches and KServe streams), the engine stops (runtimes
+   released) and the metrics HTTP server closes.
+
+`main()` runs it under `asyncio.run` with SIGTERM/SIGINT wired through `loop.add_signal_handler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from service.config import Settings, load_settings
+from service.core.engine import Engine
+from service.proto import rnnserve_pb2 as pb
+from service.server import kserve
+from service.server.interceptors import CallObserver, ErrorMappingInterceptor
+from service.server.native import RecurrentServicer, StreamRegistry
+from service.server.native import add_to_server as add_native
+
+_log = logging.getLogger("rnnserve.server")
+
+NATIVE_SERVICE = pb.DESCRIPTOR.services_by_name["RecurrentService"].full_name
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _protocol_of(service: str) -> str:
+    if service.startswith("inference."):
+        return "kserve"
+    if service.startswith("rnnserve."):
+        return "native"
+    return "grpc"  # health, reflection
+
+
+def _call_observer(engine: Engine) -> CallObserver | None:
+    """Count every finished RPC in the engine's `Metrics.requests` (method, code, protocol)."""
+    metrics = getattr(engine, "metrics", None)
+    if metrics is None:
+        _log.warning("engine exposes no metrics; RPCs are not counted")
+        return None
+    children: dict[tuple[str, str], Any] = {}
+
+    def observe(method: str, code: str, seconds: float) -> None:
+        child = children.get((method, code))
+        if child is None:  # labels() takes a lock and hashes; cache the child per (method, code)
+            service, _, name = method.lstrip("/").rpartition("/")
+            child = children[(method, code)] = metrics.requests.labels(name, code, _protocol_of(service))
+        child.inc()
+
+    return observe
+
+
+@dataclass(eq=False)
+class RunningServer:
+    """A started server. `stop()` is idempotent and safe to call from signal handling and tests alike."""
+
+    settings: Settings
+    server: aio.Server
+    engine: Engine
+    health: health_aio.HealthServicer
+    streams: StreamRegistry
+    interceptor: ErrorMappingInterceptor
+    port: int
+    metrics_port: int | None
+    model_names: set[str] = field(default_factory=set)
+    kserve: Any = None
+    _metrics_http: Any = None
+    _stopping: asyncio.Task[None] | None = None
+    _serving: bool = True
+    _health_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """`host:port` a local client can dial."""
+        host = self.settings.grpc_host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def is_serving(self) -> bool:
+        """Return False once a drain has begun (KServe ServerReady uses this too)."""
+        return self._serving
+
+    async def set_models(self, names: Iterable[str]) -> None:
+        """Health status per model name: SERVING for loaded models; NOT_SERVING for ones that went away."""
+        names = set(names)
+        status = SERVING if self._serving else NOT_SERVING
+        for gone in self.model_names - names:
+            await self.health.set(gone, NOT_SERVING)
+        for name in names:
+            await self.health.set(name, status)
+        self.model_names = names
+
+    async def _follow_repository(self, interval_s: float) -> None:
+        """Keep per-model health in step with versions the engine's repository watcher loads or drops."""
+        while self._serving:
+            await asyncio.sleep(interval_s)
+            names = {s.name for s in self.engine.list_models()}
+            if names != self.model_names and self._serving:
+                await self.set_models(names)
+
+    async def _stop(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        self._serving = False
+        if self._health_task is not None:
+            self._health_task.cancel()
+        # 1. Probes and balancers see NOT_SERVING first (overall, per service, per model).
+        for name in ["", NATIVE_SERVICE, KSERVE_SERVICE, *sorted(self.model_names)]:
+            await self.health.set(name, NOT_SERVING)
+        # 2. Refuse new work (UNAVAILABLE "server draining; reconnect"); idle native streams end now, busy
+        #    ones after their current step.
+        self.interceptor.draining = True
+        self.streams.drain()
+        # 3. In-flight unary calls and busy streams finish (bounded by the grace period) ...
+        while (self.interceptor.in_flight or self.streams.open_count) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            # 4. ... and so does whatever the engine still has queued; it flushes sessions to the store.
+            try:
+                await asyncio.wait_for(self.engine.drain(), timeout=max(deadline - time.monotonic(), 0.1))
+            except Exception:  # noqa: BLE001 - shutdown goes on; the cause is logged
+                _log.exception("engine drain did not complete cleanly")
+            # 5. What is left is idle (health watches, idle KServe streams) or past the grace: cancel it.
+            await self.server.stop(0)
+            if self.kserve is not None:
+                with contextlib.suppress(Exception):
+                    await self.kserve.sequences.close_all()
+        finally:
+            await self.engine.stop()
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+        _log.info("rnnserve stopped")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop within `grace` seconds (default: settings.drain_grace_s). Idempotent."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(
+                self._stop(self.settings.drain_grace_s if grace is None else grace)
+            )
+        await asyncio.shield(self._stopping)
+
+    async def wait_for_termination(self) -> None:
+        """Block until the gRPC server has stopped."""
+        await self.server.wait_for_termination()
+
+
+def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tuple[Any, int | None]:
+    if settings.metrics_port < 0:
+        return None, None
+    from prometheus_client import start_http_server
+
+    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+    return httpd, int(httpd.server_address[1])
+
+
+async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
+    """Load the repository, bind the gRPC and metrics ports and start serving."""
+    registry = registry if registry is not None else CollectorRegistry()
+    engine = Engine(settings, registry=registry)
+    await engine.start()
+    # What start-up built (modules, models, runtimes) lives as long as the process: move it out of the
+    # collector's reach, so full collections under load only walk what serving allocates.
+    gc.collect()
+    gc.freeze()
+
+    interceptor = ErrorMappingInterceptor(_call_observer(engine))
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Port 0 must give this process its own port, never one another process shares.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = aio.server(interceptors=[interceptor], options=options)
+    streams = StreamRegistry()
+    health = health_aio.HealthServicer()
+    holder: dict[str, RunningServer] = {}
+
+    def on_reload(specs: list[Any]) -> None:
+        running = holder.get("server")
+        if running is not None:
+            asyncio.ensure_future(running.set_models(s.name for s in specs))
+
+    add_native(RecurrentServicer(engine, streams, on_reload=on_reload), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    kserve_servicer = kserve.add_to_server(server, engine, ready=lambda: holder["server"].is_serving())
+    services = [NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+
+    try:
+        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        httpd, metrics_port = _start_metrics_http(settings, registry)
+    except (RuntimeError, OSError) as exc:
+        await engine.stop()
+        raise SystemExit(
+            f"cannot bind {settings.grpc_host}:{settings.grpc_port} (gRPC) or port {settings.metrics_port} "
+            f"(metrics): {exc}"
+        ) from exc
+    running = RunningServer(
+        settings=settings,
+        server=server,
+        engine=engine,
+        health=health,
+        streams=streams,
+        interceptor=interceptor,
+        port=port,
+        metrics_port=metrics_port,
+        kserve=kserve_servicer,
+        _metrics_http=httpd,
+    )
+    holder["server"] = running
+    # Statuses are in place before the first RPC can arrive.
+    for name in ["", *services]:
+        await health.set(name, SERVING)
+    await running.set_models(s.name for s in engine.list_models())
+    await server.start()
+    if settings.repository_poll_s > 0:
+        running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
+    return running
+
+
+def _announce(running: RunningServer) -> None:
+    models = ", ".join(f"{s.name}:{s.version}" for s in running.engine.list_models()) or "(none)"
+    metrics = (
+        f"http://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+        if running.metrics_port
+        else "off"
+    )
+    print(
+        f"rnnserve listening: gRPC {running.settings.grpc_host}:{running.port} | metrics {metrics} | "
+        f"models {models} | repository {running.settings.model_repository}",
+        flush=True,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain within settings.drain_grace_s."""
+    running = await start(settings)
+    _announce(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"rnnserve draining (grace {settings.drain_grace_s:g}s)", flush=True)
+    await running.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: `rnnserve-server` / `python -m service.server` (flags: see --help)."""
+    settings = load_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

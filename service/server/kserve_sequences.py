@@ -1,0 +1,252 @@
+"""Triton's sequence extension over the Engine: `(model, sequence_id)` -> engine session, in arrival order.
+
+`sequence_start` opens (or restarts) an engine session, `sequence_end` closes it after that step, and the
+requests of one sequence apply one at a time in arrival order. Every step is sent to the engine as "the next
+step" of the session (seq None): the session's own FIFO orders them, so nothing here counts steps and a
+cancelled request can never desynchronise a sequence.
+
+Fast path (`submit`): a plain step of a live sequence (no start or end flag, nobody holding the sequence's
+lock) goes straight to `Engine.submit`, with no task or lock. Starts, ends and restarts take the slow path,
+one FIFO lock per sequence. Used by the KServe servicer (`service/server/kserve.py`); protocol-free apart
+from the typed errors it raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.core.engine import Engine
+from service.errors import InvalidArgument, NotFound
+from service.server.kserve_convert import SequenceControl
+
+SequenceKey = tuple[str, int | str]
+ENDED = "ended by sequence_end"
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    """One live Triton sequence: the engine session behind it and the model version it runs on."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session_id: str | None = None
+    version: int = 0
+    retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceOutcome:
+    """Outputs of one sequence step `(T, ...)` without the batch axis, and the model version that ran it."""
+
+    outputs: dict[str, np.ndarray]
+    version: int
+
+
+def _consume_result(task: asyncio.Task[Any]) -> None:
+    """Retrieve a shielded task's outcome so an abandoned one never logs 'exception was never retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _task_result(task: asyncio.Future[Any]) -> SequenceOutcome:
+    return task.result()  # type: ignore[no-any-return]
+
+
+def _describe_id(sequence_id: int | str) -> str:
+    return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
+
+
+class SequenceTable:
+    """Map (model, sequence_id) to an engine session; apply the requests of one sequence in arrival order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._live: dict[SequenceKey, _Sequence] = {}
+        self._slow: dict[SequenceKey, int] = {}  # requests per sequence on the slow path, not yet done
+        # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
+        self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
+        self._max_gone = engine.settings.max_tombstones
+        # Sequences whose session the engine expired are forgotten at most this often (on a start request).
+        self._sweep_every_s = engine.settings.sweep_interval_s
+        self._last_sweep = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def live_version(self, model: str, sequence_id: int | str) -> int | None:
+        """Model version a live sequence runs on (it stays pinned there when a newer version loads)."""
+        entry = self._live.get((model, sequence_id))
+        return None if entry is None or entry.session_id is None else entry.version
+
+    def submit(
+        self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Any]]:
+        """Start one request of a sequence now; return its future and the function that reads its outcome.
+
+        The fast path queues a plain step directly in the engine; everything else runs `step` as a task.
+        """
+        key: SequenceKey = (model, ctl.sequence_id)  # type: ignore[assignment]
+        entry = None if ctl.start or ctl.end or key in self._slow else self._live.get(key)
+        if (
+            entry is not None
+            and entry.session_id is not None
+            and not entry.lock.locked()
+            and (version is None or version == entry.version)
+        ):
+            fut = self._engine.submit(entry.session_id, None, inputs)
+            return fut, lambda f: self._outcome(key, entry, f)
+        # A request of this sequence on the slow path has not reached the engine yet: later ones of the same
+        # sequence follow it there (the sequence lock is FIFO), never overtake it on the fast path.
+        self._slow[key] = self._slow.get(key, 0) + 1
+        task = asyncio.ensure_future(self.step(model, version, ctl, inputs))
+        task.add_done_callback(lambda _t: self._slow_done(key))
+        return task, _task_result
+
+    def _slow_done(self, key: SequenceKey) -> None:
+        left = self._slow[key] - 1
+        if left:
+            self._slow[key] = left
+        else:
+            del self._slow[key]
+
+    def _outcome(self, key: SequenceKey, entry: _Sequence, fut: asyncio.Future[Any]) -> SequenceOutcome:
+        try:
+            result = fut.result()
+        except NotFound as exc:
+            raise self._ended(key, entry, exc) from exc
+        return SequenceOutcome(result.outputs, entry.version)
+
+    def _ended(self, key: SequenceKey, entry: _Sequence, exc: NotFound) -> NotFound:
+        """Retire a sequence whose session is gone; the error says why and how to start again."""
+        self._retire(key, entry, exc.reason)
+        model, sequence_id = key
+        return NotFound(
+            f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
+            f"{exc.message}; start it again with sequence_start=true",
+            reason=exc.reason,
+        )
+
+    async def step(
+        self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> SequenceOutcome:
+        """Apply one request of a sequence: start/restart, step, end. Inputs have no batch axis.
+
+        The work runs in its own task, shielded from the caller's cancellation, so a start or an end that
+        reached the engine completes (the session is opened or closed) even if the client hung up meanwhile.
+        """
+        if ctl.sequence_id is None:
+            raise InvalidArgument("a sequence step needs a sequence_id")
+        key: SequenceKey = (model, ctl.sequence_id)
+        if ctl.start:
+            self._sweep()
+        task = asyncio.create_task(self._ordered_step(key, version, ctl, inputs))
+        task.add_done_callback(_consume_result)
+        return await asyncio.shield(task)
+
+    async def _ordered_step(
+        self, key: SequenceKey, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> SequenceOutcome:
+        # No await before the lock: tasks start in creation order, reach it in arrival order, and
+        # asyncio.Lock is FIFO.
+        while True:
+            entry = self._live.get(key)
+            if entry is None:
+                if not ctl.start:
+                    raise self._not_active(key)
+                self._gone.pop(key, None)
+                entry = self._live[key] = _Sequence()
+            async with entry.lock:
+                if entry.retired:
+                    continue
+                return await self._locked_step(key, entry, version, ctl, inputs)
+
+    async def _locked_step(
+        self,
+        key: SequenceKey,
+        entry: _Sequence,
+        version: int | None,
+        ctl: SequenceControl,
+        inputs: dict[str, np.ndarray],
+    ) -> SequenceOutcome:
+        model, sequence_id = key
+        if ctl.start:
+            if entry.session_id is not None:
+                await self._close_quietly(entry.session_id)
+                entry.session_id = None
+            try:
+                info = await self._engine.create_session(model, version, protocol="kserve")
+            except BaseException:
+                self._retire(key, entry, None)  # never started: later requests hear "not active"
+                raise
+            entry.session_id, entry.version = info.session_id, info.version
+        elif version is not None and version != entry.version:
+            raise InvalidArgument(
+                f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
+                f"not {version}; leave model_version empty or restart the sequence"
+            )
+        session_id = entry.session_id
+        if session_id is None:  # unreachable: only a start request creates an entry, and it opens the session
+            raise self._not_active(key)
+        try:
+            result = await self._engine.step(session_id, None, inputs)
+        except NotFound as exc:
+            raise self._ended(key, entry, exc) from exc
+        if ctl.end:
+            self._retire(key, entry, ENDED)
+            await self._close_quietly(session_id)
+        return SequenceOutcome(result.outputs, entry.version)
+
+    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str | None) -> None:
+        entry.retired = True
+        if self._live.get(key) is entry:
+            del self._live[key]
+            self._gone.pop(key, None)
+            if reason is not None:
+                self._gone[key] = reason
+                while len(self._gone) > self._max_gone:
+                    self._gone.popitem(last=False)
+
+    def _not_active(self, key: SequenceKey) -> Exception:
+        model, sequence_id = key
+        reason = self._gone.get(key)
+        name = f"sequence {_describe_id(sequence_id)} of model {model!r}"
+        if reason is None or reason == ENDED:
+            why = "was ended by sequence_end" if reason == ENDED else "is not active"
+            # Triton answers INVALID_ARGUMENT here too ("must specify the START flag ...").
+            return InvalidArgument(f"{name} {why}: its first request must set sequence_start=true")
+        return NotFound(
+            f"{name} has ended ({reason}); start it again with sequence_start=true", reason=reason
+        )
+
+    async def _close_quietly(self, session_id: str) -> None:
+        try:
+            await self._engine.close(session_id)
+        except NotFound:
+            pass  # already expired or evicted: nothing left to release
+
+    def _sweep(self) -> None:
+        """Forget sequences whose engine session expired (clients that never sent sequence_end)."""
+        now = time.monotonic()
+        if now - self._last_sweep < self._sweep_every_s:
+            return
+        self._last_sweep = now
+        for key, entry in list(self._live.items()):
+            if entry.session_id is None or entry.lock.locked():
+                continue
+            try:
+                self._engine.describe(entry.session_id)
+            except NotFound as exc:
+                self._retire(key, entry, exc.reason)
+
+    async def close_all(self) -> None:
+        """End every live sequence (server shutdown)."""
+        for key, entry in list(self._live.items()):
+            self._retire(key, entry, "shutdown")
+            if entry.session_id is not None:
+                await self._close_quietly(entry.session_id)

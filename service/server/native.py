@@ -1,0 +1,367 @@
+"""The native gRPC servicer (`rnnserve.v1.RecurrentService`): convert the request, call the engine, convert.
+
+Errors are raised as `ServeError`s and mapped to gRPC statuses in exactly one place
+(`service.server.interceptors`).
+Streaming handlers write with `await context.write(...)` rather than yielding: the handler coroutine then owns
+every await point, so a drain can cancel an idle stream and turn that into UNAVAILABLE "server draining;
+reconnect" (see `StreamRegistry`). Measured here (bidi echo, 32 streams, separate client process, median of 6
+runs on the shared 2-core machine): 8.0k msgs/s with `context.write` vs 7.4k with `yield`, equal within noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service import wire
+from service.core.engine import Engine, ModelSpec, StepCall, StepResult
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
+from service.proto import rnnserve_pb2 as pb
+from service.proto import rnnserve_pb2_grpc as pb_grpc
+from service.server.interceptors import DRAINING_MESSAGE, status_of
+
+MAX_GENERATE_TOKENS = 1 << 20
+
+
+@dataclass(eq=False, slots=True)
+class _OpenStream:
+    task: asyncio.Task[Any] | None
+    busy: bool = False
+
+
+@dataclass(slots=True)
+class StreamRegistry:
+    """The open bidi streams of this server, so a drain can end them with UNAVAILABLE.
+
+    A stream that is idle (waiting for the client's next message) is cancelled at once; a stream that is busy
+    with a step finishes that step, writes its answer, and then ends. Either way the client sees UNAVAILABLE
+    with `DRAINING_MESSAGE` and reconnects elsewhere; its session is not closed (the store keeps it).
+    """
+
+    draining: bool = False
+    _open: set[_OpenStream] = field(default_factory=set)
+
+    def enter(self) -> _OpenStream:
+        """Register the current task's stream."""
+        if self.draining:
+            raise Unavailable(DRAINING_MESSAGE)
+        rec = _OpenStream(asyncio.current_task())
+        self._open.add(rec)
+        return rec
+
+    def leave(self, rec: _OpenStream) -> None:
+        """Forget a stream that ended."""
+        self._open.discard(rec)
+
+    def drain(self) -> int:
+        """Refuse new streams, end idle ones now (busy ones after their step); returns how many are open."""
+        self.draining = True
+        for rec in list(self._open):
+            if not rec.busy and rec.task is not None:
+                rec.task.cancel()
+        return len(self._open)
+
+    @property
+    def open_count(self) -> int:
+        """How many streams are open."""
+        return len(self._open)
+
+
+def _versions_of(spec: Any) -> list[int]:
+    return sorted(int(v) for v in (spec.versions or (spec.version,)))
+
+
+class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
+    """`rnnserve.v1.RecurrentService` over an `Engine` (protocol-agnostic core)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        streams: StreamRegistry | None = None,
+        on_reload: Callable[[list[ModelSpec]], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self.streams = streams if streams is not None else StreamRegistry()
+        # Called with the new model list after ReloadRepository (the server updates health statuses).
+        self._on_reload = on_reload
+
+    # ---- models -------------------------------------------------------------------------------------------
+
+    def _model_pb(self, spec: Any) -> pb.ModelInfo:
+        return wire.model_to_pb(spec, _versions_of(spec))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        """List every served model (newest version of each, with its loaded versions)."""
+        return pb.ListModelsResponse(models=[self._model_pb(s) for s in self._engine.list_models()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
+        """Describe one model version (0 = newest)."""
+        name = wire.require(request.name, "name")
+        return self._model_pb(self._engine.get_model(name, wire.optional_version(request.version)))
+
+    async def ReloadRepository(
+        self, request: pb.ReloadRepositoryRequest, context: Any
+    ) -> pb.ReloadRepositoryResponse:
+        """Rescan the model repository now; open sessions stay on their versions."""
+        reload = getattr(self._engine, "reload", None)
+        if reload is None:
+            raise FailedPrecondition("this server's engine cannot reload its repository")
+        result = reload()
+        if asyncio.iscoroutine(result):
+            await result
+        specs = self._engine.list_models()
+        if self._on_reload is not None:
+            self._on_reload(specs)
+        return pb.ReloadRepositoryResponse(models=[self._model_pb(s) for s in specs])
+
+    # ---- sessions -----------------------------------------------------------------------------------------
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.SessionInfo:
+        """Open a session (optional version, idle TTL and initial state)."""
+        info = await self._engine.create_session(
+            wire.require(request.model, "model"),
+            wire.optional_version(request.version),
+            idle_ttl_s=wire.optional_ttl(request.idle_ttl_s),
+            initial_state=wire.tensors_to_arrays(request.initial_state, "initial_state") or None,
+        )
+        return wire.session_to_pb(info)
+
+    async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
+        """Apply one chunk (seq = last applied + 1; a repeat of the last seq is answered from the cache)."""
+        sid = wire.require(request.session_id, "session_id")
+        res = await self._engine.step(
+            sid, request.seq, wire.tensors_to_arrays(request.inputs), last_only=request.last_only
+        )
+        return pb.StepResponse(
+            session_id=sid, seq=res.seq, outputs=wire.arrays_to_tensors(res.outputs), cached=res.cached
+        )
+
+    async def GetState(self, request: pb.SessionRequest, context: Any) -> pb.GetStateResponse:
+        """Snapshot a session's state as a blob."""
+        blob = await self._engine.get_state(wire.require(request.session_id, "session_id"))
+        return pb.GetStateResponse(blob=blob)
+
+    async def SetState(self, request: pb.SetStateRequest, context: Any) -> pb.SessionInfo:
+        """Replace a session's state (and seq) from a blob."""
+        sid = wire.require(request.session_id, "session_id")
+        if not request.blob:
+            raise InvalidArgument("blob is required (a snapshot from GetState)")
+        return wire.session_to_pb(await self._engine.set_state(sid, request.blob))
+
+    async def Fork(self, request: pb.ForkRequest, context: Any) -> pb.SessionInfo:
+        """Open a new session from a copy of another's state."""
+        sid = wire.require(request.session_id, "session_id")
+        info = await self._engine.fork(sid, idle_ttl_s=wire.optional_ttl(request.idle_ttl_s))
+        return wire.session_to_pb(info)
+
+    async def Reset(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
+        """Put a session back to its initial state and seq 0."""
+        return wire.session_to_pb(await self._engine.reset(wire.require(request.session_id, "session_id")))
+
+    async def Close(self, request: pb.SessionRequest, context: Any) -> pb.CloseResponse:
+        """End a session."""
+        await self._engine.close(wire.require(request.session_id, "session_id"))
+        return pb.CloseResponse()
+
+    async def DescribeSession(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
+        """Describe a session (resumed from the shared store if another replica held it)."""
+        return wire.session_to_pb(await self._engine.attach(wire.require(request.session_id, "session_id")))
+
+    # ---- streams ------------------------------------------------------------------------------------------
+
+    async def _open_stream(self, op: pb.StreamOpen) -> Any:
+        if op.session_id:  # attach: resumes from the shared store when another replica held the session
+            return await self._engine.attach(op.session_id)
+        if not op.model:
+            raise InvalidArgument("StreamOpen needs either model (new session) or session_id (attach)")
+        return await self._engine.create_session(
+            op.model,
+            wire.optional_version(op.version),
+            idle_ttl_s=wire.optional_ttl(op.idle_ttl_s),
+            initial_state=wire.tensors_to_arrays(op.initial_state, "initial_state") or None,
+        )
+
+    async def _close_quietly(self, session_id: str) -> None:
+        with contextlib.suppress(NotFound, Unavailable):
+            await self._engine.close(session_id)
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any) -> None:
+        """Bidi: the first message opens or attaches; one answer per message, in order; closes unless keep."""
+        rec = self.streams.enter()
+        session_id = ""
+        keep = False
+        # Bound once per stream: the loop below runs once per message.
+        submit, write, Response = self._engine.submit, context.write, pb.StreamResponse
+        tensors_to_arrays, arrays_to_tensors = wire.tensors_to_arrays, wire.arrays_to_tensors
+        try:
+            async for req in request_iterator:
+                rec.busy = True
+                session = None
+                if not session_id:
+                    if not req.HasField("open"):
+                        raise InvalidArgument(
+                            "the first Stream message must carry `open` (model or session_id)"
+                        )
+                    info = await self._open_stream(req.open)
+                    session_id, keep = info.session_id, req.open.keep
+                    session = wire.session_to_pb(info)
+                elif req.HasField("open"):
+                    raise InvalidArgument("`open` is only allowed in the first Stream message")
+                inputs = req.inputs
+                if inputs:
+                    res = await submit(
+                        session_id, req.seq, tensors_to_arrays(inputs), last_only=req.last_only
+                    )
+                    await write(
+                        Response(
+                            session=session,
+                            seq=res.seq,
+                            outputs=arrays_to_tensors(res.outputs),
+                            cached=res.cached,
+                        )
+                    )
+                else:
+                    await context.write(pb.StreamResponse(session=session))
+                rec.busy = False
+                if self.streams.draining:
+                    raise Unavailable(DRAINING_MESSAGE)
+        except asyncio.CancelledError:
+            if self.streams.draining:
+                raise Unavailable(DRAINING_MESSAGE) from None
+            raise
+        finally:
+            self.streams.leave(rec)
+            # A drain keeps the session (it is flushed to the store so another replica can resume it).
+            if session_id and not keep and not self.streams.draining:
+                await self._close_quietly(session_id)
+
+    async def _step_many(self, req: pb.StepManyRequest) -> pb.StepManyResponse:
+        n = len(req.session_ids)
+        if len(req.seqs) != n:
+            raise InvalidArgument(f"seqs has {len(req.seqs)} entries; expected one per session_id ({n})")
+        batched = wire.tensors_to_arrays(req.inputs)
+        for name, arr in batched.items():
+            if arr.ndim == 0 or arr.shape[0] != n:
+                raise InvalidArgument(
+                    f"input {name!r} has shape {list(arr.shape)}; expected ({n}, ...): one row per session_id"
+                )
+        calls = [
+            StepCall(sid, seq, {k: a[i] for k, a in batched.items()})
+            for i, (sid, seq) in enumerate(zip(req.session_ids, req.seqs, strict=True))
+        ]
+        results = await self._engine.step_many(calls, last_only=req.last_only)
+        return _many_response(req, results)
+
+    async def StreamMany(self, request_iterator: AsyncIterator[pb.StepManyRequest], context: Any) -> None:
+        """Multiplexed bidi: each message steps many sessions at once; per-session errors travel in-band."""
+        rec = self.streams.enter()
+        try:
+            async for req in request_iterator:
+                rec.busy = True
+                await context.write(await self._step_many(req))
+                rec.busy = False
+                if self.streams.draining:
+                    raise Unavailable(DRAINING_MESSAGE)
+        except asyncio.CancelledError:
+            if self.streams.draining:
+                raise Unavailable(DRAINING_MESSAGE) from None
+            raise
+        finally:
+            self.streams.leave(rec)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> None:
+        """Stream sampled tokens as the engine samples them, on an existing or a fresh session."""
+        if request.n_tokens < 1 or request.n_tokens > MAX_GENERATE_TOKENS:
+            raise InvalidArgument(f"n_tokens must be in [1, {MAX_GENERATE_TOKENS}]; got {request.n_tokens}")
+        if request.prime_ids and request.prime_text:
+            raise InvalidArgument("give the prime as prime_ids or prime_text, not both")
+        engine = self._engine
+        if request.session_id:
+            info = await engine.attach(request.session_id)
+            seq = request.seq or info.last_seq + 1
+            owned = False
+        elif request.model:
+            # The edge opens the session itself so that it can report the id and close it (unless keep).
+            info = await engine.create_session(request.model, wire.optional_version(request.version))
+            seq = 1
+            owned = not request.keep
+        else:
+            raise InvalidArgument("Generate needs session_id (continue a session) or model (a fresh one)")
+        sid = info.session_id
+        try:
+            first = True
+            tokens = engine.generate(
+                session_id=sid,
+                seq=seq,
+                prime_ids=list(request.prime_ids) or None,
+                prime_text=request.prime_text or None,
+                n=request.n_tokens,
+                temperature=float(request.temperature),
+                top_k=int(request.top_k),
+                seed=int(request.seed),
+            )
+            # aclosing: a cancelled call releases the session (and rolls its state back) at once.
+            async with contextlib.aclosing(tokens):  # type: ignore[type-var]  # an async generator
+                async for token in tokens:
+                    await context.write(
+                        pb.GenerateResponse(
+                            session_id=sid if first else "", seq=seq, token_id=token.token_id, text=token.text
+                        )
+                    )
+                    first = False
+        finally:
+            if owned:
+                await self._close_quietly(sid)
+
+
+def _many_response(req: pb.StepManyRequest, results: list[StepResult | ServeError]) -> pb.StepManyResponse:
+    """Stack per-session results into (N, ...) outputs; failed rows carry their status in-band."""
+    n = len(results)
+    codes = [0] * n
+    messages = [""] * n
+    cached = [False] * n
+    first: StepResult | None = None
+    for i, r in enumerate(results):
+        if isinstance(r, ServeError):
+            code, messages[i] = status_of(r)
+            codes[i] = code.value[0]
+        elif first is None:
+            first = r
+    outputs: list[pb.Tensor] = []
+    if first is not None:
+        shapes = {k: (v.shape, v.dtype) for k, v in first.outputs.items()}
+        stacked = {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+        for i, r in enumerate(results):
+            if isinstance(r, ServeError):
+                continue
+            if {k: (v.shape, v.dtype) for k, v in r.outputs.items()} != shapes:
+                # Applied, but its outputs do not stack with the others (another model, or another T): the
+                # chunk is not lost, a Step with the same seq answers it from the cache.
+                codes[i] = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                messages[i] = (
+                    f"chunk seq {r.seq} of session {req.session_ids[i]} was applied, but its outputs do not "
+                    "stack with the first session's (one StreamMany message takes sessions of one model "
+                    f"version); fetch them with Step(seq={r.seq}), which answers from the cache"
+                )
+                continue
+            cached[i] = r.cached
+            for k, arr in r.outputs.items():
+                stacked[k][i] = arr
+        outputs = wire.arrays_to_tensors(stacked)
+    return pb.StepManyResponse(tag=req.tag, outputs=outputs, cached=cached, codes=codes, messages=messages)
+
+
+def add_to_server(servicer: RecurrentServicer, server: grpc.aio.Server) -> None:
+    """Register the native service on a grpc.aio server."""
+    pb_grpc.add_RecurrentServiceServicer_to_server(servicer, server)
+
+
+__all__ = ["DRAINING_MESSAGE", "RecurrentServicer", "ServeError", "StreamRegistry", "add_to_server"]

@@ -1,0 +1,196 @@
+"""Redis implementation of the session store seam (`service.stores.base.SessionStore`), redis-py asyncio.
+
+Any replica can resume a session whose owner is gone: after every applied step (or every
+`store_flush_every` steps) the owner writes the session's state, last seq and last response. The hot copy
+stays in the owner's slab; Redis is only read when a replica meets a session it does not hold.
+
+Keys (the `{session_id}` hash tag keeps both keys of a session in one Redis Cluster slot, so the scripts
+below touch a single slot):
+
+    <prefix>:{<session_id>}:rec     hash  blob (stores.snapshot bytes), seq, owner; expires with the session
+    <prefix>:{<session_id>}:lease   string owner replica id, with a TTL of lease_s (SET NX PX semantics)
+
+Ownership. A replica may advance a session only while it holds the lease. `claim` takes the lease when it
+is free or already ours (never from another live holder). `save` is a compare-and-set executed atomically
+in Redis (one Lua script): it writes only if the caller holds the lease, or if the lease has lapsed and
+the caller was also the last writer (an idle session whose lease simply ran out; nobody else can have
+advanced it, since advancing needs a save). Every successful save renews the lease. A replica whose save
+is refused has lost the session: it raises `Aborted` and must not answer the step, so history never forks.
+`release` hands a session over on drain.
+
+What can be lost: with `store_flush_every = N` the store may lag the slab by up to N - 1 applied steps; if
+the owner dies, those steps are gone (a client resuming elsewhere is told the expected seq and re-sends
+them). With N = 1 (the default) the engine saves before it replies, so every reply a client has seen is
+durable, and a retry of that seq on another replica is answered from the stored last response.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from service.config import Settings
+from service.errors import Aborted, Unavailable
+from service.stores import snapshot
+from service.stores.base import SessionRecord, SessionStore
+
+# KEYS: rec, lease. ARGV: owner, lease_ms, seq, blob, record_ttl_ms.
+# Returns {1, owner} when written, {0, holder} when another replica owns the session.
+_SAVE = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {0, holder} end
+if not holder then
+  local last_writer = redis.call('HGET', KEYS[1], 'owner')
+  if last_writer and last_writer ~= ARGV[1] then return {0, last_writer} end
+end
+redis.call('HSET', KEYS[1], 'blob', ARGV[4], 'seq', ARGV[3], 'owner', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {1, ARGV[1]}
+"""
+
+# KEYS: lease. ARGV: owner, lease_ms. 1 = taken or renewed, 0 = another holder.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: owner. 1 = released, 0 = not ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class RedisStore(SessionStore):
+    """Sessions in Redis with an ownership lease per session (see the module docstring)."""
+
+    persistent = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_s: float = 30.0,
+        hmac_key: bytes | None = None,
+        prefix: str = "rnnserve",
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        """Connect lazily to `url` (redis://host:port/db); `hmac_key` signs the stored blobs."""
+        self.url = url
+        self.lease_s = lease_s
+        self.prefix = prefix
+        self._key = hmac_key
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+        )
+        self._save = self._redis.register_script(_SAVE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._release = self._redis.register_script(_RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisStore:
+        """Build the store the server uses when `settings.store == "redis"`."""
+        key = settings.state_hmac_key.encode() if settings.state_hmac_key else None
+        return cls(settings.redis_url, lease_s=settings.lease_s, hmac_key=key)
+
+    def _rec(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:rec"
+
+    def _lease(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:lease"
+
+    def _unreachable(self, exc: Exception) -> Unavailable:
+        kind = type(exc).__name__
+        return Unavailable(f"session store at {self.url} is unreachable ({kind}); retry shortly")
+
+    async def ping(self) -> None:
+        """Raise `Unavailable` unless Redis answers (used at start-up, so a bad URL fails fast)."""
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def save(self, record: SessionRecord) -> None:
+        """Write the record if `record.owner` holds (or may retake) the lease; renew the lease.
+
+        Raises `Aborted` when another replica owns the session: the caller must not answer the step.
+        """
+        if not record.owner:
+            raise ValueError("RedisStore.save needs record.owner (the replica id that holds the lease)")
+        blob = snapshot.encode(record, self._key)
+        # The record outlives an idle session by one lease, so a replica can still tell why it is gone.
+        ttl_ms = _ms(record.idle_ttl_s + self.lease_s)
+        keys = [self._rec(record.session_id), self._lease(record.session_id)]
+        args: list[str | int | bytes] = [record.owner, _ms(self.lease_s), record.last_seq, blob, ttl_ms]
+        try:
+            ok, holder = await self._save(keys=keys, args=args)
+        except NoScriptError:  # redis-py reloads scripts itself; this covers a SCRIPT FLUSH race
+            ok, holder = await self._save(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+        if not ok:
+            holder_id = holder.decode() if isinstance(holder, bytes) else str(holder)
+            raise Aborted(
+                f"session {record.session_id} is owned by replica {holder_id}; replica {record.owner} "
+                f"lost its lease and did not apply seq {record.last_seq}: reconnect to resume the session"
+            )
+
+    async def load(self, session_id: str) -> SessionRecord | None:
+        """Return the stored record (state, last seq, last outputs), or None if there is none."""
+        try:
+            blob = await self._redis.hget(self._rec(session_id), "blob")
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+        if blob is None:
+            return None
+        return snapshot.decode(blob if isinstance(blob, bytes) else blob.encode("latin-1"), self._key)
+
+    async def delete(self, session_id: str) -> None:
+        """Forget a session and its lease (closed or expired)."""
+        try:
+            await self._redis.delete(self._rec(session_id), self._lease(session_id))
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def claim(self, session_id: str, owner: str, lease_s: float) -> bool:
+        """Take or renew the lease if it is free or `owner`'s; False if another replica holds it.
+
+        `lease_s <= 0` gives the lease up instead (what the engine does on shutdown): same as `release`.
+        """
+        if lease_s <= 0:
+            await self.release(session_id, owner)
+            return True
+        try:
+            return bool(await self._claim(keys=[self._lease(session_id)], args=[owner, _ms(lease_s)]))
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def release(self, session_id: str, owner: str) -> bool:
+        """Give the lease up (drain/handover) if `owner` holds it, so another replica can claim at once."""
+        try:
+            return bool(await self._release(keys=[self._lease(session_id)], args=[owner]))
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def lease_holder(self, session_id: str) -> str | None:
+        """Who holds the session's lease now (diagnostics and tests)."""
+        try:
+            holder = await self._redis.get(self._lease(session_id))
+        except (RedisError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+        if holder is None:
+            return None
+        return holder.decode() if isinstance(holder, bytes) else str(holder)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
