@@ -209,13 +209,13 @@ def drive(addresses: list[str], seconds: float, workers: int = 4) -> None:
         t.join(10)
 
 
-def panel_queries(dashboard: dict, rate_interval: str) -> list[tuple[dict, dict, str]]:
+def panel_queries(dashboard: dict, rate_interval: str, model: str = ".*") -> list[tuple[dict, dict, str]]:
     """(panel, target, PromQL with Grafana's variables filled in) for every panel target."""
     out = []
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             expr = target["expr"].replace("$__rate_interval", rate_interval)
-            expr = expr.replace("$namespace", ".*").replace("$model", ".*")
+            expr = expr.replace("$namespace", ".*").replace("$model", model)
             out.append((panel, target, expr))
     return out
 
@@ -242,7 +242,8 @@ def run(seconds: float, workdir: Path) -> Preview:
         time.sleep(3)  # idle sessions expire; the last scrapes and rule evaluations land
         preview.end = time.time()
         rate = "5s" if seconds < 30 else "10s"
-        for panel, target, expr in panel_queries(dashboard, rate):
+        # The dashboard's model variable set to the model under load (the repository holds idle ones too).
+        for panel, target, expr in panel_queries(dashboard, rate, model="default"):
             preview.panels[(panel["title"], target["refId"])] = prometheus.query_range(
                 expr, preview.start, preview.end
             )

@@ -61,7 +61,7 @@ def _tools() -> None:
 def built(tmp_path_factory) -> dict:
     _tools()
     out = tmp_path_factory.mktemp("image") / "build.json"
-    started = time.monotonic()
+    started, load = time.monotonic(), os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "deploy" / "local_image.py"), "--tag", TAG, "--json", str(out)],
         cwd=ROOT,
@@ -72,6 +72,7 @@ def built(tmp_path_factory) -> dict:
     assert proc.returncode == 0, f"image build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     info = json.loads(out.read_text())
     info["started"] = started
+    info["load_average"] = round(load, 1)  # 1-minute load average when the build started
     os.environ["CONTAINERS_CONF"] = info["containers_conf"]
     return info
 
@@ -365,6 +366,8 @@ def test_image_size_and_report(built):
         "base_seconds": built["base_seconds"],
         "build_seconds": built["build_seconds"],
         "module_seconds": round(time.monotonic() - built["started"], 1),
+        "load_average": built["load_average"],
+        "cpus": os.cpu_count(),
     }
     runs_file = REPORT.with_suffix(".json")
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
@@ -394,6 +397,12 @@ def render_report(runs: dict) -> str:
         ("base image step", lambda r: f"{r['base_seconds']:.0f} s"),
         ("`buildah build`", lambda r: f"{r['build_seconds']:.0f} s"),
         ("`make image-check`'s tests (build, run, checks)", lambda r: f"{r['module_seconds']:.0f} s"),
+        (
+            "load average when the build started (other work on the machine)",
+            lambda r: (
+                f"{r['load_average']:.1f} on {r['cpus']} cores" if "load_average" in r else "not recorded"
+            ),
+        ),
     ]
     lines = ["| | " + " | ".join(head[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += ["| " + label + " | " + " | ".join(f(runs[c]) for c in cols) + " |" for label, f in rows]
