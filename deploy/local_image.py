@@ -6,7 +6,7 @@
    the Debian mirror apt already uses here (read from /etc/apt/sources.list*), imported with `podman import`.
    It stands in for the official `python:3.11-slim` base (the Dockerfile's default, unchanged): both are
    Debian bookworm with CPython 3.11. The root filesystem is cached as a tarball in the cache folder and the
-   imported image stays in the local container storage, so only the first run pays for debootstrap (1-2 min).
+   imported image stays in the local container storage, so only the first run pays for debootstrap.
    The base also trusts the CA certificates this machine added (/usr/local/share/ca-certificates), so the
    build's `pip install` reaches PyPI through the same TLS setup as the host's pip.
 2. `buildah build --isolation chroot --layers --build-arg PYTHON_IMAGE=<base> -f deploy/Dockerfile .`: no
@@ -141,7 +141,7 @@ def base_image(cache: Path, mirror: str) -> tuple[str, bool, float]:
     if not cached:
         with tempfile.TemporaryDirectory(dir=cache, prefix="rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs"
-            _say(f"debootstrap --variant=minbase {SUITE} from {mirror} (about 1.5 min) ...")
+            _say(f"debootstrap --variant=minbase {SUITE} from {mirror} ...")
             _run(
                 [
                     "debootstrap",
