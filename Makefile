@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean
+.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -22,6 +22,12 @@ help:
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite (not part of make test)"
 	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
+	@echo "make image-check   build deploy/Dockerfile here (debootstrap base + buildah, cached) and run its checks"
+	@echo "make image-clean   remove the image-check cache (base rootfs tarball) and its local images"
+	@echo "make monitoring-check  promtool check/test the alert rules; dashboard + rules metrics vs a live server"
+	@echo "make dashboard-preview  draw the dashboard's panels from a real Prometheus + two loaded replicas (PNG)"
+	@echo "make node-client   run the Node.js client's test against a real server (clients/node)"
+	@echo "make perf-analyzer ARGS='...'  Triton's perf_analyzer from the venv, its libraries found (docs/triton.md)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,10 +54,15 @@ protos: $(PROTO_OUT)
 serve: install protos
 	$(PY) -m service.server --model-repository $(REPOSITORY)
 
-# Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer).
-APT_PACKAGES := redis-server libb64-0d
+# Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer),
+# buildah podman debootstrap (make image-check: build and run the image without a docker engine), prometheus
+# (its promtool checks and unit-tests the alert rules). Node.js and npm (the Node client's test) only when the
+# machine has no `node`/`npm` at all (an existing install, e.g. from another apt source, is kept).
+APT_PACKAGES := redis-server libb64-0d buildah podman debootstrap prometheus
+NODE_PACKAGES := nodejs npm
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	{ command -v node >/dev/null && command -v npm >/dev/null; } || missing="$$missing $(NODE_PACKAGES)"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
@@ -123,3 +134,36 @@ default-model: data
 # Long-time-lag experiment (adding problem, every family x lag; docs/results/long_lag.*). Not part of make test.
 experiment: install-dev
 	$(PY) -m models.experiment
+
+# --- the image, monitoring, other-language client, perf_analyzer ----------------------------------------------
+# Build deploy/Dockerfile on this machine without a docker engine and check the image by running it (also part of
+# `make test`): debootstrap a Debian bookworm base once (cached in $(IMAGE_CACHE) and in the container storage),
+# `buildah build` with layer caching, then tests/deploy/test_image.py. Writes docs/deploy/image.md (README).
+IMAGE_CACHE ?= /var/cache/rnnserve-image
+image-check: system-deps install-dev protos
+	RNNSERVE_IMAGE_CACHE=$(IMAGE_CACHE) RNNSERVE_IMAGE_REPORT=1 $(PY) -m pytest -q tests/deploy/test_image.py
+	$(PY) docs/sync_readme.py
+	$(PY) -c "import pathlib, sys; sys.path.insert(0, 'docs'); import sync_readme as s; \
+	  p = pathlib.Path('docs/deploy.md'); p.write_text(s.render(p.read_text()))"
+
+image-clean:
+	export CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf; \
+	podman images --format '{{.Repository}}:{{.Tag}}' | grep -E '^localhost/rnnserve(-base)?:' | xargs -r podman rmi --force; \
+	podman image prune --force >/dev/null; \
+	rm -rf $(IMAGE_CACHE)
+
+# Alert rules (promtool check + unit tests) and the dashboard's and rules' metric names against a live server.
+monitoring-check: system-deps install-dev protos
+	$(PY) -m pytest -q tests/deploy/test_monitoring.py tests/deploy/test_dashboard_live.py
+
+# The dashboard's panels drawn from a real Prometheus scraping two replicas under load (~2 min): docs/deploy/dashboard.png
+dashboard-preview: system-deps install-dev protos
+	$(PY) deploy/dashboard_preview.py
+
+node-client: system-deps install-dev protos
+	$(PY) -m pytest -q tests/clients/test_node_client.py
+
+# Triton's perf_analyzer (tritonclient wheel) with its shared libraries found: make perf-analyzer ARGS='-m default ...'
+ARGS ?= --help
+perf-analyzer: install-dev
+	RNNSERVE_PYTHON=$(abspath $(PY)) deploy/perf_analyzer $(ARGS)

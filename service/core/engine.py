@@ -73,6 +73,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
+        self.metrics.max_sessions.set(settings.max_sessions)
         self.store = store if store is not None else self._default_store(settings)
         self.executor = ThreadPoolExecutor(settings.ort_executor_threads, thread_name_prefix="ort")
         self.background = Background()
