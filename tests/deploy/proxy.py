@@ -3,9 +3,10 @@
 In Kubernetes, `deploy/components/haproxy/haproxy.cfg` finds the server pods by resolving the headless Service
 `rnnserve-headless.rnnserve.svc.cluster.local` (one A record per ready pod) through the cluster DNS. Here the
 same file runs unchanged: `ClusterDNS` is a dnsmasq that answers that very name with one loopback address per
-replica (127.0.0.2, 127.0.0.3, ...: the replicas share one port, as pods do), and `start_haproxy` sets only the
-address variables the file declares (upstream port, nameserver, listening ports). Adding or removing a replica is
-rewriting the host list and sending dnsmasq SIGHUP, which is what an endpoint change does to the cluster DNS.
+replica (127.0.0.2, 127.0.0.3, ...: the replicas share one port, as pods do), and `start_haproxy` sets only
+the address variables the file declares (upstream port, nameserver, listening ports). Adding or removing a
+replica is rewriting the host list and sending dnsmasq SIGHUP, which is what an endpoint change does to the
+cluster DNS.
 
 `RoutingRecorder` is a client interceptor that reads the `x-rnnserve-replica` trailing metadata of every call
 (`service.interceptors.REPLICA_HEADER`), so each call's serving replica is observed from the client's side.
@@ -44,7 +45,8 @@ def need(binary: str, package: str) -> str:
     path = shutil.which(binary)
     if path is None:
         pytest.fail(
-            f"{binary} is not installed (Debian package `{package}`; `make system-deps` and .ci/run install it)",
+            f"{binary} is not installed (Debian package `{package}`; `make system-deps` and .ci/run "
+            "install it)",
             pytrace=False,
         )
     return path
@@ -296,7 +298,7 @@ class RoutingRecorder(
 
 
 class ObservedClient(Client):
-    """The library's `Client`, with every call going through a `RoutingRecorder` (retries and failovers too)."""
+    """The library's `Client`, every call (retries and failovers too) going through a `RoutingRecorder`."""
 
     def __init__(self, *args: Any, recorder: RoutingRecorder, **kwargs: Any) -> None:
         self.recorder = recorder
