@@ -468,14 +468,13 @@ class Scenario:
         client_errors = len(self.errors) - errors_before
         if client_errors:
             raise RuntimeError(f"drain: {client_errors} client errors; first: {self.errors[errors_before]!r}")
-        self._phase_calls("drain")
-        self.cluster.publish(
-            [
-                n
-                for n in self.cluster.replicas
-                if n != victim and self.cluster.replicas[n].process.poll() is None
-            ]
-        )
+        # The sessions that finished their rounds before the SIGTERM have not met the drain yet: one more round
+        # for everyone, once the victim is gone from the DNS answer (as Kubernetes drops the endpoint).
+        time.sleep(0.2)
+        self.recorder.take()
+        alive = [n for n, r in self.cluster.replicas.items() if n != victim and r.process.poll() is None]
+        self.cluster.publish(alive)
+        self.drive_all("after drain")
         moved_others = sum(
             1 for d in self.sessions if d.key not in on_victim and d.replicas[-1] != before[d.key]
         )
