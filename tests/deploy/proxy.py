@@ -190,7 +190,11 @@ def start_haproxy(workdir: Path, upstream_port: int, dns: ClusterDNS, name: str 
         log = workdir / f"{name}.log"
         out = log.open("w")
         proc = subprocess.Popen(
-            [binary, "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=out, stderr=subprocess.STDOUT
+            [binary, "-db", "-f", str(HAPROXY_CFG)],
+            cwd=HAPROXY_CFG.parent,  # as the pod runs it (workingDir: the ConfigMap mount)
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         out.close()
         proxy = HAProxy(proc, port, probes, log)

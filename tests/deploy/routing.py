@@ -1,15 +1,15 @@
 """Sessions through the real front proxy: affinity, spread, scale-out, crash, drain, and the proxy's cost.
 
 One scenario, run short by `tests/deploy/test_proxy_routing.py` (in `make test`) and in full by
-`deploy/proxy_report.py` (`make proxy-check`), against real processes only: a redis-server (the shared session
-store), server replicas (`python -m service.server`, store=redis, one loopback address each, one port, as pods),
-dnsmasq answering the headless Service's name (the cluster DNS), and HAProxy running the shipped
-`deploy/components/haproxy/haproxy.cfg`. Clients are the library's `Client` (native unary `Step` and `Stream`)
-and tritonclient (KServe sequences, with the affinity header in `headers=`); every reply's trailing metadata
-`x-rnnserve-replica` says which replica served it.
+`deploy/proxy_report.py` (`make proxy-check`), against real processes only: a redis-server (the shared
+session store), server replicas (`python -m service.server`, store=redis, one loopback address each, one
+port, as pods), dnsmasq answering the headless Service's name (the cluster DNS), and HAProxy running the
+shipped `deploy/components/haproxy/haproxy.cfg`. Clients are the library's `Client` (native unary `Step` and
+`Stream`) and tritonclient (KServe sequences, with the affinity header in `headers=`); every reply's trailing
+metadata `x-rnnserve-replica` says which replica served it.
 
-Phases (every native session takes part in each; outputs are compared at the end with one ONNX Runtime pass over
-each session's whole history, so a step lost or applied twice anywhere would show):
+Phases (every native session takes part in each; outputs are compared at the end with one ONNX Runtime pass
+over each session's whole history, so a step lost or applied twice anywhere would show):
 
 1. three replicas: every call of a session (CreateSession, Step, Stream) and of a KServe sequence reaches one
    replica; the sessions spread over the three (max/min);
@@ -297,7 +297,7 @@ class Scenario:
         return checked, len(self.sessions)
 
     def kserve_sequences(self) -> tuple[int, int]:
-        """Phase 1b: KServe sequences via tritonclient with the affinity header; each must stay on one replica."""
+        """Phase 1b: KServe sequences via tritonclient with the affinity header, each on one replica."""
         import tritonclient.grpc as grpcclient
         from tritonclient.grpc import service_pb2_grpc
 
@@ -407,8 +407,8 @@ class Scenario:
         self._each(lambda _w, d: self._step_and_stream(d))
         calls = self._phase_calls(phase)
         for d in self.sessions:
-            # A call that met a dead server is answered by the proxy (no replica) and retried; every call that a
-            # server answered, successfully or not, came from one replica.
+            # A call that met a dead server is answered by the proxy (no replica) and retried; every call
+            # that a server answered, successfully or not, came from one replica.
             served = {c.replica for c in calls[d.key] if c.replica is not None}
             assert len(served) == 1, f"{phase}: session {d.session.id} was served by {calls[d.key]}"
         return before
@@ -468,8 +468,8 @@ class Scenario:
         client_errors = len(self.errors) - errors_before
         if client_errors:
             raise RuntimeError(f"drain: {client_errors} client errors; first: {self.errors[errors_before]!r}")
-        # The sessions that finished their rounds before the SIGTERM have not met the drain yet: one more round
-        # for everyone, once the victim is gone from the DNS answer (as Kubernetes drops the endpoint).
+        # The sessions that finished their rounds before the SIGTERM have not met the drain yet: one more
+        # round for everyone, once the victim is gone from the DNS answer (as Kubernetes drops the endpoint).
         time.sleep(0.2)
         self.recorder.take()
         alive = [n for n, r in self.cluster.replicas.items() if n != victim and r.process.poll() is None]

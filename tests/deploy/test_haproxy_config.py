@@ -26,6 +26,7 @@ from service.config import Settings
 from tests.deploy.proxy import HAPROXY_CFG, haproxy_env, need
 from tests.deploy.test_manifests import Rendered, render, selects
 
+AFFINITY_LUA = HAPROXY_CFG.parent / "affinity.lua"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -87,6 +88,9 @@ def test_the_configmap_ships_the_tested_file_unchanged(prod: Rendered, cfg: str)
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     data = prod.one("ConfigMap", volume["configMap"]["name"])["data"]
     assert data[path.name] == cfg
+    assert data[AFFINITY_LUA.name] == AFFINITY_LUA.read_text()
+    # affinity.lua is loaded by a path relative to the working directory: the mount, as in the tests.
+    assert container["workingDir"] == str(path.parent)
     # The pod sets no variable: every templated address takes its Kubernetes default.
     assert not [e["name"] for e in container.get("env", []) if e["name"].startswith("RNNSERVE_")]
 
@@ -96,12 +100,21 @@ def test_haproxy_accepts_the_file_as_the_pod_and_as_the_tests_run_it(tmp_path: P
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
     tested = {**clean, **haproxy_env(8001, "127.0.0.1:53", 18080, 18081)}
     for env in (clean, tested):
-        out = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [binary, "-c", "-f", str(HAPROXY_CFG)],
+            cwd=HAPROXY_CFG.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         assert "[WARNING]" not in out.stdout + out.stderr, out.stdout + out.stderr
     broken = tmp_path / "broken.cfg"
-    broken.write_text(HAPROXY_CFG.read_text().replace("hash-type consistent", "hash-type consistant"))
-    assert subprocess.run([binary, "-c", "-f", str(broken)], env=clean, capture_output=True).returncode != 0
+    broken.write_text(HAPROXY_CFG.read_text().replace("balance roundrobin", "balance roundrobbin"))
+    run = subprocess.run(
+        [binary, "-c", "-f", str(broken)], cwd=HAPROXY_CFG.parent, env=clean, capture_output=True
+    )
+    assert run.returncode != 0
 
 
 def test_only_addresses_are_templated(cfg: str):
@@ -116,10 +129,16 @@ def test_only_addresses_are_templated(cfg: str):
     }
 
 
-def test_sessions_hash_on_the_client_affinity_header(cfg: str):
+def test_sessions_are_routed_by_the_client_affinity_header(cfg: str):
     backend = directives(cfg, "backend rnnserve")
-    assert one(backend, "balance") == f"balance hdr({AFFINITY_HEADER})"
-    assert one(backend, "hash-type").split()[1] == "consistent", "a scale event must move only a few keys"
+    # The Lua fetch names the server; calls without a key are balanced round robin.
+    assert one(backend, "balance") == "balance roundrobin"
+    assert "http-request set-var(txn.replica) lua.rnnserve_replica" in backend
+    assert one(backend, "use-server") == "use-server %[var(txn.replica)] if { var(txn.replica) -m found }"
+    assert one(directives(cfg, "global"), "lua-load-per-thread").split()[1] == AFFINITY_LUA.name
+    lua = AFFINITY_LUA.read_text()
+    assert f'local HEADER = "{AFFINITY_HEADER}"' in lua
+    assert 'local BACKEND = "rnnserve"' in lua and 'register_fetches("rnnserve_replica"' in lua
     server = one(backend, "default-server").split()
     assert "proto" in server and server[server.index("proto") + 1] == "h2", "gRPC needs HTTP/2 to the pods"
     assert one(directives(cfg, "frontend grpc"), "bind").split()[-2:] == ["proto", "h2"]

@@ -1,7 +1,7 @@
 """Session affinity through the real front proxy (short run; `make proxy-check` runs the full one).
 
-Real processes only: redis-server, three then four server replicas, dnsmasq as the cluster DNS and HAProxy with
-the shipped `deploy/components/haproxy/haproxy.cfg`. See tests/deploy/routing.py for the phases.
+Real processes only: redis-server, three then four server replicas, dnsmasq as the cluster DNS and HAProxy
+with the shipped `deploy/components/haproxy/haproxy.cfg`. See tests/deploy/routing.py for the phases.
 """
 
 from __future__ import annotations
