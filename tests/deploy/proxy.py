@@ -177,8 +177,11 @@ def haproxy_env(upstream_port: int, nameserver: str, port: int, probes_port: int
     }
 
 
-def start_haproxy(workdir: Path, upstream_port: int, dns: ClusterDNS, name: str = "haproxy") -> HAProxy:
-    """Run `haproxy -db -f deploy/components/haproxy/haproxy.cfg`; wait until its probe port answers."""
+def start_haproxy(
+    workdir: Path, upstream_port: int, dns: ClusterDNS, name: str = "haproxy", config: Path = HAPROXY_CFG
+) -> HAProxy:
+    """Run `haproxy -db -f deploy/components/haproxy/haproxy.cfg` (or a variant, for comparisons only) in the
+    component's directory, as the pod does; wait until its probe port answers."""
     binary = need("haproxy", "haproxy")
     import os
     import urllib.request
@@ -190,7 +193,7 @@ def start_haproxy(workdir: Path, upstream_port: int, dns: ClusterDNS, name: str 
         log = workdir / f"{name}.log"
         out = log.open("w")
         proc = subprocess.Popen(
-            [binary, "-db", "-f", str(HAPROXY_CFG)],
+            [binary, "-db", "-f", str(config)],
             cwd=HAPROXY_CFG.parent,  # as the pod runs it (workingDir: the ConfigMap mount)
             env=env,
             stdout=out,

@@ -38,6 +38,7 @@ import onnxruntime as ort
 from service.client import AFFINITY_HEADER, Client, Session, new_affinity_key
 from service.proto import rnnserve_pb2 as pb
 from tests.deploy.proxy import (
+    HAPROXY_CFG,
     Call,
     ClusterDNS,
     HAProxy,
@@ -115,16 +116,24 @@ class Report:
     latency_ms: dict[str, dict[str, float]]
     proxies_disagree_fraction: float | None = None
     seconds: float = 0.0
+    config: str = ""
+    sessions_per_replica_by_phase: dict[str, dict[str, int]] = field(default_factory=dict)
+    latency_samples_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every figure (the raw latency samples left out)."""
+        out = asdict(self)
+        del out["latency_samples_ms"]
+        return out
 
 
 class Cluster:
     """redis + replicas + DNS + HAProxy, all real processes on loopback."""
 
-    def __init__(self, workdir: Path, repository: Path, redis: RedisServer) -> None:
-        self.workdir, self.repository, self.redis = workdir, repository, redis
+    def __init__(
+        self, workdir: Path, repository: Path, redis: RedisServer, config: Path = HAPROXY_CFG
+    ) -> None:
+        self.workdir, self.repository, self.redis, self.config = workdir, repository, redis, config
         self.port = free_port()
         self.replicas: dict[str, Replica] = {}
         self.ips: dict[str, str] = {}
@@ -163,7 +172,7 @@ class Cluster:
         self.start_replicas(names)
         self.dns.addresses = [self.ips[n] for n in names]
         self.dns.start()
-        self.proxies.append(start_haproxy(self.workdir, self.port, self.dns))
+        self.proxies.append(start_haproxy(self.workdir, self.port, self.dns, config=self.config))
 
     @property
     def proxy(self) -> HAProxy:
@@ -214,6 +223,7 @@ class Scenario:
         self.sessions: list[Driven] = []
         self.vocab = reference_logits(cluster.repository, np.zeros(1, dtype=np.int64)).shape[-1]
         self.errors: list[BaseException] = []
+        self.latency_samples_ms: dict[str, list[float]] = {}
 
     def close(self) -> None:
         for c in self.clients:
@@ -384,6 +394,7 @@ class Scenario:
             d.close()
             proxy_client.close()
             direct_client.close()
+        self.latency_samples_ms = times
         out = {k: percentiles(v) for k, v in times.items()}
         for kind in ("unary", "stream"):
             out[f"{kind} added"] = {
@@ -499,7 +510,13 @@ class Scenario:
     def proxies_disagree(self, keys: int = 1000) -> float:
         """Start a second HAProxy on the same DNS answer; the fraction of keys the two route differently."""
         self.progress("second proxy")
-        second = start_haproxy(self.cluster.workdir, self.cluster.port, self.cluster.dns, name="haproxy-2")
+        second = start_haproxy(
+            self.cluster.workdir,
+            self.cluster.port,
+            self.cluster.dns,
+            name="haproxy-2",
+            config=self.cluster.config,
+        )
         self.cluster.proxies.append(second)
         alive = {n for n, r in self.cluster.replicas.items() if r.process.poll() is None}
         probe_keys = [f"k{i}" for i in range(keys)]
@@ -512,17 +529,21 @@ class Scenario:
         return sum(1 for k in probe_keys if ra[k] != rb[k]) / keys
 
 
+PHASES = ("open", "scale-out", "kill", "drain")
+
+
 def run(
     workdir: Path,
     repository: Path,
     redis: RedisServer,
     scale: Scale,
     progress: Callable[[str], None] = lambda _text: None,
-    second_proxy: bool = False,
+    second_proxy: bool = True,
+    config: Path = HAPROXY_CFG,
 ) -> Report:
     """Run every phase; raise AssertionError (with the replica logs) when a check fails."""
     t0 = time.monotonic()
-    cluster = Cluster(workdir, repository, redis)
+    cluster = Cluster(workdir, repository, redis, config)
     first = ["r1", "r2", "r3"]
     try:
         cluster.start(first)
@@ -538,7 +559,7 @@ def run(
             kill_n, kill_others = scenario.kill("r2")
             drain_n, drain_others, code, drain_s = scenario.drain("r3")
             worst = scenario.exactness()
-            disagree = scenario.proxies_disagree() if second_proxy else None
+            disagree = scenario.proxies_disagree(scale.sessions * 4) if second_proxy else None
         finally:
             scenario.close()
     except BaseException as exc:
@@ -574,4 +595,10 @@ def run(
         latency_ms=latency,
         proxies_disagree_fraction=disagree,
         seconds=time.monotonic() - t0,
+        config=config.name,
+        sessions_per_replica_by_phase={
+            phase: dict(sorted(Counter(d.replicas[i] for d in scenario.sessions).items()))
+            for i, phase in enumerate(PHASES)
+        },
+        latency_samples_ms=scenario.latency_samples_ms,
     )
