@@ -151,10 +151,11 @@ def plot(report: routing.Report, out: Path) -> None:
     ax.legend()
     for name, samples in report.latency_samples_ms.items():
         xs = np.sort(samples)
-        bx.plot(
-            xs, np.arange(1, len(xs) + 1) / len(xs), label=name, linestyle="-" if "proxy" in name else "--"
-        )
+        color = "tab:blue" if name.startswith("unary") else "tab:green"
+        style = "-" if "proxy" in name else "--"
+        bx.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=name, color=color, linestyle=style)
     bx.set_xscale("log")
+    bx.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     bx.set_xlabel("round trip per step (ms)")
     bx.set_ylabel("fraction of steps")
     bx.set_title("Same replica, through the proxy and direct (interleaved)")
