@@ -22,12 +22,14 @@ over each session's whole history, so a step lost or applied twice anywhere woul
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +200,11 @@ def reference_logits(repository: Path, tokens: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], feeds)[0][0]
 
 
+def _put_result(results: queue.SimpleQueue[Any], result: Any, error: Any) -> None:
+    """tritonclient's stream callback: queue the result, or the error."""
+    results.put(error if error is not None else result)
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values)
     return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": float(len(a))}
@@ -321,21 +328,31 @@ class Scenario:
             client._client_stub = service_pb2_grpc.GRPCInferenceServiceStub(
                 grpc.intercept_channel(client._channel, recorder)
             )
+
+            def request(k: int) -> list[Any]:
+                tokens = self._chunk()[None, :]
+                inp = grpcclient.InferInput("tokens", list(tokens.shape), "INT64")
+                inp.set_data_from_numpy(tokens)
+                return [inp]
+
             try:
                 for i in range(w, self.scale.sequences, self.scale.workers):
                     headers = {AFFINITY_HEADER: new_affinity_key()}
-                    for k in range(4):
-                        tokens = self._chunk()[None, :]
-                        inp = grpcclient.InferInput("tokens", list(tokens.shape), "INT64")
-                        inp.set_data_from_numpy(tokens)
-                        client.infer(
-                            MODEL,
-                            [inp],
-                            sequence_id=1000 + i,
-                            sequence_start=k == 0,
-                            sequence_end=k == 3,
-                            headers=headers,
-                        )
+                    flags = [dict(sequence_start=k == 0, sequence_end=k == 3) for k in range(4)]
+                    first_unary = 0
+                    if i % 2:
+                        # Odd sequences begin on a KServe stream (headers go with start_stream), then go on
+                        # with unary calls: those find the sequence only on the replica the stream used.
+                        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                        client.start_stream(partial(_put_result, results), headers=headers)
+                        for k in range(2):
+                            client.async_stream_infer(MODEL, request(k), sequence_id=1000 + i, **flags[k])
+                        got = [results.get(timeout=30) for _ in range(2)]
+                        client.stop_stream()
+                        assert all(not isinstance(g, Exception) for g in got), got
+                        first_unary = 2
+                    for k in range(first_unary, 4):
+                        client.infer(MODEL, request(k), sequence_id=1000 + i, headers=headers, **flags[k])
             except BaseException as exc:
                 self.errors.append(exc)
             finally:
@@ -348,9 +365,11 @@ class Scenario:
             t.join()
         if self.errors:
             raise RuntimeError(f"kserve: {self.errors[0]!r}")
+        time.sleep(0.2)  # a stream's call reports when it has ended
         for key, calls in RoutingRecorder.by_key(recorder.take()).items():
             served = [c.replica for c in calls]
-            assert len(served) == 4 and None not in served, (key, served)
+            streams = sum(c.method == "ModelStreamInfer" for c in calls)
+            assert len(served) == 4 - streams * 2 + streams and None not in served, (key, calls)
             assert len(set(served)) == 1, f"KServe sequence {key} was served by {served}"
             on_one += 1
             checked += len(served)
