@@ -40,7 +40,12 @@ ROUTING_LINES = (
     "    http-request set-var(txn.replica) lua.rnnserve_replica\n"
     "    use-server %[var(txn.replica)] if { var(txn.replica) -m found }\n"
 )
-BUILTIN_RING = "    balance hdr(x-rnnserve-affinity)\n    hash-type consistent sdbm avalanche\n"
+# weight 64: 16 x 64 = 1024 points per server on HAProxy's ring (weight 1 gives 16), for a fair comparison.
+BUILTIN_RING = (
+    "    balance hdr(x-rnnserve-affinity)\n"
+    "    hash-type consistent sdbm avalanche\n"
+    "    default-server weight 64\n"
+)
 STEPS = ("open", "kserve", "latency", "scale", "kill", "drain", "outputs", "second")
 
 
