@@ -91,8 +91,10 @@ def test_the_configmap_ships_the_tested_file_unchanged(prod: Rendered, cfg: str)
     assert data[AFFINITY_LUA.name] == AFFINITY_LUA.read_text()
     # affinity.lua is loaded by a path relative to the working directory: the mount, as in the tests.
     assert container["workingDir"] == str(path.parent)
-    # The pod sets no variable: every templated address takes its Kubernetes default.
-    assert not [e["name"] for e in container.get("env", []) if e["name"].startswith("RNNSERVE_")]
+    # The pod sets no variable but, at most, the upstream (an overlay in another namespace): every other
+    # templated address takes its Kubernetes default.
+    set_vars = {e["name"] for e in container.get("env", []) if e["name"].startswith("RNNSERVE_")}
+    assert set_vars <= {"RNNSERVE_UPSTREAM"}, set_vars
 
 
 def test_haproxy_accepts_the_file_as_the_pod_and_as_the_tests_run_it(tmp_path: Path):
@@ -148,7 +150,9 @@ def test_upstream_is_every_pod_of_the_headless_service(prod: Rendered, cfg: str)
     backend = directives(cfg, "backend rnnserve")
     _, prefix, slots, upstream = one(backend, "server-template").split()
     headless = prod.one("Service", "rnnserve-headless")
-    assert default(upstream) == (
+    (container,) = haproxy_pod(prod)["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env.get("RNNSERVE_UPSTREAM", default(upstream)) == (
         f"rnnserve-headless.{headless['metadata']['namespace']}.svc.cluster.local:{Settings().grpc_port}"
     )
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
