@@ -527,8 +527,13 @@ class Scenario:
         return worst
 
     def proxies_disagree(self, keys: int = 1000) -> float:
-        """Start a second HAProxy on the same DNS answer; the fraction of keys the two route differently."""
+        """Start a second HAProxy on the same pods; the fraction of keys the two route differently.
+
+        The DNS answer lists the pods in the reverse order first (CoreDNS shuffles its answers), so the second
+        proxy fills its slots in another order than the first one did."""
         self.progress("second proxy")
+        alive = [n for n, r in self.cluster.replicas.items() if r.process.poll() is None]
+        self.cluster.publish(alive[::-1])
         second = start_haproxy(
             self.cluster.workdir,
             self.cluster.port,
@@ -537,13 +542,12 @@ class Scenario:
             config=self.cluster.config,
         )
         self.cluster.proxies.append(second)
-        alive = {n for n, r in self.cluster.replicas.items() if r.process.poll() is None}
         probe_keys = [f"k{i}" for i in range(keys)]
         with (
             grpc.insecure_channel(self.cluster.proxy.address) as a,
             grpc.insecure_channel(second.address) as b,
         ):
-            wait_until_routed_to(b, alive, timeout_s=30)
+            wait_until_routed_to(b, set(alive), timeout_s=30)
             ra, rb = ring(a, probe_keys), ring(b, probe_keys)
         return sum(1 for k in probe_keys if ra[k] != rb[k]) / keys
 
