@@ -120,7 +120,7 @@ def table(shipped: routing.Report, ring: routing.Report | None) -> str:
         ),
         ("max abs diff of all outputs vs one ORT pass per session", lambda r: f"{r.max_abs_diff:.1e}"),
         (
-            "keys a second proxy, started after the churn, routes elsewhere",
+            "keys a second proxy (started after the churn, pods in another DNS order) routes elsewhere",
             lambda r: (
                 f"{r.proxies_disagree_fraction:.1%}" if r.proxies_disagree_fraction is not None else "n/a"
             ),
