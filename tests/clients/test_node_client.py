@@ -2,7 +2,7 @@
 
 The server serves the committed default model; the Node client streams a text in chunks over `Stream` and
 prints, after each chunk, the last step's logits and the most likely next character. The Python client
-(service/client.py) streams the same chunks over its own session: both must print the same characters and the
+(service.client) streams the same chunks over its own session: both must print the same characters and the
 same logits. The Node client reaches the server through a loopback gRPC proxy that forwards every call and
 records its metadata, to show that the session's calls carry the affinity header a consistent-hash proxy
 (Envoy, deploy/components/envoy) routes on.

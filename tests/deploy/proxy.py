@@ -9,7 +9,7 @@ replica is rewriting the host list and sending dnsmasq SIGHUP, which is what an 
 cluster DNS.
 
 `RoutingRecorder` is a client interceptor that reads the `x-rnnserve-replica` trailing metadata of every call
-(`service.interceptors.REPLICA_HEADER`), so each call's serving replica is observed from the client's side.
+(`service.server.interceptors.REPLICA_HEADER`): each call's serving replica, seen from the client.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import AFFINITY_HEADER, Client, affinity_metadata
-from service.interceptors import REPLICA_HEADER
 from service.proto import rnnserve_pb2_grpc as pb_grpc
+from service.server.interceptors import REPLICA_HEADER
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = ROOT / "deploy" / "components" / "haproxy" / "haproxy.cfg"

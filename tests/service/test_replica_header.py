@@ -16,10 +16,10 @@ import pytest
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
-from service import convert
-from service.interceptors import REPLICA_HEADER
+from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
+from service.server.interceptors import REPLICA_HEADER
 from tests.service.server_thread import ServerThread, make_settings
 
 REPLICA = "replica-under-test-7"
@@ -45,7 +45,7 @@ def replica_of(trailing: tuple[tuple[str, str], ...] | None) -> list[str]:
 
 
 def tokens(n: int) -> pb.Tensor:
-    return convert.array_to_tensor("tokens", np.arange(n, dtype=np.int64) % len(fixtures.DEFAULT_VOCAB))
+    return wire.array_to_tensor("tokens", np.arange(n, dtype=np.int64) % len(fixtures.DEFAULT_VOCAB))
 
 
 def test_native_unary_and_stream_replies_name_the_replica(channel):
