@@ -9,6 +9,9 @@ Each builder writes `<repository>/<name>/<version>/model.onnx` and returns the p
   state `h` (B, 1, H).
 - `accumulator`: a user's own stateful model without a time axis: x int32 (B, 1);
   state_out_acc = state_in_acc + x; y = state_out_acc.
+- `state_passthrough`, `normalised_over`: deliberately broken edits of a model (the state is not carried;
+  an output normalised over time or over the batch), which the load-time self-check refuses.
+- `dyna_sequence`: Triton's `simple_dyna_sequence` as ONNX, with control inputs START, END, READY, CORRID.
 """
 
 from __future__ import annotations
@@ -226,6 +229,43 @@ def accumulator(repository: Path, name: str = "accumulator", version: int = 1) -
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return _write(model, repository, name, version)
+
+
+def reroute(model: onnx.ModelProto, output: str, nodes) -> onnx.ModelProto:
+    """Rename the producer of graph output ``output`` to ``<output>_raw``; ``nodes`` compute ``output``."""
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == output:
+                node.output[i] = f"{output}_raw"
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def state_passthrough(path: Path) -> onnx.ModelProto:
+    """The LSTM fixture with state_out_h/c = state_in_h/c: it runs, but never carries its state."""
+    model = onnx.load(str(path))
+    for s in ("h", "c"):
+        passthrough = helper.make_node("Identity", [f"state_in_{s}"], [f"state_out_{s}"])
+        reroute(model, f"state_out_{s}", [passthrough])
+    return model
+
+
+def normalised_over(path: Path, axis: int) -> onnx.ModelProto:
+    """The GRU fixture with y = y_raw - mean(y_raw over ``axis``): time (1) or batch (0)."""
+    return reroute(
+        onnx.load(str(path)),
+        "y",
+        [
+            helper.make_node("ReduceMean", ["y_raw"], ["y_mean"], axes=[axis], keepdims=1),
+            helper.make_node("Sub", ["y_raw", "y_mean"], ["y"]),
+        ],
+    )
+
+
+def save(model: onnx.ModelProto, repository: Path, name: str, version: int = 1) -> Path:
+    """Write an (edited) model as `<repository>/<name>/<version>/model.onnx`."""
     return _write(model, repository, name, version)
 
 

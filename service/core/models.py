@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.config import Settings
+from service.core.controls import control_filler
 from service.core.inputs import InputValidator
 from service.core.registry import ModelVersion, Repository, RepositoryChange
 from service.core.scheduler import Batcher, Finish, StepRequest
@@ -84,6 +85,7 @@ class ModelHost:
         spec = mv.spec
         mv.slab = StateSlab(spec.states)
         mv.inputs = InputValidator(spec)
+        mv.controls = control_filler(spec)
         mv.batcher = Batcher(
             spec,
             mv.runtime,
@@ -130,7 +132,7 @@ class ModelHost:
         """Stop a version's batcher and drop its serving parts (its sessions are gone)."""
         if mv.batcher is not None:
             await mv.batcher.stop()
-        mv.slab = mv.batcher = mv.inputs = mv.gauges = None
+        mv.slab = mv.batcher = mv.inputs = mv.gauges = mv.controls = None
         with contextlib.suppress(KeyError):
             self.metrics.active_sessions.remove(mv.spec.name, str(mv.spec.version))
             self.metrics.state_bytes.remove(mv.spec.name, str(mv.spec.version))

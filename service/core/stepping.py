@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from service.config import Settings
+from service.core.controls import StepControl
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
 from service.core.sessions import SessionManager
@@ -47,7 +48,13 @@ class Stepper:
         self._loop = loop
 
     async def step(
-        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self,
+        session_id: str,
+        seq: int,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
     ) -> StepResult:
         """Apply one chunk (seq = last applied + 1); a retry of the last seq returns the cached result."""
         self.active += 1
@@ -66,6 +73,8 @@ class Stepper:
                 return out_of_order(sessions, s, seq, last_only)
             mv = s.mv
             arrays, key, steps = mv.inputs.check(inputs)
+            if mv.controls is not None:
+                arrays = mv.controls.extend(arrays, steps, seq == 1, control, session_id)
             fut = self._loop.create_future()  # type: ignore[union-attr]
             req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
             mv.batcher.submit(req)
@@ -115,6 +124,8 @@ class Stepper:
         assert s is not None
         try:
             arrays, key, steps = s.mv.inputs.check(call.inputs)
+            if s.mv.controls is not None:
+                arrays = s.mv.controls.extend(arrays, steps, call.seq == 1, None, s.session_id)
             req = StepRequest(s.slot, arrays, key, slot, s, call.seq, steps)  # type: ignore[arg-type]
             s.mv.batcher.submit(req)
         except ServeError as exc:
@@ -204,6 +215,9 @@ class Stepper:
         for st in spec.states:
             row = st.initial if st.initial is not None else np.zeros(st.shape, st.dtype)
             feeds["state_in_" + st.name] = np.ascontiguousarray(np.broadcast_to(row, (batch, *st.shape)))
+        if mv.controls is not None:  # a stateless run is a whole sequence: start and end, correlation id 0
+            steps = next(iter(inputs.values())).shape[1] if spec.time_axis else 1
+            feeds.update(mv.controls.batch(batch, steps, True, True, [0] * batch))
         outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
         return {t.name: outs[t.name] for t in spec.outputs}
 

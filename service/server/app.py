@@ -106,10 +106,15 @@ class RunningServer:
         return self._serving
 
     async def set_models(self, names: Iterable[str]) -> None:
-        """Health status per model name: SERVING for loaded models; NOT_SERVING for ones that went away."""
+        """Set the health status per model name: SERVING for loaded models, NOT_SERVING for the others.
+
+        The others: models that went away, and models on disk whose every version was refused at load (the
+        reason is in the log, the ReloadRepository answer and KServe's RepositoryIndex).
+        """
         names = set(names)
         status = SERVING if self._serving else NOT_SERVING
-        for gone in self.model_names - names:
+        refused = {r.name for r in self.engine.refusals()} - names
+        for gone in (self.model_names - names) | refused:
             await self.health.set(gone, NOT_SERVING)
         for name in names:
             await self.health.set(name, status)

@@ -243,6 +243,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         response = pb.RepositoryIndexResponse()
         for spec in sorted(self._engine.list_models(), key=lambda s: s.name):
             response.models.add(name=spec.name, version=str(spec.version), state="READY")
+        for r in self._engine.refusals():  # as Triton lists a model that failed to load
+            response.models.add(name=r.name, version=str(r.version), state="UNAVAILABLE", reason=r.reason)
         return response
 
     async def ModelStatistics(  # noqa: N802
