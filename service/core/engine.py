@@ -178,6 +178,10 @@ class Engine:
         """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return self.models.list_models()
 
+    def served_versions(self) -> list[ModelSpec]:
+        """Every version the models' version policies serve (newest first per model)."""
+        return self.models.served_versions()
+
     def refusals(self) -> list[Refusal]:
         """Model versions on disk that are not served (load or self-check failed), with the reason."""
         return self.models.repository.refusals()

@@ -160,6 +160,14 @@ class ModelHost:
         """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return [mv.spec for _, mv in sorted(self.repository.current.items())]
 
+    def served_versions(self) -> list[ModelSpec]:
+        """Every version the models' version policies serve, per model newest first."""
+        return [
+            mv.spec
+            for _, versions in sorted(self.repository.served.items())
+            for _, mv in sorted(versions.items(), reverse=True)
+        ]
+
     def get_model(self, name: str, version: int | None = None) -> ModelSpec:
         """One model's spec; `version` None/0 = the served one; versions pinned by sessions count too."""
         if version:

@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from service.core.engine import Engine, ModelSpec
+from service.core.types import VersionPolicy
 from service.errors import InvalidArgument, NotFound
 from service.server.interceptors import status_of
 from service.server.kserve_convert import (
@@ -123,7 +124,7 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=min(cfg.max_batch_size, INT32_MAX),
     )
-    config.version_policy.latest.num_versions = 1  # only the newest version takes new sequences
+    _version_policy(config, cfg.version_policy)
     for t in spec.inputs:
         config.input.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
     for t in spec.outputs:
@@ -153,6 +154,16 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         if key.startswith("rnnserve.") and not key.startswith("rnnserve.initial_state."):
             config.parameters[key].string_value = value
     return config
+
+
+def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
+    """Report the model's version policy (config.yaml `version_policy`) as Triton spells it."""
+    if policy.kind == "all":
+        config.version_policy.all.SetInParent()
+    elif policy.kind == "specific":
+        config.version_policy.specific.versions.extend(policy.versions)
+    else:
+        config.version_policy.latest.num_versions = policy.num_versions
 
 
 def _package_version() -> str:
@@ -237,11 +248,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        """Every served model with its newest version, READY."""
+        """Every served model version, READY (as Triton: one entry per version), and refused ones."""
         if request.repository_name:
             raise InvalidArgument("this server has one model repository; leave repository_name empty")
         response = pb.RepositoryIndexResponse()
-        for spec in sorted(self._engine.list_models(), key=lambda s: s.name):
+        for spec in sorted(self._engine.served_versions(), key=lambda s: (s.name, s.version)):
             response.models.add(name=spec.name, version=str(spec.version), state="READY")
         for r in self._engine.refusals():  # as Triton lists a model that failed to load
             response.models.add(name=r.name, version=str(r.version), state="UNAVAILABLE", reason=r.reason)
