@@ -232,6 +232,77 @@ def accumulator(repository: Path, name: str = "accumulator", version: int = 1) -
     return _write(model, repository, name, version)
 
 
+DYNA_CONTROLS = """control_inputs:
+  - {name: START, kind: CONTROL_SEQUENCE_START}
+  - {name: END, kind: CONTROL_SEQUENCE_END}
+  - {name: READY, kind: CONTROL_SEQUENCE_READY}
+  - {name: CORRID, kind: CONTROL_SEQUENCE_CORRID}
+"""
+
+
+def dyna_sequence(
+    repository: Path, name: str = "simple_dyna_sequence", *, string_id: str | None = None
+) -> Path:
+    """Triton's `simple_dyna_sequence` as ONNX: an int32 accumulator; its last output adds the sequence id.
+
+    INPUT int32 (B, 1); control inputs START, END, READY int32 (B, 1) and CORRID (B, 1), uint64 -- or
+    string when `string_id` is given: then the model adds `int(string_id)` at the end if CORRID equals it
+    (ONNX cannot parse a string into a number), 0 for any other id. State `acc` int32 (B, 1):
+    acc = INPUT if START else acc + INPUT (unchanged when not READY); OUTPUT = acc + END * CORRID.
+    Also writes the model's config.yaml declaring the four control inputs.
+    """
+    i32 = TensorProto.INT32
+    nodes = [
+        helper.make_node("Cast", ["START"], ["start_b"], to=TensorProto.BOOL),
+        helper.make_node("Cast", ["READY"], ["ready_b"], to=TensorProto.BOOL),
+        helper.make_node("Add", ["state_in_acc", "INPUT"], ["summed"]),
+        helper.make_node("Where", ["start_b", "INPUT", "summed"], ["acc"]),
+        helper.make_node("Where", ["ready_b", "acc", "state_in_acc"], ["state_out_acc"]),
+    ]
+    if string_id is None:
+        corrid_type = TensorProto.UINT64
+        nodes.append(helper.make_node("Cast", ["CORRID"], ["corr"], to=i32))
+    else:
+        corrid_type = TensorProto.STRING
+        nodes += [
+            helper.make_node(
+                "Constant",
+                [],
+                ["wanted"],
+                value=helper.make_tensor("w", TensorProto.STRING, [], [string_id.encode()]),
+            ),
+            helper.make_node("Equal", ["CORRID", "wanted"], ["same"]),
+            helper.make_node("Cast", ["same"], ["same_i"], to=i32),
+            helper.make_node("Mul", ["same_i", "id_value"], ["corr"]),
+        ]
+    nodes += [
+        helper.make_node("Mul", ["END", "corr"], ["at_end"]),
+        helper.make_node("Add", ["state_out_acc", "at_end"], ["OUTPUT"]),
+    ]
+    inits = [] if string_id is None else [_init("id_value", np.array(int(string_id), np.int32))]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info("INPUT", i32, ["batch", 1]),
+            helper.make_tensor_value_info("START", i32, ["batch", 1]),
+            helper.make_tensor_value_info("END", i32, ["batch", 1]),
+            helper.make_tensor_value_info("READY", i32, ["batch", 1]),
+            helper.make_tensor_value_info("CORRID", corrid_type, ["batch", 1]),
+            helper.make_tensor_value_info("state_in_acc", i32, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT", i32, ["batch", 1]),
+            helper.make_tensor_value_info("state_out_acc", i32, ["batch", 1]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    path = _write(model, repository, name, 1)
+    (repository / name / "config.yaml").write_text(DYNA_CONTROLS)
+    return path
+
+
 def reroute(model: onnx.ModelProto, output: str, nodes) -> onnx.ModelProto:
     """Rename the producer of graph output ``output`` to ``<output>_raw``; ``nodes`` compute ``output``."""
     for node in model.graph.node:

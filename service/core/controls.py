@@ -70,12 +70,10 @@ class ControlFiller:
                 f"control input {c.name!r} takes an integer correlation id ({c.dtype.name}); sequence id "
                 f"{corrid!r} is not one"
             ) from None
-        info = np.iinfo(c.dtype) if c.dtype.kind in "iu" else None
-        if info is not None and not info.min <= value <= info.max:
-            raise InvalidArgument(
-                f"sequence id {value} does not fit control input {c.name!r} ({c.dtype.name})"
-            )
-        return value
+        if not 0 <= value < 1 << 64:
+            raise InvalidArgument(f"sequence id {value} is not a uint64 correlation id")
+        # As Triton: a narrower integer input gets the low-order bits of the uint64 id.
+        return np.array(value, np.uint64).astype(c.dtype)
 
     def row(self, c: ControlSpec, steps: int, start: bool, end: bool, corrid: int | str) -> np.ndarray:
         """One session's value of control `c` for a chunk of `steps` steps (no batch axis)."""

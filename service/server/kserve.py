@@ -129,8 +129,9 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         config.input.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
     for t in spec.outputs:
         config.output.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
-    if spec.states:
+    if spec.states or spec.controls:
         seq = config.sequence_batching
+        _control_inputs(seq, spec)
         seq.max_sequence_idle_microseconds = int(cfg.idle_ttl_s * 1_000_000)
         # Steps of different sequences are batched together, the oldest first: Triton's "oldest" strategy.
         seq.oldest.max_candidate_sequences = min(cfg.max_sessions, INT32_MAX)
@@ -154,6 +155,21 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         if key.startswith("rnnserve.") and not key.startswith("rnnserve.initial_state."):
             config.parameters[key].string_value = value
     return config
+
+
+def _control_inputs(seq: mc.ModelSequenceBatching, spec: ModelSpec) -> None:
+    """Report the inputs the server fills (config.yaml `control_inputs`) as Triton's `control_input`."""
+    for c in spec.controls:
+        control = seq.control_input.add(name=c.name).control.add(kind=c.kind)
+        if c.kind == "CONTROL_SEQUENCE_CORRID":
+            string = c.dtype.kind == "O"
+            control.data_type = mc.TYPE_STRING if string else wire_type_of(c.dtype).config_type
+        elif c.dtype.kind == "f":
+            control.fp32_false_true.extend(float(v) for v in c.false_true)
+        elif c.dtype.kind == "b":
+            control.bool_false_true.extend(bool(v) for v in c.false_true)
+        else:
+            control.int32_false_true.extend(int(v) for v in c.false_true)
 
 
 def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
@@ -397,7 +413,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[dict[str, np.ndarray], int]:
         """Run the model: a sequence step or a stateless run; outputs with the batch axis, and the version."""
         version = spec.version
-        if ctl.sequence_id is not None and spec.states and arrays:
+        if ctl.sequence_id is not None and (spec.states or spec.controls) and arrays:
             if batch != 1:
                 raise InvalidArgument(
                     "a request with a sequence_id carries one sequence: batch dimension must be 1, "

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.controls import StepControl
 from service.core.engine import Engine
 from service.errors import InvalidArgument, NotFound
 from service.server.kserve_convert import SequenceControl
@@ -136,7 +137,9 @@ class SequenceTable:
         if session_id is None:  # unreachable: only a start request creates an entry, and it opens the session
             raise self._not_active(key)
         try:
-            result = await self._engine.step(session_id, entry.next_seq, inputs)
+            result = await self._engine.step(
+                session_id, entry.next_seq, inputs, control=StepControl(ctl.end, sequence_id)
+            )
         except NotFound as exc:
             self._retire(key, entry, exc.reason)
             raise NotFound(
