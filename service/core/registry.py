@@ -228,7 +228,7 @@ class Repository:
     def refusals(self, name: str | None = None) -> list[Refusal]:
         """Versions on disk that are not served because they failed to load or their self-check, with why."""
         found = []
-        for path, reason in self.problems.items():
+        for path, reason in list(self.problems.items()):  # a copy: a scan in a worker thread may write it
             model, version = path.parent.parent.name, path.parent.name
             if (name is None or model == name) and version.isdigit():
                 found.append(Refusal(model, int(version), reason))

@@ -122,10 +122,13 @@ class RunningServer:
 
     async def _follow_repository(self, interval_s: float) -> None:
         """Keep per-model health in step with versions the engine's repository watcher loads or drops."""
+        refused: set[str] = set()
         while self._serving:
             await asyncio.sleep(interval_s)
             names = {s.name for s in self.engine.list_models()}
-            if names != self.model_names and self._serving:
+            now_refused = {r.name for r in self.engine.refusals()}
+            if (names != self.model_names or now_refused != refused) and self._serving:
+                refused = now_refused
                 await self.set_models(names)
 
     async def _stop(self, grace: float) -> None:

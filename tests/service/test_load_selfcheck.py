@@ -4,6 +4,7 @@ serve. Real gRPC (native API, KServe, health) and real ONNX Runtime on hand-edit
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import fixtures
@@ -143,3 +144,28 @@ def test_bad_self_check_settings_are_refused(tmp_path, config, message):
     repo = Repository(tmp_path, Settings(model_repository=tmp_path))
     repo.scan()
     assert not repo.current and message in repo.refusals()[0].reason
+
+
+def test_a_broken_model_dropped_into_a_watched_repository(tmp_path):
+    fixtures.accumulator(tmp_path, "accumulator")
+    src = fixtures.numeric_gru(tmp_path / ".src", "gru")  # a dot directory is not a model
+    srv = ServerThread(make_settings(tmp_path, repository_poll_s=0.1))
+    try:
+        fixtures.save(fixtures.normalised_over(src, axis=1), tmp_path, "late")
+        with grpc.insecure_channel(srv.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            status = None
+            while time.monotonic() < deadline:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service="late")).status
+                except grpc.RpcError:  # NOT_FOUND until the watcher has seen the model
+                    status = None
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            got = health.Check(health_pb2.HealthCheckRequest(service="accumulator")).status
+            assert got == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
