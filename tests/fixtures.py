@@ -303,6 +303,56 @@ def dyna_sequence(
     return path
 
 
+def timed_controls(repository: Path, name: str = "timed_controls") -> Path:
+    """A sequence model whose control inputs have the time axis: START (B, T, 1) and END (B, T) float32.
+
+    y = x + 100 * START + 1000 * END per step, x (B, T, 1); state `sum` (B, 1): the running sum of x, reset
+    by a START anywhere in the chunk. Chunk-invariant only if START marks step 0 of the sequence alone (not
+    the first step of every chunk), which is what the server promises.
+    """
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Mul", ["START", "hundred"], ["s100"]),
+        helper.make_node("Unsqueeze", ["END", "two"], ["end3"]),
+        helper.make_node("Mul", ["end3", "thousand"], ["e1000"]),
+        helper.make_node("Add", ["x", "s100"], ["xs"]),
+        helper.make_node("Add", ["xs", "e1000"], ["y"]),
+        helper.make_node("ReduceMax", ["START"], ["started"], axes=[1], keepdims=0),
+        helper.make_node("Sub", ["one", "started"], ["keep"]),
+        helper.make_node("Mul", ["keep", "state_in_sum"], ["kept"]),
+        helper.make_node("ReduceSum", ["x", "one_axis"], ["chunk_sum"], keepdims=0),
+        helper.make_node("Add", ["kept", "chunk_sum"], ["state_out_sum"]),
+    ]
+    inits = [
+        _init("hundred", np.array(100, np.float32)),
+        _init("thousand", np.array(1000, np.float32)),
+        _init("one", np.array(1, np.float32)),
+        _init("two", np.array([2], np.int64)),
+        _init("one_axis", np.array([1], np.int64)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info("x", f32, ["batch", "time", 1]),
+            helper.make_tensor_value_info("START", f32, ["batch", "time", 1]),
+            helper.make_tensor_value_info("END", f32, ["batch", "time"]),
+            helper.make_tensor_value_info("state_in_sum", f32, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("y", f32, ["batch", "time", 1]),
+            helper.make_tensor_value_info("state_out_sum", f32, ["batch", 1]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    path = _write(model, repository, name, 1)
+    (repository / name / "config.yaml").write_text(
+        "control_inputs:\n  - {name: START, kind: start}\n  - {name: END, kind: end, false_true: [0, 1]}\n"
+    )
+    return path
+
+
 def reroute(model: onnx.ModelProto, output: str, nodes) -> onnx.ModelProto:
     """Rename the producer of graph output ``output`` to ``<output>_raw``; ``nodes`` compute ``output``."""
     for node in model.graph.node:

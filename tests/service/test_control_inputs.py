@@ -18,8 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from service.client import Client
 from service.config import Settings
-from service.core.controls import ControlFiller
+from service.core.controls import ControlFiller, control_feeds
 from service.core.registry import Repository
+from service.core.selfcheck import probe_of_spec, self_check
 from service.core.types import ControlSpec
 
 VALUES = [11, 7, 5, 3, 2, 0, 1]  # Triton's example sequence clients send [start] + VALUES
@@ -197,3 +198,48 @@ def test_bad_control_configs_are_refused(tmp_path, config, message):
     repo = Repository(tmp_path, Settings(model_repository=tmp_path))
     repo.scan()
     assert not repo.current and message in repo.refusals("m")[0].reason
+
+
+@pytest.fixture(scope="module")
+def timed_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("timed_controls")
+    fixtures.timed_controls(root, "timed")
+    srv = ServerThread(make_settings(root))
+    yield srv
+    srv.stop()
+
+
+def test_timed_controls_through_both_apis(timed_server):
+    """START marks step 0 of the sequence only, END its last step: any chunking gives one pass's outputs."""
+    x = np.arange(1, 8, dtype=np.float32).reshape(7, 1)
+    one_pass = x.copy()
+    one_pass[0] += 100
+    with Client(timed_server.address) as native:  # loaded at all: it passed the self-check with its controls
+        with native.session("timed") as s:
+            y = np.concatenate([s.step({"x": x[lo:hi]})["y"] for lo, hi in ((0, 1), (1, 4), (4, 7))])
+    np.testing.assert_array_equal(y, one_pass)  # a native session never ends: no END
+    with tc.InferenceServerClient(url=timed_server.address) as client:
+        outs = []
+        for i, (lo, hi) in enumerate(((0, 3), (3, 4), (4, 7))):
+            inp = tc.InferInput("x", [1, hi - lo, 1], "FP32")
+            inp.set_data_from_numpy(x[np.newaxis, lo:hi])
+            result = client.infer("timed", [inp], sequence_id=5, sequence_start=i == 0, sequence_end=i == 2)
+            outs.append(result.as_numpy("y")[0])
+    want = one_pass.copy()
+    want[-1] += 1000
+    np.testing.assert_array_equal(np.concatenate(outs), want)
+
+
+def test_selfcheck_feeds_controls_as_the_server_does(tmp_path):
+    fixtures.timed_controls(tmp_path, "timed")
+    repo = Repository(tmp_path, Settings(model_repository=tmp_path))
+    repo.scan()
+    mv = repo.get("timed")
+    filler = ControlFiller(mv.spec.controls)
+
+    def every_chunk_starts(batch: int, steps: int, start: bool) -> dict[str, np.ndarray]:
+        return filler.batch(batch, steps, True, False, list(range(batch)))
+
+    assert self_check(mv.runtime.session, probe_of_spec(mv.spec, control_feeds(mv.spec))).ok
+    wrong = self_check(mv.runtime.session, probe_of_spec(mv.spec, every_chunk_starts))
+    assert not wrong.ok and wrong.reason.startswith("outputs depend on the chunking: y differs by 100")
