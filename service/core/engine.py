@@ -223,7 +223,7 @@ class Engine:
     async def step(
         self,
         session_id: str,
-        seq: int,
+        seq: int | None,
         inputs: dict[str, np.ndarray],
         *,
         last_only: bool = False,
@@ -235,6 +235,21 @@ class Engine:
         a model's control inputs (sequence end, correlation id; `service.core.controls`).
         """
         return await self.stepper.step(session_id, seq, inputs, last_only=last_only, control=control)
+
+    def submit(
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
+    ) -> asyncio.Future[StepResult]:
+        """Start one step now; return the future of its result (`seq` None = the next step).
+
+        The streaming front ends' entry: no coroutine per message in the common case (see `Stepper.submit`).
+        """
+        return self.stepper.submit(session_id, seq, inputs, last_only=last_only, control=control)
 
     async def step_many(
         self, calls: Sequence[StepCall], *, last_only: bool = False
