@@ -155,6 +155,7 @@ class Generator:
             or not spec.time_axis
             or not spec.outputs
             or spec.outputs[0].dtype.kind != "f"
+            or spec.controls
         ):
             raise FailedPrecondition(
                 f"model {spec.name!r} is not a token model (needs a vocabulary, one integer "

@@ -18,7 +18,18 @@ from service.errors import InvalidArgument, OutOfRange
 class InputValidator:
     """Precomputed checks of one model version's data inputs (the per-step hot path)."""
 
-    __slots__ = ("specs", "names", "expected", "timed", "finite", "max_chunk", "label", "token_range", "rest")
+    __slots__ = (
+        "specs",
+        "names",
+        "expected",
+        "timed",
+        "finite",
+        "max_chunk",
+        "label",
+        "token_range",
+        "rest",
+        "controls",
+    )
 
     def __init__(self, spec: ModelSpec) -> None:
         self.specs = spec.inputs
@@ -28,6 +39,7 @@ class InputValidator:
         self.finite = tuple((not spec.config.allow_non_finite) and t.dtype.kind in "fc" for t in spec.inputs)
         self.max_chunk = spec.config.max_chunk_steps
         self.label = f"model {spec.name!r} v{spec.version}"
+        self.controls = frozenset(c.name for c in spec.controls)  # filled by the server, never sent
         # Token ids index an embedding: ONNX Gather would wrap negative ids and fail the whole batch on large
         # ones, so integer inputs of vocabulary models are range-checked here.
         vocab = len(spec.vocabulary) if spec.vocabulary is not None else 0
@@ -109,6 +121,8 @@ class InputValidator:
         """
         by_name = {t.name: t for t in self.specs}
         unknown = sorted(set(inputs) - set(by_name))
+        if self.controls.intersection(unknown):
+            self._names_error(inputs)
         if unknown:
             hint = (
                 " (state is implicit and never an input)"
@@ -184,6 +198,12 @@ class InputValidator:
             )
 
     def _names_error(self, inputs: dict[str, np.ndarray]) -> None:
+        controls = sorted(self.controls.intersection(inputs))
+        if controls:
+            raise InvalidArgument(
+                f"{self.label}: {controls} are control inputs, which the server fills (sequence start, end, "
+                f"ready, correlation id); send only the data inputs: {self.expected}"
+            )
         state = [n for n in inputs if n.startswith("state_in_")]
         if state:
             raise InvalidArgument(

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.config import Settings
+from service.core.controls import control_filler
 from service.core.inputs import InputValidator
 from service.core.policy import BatchPolicy
 from service.core.registry import ModelVersion, Repository, RepositoryChange
@@ -84,6 +85,7 @@ class ModelHost:
         spec = mv.spec
         mv.slab = StateSlab(spec.states)
         mv.inputs = InputValidator(spec)
+        mv.controls = control_filler(spec)
         mv.batcher = Batcher(
             spec,
             mv.runtime,
@@ -137,7 +139,7 @@ class ModelHost:
         """Stop a version's batcher and drop its serving parts (its sessions are gone)."""
         if mv.batcher is not None:
             await mv.batcher.stop()
-        mv.slab = mv.batcher = mv.inputs = mv.gauges = None
+        mv.slab = mv.batcher = mv.inputs = mv.gauges = mv.controls = None
         self.metrics.version_unloaded(mv.spec.name, str(mv.spec.version))
         self.metrics.model_versions.set(len(self.repository.loaded()))
         _log.info("unloaded model %s version %d", mv.spec.name, mv.spec.version)
@@ -162,6 +164,14 @@ class ModelHost:
     def list_models(self) -> list[ModelSpec]:
         """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return [mv.spec for _, mv in sorted(self.repository.current.items())]
+
+    def served_versions(self) -> list[ModelSpec]:
+        """Every version the models' version policies serve, per model newest first."""
+        return [
+            mv.spec
+            for _, versions in sorted(self.repository.served.items())
+            for _, mv in sorted(versions.items(), reverse=True)
+        ]
 
     def get_model(self, name: str, version: int | None = None) -> ModelSpec:
         """One model's spec; `version` None/0 = the served one; versions pinned by sessions count too."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.controls import StepControl
 from service.core.engine import Engine
 from service.errors import InvalidArgument, NotFound
 from service.server.kserve_convert import SequenceControl
@@ -38,6 +39,7 @@ class _Sequence:
     session_id: str | None = None
     version: int = 0
     retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
+    control: StepControl | None = None  # fills a model's control inputs (correlation id; not the end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,7 @@ class SequenceTable:
             and not entry.lock.locked()
             and (version is None or version == entry.version)
         ):
-            fut = self._engine.submit(entry.session_id, None, inputs)
+            fut = self._engine.submit(entry.session_id, None, inputs, control=entry.control)
             return fut, lambda f: self._outcome(key, entry, f)
         # A request of this sequence on the slow path has not reached the engine yet: later ones of the same
         # sequence follow it there (the sequence lock is FIFO), never overtake it on the fast path.
@@ -185,6 +187,7 @@ class SequenceTable:
                 self._retire(key, entry, None)  # never started: later requests hear "not active"
                 raise
             entry.session_id, entry.version = info.session_id, info.version
+            entry.control = StepControl(False, sequence_id)
         elif version is not None and version != entry.version:
             raise InvalidArgument(
                 f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
@@ -194,7 +197,8 @@ class SequenceTable:
         if session_id is None:  # unreachable: only a start request creates an entry, and it opens the session
             raise self._not_active(key)
         try:
-            result = await self._engine.step(session_id, None, inputs)
+            control = StepControl(True, sequence_id) if ctl.end else entry.control
+            result = await self._engine.step(session_id, None, inputs, control=control)
         except NotFound as exc:
             raise self._ended(key, entry, exc) from exc
         if ctl.end:

@@ -118,7 +118,10 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         specs = self._engine.list_models()
         if self._on_reload is not None:
             self._on_reload(specs)
-        return pb.ReloadRepositoryResponse(models=[self._model_pb(s) for s in specs])
+        refused = [
+            pb.ModelRefusal(name=r.name, version=r.version, reason=r.reason) for r in self._engine.refusals()
+        ]
+        return pb.ReloadRepositoryResponse(models=[self._model_pb(s) for s in specs], refused=refused)
 
     # ---- sessions -----------------------------------------------------------------------------------------
 
