@@ -84,10 +84,18 @@ def start_service(repository: Path, *flags: str, timeout_s: float = 60.0) -> Ser
     raise RuntimeError("server did not start:\n" + "\n".join(log[-40:]))
 
 
-def start_echo(response_bytes: int) -> ServerProcess:
-    """Start the no-op echo server answering ``response_bytes``-byte messages."""
+def start_echo(response_bytes: int, unary_response_bytes: int = 0) -> ServerProcess:
+    """Start the no-op echo server: ``response_bytes``-byte stream answers, ``unary_response_bytes`` unary."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.echo", "--response-bytes", str(response_bytes)],
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.echo",
+            "--response-bytes",
+            str(response_bytes),
+            "--unary-response-bytes",
+            str(unary_response_bytes),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
