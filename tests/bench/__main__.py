@@ -22,12 +22,20 @@ FULL_PAGE = Path("docs/performance.md")
 QUICK_OUT = FULL_OUT / "quick"
 
 
-def outputs(quick: bool, out: Path | None, page: Path | None) -> tuple[Path, Path]:
-    """Where results and the performance page go: the committed places for a full run, ``QUICK_OUT`` else."""
+def outputs(
+    quick: bool, out: Path | None, page: Path | None, render: Path | None = None
+) -> tuple[Path, Path]:
+    """Where results and the performance page go.
+
+    Results: ``--out``; else the re-rendered JSON's folder; else ``QUICK_OUT`` for a quick run, ``FULL_OUT``
+    for a full one. The page: ``--performance-md``; else ``FULL_PAGE`` (which the README includes) only when
+    the results go to ``FULL_OUT``, and inside the results folder otherwise, so a quick or side run never
+    rewrites the committed page.
+    """
     if out is None:
-        out = QUICK_OUT if quick else FULL_OUT
+        out = render.parent if render is not None else (QUICK_OUT if quick else FULL_OUT)
     if page is None:
-        page = out / "performance.md" if quick else FULL_PAGE
+        page = FULL_PAGE if out == FULL_OUT else out / "performance.md"
     return out, page
 
 
@@ -42,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         "--performance-md",
         type=Path,
         default=None,
-        help=f"where the Performance section goes ('-' = do not write; default {FULL_PAGE}, --quick: inside "
-        "the results folder)",
+        help=f"where the Performance section goes ('-' = do not write; default {FULL_PAGE} when the results "
+        f"go to {FULL_OUT}, else inside the results folder)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="runs per load scenario (median kept)")
     parser.add_argument(
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         help="do not measure: re-render the report from an earlier results.json",
     )
     args = parser.parse_args(argv)
-    args.out, args.performance_md = outputs(args.quick, args.out, args.performance_md)
+    args.out, args.performance_md = outputs(args.quick, args.out, args.performance_md, args.render)
     if args.render is not None:
         result = load_result(args.render)
     else:

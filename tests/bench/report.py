@@ -201,12 +201,14 @@ def plot_latency_load(res: SuiteResult, path: Path) -> None:
         x = [r.steps_per_s for r in rows]
         ax.plot(x, [r.p50_ms for r in rows], "o-", color=color, label=f"{system} p50")
         ax.plot(x, [r.p99_ms for r in rows], "s--", color=color, alpha=0.7, label=f"{system} p99")
+        if closed:  # the closed-loop point: the path's own peak at this concurrency
+            ax.plot([closed.steps_per_s] * 2, [closed.p50_ms, closed.p99_ms], "*", color=color, ms=12)
     ax.axhline(5.0, color="k", ls=":", lw=1, label="5 ms target (p99 at 50% of peak)")
     ax.set(
         xscale="log",
         yscale="log",
         xlabel=f"achieved steps/s (paced at {', '.join(f'{f:.0%}' for f in res.plan.paced_fractions)} of "
-        f"each path's peak; last point: closed loop)",
+        f"each path's peak; star: closed loop)",
         ylabel="latency ms",
         title=f"{REF_MODEL}: latency against load, one-step messages, {n} sessions",
     )

@@ -140,6 +140,10 @@ def test_quick_runs_write_to_their_own_folder():
     out, page = outputs(True, None, None)
     assert out == QUICK_OUT and page.parent == QUICK_OUT
     assert QUICK_OUT != FULL_OUT and FULL_PAGE.parent not in (QUICK_OUT, out)
+    # Re-rendering a quick run's JSON stays in its folder; any other folder keeps its own page.
+    assert outputs(False, None, None, QUICK_OUT / "results.json") == (QUICK_OUT, QUICK_OUT / "performance.md")
+    assert outputs(False, Path("/tmp/x"), None) == (Path("/tmp/x"), Path("/tmp/x/performance.md"))
+    assert outputs(False, None, None, FULL_OUT / "results.json") == (FULL_OUT, FULL_PAGE)
     ignored = Path(__file__).resolve().parents[2] / ".gitignore"
     assert f"{QUICK_OUT.as_posix()}/" in ignored.read_text().splitlines()
 
