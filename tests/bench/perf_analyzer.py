@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,8 +214,14 @@ def run(
     interval_ms: int,
     binary: Path = BINARY,
     timeout_s: float = 300.0,
+    requests: Callable[[str, str], int] | None = None,
 ) -> PerfRun:
-    """Run perf_analyzer once; raise ``RuntimeError`` with its output when it fails."""
+    """Run perf_analyzer once; raise ``RuntimeError`` with its output when it fails.
+
+    ``requests(address, model)`` counts the requests the server has answered (default: KServe
+    ModelStatistics); the difference over the run is the denominator of the server's CPU per step.
+    """
+    count = requests or server_requests
     server = psutil.Process(server_pid)
     with tempfile.TemporaryDirectory(prefix="perf-analyzer-") as tmp:
         csv_path = Path(tmp) / "out.csv"
@@ -229,7 +236,7 @@ def run(
             interval_ms=interval_ms,
             csv_path=csv_path,
         )
-        before = server_requests(address, model)
+        before = count(address, model)
         c0 = server.cpu_times()
         t0 = time.monotonic()
         with log_path.open("w") as log:
@@ -247,7 +254,7 @@ def run(
         wall = time.monotonic() - t0
         c1 = server.cpu_times()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; tell Popen so
-        after = server_requests(address, model)
+        after = count(address, model)
         output = log_path.read_text()
         if proc.returncode != 0 or not csv_path.exists():
             raise RuntimeError(

@@ -22,6 +22,8 @@ from tests.bench.suite import (  # noqa: E402
     ECHOES,
     KSERVE_STREAM,
     NOBATCH,
+    PA_ECHO_STREAM,
+    PA_ECHO_UNARY,
     PA_STREAM,
     PA_UNARY,
     PACED_TARGETS,
@@ -122,6 +124,8 @@ _COLORS = {
     KSERVE_STREAM: "tab:purple",
     PA_STREAM: "tab:pink",
     PA_UNARY: "tab:brown",
+    PA_ECHO_UNARY: "black",
+    PA_ECHO_STREAM: "darkgray",
     "raw ORT": "tab:red",
 }
 
@@ -340,7 +344,12 @@ def _cost_note(res: SuiteResult) -> str:
     n = res.plan.reference_streams
     pairs = [
         (row(res, system, n), row(res, echo_name, n))
-        for system, echo_name in ((PA_UNARY, UNARY_ECHO), (KSERVE_STREAM, BIDI_ECHO), (STREAM, BIDI_ECHO))
+        for system, echo_name in (
+            (PA_UNARY, PA_ECHO_UNARY),
+            (PA_STREAM, PA_ECHO_STREAM),
+            (KSERVE_STREAM, BIDI_ECHO),
+            (STREAM, BIDI_ECHO),
+        )
     ]
     parts = [
         f"{svc.system} {svc.server_cpu_us_per_step:.0f} us against the {echo.system}'s "
@@ -485,9 +494,10 @@ def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path, pa
         "no-op grpc.aio bidi echo and unary echo: what Python gRPC alone costs per message), native `Stream` "
         "and `StreamMany`, KServe `ModelStreamInfer` from our own driver (one Triton sequence per stream), "
         "Triton's `perf_analyzer` (unary and `--streaming`, `--sequence-length 100000`, concurrency 1 and 64)"
-        " against the KServe API, raw ONNX Runtime at the batch sizes the server formed (the compute "
-        "ceiling), the service with batching off, and stateless recompute of the whole history. Server CPU "
-        "per step is the server process's CPU seconds over the window divided by the steps served in it.\n\n"
+        " against the KServe API and against a no-op KServe server (the same client's floor), raw ONNX "
+        "Runtime at the batch sizes the server formed (the compute ceiling), the service with batching off, "
+        "and stateless recompute of the whole history. Server CPU per step is the server process's CPU "
+        "seconds over the window divided by the steps served in it.\n\n"
         f"{header}{caveat}\n"
         f"Ratios against the targets (throughput and CPU at {n} concurrent callers; paced load at fractions "
         "of each path's own closed-loop peak):\n\n"

@@ -108,6 +108,24 @@ def start_echo(response_bytes: int, unary_response_bytes: int = 0) -> ServerProc
         raise RuntimeError(f"echo server did not start: {line!r}") from exc
 
 
+def start_kserve_echo(answers: dict[str, bytes], folder: Path) -> ServerProcess:
+    """Start the no-op KServe server (``tests.bench.kserve_echo``) answering with ``answers``."""
+    from tests.bench.kserve_echo import write_answers
+
+    path = folder / "kserve_echo_answers.json"
+    write_answers(answers, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.kserve_echo", str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        return ServerProcess(proc, int(json.loads(line)["port"]))
+    except (ValueError, KeyError) as exc:
+        proc.kill()
+        raise RuntimeError(f"KServe echo did not start: {line!r}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class BatchHistogram:
     """Cumulative ``rnnserve_batch_size`` histogram of one model: bucket upper bound -> count, sum, count."""

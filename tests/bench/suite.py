@@ -12,7 +12,8 @@ Paths measured on the reference model, one step per message unless said otherwis
 - native ``Stream`` (one session per stream), ``StreamMany`` (many sessions per message), ``Stream`` with
   batching off;
 - KServe ``ModelStreamInfer`` from our own driver (one Triton sequence per stream; it can be paced);
-- KServe ``ModelInfer`` and ``ModelStreamInfer`` from ``perf_analyzer`` at concurrency 1 and 64;
+- KServe ``ModelInfer`` and ``ModelStreamInfer`` from ``perf_analyzer`` at concurrency 1 and 64, against the
+  server and against a no-op KServe server (``kserve_echo``: the floor with the same client);
 - paced (open-loop) load at fractions of each path's own peak for ``Stream``, KServe streaming and
   ``StreamMany``.
 """
@@ -38,11 +39,19 @@ from tqdm import tqdm
 
 from tests.bench import perf_analyzer
 from tests.bench.ceiling import CeilingPoint, measure_ceiling, stateless_seconds
-from tests.bench.kserve_drivers import kserve_message_sizes
+from tests.bench.kserve_drivers import infer_request, kserve_message_sizes
+from tests.bench.kserve_echo import capture, served_calls
 from tests.bench.loadgen import LoadResult, LoadSpec, run_load
 from tests.bench.position import PositionPoint, measure_positions
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
-from tests.bench.servers import BatchHistogram, ServerProcess, scrape_histograms, start_echo, start_service
+from tests.bench.servers import (
+    BatchHistogram,
+    ServerProcess,
+    scrape_histograms,
+    start_echo,
+    start_kserve_echo,
+    start_service,
+)
 from tests.bench.service_drivers import stream_message_sizes
 
 REF_MODEL = "ref_lstm"
@@ -57,7 +66,9 @@ NOBATCH = "Stream (batching off)"
 KSERVE_STREAM = "KServe streaming"
 PA_UNARY = "KServe unary (perf_analyzer)"
 PA_STREAM = "KServe streaming (perf_analyzer)"
-ECHOES = (BIDI_ECHO, UNARY_ECHO)
+PA_ECHO_UNARY = "KServe echo unary (perf_analyzer)"
+PA_ECHO_STREAM = "KServe echo streaming (perf_analyzer)"
+ECHOES = (BIDI_ECHO, UNARY_ECHO, PA_ECHO_UNARY, PA_ECHO_STREAM)
 PACED_TARGETS = {STREAM: "stream", KSERVE_STREAM: "kserve_stream", STREAM_MANY: "stream_many"}
 
 
@@ -87,7 +98,7 @@ class Plan:
     paced_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # paced load, as fractions of the closed-loop peak
     reference_streams: int = 64  # the concurrency the targets compare at; paced runs use it too
     pa_concurrency: tuple[int, ...] = (1, 64)  # perf_analyzer --concurrency-range (and the unary echo's)
-    pa_interval_ms: int = 3000  # perf_analyzer --measurement-interval (three windows per run)
+    pa_interval_ms: int = 2000  # perf_analyzer --measurement-interval (three windows per run)
 
     @staticmethod
     def make(quick: bool, repeats: int | None = None) -> Plan:
@@ -287,7 +298,7 @@ class Runner:
             if model == REF_MODEL:
                 # batching off; KServe streaming; unary echo; paced Stream, KServe streaming, StreamMany
                 runs += scenarios + len(p.one_step_streams) + len(pa) + 3 * len(p.paced_fractions)
-                extra += 2 * len(pa)  # perf_analyzer, unary and streaming
+                extra += 4 * len(pa)  # perf_analyzer, unary and streaming, against the echo and the server
         return runs * p.repeats + extra + 1 + 1 + 2
 
     def close(self) -> None:
@@ -433,6 +444,7 @@ class Runner:
         }
         service = start_service(self.repo)
         nobatch = start_service(self.repo, "--max-batch-size", "1") if ref else None
+        kserve_echo = self._start_kserve_echo(model, service) if ref else None
         try:
             k = p.many_sessions_per_message
             one_step_rows: list[LoadRow] = []
@@ -477,32 +489,50 @@ class Runner:
                 rows = self._loads(model, items)
                 if ref and one and sessions in p.pa_concurrency:
                     # Right after the unary echo it is compared with, on the same server.
-                    rows += self._perf_analyzer(model, service, sessions)
+                    assert kserve_echo is not None
+                    rows += self._perf_analyzer(model, service, kserve_echo, sessions)
                 if one:
                     one_step_rows += rows
             if ref:
                 self._paced(model, service, one_step_rows)
                 self._positions(model, service)
         finally:
-            for server in (*echo.values(), service, *([nobatch] if nobatch else [])):
-                server.stop()
+            for server in (*echo.values(), service, nobatch, kserve_echo):
+                if server is not None:
+                    server.stop()
 
-    def _perf_analyzer(self, model: str, server: ServerProcess, concurrency: int) -> list[LoadRow]:
-        """perf_analyzer, unary and ``--streaming``, at ``concurrency`` sequences against the KServe API."""
+    def _start_kserve_echo(self, model: str, service: ServerProcess) -> ServerProcess:
+        """The no-op KServe server, answering with what ``service`` answers for ``model``."""
+        step = infer_request(self._spec(model, "kserve_stream", "", 1, 1), sequence_id=1)
+        step.parameters["sequence_start"].bool_param = True  # a one-step sequence: opened and ended
+        step.parameters["sequence_end"].bool_param = True
+        return start_kserve_echo(capture(service.address, model, step.SerializeToString()), self.tmp)
+
+    def _perf_analyzer(
+        self, model: str, server: ServerProcess, echo: ServerProcess, concurrency: int
+    ) -> list[LoadRow]:
+        """perf_analyzer, unary and ``--streaming``, at ``concurrency`` sequences: the no-op KServe server,
+        then the service, one after the other."""
         (iname, _, itail), _ = self._io(model)
         shape = f"{iname}:{','.join(str(d) for d in (1, *itail))}"  # T=1: one step per request
         rows = []
-        for system, streaming in ((PA_UNARY, False), (PA_STREAM, True)):
-            before = scrape_histograms(server.metrics_port, model) if server.metrics_port else {}
+        for system, streaming, target in (
+            (PA_ECHO_UNARY, False, echo),
+            (PA_UNARY, False, server),
+            (PA_ECHO_STREAM, True, echo),
+            (PA_STREAM, True, server),
+        ):
+            before = scrape_histograms(target.metrics_port, model) if target.metrics_port else {}
             try:
                 run = perf_analyzer.run(
-                    server.address,
+                    target.address,
                     model,
                     concurrency,
-                    server.pid,
+                    target.pid,
                     streaming=streaming,
                     shape=shape,
                     interval_ms=self.plan.pa_interval_ms,
+                    requests=served_calls if target is echo else None,
                 )
             except RuntimeError as exc:
                 note = f"{system} at concurrency {concurrency} failed: {str(exc)[-1500:]}"
@@ -510,7 +540,7 @@ class Runner:
                 print(f"error: {note}", file=sys.stderr)
                 self.bar.update()
                 continue
-            after = scrape_histograms(server.metrics_port, model) if server.metrics_port else {}
+            after = scrape_histograms(target.metrics_port, model) if target.metrics_port else {}
             r = run.row
             row = LoadRow(
                 model=model,

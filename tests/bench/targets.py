@@ -2,8 +2,9 @@
 
 Per-message targets compare a path of the service with the no-op echo of the same call kind, measured in the
 same run with the same message sizes: KServe unary (perf_analyzer) with the unary echo, ``Stream`` and KServe
-streaming with the bidi echo. The rest (16-step chunks against raw ONNX Runtime, cost flat in stream position,
-stateless recompute, idle memory) carry over from the earlier suite.
+streaming with the bidi echo; and, with the very same client, perf_analyzer against the server with
+perf_analyzer against the no-op KServe server. The rest (16-step chunks against raw ONNX Runtime, cost flat in
+stream position, stateless recompute, idle memory) carry over from the earlier suite.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from tests.bench.suite import (
     BIDI_ECHO,
     KSERVE_STREAM,
+    PA_ECHO_STREAM,
+    PA_ECHO_UNARY,
     PA_STREAM,
     PA_UNARY,
     REF_MODEL,
@@ -34,8 +37,9 @@ CHUNK_MIN = 0.6  # 16-step chunks against raw ONNX Runtime at the same batch
 # (service path, the echo it is held against)
 PER_MESSAGE_PAIRS = (
     (PA_UNARY, UNARY_ECHO),
+    (PA_UNARY, PA_ECHO_UNARY),  # the same client (perf_analyzer) on both sides
     (KSERVE_STREAM, BIDI_ECHO),
-    (PA_STREAM, BIDI_ECHO),
+    (PA_STREAM, PA_ECHO_STREAM),
     (STREAM, BIDI_ECHO),
 )
 

@@ -1,4 +1,5 @@
-"""The new load drivers against real servers: the echo's unary ``Call`` and KServe ``ModelStreamInfer``.
+"""The load drivers and the KServe echo against real servers: the echo's unary ``Call``, KServe
+``ModelStreamInfer``, and the no-op KServe server answering a Triton client.
 
 A few round trips each, on a tiny reference LSTM served by the real ``python -m service.server`` (seconds).
 """
@@ -13,10 +14,11 @@ import pytest
 import tritonclient.grpc as tc
 
 from tests.bench.drivers import make_driver
-from tests.bench.kserve_drivers import KServeStreamDriver, kserve_message_sizes
+from tests.bench.kserve_drivers import KServeStreamDriver, infer_request, kserve_message_sizes
+from tests.bench.kserve_echo import capture, served_calls
 from tests.bench.loadgen import LoadSpec
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
-from tests.bench.servers import start_echo, start_service
+from tests.bench.servers import start_echo, start_kserve_echo, start_service
 
 CFG = RefModelConfig(features=8, hidden=16)
 
@@ -97,5 +99,29 @@ def test_unary_echo_driver_round_trips_kserve_sized_messages():
                 assert len(answer) == response_bytes
 
         asyncio.run(go())
+    finally:
+        echo.stop()
+
+
+def test_kserve_echo_answers_a_triton_client_as_the_server_did(service, tmp_path):
+    import numpy as np
+
+    step = infer_request(_spec("kserve_stream", ""), sequence_id=3)
+    step.parameters["sequence_start"].bool_param = True
+    step.parameters["sequence_end"].bool_param = True
+    answers = capture(service.address, "ref_lstm", step.SerializeToString())
+    echo = start_kserve_echo(answers, tmp_path)
+    try:
+        client = tc.InferenceServerClient(echo.address)
+        assert client.get_model_metadata("ref_lstm").inputs[0].name == "x"
+        x = tc.InferInput("x", [1, 1, CFG.features], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 1, CFG.features), np.float32))
+        results = [client.infer("ref_lstm", [x], request_id=f"r{i}", sequence_id=9) for i in range(3)]
+        assert [r.get_response().id for r in results] == ["r0", "r1", "r2"]
+        assert results[0].as_numpy("y").shape == (1, 1, CFG.features)
+        assert served_calls(echo.address) == 3
+        stats = client.get_inference_statistics("ref_lstm").model_stats[0]
+        assert stats.inference_stats.success.count == 3
+        client.close()
     finally:
         echo.stop()

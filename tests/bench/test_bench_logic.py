@@ -13,6 +13,8 @@ from tritonclient.grpc import service_pb2
 
 from tests.bench.__main__ import FULL_OUT, FULL_PAGE, QUICK_OUT, outputs
 from tests.bench.kserve_drivers import infer_request, kserve_message_sizes
+from tests.bench.kserve_echo import answer as echo_answer
+from tests.bench.kserve_echo import request_id, split_response
 from tests.bench.loadgen import LoadSpec, _split
 from tests.bench.perf_analyzer import command, parse_csv
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
@@ -21,6 +23,8 @@ from tests.bench.servers import BatchHistogram
 from tests.bench.suite import (
     BIDI_ECHO,
     KSERVE_STREAM,
+    PA_ECHO_STREAM,
+    PA_ECHO_UNARY,
     PA_STREAM,
     PA_UNARY,
     REF_MODEL,
@@ -176,8 +180,10 @@ def _result() -> SuiteResult:
         _row(UNARY_ECHO, n, 5_000.0, us=200.0),
         _row(STREAM, n, 17_000.0, us=60.0),  # 0.85 of the echo, CPU 1.33x: both met
         _row(KSERVE_STREAM, n, 10_000.0, us=90.0),  # 0.5, CPU 2x: both missed
+        _row(PA_ECHO_STREAM, n, 20_000.0, us=45.0),
         _row(PA_STREAM, n, 16_000.0, us=67.5),  # 0.8 exactly, CPU exactly 1.5x: met (bounds inclusive)
-        _row(PA_UNARY, n, 4_000.0, us=400.0),  # 0.8 of the unary echo; CPU 2x
+        _row(PA_ECHO_UNARY, n, 8_000.0, us=100.0),
+        _row(PA_UNARY, n, 4_000.0, us=400.0),  # 0.8 of the unary echo, CPU 2x; 0.5 and 4x the KServe echo's
         _row(STREAM_MANY, n, 30_000.0, streams=2, us=40.0),
         _row(BIDI_ECHO, 1, 4_000.0, p50=0.25),
         _row(UNARY_ECHO, 1, 2_000.0, p50=0.5),
@@ -232,12 +238,14 @@ def test_verdicts_hold_each_path_against_the_echo_of_its_kind():
 
     check(f"msgs/s @{n}: {STREAM} / {BIDI_ECHO}", 0.85, True)
     check(f"msgs/s @{n}: {KSERVE_STREAM} / {BIDI_ECHO}", 0.5, False)
-    check(f"msgs/s @{n}: {PA_STREAM} / {BIDI_ECHO}", 0.8, True)
+    check(f"msgs/s @{n}: {PA_STREAM} / {PA_ECHO_STREAM}", 0.8, True)
     check(f"msgs/s @{n}: {PA_UNARY} / {UNARY_ECHO}", 0.8, True)
+    check(f"msgs/s @{n}: {PA_UNARY} / {PA_ECHO_UNARY}", 0.5, False)
     check(f"server CPU per one-step message @{n}: {STREAM} / {BIDI_ECHO}", 60 / 45, True)
     check(f"server CPU per one-step message @{n}: {KSERVE_STREAM} / {BIDI_ECHO}", 2.0, False)
-    check(f"server CPU per one-step message @{n}: {PA_STREAM} / {BIDI_ECHO}", 1.5, True)
+    check(f"server CPU per one-step message @{n}: {PA_STREAM} / {PA_ECHO_STREAM}", 1.5, True)
     check(f"server CPU per one-step message @{n}: {PA_UNARY} / {UNARY_ECHO}", 2.0, False)
+    check(f"server CPU per one-step message @{n}: {PA_UNARY} / {PA_ECHO_UNARY}", 4.0, False)
     check(f"p50 @1 stream: {STREAM} / {BIDI_ECHO}", 1.2, True)
     check(f"p50 @1 stream: {KSERVE_STREAM} / {BIDI_ECHO}", 1.6, False)
     check(f"p50 @1 stream: {PA_UNARY} / {UNARY_ECHO}", 2.0, False)
@@ -262,3 +270,25 @@ def test_missing_measurements_give_no_row_or_na_and_the_table_says_so():
     assert not any(v.target.startswith("p50 @1 stream: KServe unary") for v in vs)
     table = verdict_table(vs)
     assert "| n/a |" in table and "**missed**" in table and "**met**" in table
+
+
+def test_kserve_echo_copies_the_request_id_into_the_captured_answer():
+    answer = service_pb2.ModelInferResponse(model_name=REF_MODEL, model_version="1")
+    out = answer.outputs.add()
+    out.name, out.datatype = "y", "FP32"
+    out.shape.extend([1, 1, 32])
+    answer.raw_output_contents.append(bytes(128))
+    answer.parameters["sequence_id"].int64_param = 5
+    head, tail = split_response(answer.SerializeToString())
+    assert head + tail == answer.SerializeToString()
+    spec = LoadSpec("kserve_stream", "", 1, 1, 0.0, 1.0, model=REF_MODEL, input_tail=(32,))
+    for rid in ("", "7", "x" * 300):  # none, short, and an id whose length takes two varint bytes
+        req = infer_request(spec, sequence_id=99)
+        req.id = rid
+        assert request_id(req.SerializeToString()) == rid.encode()
+        got = service_pb2.ModelInferResponse.FromString(echo_answer(head, tail, req.SerializeToString()))
+        expected = service_pb2.ModelInferResponse()
+        expected.CopyFrom(answer)
+        expected.id = rid
+        assert got == expected
+    assert request_id(b"") == b""
