@@ -487,9 +487,8 @@ class Runner:
                         (NOBATCH, nobatch, self._spec(model, "stream", nobatch.address, sessions, steps))
                     )
                 rows = self._loads(model, items)
-                if ref and one and sessions in p.pa_concurrency:
+                if kserve_echo is not None and one and sessions in p.pa_concurrency:
                     # Right after the unary echo it is compared with, on the same server.
-                    assert kserve_echo is not None
                     rows += self._perf_analyzer(model, service, kserve_echo, sessions)
                 if one:
                     one_step_rows += rows
