@@ -630,8 +630,9 @@ class Runner:
             wanted.add((model, 1, 1))
         for model, batch, steps in sorted(wanted):
             # The server runs ORT with one intra-op thread (its other core serves gRPC); the machine's ceiling
-            # is ORT on every core. Both are recorded; the targets are judged against each.
-            for threads in (1, 0):
+            # is ORT on every core. Both are recorded for the chunk rows, whose targets are judged against
+            # each; one-step rows need only the first.
+            for threads in (1, 0) if steps == self.plan.chunk_steps else (1,):
                 c: CeilingPoint = measure_ceiling(
                     self.models[model],
                     batch,
