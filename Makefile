@@ -20,7 +20,7 @@ help:
 	@echo "make models      data + train + export: rebuild the model repository"
 	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
-	@echo "make bench       benchmark suite (not part of make test)"
+	@echo "make bench       benchmark suite, ~17 min (not in make test); BENCH_ARGS=--quick: reduced, to docs/bench/quick/"
 	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
 	@echo "make image-check   build deploy/Dockerfile here (debootstrap base + buildah, cached) and run its checks"
 	@echo "make image-clean   remove the image-check cache (base rootfs tarball) and its local images"
@@ -80,14 +80,15 @@ lint: install-dev protos
 readme: install
 	$(PY) docs/sync_readme.py
 
-# --- benchmarks (bench helper) ---------------------------------------------------------------------------------
-# Load generator, reference points and targets (issue 5); writes docs/bench/ (JSON, markdown, PNG) and
-# docs/performance.md, then refreshes the README's include blocks. Full run ~15 min on 2 cores; not in make test.
-# Reduced run: make bench BENCH_ARGS=--quick
+# --- benchmarks -------------------------------------------------------------------------------------------------
+# Echo floors, native Stream/StreamMany, KServe streaming, perf_analyzer (unary and --streaming), paced load, raw
+# ORT, positions, idle memory, and the targets; writes docs/bench/ (JSON, markdown, PNG) and docs/performance.md,
+# then refreshes the README's include blocks. Full run ~17 min on 2 cores; not in make test.
+# Reduced run: make bench BENCH_ARGS=--quick (writes docs/bench/quick/ only; README and committed results untouched)
 BENCH_ARGS ?=
-bench: install-dev protos
+bench: system-deps install-dev protos
 	$(PY) -m tests.bench $(BENCH_ARGS)
-	$(PY) docs/sync_readme.py
+	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) docs/sync_readme.py ;; esac
 
 # Container and Kubernetes checks that need no cluster and no docker engine (also part of `make test`):
 # render every kustomize overlay, validate against the Kubernetes schemas, policy checks, Dockerfile checks.
