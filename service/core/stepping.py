@@ -47,9 +47,10 @@ class Stepper:
         self._loop = loop
 
     async def step(
-        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
-        """Apply one chunk (seq = last applied + 1); a retry of the last seq returns the cached result."""
+        """Apply one chunk (seq = last applied + 1, or None: the next); a retry of the last seq returns the
+        cached result."""
         self.active += 1
         sessions = self.sessions
         try:
@@ -57,11 +58,13 @@ class Stepper:
             if s is None:
                 s = await sessions.get(session_id)
             if sessions.lease_due(s):
-                await sessions.renew(s)
+                s = await sessions.renew(s)  # a stale resident copy is reloaded here
                 await sessions.wait_idle(s)  # also re-checks that the session is still open after the await
             elif s.pending is not None:
                 await sessions.wait_idle(s)
             # From here to submit() nothing awaits: no other operation on this session can interleave.
+            if seq is None:  # "the next one" (KServe sequences carry no seq)
+                seq = s.last_seq + 1
             if seq != s.last_seq + 1:
                 return out_of_order(sessions, s, seq, last_only)
             mv = s.mv
@@ -163,8 +166,7 @@ class Stepper:
             "the session store did not accept the step; retry the same seq"
         )
         try:
-            await sessions.store.save(sessions.record(s))
-            s.unsaved = 0
+            await sessions.save(s)
             outcome = None
         except ServeError as exc:  # Aborted: another replica owns the session now; Unavailable: store down
             _log.error("saving session %s failed: %s", s.session_id, exc.message)

@@ -97,15 +97,23 @@ class Cluster:
         self.starts = 0
 
     def start(self, i: int) -> Replica:
-        r = start_replica(f"r{i}-{self.starts}", self.workdir, self.repository, grpc_port=self.ports[i],
-                          **self.settings)
-        self.starts += 1
+        with self.lock:
+            n = self.starts
+            self.starts += 1
+        r = start_replica(f"r{i}-{n}", self.workdir, self.repository, grpc_port=self.ports[i], **self.settings)
         self.replicas[i] = r
         return r
 
     def start_all(self) -> None:
-        for i in range(len(self.ports)):
-            self.start(i)
+        """Start every replica (in parallel: each takes a few seconds to import and load)."""
+        threads = [threading.Thread(target=self.start, args=(i,)) for i in range(len(self.ports))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        missing = [i for i, r in enumerate(self.replicas) if r is None]
+        if missing:
+            raise RuntimeError(f"replicas {missing} did not start")
 
     def pid(self, i: int) -> int | None:
         r = self.replicas[i]
