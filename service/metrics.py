@@ -182,7 +182,7 @@ class Metrics:
         )
         self.store_errors = Counter(
             "rnnserve_store_errors",
-            "Session store operations that failed, by kind (unreachable, refused: Redis out of memory or read-only).",
+            "Session store operations that failed, by kind (unreachable; refused: out of memory, read-only).",
             ["kind"],
             registry=r,
         )

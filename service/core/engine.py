@@ -214,8 +214,7 @@ class Engine:
     async def step(
         self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
-        """Apply one chunk (seq = last applied + 1, None = the next); a retry of the last seq returns the cached
-        result.
+        """Apply one chunk (seq = last applied + 1, None = the next); a retry of the last seq is cached.
 
         `last_only` returns time-axis outputs as `(1, ...)`: the last step only.
         """

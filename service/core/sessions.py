@@ -223,7 +223,8 @@ class SessionManager:
 
     async def claim_and_save(self, s: Session) -> None:
         """Take the lease of a session opened here and write its first record."""
-        asked = time.monotonic()  # the lease runs from before the request: never believe in more than Redis gave
+        # The lease runs from before the request: never believe in more lease than Redis gave.
+        asked = time.monotonic()
         if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
             self.end(s, "moved", delete=False)
             raise self.table.not_found(s.session_id)
@@ -265,6 +266,11 @@ class SessionManager:
         s = self.table.sessions.get(session_id)
         if s is not None:
             return s
+        if isinstance(session_id, str) and len(session_id) > self.settings.max_id_length:
+            raise InvalidArgument(
+                f"session id is {len(session_id)} characters long; expected at most max_id_length "
+                f"({self.settings.max_id_length}), as returned by CreateSession"
+            )
         if not self.persist or not isinstance(session_id, str) or not session_id:
             raise self.table.not_found(session_id)
         if self.table.reason_of(session_id) in FINAL_REASONS:

@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from service.config import Settings
+from service.core import limits
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
 from service.core.sessions import SessionManager
@@ -49,8 +50,7 @@ class Stepper:
     async def step(
         self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
-        """Apply one chunk (seq = last applied + 1, or None: the next); a retry of the last seq returns the
-        cached result."""
+        """Apply one chunk (seq = last applied + 1, or None: the next); a retry of the last seq is cached."""
         self.active += 1
         sessions = self.sessions
         try:
@@ -206,8 +206,10 @@ class Stepper:
         for st in spec.states:
             row = st.initial if st.initial is not None else np.zeros(st.shape, st.dtype)
             feeds["state_in_" + st.name] = np.ascontiguousarray(np.broadcast_to(row, (batch, *st.shape)))
-        outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
-        return {t.name: outs[t.name] for t in spec.outputs}
+        first = feeds[spec.inputs[0].name] if spec.inputs else None
+        steps = first.shape[1] if spec.time_axis and first is not None and first.ndim > 1 else 1
+        limits.check_request_steps(self.settings, batch, steps, f"stateless request to {spec.name!r}")
+        return await limits.run_sliced(self.settings, self.executor, mv.runtime, spec, feeds)
 
 
 def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:

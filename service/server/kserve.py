@@ -165,8 +165,8 @@ def _package_version() -> str:
 def _version_arg(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text!r}")
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text[:40]!r}")
     return int(text)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import limits
 from service.core.engine import Engine
 from service.errors import Aborted, InvalidArgument, NotFound, ServeError, Unavailable
 from service.server.kserve_convert import SequenceControl
@@ -58,7 +59,7 @@ def _describe_id(sequence_id: int | str) -> str:
 
 
 def store_key(key: SequenceKey) -> str:
-    """The sequence's key in the shared store (int and string ids kept apart)."""
+    """Return the sequence's key in the shared store (int and string ids kept apart)."""
     model, sequence_id = key
     kind = "s" if isinstance(sequence_id, str) else "i"
     return f"{model}:{kind}:{sequence_id}"
@@ -97,6 +98,8 @@ class SequenceTable:
         """
         if ctl.sequence_id is None:
             raise InvalidArgument("a sequence step needs a sequence_id")
+        if isinstance(ctl.sequence_id, str):
+            limits.check_id(self._engine.settings, ctl.sequence_id, "sequence_id")
         key: SequenceKey = (model, ctl.sequence_id)
         if ctl.start:
             self._sweep()
@@ -137,8 +140,8 @@ class SequenceTable:
                 await self._follow_store(key, entry)
             if version is not None and version != entry.version:
                 raise InvalidArgument(
-                    f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
-                    f"not {version}; leave model_version empty or restart the sequence"
+                    f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version "
+                    f"{entry.version}, not {version}; leave model_version empty or restart the sequence"
                 )
         session_id = entry.session_id
         if session_id is None:  # unreachable: a start opens the session, a follower found it
@@ -187,11 +190,11 @@ class SequenceTable:
             if self._shared and not await self._engine.store.map_sequence(
                 store_key(key), info.session_id, ttl, mapped
             ):
-                # Another start of this sequence won meanwhile (this one was delayed): it stands, not this one.
+                # Another start of this sequence won meanwhile (this one was delayed): that one stands.
                 await self._close_quietly(info.session_id)
                 raise Aborted(
-                    f"sequence {_describe_id(sequence_id)} of model {model!r} was restarted by another request "
-                    "meanwhile; this start did not apply"
+                    f"sequence {_describe_id(sequence_id)} of model {model!r} was restarted by another "
+                    "request meanwhile; this start did not apply"
                 )
         except BaseException:
             self._retire(key, entry, None)  # never started: later requests hear "not active"
@@ -259,8 +262,11 @@ class SequenceTable:
                 self._retire(key, entry, exc.reason)
 
     async def close_all(self) -> None:
-        """End every live sequence (server shutdown). With a shared store they are only forgotten here: the
-        engine hands their sessions over and another replica continues them."""
+        """End every live sequence (server shutdown).
+
+        With a shared store they are only forgotten here: the engine hands their sessions over and another
+        replica continues them.
+        """
         for key, entry in list(self._live.items()):
             self._retire(key, entry, "shutdown")
             if entry.session_id is not None and not self._shared:

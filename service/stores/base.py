@@ -54,8 +54,8 @@ class SessionStore(abc.ABC):
     async def save(self, record: SessionRecord) -> int:
         """Write a session if the stored version is still `record.gen` and no other replica holds the lease.
 
-        Returns the new version (`record.gen + 1`) and renews the lease; raises `Stale` when the stored version
-        moved on, `Aborted` when another replica holds the lease.
+        Returns the new version (`record.gen + 1`) and renews the lease; raises `Stale` when the stored
+        version moved on, `Aborted` when another replica holds the lease.
         """
 
     @abc.abstractmethod
@@ -64,8 +64,11 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, session_id: str, gen: int | None = None, owner: str = "") -> bool:
-        """Forget a session: unconditionally (`gen` None), or only if it is still at version `gen` and the lease
-        is free or `owner`'s. True if it was deleted."""
+        """Forget a session; True if it was deleted.
+
+        Unconditionally (`gen` None), or only if it is still at version `gen` and the lease is free or
+        `owner`'s.
+        """
 
     @abc.abstractmethod
     async def claim(self, session_id: str, owner: str, lease_s: float) -> bool:
@@ -76,17 +79,21 @@ class SessionStore(abc.ABC):
         """`claim`, and return the stored version (0: no record) in the same atomic step; None if refused."""
 
     @abc.abstractmethod
-    async def map_sequence(self, key: str, session_id: str, ttl_s: float, expected: str | None = None) -> bool:
-        """Point a KServe sequence key at its engine session (shared, so another replica can continue it), if
-        it still points at `expected` (None: at nothing); False if another start moved it meanwhile."""
+    async def map_sequence(
+        self, key: str, session_id: str, ttl_s: float, expected: str | None = None
+    ) -> bool:
+        """Point a KServe sequence key at its session, if it still points at `expected` (None: nothing).
+
+        Shared, so another replica can continue the sequence; False if another start moved it meanwhile.
+        """
 
     @abc.abstractmethod
     async def sequence_session(self, key: str) -> str | None:
-        """The session a KServe sequence key points at, or None."""
+        """Return the session a KServe sequence key points at, or None."""
 
     @abc.abstractmethod
     async def unmap_sequence(self, key: str, session_id: str) -> None:
-        """Remove a sequence key if it still points at `session_id` (a restart elsewhere may have moved it)."""
+        """Remove a sequence key if it still points at `session_id` (a restart elsewhere may move it)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -117,8 +124,8 @@ class InMemoryStore(SessionStore):
     async def save(self, record: SessionRecord) -> int:
         """Keep a deep copy if the stored version is `record.gen` and the lease is free or `record.owner`'s.
 
-        The same compare-and-set as the Redis store: a replica that lost its lease, or whose copy is older than
-        the store's, never overwrites the session.
+        The same compare-and-set as the Redis store: a replica that lost its lease, or whose copy is older
+        than the store's, never overwrites the session.
         """
         now = time.monotonic()
         holder = self._live_holder(record.session_id, now)
@@ -181,7 +188,9 @@ class InMemoryStore(SessionStore):
         cur = self._records.get(session_id)
         return cur.gen if cur is not None else 0
 
-    async def map_sequence(self, key: str, session_id: str, ttl_s: float, expected: str | None = None) -> bool:
+    async def map_sequence(
+        self, key: str, session_id: str, ttl_s: float, expected: str | None = None
+    ) -> bool:
         """Point `key` at `session_id` if it points at `expected`."""
         if self._sequences.get(key) != expected:
             return False
@@ -189,7 +198,7 @@ class InMemoryStore(SessionStore):
         return True
 
     async def sequence_session(self, key: str) -> str | None:
-        """The session `key` points at."""
+        """Return the session `key` points at."""
         return self._sequences.get(key)
 
     async def unmap_sequence(self, key: str, session_id: str) -> None:

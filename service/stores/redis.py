@@ -7,7 +7,7 @@ stays in the owner's slab; Redis is only read when a replica meets a session it 
 Keys (the `{session_id}` hash tag keeps both keys of a session in one Redis Cluster slot, so the scripts
 below touch a single slot):
 
-    <prefix>:{<session_id>}:rec     hash  blob (stores.snapshot bytes), seq, owner, gen; expires with the session
+    <prefix>:{<session_id>}:rec     hash  blob (stores.snapshot bytes), seq, owner, gen; expires with it
     <prefix>:{<session_id>}:lease   string owner replica id, with a TTL of lease_s (SET NX PX semantics)
     <prefix>:kseq:<model>:<id>      string the session id of a KServe sequence (any replica can continue it)
 
@@ -15,10 +15,10 @@ Ownership and fencing (docs/DESIGN.md, "Fenced ownership"). A replica may advanc
 holds the lease, and only from the version the store holds. The record carries `gen`, a version bumped by
 every write. `save` is a compare-and-set executed atomically in Redis (one Lua script): it writes only if no
 other replica holds a live lease AND the stored gen equals the gen the writer's copy was read at; it then
-stores gen + 1 and renews the writer's lease. So a replica whose copy is older than the store's (it was idle or
-paused past its lease while another replica advanced the session) is refused (`Stale`) whatever the lease
-says, and history cannot fork. `acquire` takes or renews the lease and returns the stored gen in the same step,
-so a replica that retakes a lease sees at once whether its resident copy is still current. Deletes are
+stores gen + 1 and renews the writer's lease. So a replica whose copy is older than the store's (it was idle
+or paused past its lease while another replica advanced the session) is refused (`Stale`) whatever the lease
+says, and history cannot fork. `acquire` takes or renews the lease and returns the stored gen in the same
+step, so a replica that retakes a lease sees at once whether its resident copy is still current. Deletes are
 fenced the same way. `release` hands a session over on drain.
 
 What can be lost: with `store_flush_every = N` the store may lag the slab by up to N - 1 applied steps; if
@@ -40,8 +40,8 @@ from service.stores import snapshot
 from service.stores.base import SessionRecord, SessionStore, stale
 
 # KEYS: rec, lease. ARGV: owner, lease_ms, seq, blob, record_ttl_ms, gen (the writer's base version).
-# Returns {1, new gen} when written, {0, holder} when another replica holds the lease, {2, stored gen} when the
-# stored version is not the writer's base (a stale copy).
+# Returns {1, new gen} when written, {0, holder} when another replica holds the lease, {2, stored gen} when
+# the stored version is not the writer's base (a stale copy).
 _SAVE = """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {0, holder} end
@@ -54,8 +54,8 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {1, gen}
 """
 
-# KEYS: lease, rec. ARGV: owner, lease_ms. Returns the stored gen (0: no record) once taken or renewed, -1 when
-# another replica holds the lease.
+# KEYS: lease, rec. ARGV: owner, lease_ms. Returns the stored gen (0: no record) once taken or renewed, -1
+# when another replica holds the lease.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return -1 end
@@ -72,7 +72,7 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 """
 
-# KEYS: sequence key. ARGV: session id, ttl_ms, expected session id ("" = none). 1 = set, 0 = it moved meanwhile.
+# KEYS: sequence key. ARGV: session id, ttl_ms, expected session id ("" = none). 1 = set, 0 = it moved.
 _MAP = """
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[3] then return 0 end
@@ -202,8 +202,10 @@ class RedisStore(SessionStore):
         return rec
 
     async def delete(self, session_id: str, gen: int | None = None, owner: str = "") -> bool:
-        """Forget a session and its lease: unconditionally, or only if still at version `gen` and the lease
-        is free or `owner`'s."""
+        """Forget a session and its lease; True if deleted.
+
+        Unconditionally, or only if still at version `gen` and the lease is free or `owner`'s.
+        """
         try:
             if gen is None:
                 await self._redis.delete(self._rec(session_id), self._lease(session_id))
@@ -225,16 +227,18 @@ class RedisStore(SessionStore):
     def _seq(self, key: str) -> str:
         return f"{self.prefix}:kseq:{key}"
 
-    async def map_sequence(self, key: str, session_id: str, ttl_s: float, expected: str | None = None) -> bool:
+    async def map_sequence(
+        self, key: str, session_id: str, ttl_s: float, expected: str | None = None
+    ) -> bool:
         """Point a KServe sequence key at its session for `ttl_s`, if it still points at `expected`."""
         try:
-            args = [session_id, _ms(ttl_s), expected or ""]
+            args: list[str | int] = [session_id, _ms(ttl_s), expected or ""]
             return bool(await self._map(keys=[self._seq(key)], args=args))
         except (RedisError, OSError) as exc:
             raise self._unreachable(exc) from exc
 
     async def sequence_session(self, key: str) -> str | None:
-        """The session a KServe sequence key points at, or None."""
+        """Return the session a KServe sequence key points at, or None."""
         try:
             value = await self._redis.get(self._seq(key))
         except (RedisError, OSError) as exc:

@@ -30,9 +30,16 @@ def markdown(result: ChaosResult) -> str:
     rows = [
         ("faults injected", f"{j['faults_injected']} ({kinds})"),
         ("run time", f"{j['duration_s']:.0f} s, seed {j['seed']}"),
-        ("processes", f"{j['replicas']} replicas (started {j['replica_starts']} times), 1 redis-server (AOF, fsync always)"),
-        ("sessions", f"{j['native_sessions']} native, {j['kserve_sequences']} KServe drivers; "
-                     f"{j['sessions']} session histories checked"),
+        (
+            "processes",
+            f"{j['replicas']} replicas (started {j['replica_starts']} times), "
+            "1 redis-server (AOF, fsync always)",
+        ),
+        (
+            "sessions",
+            f"{j['native_sessions']} native, {j['kserve_sequences']} KServe drivers; "
+            f"{j['sessions']} session histories checked",
+        ),
         ("requests", f"{j['requests']} sent, {j['request_errors']} failed and retried or resolved"),
         ("steps checked against ONNX Runtime", str(j["steps_checked"])),
         ("KServe requests with unknown outcome (resolved by the checker)", str(j["unknown_outcomes"])),
@@ -59,8 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "chaos.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "chaos.md").write_text(markdown(result))
-    for key in ("faults_injected", "faults_by_kind", "steps_checked", "unknown_outcomes", "lost", "doubled",
-                "diverged", "acknowledged_but_missing", "duration_s"):
+    for key in (
+        "faults_injected",
+        "faults_by_kind",
+        "steps_checked",
+        "unknown_outcomes",
+        "lost",
+        "doubled",
+        "diverged",
+        "acknowledged_but_missing",
+        "duration_s",
+    ):
         print(f"{key}: {summary[key]}")
     for line in result.counts.faults[:20]:
         print("  ", line)

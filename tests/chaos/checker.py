@@ -1,9 +1,9 @@
 """The chaos checker: replay every session's history in ONNX Runtime and count what the server got wrong.
 
 A client log holds, per session, the chunks it sent in order, each with the output the server acknowledged, or
-`None` when the call failed and the client cannot know whether it was applied (a KServe request has no seq, so a
-failed one may or may not have been applied; a native chunk is retried with its seq until acknowledged, so it
-only ever appears acknowledged). The checker walks the log keeping the set of states the server may hold:
+`None` when the call failed and the client cannot know whether it was applied (a KServe request has no seq, so
+a failed one may or may not have been applied; a native chunk is retried with its seq until acknowledged, so
+it only ever appears acknowledged). The checker walks the log keeping the set of states the server may hold:
 
 - an acknowledged chunk must produce exactly the acknowledged output from one of those states, applied once;
 - an unacknowledged chunk forks the set: applied zero times, once, or twice (twice is a bug: `doubled`);
@@ -11,8 +11,8 @@ only ever appears acknowledged). The checker walks the log keeping the set of st
   reverted to an earlier acknowledged state (`lost`, counted in steps), or applied a chunk twice (`doubled`);
   when nothing explains it, the output is `diverged` and the rest of that session is not checked.
 
-`missing` counts acknowledged steps a server later denied having (native: it asked for a seq at or below one it
-had acknowledged, or described a session with a lower last_seq). All four counts must be zero.
+`missing` counts acknowledged steps a server later denied having (native: it asked for a seq at or below one
+it had acknowledged, or described a session with a lower last_seq). All four counts must be zero.
 """
 
 from __future__ import annotations
@@ -60,8 +60,16 @@ class Counts:
     faults: list[str] = field(default_factory=list)  # one line per fault found, for the report
 
     def add(self, other: Counts) -> None:
-        for name in ("sessions", "steps_checked", "unknown_outcomes", "lost", "doubled", "diverged", "missing",
-                     "unchecked"):
+        for name in (
+            "sessions",
+            "steps_checked",
+            "unknown_outcomes",
+            "lost",
+            "doubled",
+            "diverged",
+            "missing",
+            "unchecked",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.faults.extend(other.faults)
 
@@ -89,10 +97,14 @@ class Reference:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         self.sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        self.state_names = [i.name[len("state_in_") :] for i in self.sess.get_inputs()
-                            if i.name.startswith("state_in_")]
-        self.shapes = {i.name[len("state_in_") :]: i.shape[1:] for i in self.sess.get_inputs()
-                       if i.name.startswith("state_in_")}
+        self.state_names = [
+            i.name[len("state_in_") :] for i in self.sess.get_inputs() if i.name.startswith("state_in_")
+        ]
+        self.shapes = {
+            i.name[len("state_in_") :]: i.shape[1:]
+            for i in self.sess.get_inputs()
+            if i.name.startswith("state_in_")
+        }
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
     def zero(self) -> dict[str, np.ndarray]:
@@ -179,7 +191,9 @@ def _diagnose(ref, ev, branches, acked, c: Counts, where: str):
         (o,), (s,) = ref.apply([acked[-1 - back]], ev.tokens)
         if _match(o, ev.output):
             c.lost += back
-            c.faults.append(f"{where}: applied on the state of {back} acknowledged step(s) earlier ({back} lost)")
+            c.faults.append(
+                f"{where}: applied on the state of {back} acknowledged step(s) earlier ({back} lost)"
+            )
             return s
     return None
 

@@ -1,4 +1,4 @@
-"""The processes under test: one redis-server with persistence on, and server replicas on fixed loopback ports.
+"""The processes under test: one redis-server with persistence on, and replicas on fixed loopback ports.
 
 Both can be killed, paused and restarted in place (same port, same data directory), so clients keep their
 channels and the store keeps what it acknowledged: Redis runs with `appendonly yes` and `appendfsync always`,
@@ -44,12 +44,30 @@ class ChaosRedis:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (Debian package redis-server; make system-deps)")
+            raise RuntimeError(
+                "redis-server is not installed (Debian package redis-server; make system-deps)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
         deadline = time.monotonic() + 20
@@ -100,7 +118,10 @@ class Cluster:
         with self.lock:
             n = self.starts
             self.starts += 1
-        r = start_replica(f"r{i}-{n}", self.workdir, self.repository, grpc_port=self.ports[i], **self.settings)
+        r = start_replica(
+            f"r{i}-{n}", self.workdir, self.repository, start_timeout_s=120, grpc_port=self.ports[i],
+            **self.settings,
+        )
         self.replicas[i] = r
         return r
 

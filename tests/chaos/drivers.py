@@ -1,8 +1,8 @@
-"""Chaos clients: drive sessions through raw gRPC stubs (native `Step` and KServe sequences), logging for the checker.
+"""Chaos clients: sessions driven through raw gRPC stubs (native `Step`, KServe sequences), logged.
 
-Each driver owns one session (or one KServe sequence) and, before every request, picks the replica it sends to:
-usually the one it used last, sometimes another at random (a balancer that loses affinity). No client library
-retry logic is involved: what the log records is exactly what the server answered.
+Each driver owns one session (or one KServe sequence) and, before every request, picks the replica it sends
+to: usually the one it used last, sometimes another at random (a balancer that loses affinity). No client
+library retry logic is involved: what the log records is exactly what the server answered.
 
 Native: a chunk carries its seq and is re-sent with the same seq (to any replica) until it is acknowledged, so
 every chunk in the log is acknowledged. KServe: a request has no seq, so a failed one is logged as unknown and
@@ -70,8 +70,18 @@ class NativeDriver:
 
     kind = "native"
 
-    def __init__(self, name: str, router: Router, rng: np.random.Generator, vocab: int, *, chunk_t: int,
-                 call_timeout_s: float, give_up_s: float, stats: Stats) -> None:
+    def __init__(
+        self,
+        name: str,
+        router: Router,
+        rng: np.random.Generator,
+        vocab: int,
+        *,
+        chunk_t: int,
+        call_timeout_s: float,
+        give_up_s: float,
+        stats: Stats,
+    ) -> None:
         self.log = SessionLog(name, self.kind)
         self.router, self.rng, self.vocab, self.chunk_t = router, rng, vocab, chunk_t
         self.call_timeout_s, self.give_up_s, self.stats = call_timeout_s, give_up_s, stats
@@ -101,13 +111,17 @@ class NativeDriver:
             return
         try:
             if self.session_id is None:
-                info = self._call(lambda s: s.CreateSession(pb.CreateSessionRequest(model=MODEL, idle_ttl_s=3600),
-                                                            timeout=self.call_timeout_s))
+                info = self._call(
+                    lambda s: s.CreateSession(
+                        pb.CreateSessionRequest(model=MODEL, idle_ttl_s=3600), timeout=self.call_timeout_s
+                    )
+                )
                 self.session_id = info.session_id  # type: ignore[attr-defined]
                 return
             tokens = self.rng.integers(0, self.vocab, self.chunk_t, dtype=np.int64)
-            req = pb.StepRequest(session_id=self.session_id, seq=self.seq + 1,
-                                 inputs=[wire.array_to_tensor("tokens", tokens)])
+            req = pb.StepRequest(
+                session_id=self.session_id, seq=self.seq + 1, inputs=[wire.array_to_tensor("tokens", tokens)]
+            )
             resp = self._call(lambda s: s.Step(req, timeout=self.call_timeout_s))
         except grpc.RpcError as err:
             self._refused(err)
@@ -137,8 +151,11 @@ class NativeDriver:
         if self.done or self.session_id is None:
             return
         try:
-            info = self._call(lambda s: s.DescribeSession(pb.SessionRequest(session_id=self.session_id),
-                                                          timeout=self.call_timeout_s))
+            info = self._call(
+                lambda s: s.DescribeSession(
+                    pb.SessionRequest(session_id=self.session_id), timeout=self.call_timeout_s
+                )
+            )
         except grpc.RpcError as err:
             self._refused(err)
             return
@@ -162,10 +179,23 @@ class KServeDriver:
     """One Triton sequence: a start request, then requests without seq; failures are logged as unknown."""
 
     kind = "kserve"
-    MAX_UNKNOWN = 5  # consecutive unknown outcomes after which the sequence is restarted (checker branch limit)
+    MAX_UNKNOWN = (
+        5  # consecutive unknown outcomes after which the sequence is restarted (checker branch limit)
+    )
 
-    def __init__(self, name: str, router: Router, rng: np.random.Generator, vocab: int, *, chunk_t: int,
-                 call_timeout_s: float, give_up_s: float, stats: Stats, sequence_ids: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        name: str,
+        router: Router,
+        rng: np.random.Generator,
+        vocab: int,
+        *,
+        chunk_t: int,
+        call_timeout_s: float,
+        give_up_s: float,
+        stats: Stats,
+        sequence_ids: Callable[[], int],
+    ) -> None:
         self.name = name
         self.logs: list[SessionLog] = []
         self.router, self.rng, self.vocab, self.chunk_t = router, rng, vocab, chunk_t

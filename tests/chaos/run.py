@@ -1,8 +1,8 @@
 """The chaos run: clients drive many sessions across three replicas while a fault injector breaks everything.
 
-Processes: one redis-server (AOF, fsync always) and `replicas` server processes sharing it. Client threads drive
-native sessions and KServe sequences (tests/chaos/drivers.py), moving each session's traffic to a random replica
-now and then. Fault injectors, one per replica and one for Redis, loop until the run ends:
+Processes: one redis-server (AOF, fsync always) and `replicas` server processes sharing it. Client threads
+drive native sessions and KServe sequences (tests/chaos/drivers.py), moving each session's traffic to a random
+replica now and then. Fault injectors, one per replica and one for Redis, loop until the run ends:
 
 - `kill`: SIGKILL the replica (a crashed pod), start it again;
 - `term`: SIGTERM (a drained pod), start it again;
@@ -25,10 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fixtures
 import numpy as np
 from tqdm import tqdm
 
-import fixtures
 from tests.chaos.checker import Counts, Reference, check
 from tests.chaos.cluster import ChaosRedis, Cluster
 from tests.chaos.drivers import MODEL, KServeDriver, NativeDriver, Router, Stats
@@ -107,7 +107,9 @@ class Injector:
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self.threads = [
-            threading.Thread(target=self._replica_loop, args=(i, random.Random(cfg.seed * 31 + i)), daemon=True)
+            threading.Thread(
+                target=self._replica_loop, args=(i, random.Random(cfg.seed * 31 + i)), daemon=True
+            )
             for i in range(cfg.replicas)
         ] + [threading.Thread(target=self._redis_loop, args=(random.Random(cfg.seed * 17),), daemon=True)]
 
@@ -152,82 +154,96 @@ class Injector:
             t.join(120)
 
 
-def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
-    """Build a repository, start Redis and the replicas, drive and break them, check. Returns the result."""
-    repository = workdir / "repository"
-    fixtures.token_lstm(repository, MODEL)
+Driver = NativeDriver | KServeDriver
+
+
+def make_drivers(cfg: ChaosConfig, cluster: Cluster, stats: list[Stats]) -> list[list[Driver]]:
+    """The sessions each client thread drives (native first, then KServe), each with its own router."""
     vocab = len(fixtures.DEFAULT_VOCAB)
-    redis_server = ChaosRedis(workdir / "redis")
-    redis_server.start()
-    cluster = Cluster(workdir, repository, redis_server, cfg.replicas, lease_s=cfg.lease_s, drain_grace_s=1.0,
-                      idle_ttl_s=3600)
-    result = ChaosResult(cfg)
+    ids = itertools.count(1)
+    np_rng = np.random.default_rng(cfg.seed)
+    py_rng = random.Random(cfg.seed)
+    drivers: list[list[Driver]] = [[] for _ in range(cfg.client_threads)]
+    for n in range(cfg.native_sessions + cfg.kserve_sequences):
+        t = n % cfg.client_threads
+        router = Router(lambda: cluster.channels, random.Random(py_rng.random()), cfg.p_move)
+        common = dict(
+            chunk_t=cfg.chunk_t, call_timeout_s=cfg.call_timeout_s, give_up_s=cfg.give_up_s, stats=stats[t]
+        )
+        rng = np.random.default_rng(np_rng.integers(1 << 62))
+        if n < cfg.native_sessions:
+            drivers[t].append(NativeDriver(f"native-{n}", router, rng, vocab, **common))
+        else:
+            drivers[t].append(
+                KServeDriver(f"kserve-{n}", router, rng, vocab, sequence_ids=lambda: next(ids), **common)
+            )
+    return drivers
+
+
+def drive(cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]]) -> tuple[Injector, float]:
+    """Run the clients and the fault injector until enough faults (or time); returns the injector, seconds."""
     stop = threading.Event()
+
+    def client(mine: list[Driver]) -> None:
+        while not stop.is_set():
+            for d in mine:
+                d.step()
+
+    clients = [threading.Thread(target=client, args=(d,), daemon=True) for d in drivers]
+    injector = Injector(cluster, cfg, stop)
+    started = time.monotonic()
+    for c in clients:
+        c.start()
+    injector.start()
     try:
-        cluster.start_all()
-        ids = itertools.count(1)
-        np_rng = np.random.default_rng(cfg.seed)
-        py_rng = random.Random(cfg.seed)
-        thread_stats = [Stats() for _ in range(cfg.client_threads)]
-        drivers: list[list[NativeDriver | KServeDriver]] = [[] for _ in range(cfg.client_threads)]
-        for n in range(cfg.native_sessions + cfg.kserve_sequences):
-            t = n % cfg.client_threads
-            router = Router(lambda: cluster.channels, random.Random(py_rng.random()), cfg.p_move)
-            common = dict(chunk_t=cfg.chunk_t, call_timeout_s=cfg.call_timeout_s, give_up_s=cfg.give_up_s,
-                          stats=thread_stats[t])
-            rng = np.random.default_rng(np_rng.integers(1 << 62))
-            if n < cfg.native_sessions:
-                drivers[t].append(NativeDriver(f"native-{n}", router, rng, vocab, **common))
-            else:
-                drivers[t].append(KServeDriver(f"kserve-{n}", router, rng, vocab, sequence_ids=lambda: next(ids),
-                                               **common))
-
-        def client(mine: list[NativeDriver | KServeDriver]) -> None:
-            while not stop.is_set():
-                for d in mine:
-                    d.step()
-
-        clients = [threading.Thread(target=client, args=(d,), daemon=True) for d in drivers]
-        injector = Injector(cluster, cfg, stop)
-        started = time.monotonic()
-        for c in clients:
-            c.start()
-        injector.start()
-        bar = tqdm(total=cfg.target_faults, desc="faults", unit="fault", disable=not cfg.progress)
-        while True:
-            time.sleep(0.5)
-            n = sum(injector.faults.values())
-            bar.update(n - bar.n)
-            if n >= cfg.target_faults or time.monotonic() - started > cfg.max_duration_s:
-                break
-        bar.close()
+        with tqdm(total=cfg.target_faults, desc="faults", unit="fault", disable=not cfg.progress) as bar:
+            while True:
+                time.sleep(0.5)
+                n = sum(injector.faults.values())
+                bar.update(n - bar.n)
+                if n >= cfg.target_faults or time.monotonic() - started > cfg.max_duration_s:
+                    break
+    finally:
         stop.set()
         injector.join()
         for c in clients:
             c.join(cfg.give_up_s + 30)
-        result.duration_s = time.monotonic() - started
+    return injector, time.monotonic() - started
+
+
+def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
+    """Build a repository, start Redis and the replicas, drive and break them, check. Returns the result."""
+    repository = workdir / "repository"
+    fixtures.token_lstm(repository, MODEL)
+    redis_server = ChaosRedis(workdir / "redis")
+    redis_server.start()
+    cluster = Cluster(
+        workdir, repository, redis_server, cfg.replicas, lease_s=cfg.lease_s, drain_grace_s=1.0,
+        idle_ttl_s=3600,
+    )
+    result = ChaosResult(cfg)
+    try:
+        cluster.start_all()
+        stats = [Stats() for _ in range(cfg.client_threads)]
+        drivers = make_drivers(cfg, cluster, stats)
+        injector, result.duration_s = drive(cfg, cluster, drivers)
         result.faults = injector.faults
         # Everything back up and resumed, then the final reads.
         for i in range(cfg.replicas):
             if cluster.pid(i) is None:
                 cluster.start(i)
-        for mine in drivers:
-            for d in mine:
-                d.finish()
-        logs = []
-        for mine in drivers:
-            for d in mine:
-                logs.extend([d.log] if isinstance(d, NativeDriver) else d.logs)
+        every = [d for mine in drivers for d in mine]
+        for d in every:
+            d.finish()
+        logs = [log for d in every for log in ([d.log] if isinstance(d, NativeDriver) else d.logs)]
         result.counts = check(Reference(repository / MODEL / "1" / "model.onnx"), logs)
-        for s in thread_stats:
+        for s in stats:
             result.stats.requests += s.requests
             result.stats.errors += s.errors
             result.stats.abandoned += s.abandoned
         result.replica_starts = cluster.starts
-        if injector.errors:
-            result.counts.faults.extend(f"injector: {e}" for e in injector.errors[:10])
+        result.counts.faults.extend(f"injector: {e}" for e in injector.errors[:10])
     finally:
-        stop.set()
         cluster.stop_all()
         redis_server.stop()
     return result

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import fixtures
 import numpy as np
 import pytest
 
-import fixtures
 from tests.chaos.checker import Reference, check
 from tests.chaos.cluster import ChaosRedis, Cluster
 from tests.chaos.drivers import MODEL, KServeDriver, NativeDriver, Router, Stats
@@ -53,11 +53,28 @@ def run_stale_scenario(cluster: Cluster):
     router = FixedRouter(cluster)
     stats = Stats()
     vocab = len(fixtures.DEFAULT_VOCAB)
-    native = NativeDriver("native", router, np.random.default_rng(1), vocab, chunk_t=3, call_timeout_s=10,
-                          give_up_s=10, stats=stats)
+    native = NativeDriver(
+        "native",
+        router,
+        np.random.default_rng(1),
+        vocab,
+        chunk_t=3,
+        call_timeout_s=10,
+        give_up_s=10,
+        stats=stats,
+    )
     ids = iter(range(1000, 2000))
-    kserve = KServeDriver("kserve", router, np.random.default_rng(2), vocab, chunk_t=3, call_timeout_s=10,
-                          give_up_s=10, stats=stats, sequence_ids=lambda: next(ids))
+    kserve = KServeDriver(
+        "kserve",
+        router,
+        np.random.default_rng(2),
+        vocab,
+        chunk_t=3,
+        call_timeout_s=10,
+        give_up_s=10,
+        stats=stats,
+        sequence_ids=lambda: next(ids),
+    )
     for target, steps in ((0, 11), (1, 2), (0, 3)):
         router.target = target
         for _ in range(steps):

@@ -117,8 +117,8 @@ def test_released_lease_is_taken_at_once_and_the_old_owner_is_fenced(clean_redis
 
 
 def test_a_stale_copy_is_refused_whatever_the_lease_says(clean_redis):
-    """The fork of issue "stale replica": A's copy is at version 1, B advanced the session to version 2 and went
-    idle; A retakes the lapsed lease, but its write (based on version 1) is refused, and `acquire` tells it the
+    """The stale-replica fork: A's copy is at version 2, B advanced the session to version 3 and went idle;
+    A retakes the lapsed lease, but its write (based on version 2) is refused, and `acquire` tells it the
     store moved on so it can reload first."""
 
     async def body():
