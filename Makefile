@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check
+.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -21,6 +21,7 @@ help:
 	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite, ~17 min (not in make test); BENCH_ARGS=--quick: reduced, to docs/bench/quick/"
+	@echo "make chaos       fault injection against 3 replicas + Redis (>= 1,000 faults, ~15 min); not in make test"
 	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
 	@echo "make image-check   build deploy/Dockerfile here (debootstrap base + buildah, cached) and run its checks"
 	@echo "make image-clean   remove the image-check cache (base rootfs tarball) and its local images"
@@ -89,6 +90,14 @@ BENCH_ARGS ?=
 bench: system-deps install-dev protos
 	$(PY) -m tests.bench $(BENCH_ARGS)
 	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) docs/sync_readme.py ;; esac
+
+# Chaos run (tests/chaos): a redis-server with AOF, three replicas, native and KServe clients moving sessions
+# between replicas, SIGKILL/SIGSTOP/SIGTERM of replicas and Redis; every acknowledged output replayed in ONNX
+# Runtime. Writes docs/results/chaos.{json,md} and refreshes the README. A seeded 25 s run is in make test.
+CHAOS_ARGS ?=
+chaos: system-deps install-dev protos
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
+	$(PY) docs/sync_readme.py
 
 # Container and Kubernetes checks that need no cluster and no docker engine (also part of `make test`):
 # render every kustomize overlay, validate against the Kubernetes schemas, policy checks, Dockerfile checks.

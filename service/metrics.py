@@ -175,6 +175,17 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.stale_reloads = Counter(
+            "rnnserve_stale_reloads",
+            "Resident session copies found older than the shared store on retaking a lease, and reloaded.",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "rnnserve_store_errors",
+            "Session store operations that failed, by kind (unreachable; refused: out of memory, read-only).",
+            ["kind"],
+            registry=r,
+        )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
             "Raw recurrent state bytes held by open sessions.",

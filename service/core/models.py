@@ -84,7 +84,7 @@ class ModelHost:
     def _attach(self, mv: ModelVersion) -> None:
         spec = mv.spec
         mv.slab = StateSlab(spec.states)
-        mv.inputs = InputValidator(spec)
+        mv.inputs = InputValidator(spec, self.settings.max_cached_response_bytes)
         mv.controls = control_filler(spec)
         mv.batcher = Batcher(
             spec,

@@ -44,6 +44,16 @@ def _code_name(context: Any, default: str) -> str:
     return default
 
 
+MAX_MESSAGE_CHARS = 1000  # a status message travels in a trailer; one echoing a huge input would not fit
+
+
+def short(message: str) -> str:
+    """Cut a client-bound message that echoes a huge input down to a size any client accepts."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters, cut)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map any exception to the (status code, client-safe message) pair the edge sends.
 
@@ -51,7 +61,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     with a generic message, and the details (with traceback) go to the log, never to the client.
     """
     if isinstance(exc, ServeError):
-        return grpc.StatusCode[exc.code.name], exc.message
+        return grpc.StatusCode[exc.code.name], short(exc.message)
     _log.error("internal error: %r", exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal server error (details are in the server log)"
 

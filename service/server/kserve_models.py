@@ -167,6 +167,6 @@ def version_arg(text: str) -> int | None:
     """Parse a KServe model_version string: empty = None (newest), else a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text!r}")
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text[:40]!r}")
     return int(text)
