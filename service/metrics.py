@@ -175,6 +175,17 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.stale_reloads = Counter(
+            "rnnserve_stale_reloads",
+            "Resident session copies found older than the shared store on retaking a lease, and reloaded.",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "rnnserve_store_errors",
+            "Session store operations that failed, by kind (unreachable; refused: out of memory, read-only).",
+            ["kind"],
+            registry=r,
+        )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
             "Raw recurrent state bytes held by open sessions.",
@@ -210,8 +221,9 @@ class Metrics:
         self.state_budget_bytes.labels(model, version).set(state_bytes * max_sessions)
 
     def version_unloaded(self, model: str, version: str) -> None:
-        """Forget an unloaded version's limit and budget gauges."""
-        for gauge in (self.model_max_sessions, self.state_budget_bytes):
+        """Forget an unloaded version's gauges."""
+        gauges = (self.active_sessions, self.state_bytes, self.model_max_sessions, self.state_budget_bytes)
+        for gauge in gauges:
             try:
                 gauge.remove(model, version)
             except KeyError:

@@ -6,8 +6,8 @@
 //
 // Loads protos/rnnserve.proto at run time (@grpc/proto-loader); nothing is generated. Every call that belongs
 // to the session carries the gRPC metadata `x-rnnserve-affinity: <key>`, a random key drawn once per session,
-// exactly as the Python client does (service/client), so a consistent-hash proxy in front of several
-// replicas (deploy/components/envoy) keeps the whole session on one replica. Output: one JSON line per chunk,
+// exactly as the Python client does (service/client/sync.py), so a consistent-hash proxy in front of several
+// replicas (deploy/components/haproxy or envoy) keeps the whole session on one replica. Output: one JSON line per chunk,
 // {"seq", "steps", "top_id", "top", "logits"} (the last step's logits), then {"session_id", "steps"}.
 "use strict";
 

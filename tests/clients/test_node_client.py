@@ -2,10 +2,10 @@
 
 The server serves the committed default model; the Node client streams a text in chunks over `Stream` and
 prints, after each chunk, the last step's logits and the most likely next character. The Python client
-(service/client) streams the same chunks over its own session: both must print the same characters and the
+(service.client) streams the same chunks over its own session: both must print the same characters and the
 same logits. The Node client reaches the server through a loopback gRPC proxy that forwards every call and
 records its metadata, to show that the session's calls carry the affinity header a consistent-hash proxy
-(Envoy, deploy/components/envoy) routes on.
+(HAProxy or Envoy, deploy/components/) routes on.
 
 Needs `node` and `npm` (Debian's nodejs/npm; `make system-deps` installs them when missing). The first run
 installs the locked dependencies with `npm ci` (npm registry); later runs reuse clients/node/node_modules.

@@ -42,8 +42,7 @@ REPORT = ROOT / "docs" / "deploy" / "image.md"
 TAG = "localhost/rnnserve:check"
 # The image is the whole serving stack; torch alone would add ~800 MB. Generous, but it catches that.
 MAX_IMAGE_BYTES = 800e6
-# A first build (debootstrap, pip from PyPI) on a busy machine takes minutes; it runs in the first test's
-# setup, which the suite's default 300 s per-test timeout would cut short.
+# The module fixture builds the image: a cold build (debootstrap + pip) takes minutes on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
