@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from service.config import Settings, load_settings
 from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
-from service.server import kserve
+from service.server import kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
@@ -174,7 +174,12 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
         return None, None
     from prometheus_client import start_http_server
 
-    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+    tls: dict[str, Any] = {}
+    if settings.metrics_tls:
+        tls = {"certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
+    httpd, _thread = start_http_server(
+        settings.metrics_port, addr=settings.grpc_host, registry=registry, **tls
+    )
     return httpd, int(httpd.server_address[1])
 
 
@@ -208,7 +213,12 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 
     try:
-        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        credentials = tls.server_credentials(settings)
+        target = f"{settings.grpc_host}:{settings.grpc_port}"
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
         httpd, metrics_port = _start_metrics_http(settings, registry)
     except (RuntimeError, OSError) as exc:
         await engine.stop()
@@ -241,8 +251,9 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
 
 def _announce(running: RunningServer) -> None:
     models = ", ".join(f"{s.name}:{s.version}" for s in running.engine.list_models()) or "(none)"
+    scheme = "https" if running.settings.metrics_tls else "http"
     metrics = (
-        f"http://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+        f"{scheme}://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
         if running.metrics_port
         else "off"
     )
@@ -250,6 +261,25 @@ def _announce(running: RunningServer) -> None:
         f"rnnserve listening: gRPC {running.settings.grpc_host}:{running.port} | metrics {metrics} | "
         f"models {models} | repository {running.settings.model_repository}",
         flush=True,
+    )
+    print(security_banner(running.settings, running.port), flush=True)
+
+
+def security_banner(settings: Settings, port: int) -> str:
+    """One line on transport and authentication; a loud block when the server is open (auth none)."""
+    if settings.tls_cert_file is None:
+        transport = "plaintext"
+    else:
+        transport = "mutual TLS" if settings.tls_client_ca_file is not None else "TLS"
+    if settings.auth != "none":
+        return f"rnnserve security: {transport} | API keys from {settings.api_keys_file}"
+    rule = "!" * 100
+    return (
+        f"{rule}\n"
+        f"!! WARNING: authentication is OFF (auth: none), transport {transport}. Anyone who can reach\n"
+        f"!! {settings.grpc_host}:{port} can create, read, fork and close every session and reload models.\n"
+        "!! For local development only. Production: --auth api_keys --api-keys-file FILE with TLS (README Security).\n"
+        f"{rule}"
     )
 
 
