@@ -45,8 +45,12 @@ $(PROTO_OUT): $(PROTO_SRC) | $(VENV)/.serve
 
 protos: $(PROTO_OUT)
 
+# Local development: no authentication, loopback only (the server prints a warning block). A secured server:
+# make serve SERVE_ARGS="--auth api_keys --api-keys-file keys.yaml --tls-cert-file ... --tls-key-file ..."
+SERVE_ARGS ?=
 serve: install protos
-	$(PY) -m service.server --model-repository $(REPOSITORY)
+	@case "$(SERVE_ARGS)" in *api_keys*) ;; *) echo "make serve: OPEN SERVER (auth none) on 127.0.0.1 -- local development only; see README 'Security'" >&2;; esac
+	$(PY) -m service.server --model-repository $(REPOSITORY) $(SERVE_ARGS)
 
 # Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer).
 APT_PACKAGES := redis-server libb64-0d

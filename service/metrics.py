@@ -187,6 +187,30 @@ class Metrics:
             registry=r,
         )
 
+        self.state_budget_bytes = Gauge(
+            "rnnserve_state_budget_bytes",
+            "Session memory budget shared by all models (admission control).",
+            registry=r,
+        )
+        self.state_budget_used_bytes = Gauge(
+            "rnnserve_state_budget_used_bytes",
+            "Session memory charged against the budget (state, cached outputs, per-session overhead).",
+            registry=r,
+        )
+        self.admission_refusals = Counter(
+            "rnnserve_admission_refusals",
+            "Requests refused by admission control, by reason (budget, tenant_sessions, tenant_bytes,"
+            " tenant_rate).",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "rnnserve_auth_failures",
+            "Calls refused before reaching a handler, by reason (missing, malformed, unknown, role).",
+            ["reason"],
+            registry=r,
+        )
+
     def request(self, method: str, code: str, protocol: str = "native") -> None:
         """Count one finished RPC (called by the edges)."""
         self.requests.labels(method, code, protocol).inc()

@@ -22,10 +22,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from service.config import Settings
+from service.core.admission import SESSION_OVERHEAD_BYTES, Admission
 from service.core.models import ModelHost
 from service.core.registry import ModelVersion
 from service.core.table import PendingOp, Session, SessionTable
 from service.core.tasks import Background
+from service.core.tenancy import CALLER
 from service.core.types import ModelSpec, SessionInfo, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, OutOfRange, Unavailable
 from service.metrics import Metrics
@@ -58,6 +60,7 @@ class SessionManager:
         self.wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock, fixed once
         self.draining = False
         self._resuming: dict[str, asyncio.Future[None]] = {}
+        self.admission = Admission(settings, metrics)
 
     # -- opening and ending ---------------------------------------------------------------------------------
     def ttl(self, mv: ModelVersion, idle_ttl_s: float | None) -> float:
@@ -108,19 +111,50 @@ class SessionManager:
             self.end(victim, "capacity")
         raise table.refuse(name, limit)
 
-    def open(self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None) -> Session:
-        """Open a local session on `mv` (a slab row, a table entry, the version pinned)."""
+    def open(
+        self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None, steps: int = 1
+    ) -> Session:
+        """Open a local session on `mv` for the calling tenant (a slab row, a table entry, the version pinned).
+
+        The session is charged to the memory budget first (its state, cached outputs of `steps` timesteps,
+        the fixed overhead): RESOURCE_EXHAUSTED if that does not fit, before anything is allocated.
+        """
         self._make_room(mv)
-        s = Session(session_id or secrets.token_urlsafe(16), mv, mv.slab.alloc(), ttl, protocol)
+        tenant = CALLER.get().tenant
+        charge = SESSION_OVERHEAD_BYTES + mv.slab.row_bytes + steps * output_row_bytes(mv.spec)
+        self.admission.open(tenant, charge)
+        s = Session(session_id or secrets.token_urlsafe(16), mv, mv.slab.alloc(), ttl, protocol, tenant)
+        s.charge, s.charged_steps = charge, steps
         self.table.add(s)
         self.host.pin(mv)
         return s
+
+    def lookup(self, session_id: str) -> Session | None:
+        """The calling tenant's local session with this id, or None (another tenant's counts as absent)."""
+        s = self.table.sessions.get(session_id)
+        if s is not None and s.tenant != CALLER.get().tenant:
+            return None
+        return s
+
+    def admit_step(self, s: Session, steps: int) -> None:
+        """Before a chunk of `steps` timesteps is submitted: the tenant's rate quota, and the memory charge of
+        its cached outputs when the chunk is longer than any this session applied before."""
+        admission = self.admission
+        if admission.rate_limited:
+            admission.take_steps(s.tenant, steps)
+        if steps > s.charged_steps:
+            extra = (steps - s.charged_steps) * output_row_bytes(s.mv.spec)
+            admission.grow(s.tenant, extra)
+            s.charge += extra
+            s.charged_steps = steps
 
     def end(self, s: Session, reason: str, *, delete: bool = True) -> None:
         """Forget a session locally (slot freed, tombstone left); nothing may be in flight."""
         if s.session_id not in self.table.sessions:
             return
         self.table.remove(s, reason)
+        self.admission.close(s.tenant, s.charge)
+        s.charge = 0
         mv = s.mv
         if mv.slab is not None:
             mv.slab.free(s.slot)
@@ -208,6 +242,7 @@ class SessionManager:
             s.idle_ttl_s,
             s.created_at + self.wall_offset,
             self.settings.replica_id,
+            s.tenant,
         )
 
     # -- the shared store -----------------------------------------------------------------------------------
@@ -235,6 +270,8 @@ class SessionManager:
         """Return the local session, or resume it from the shared store; NotFound otherwise."""
         s = self.table.sessions.get(session_id)
         if s is not None:
+            if s.tenant != CALLER.get().tenant:  # exactly as for an id that never existed
+                raise self.table.not_found(session_id)
             return s
         if not self.persist or not isinstance(session_id, str) or not session_id:
             raise self.table.not_found(session_id)
@@ -278,7 +315,7 @@ class SessionManager:
                 f"lease ({self.settings.lease_s} s) runs out"
             )
         rec = await self.store.load(session_id)
-        if rec is None:
+        if rec is None or rec.tenant != CALLER.get().tenant:
             await self.store.claim(session_id, self.settings.replica_id, 0.0)  # give the lease back
             raise self.table.not_found(session_id)
         mv = self.host.find(rec.model, rec.version)
@@ -351,3 +388,14 @@ class SessionManager:
             self.end(s, "closed", delete=False)
             if self.persist:
                 await self.store.delete(session_id)
+
+
+def output_row_bytes(spec: ModelSpec) -> int:
+    """Bytes of one timestep of the model's outputs (one session's row), what a cached result costs per step."""
+    total = 0
+    for t in spec.outputs:
+        n = 1
+        for d in t.shape[2 if t.time_axis else 1 :]:
+            n *= d if d is not None and d > 0 else 1
+        total += n * t.dtype.itemsize
+    return total

@@ -38,6 +38,11 @@ class StateOps:
             raise InvalidArgument("state must be bytes from GetState")
         rec = snapshot.decode(bytes(blob), self._hmac_key)
         async with self.sessions.exclusive(session_id) as s:
+            if rec.tenant != s.tenant:  # covered by the blob's checksum (unforgeable with state_hmac_key)
+                raise InvalidArgument(
+                    "state blob was exported by another tenant; a blob can only be imported by the tenant "
+                    "that exported it"
+                )
             spec = s.mv.spec
             if rec.model != spec.name or rec.version != spec.version:
                 raise InvalidArgument(

@@ -53,7 +53,7 @@ class Stepper:
         self.active += 1
         sessions = self.sessions
         try:
-            s = sessions.table.sessions.get(session_id)
+            s = sessions.lookup(session_id)
             if s is None:
                 s = await sessions.get(session_id)
             if sessions.lease_due(s):
@@ -66,6 +66,7 @@ class Stepper:
                 return out_of_order(sessions, s, seq, last_only)
             mv = s.mv
             arrays, key, steps = mv.inputs.check(inputs)
+            sessions.admit_step(s, steps)
             fut = self._loop.create_future()  # type: ignore[union-attr]
             req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
             mv.batcher.submit(req)
@@ -104,7 +105,7 @@ class Stepper:
     def _submit_nowait(self, call: StepCall, slot: GroupSlot, last_only: bool) -> bool:
         """Submit a call now if the session is local and idle (True); else run the full `step` as a task."""
         sessions = self.sessions
-        s = sessions.table.sessions.get(call.session_id)
+        s = sessions.lookup(call.session_id)
         slow = s is None or s.pending is not None or call.seq != s.last_seq + 1 or last_only
         if slow or sessions.lease_due(s):  # type: ignore[arg-type]
             task = asyncio.ensure_future(
@@ -115,6 +116,7 @@ class Stepper:
         assert s is not None
         try:
             arrays, key, steps = s.mv.inputs.check(call.inputs)
+            sessions.admit_step(s, steps)
             req = StepRequest(s.slot, arrays, key, slot, s, call.seq, steps)  # type: ignore[arg-type]
             s.mv.batcher.submit(req)
         except ServeError as exc:

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from service.config import Settings, load_settings
 from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
-from service.server import kserve, tls
+from service.server import auth, kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
@@ -190,13 +190,19 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     await engine.start()
 
     interceptor = ErrorMappingInterceptor(_call_observer(engine))
+    try:
+        authenticator = auth.interceptor_for(settings, engine)
+    except SystemExit:
+        await engine.stop()
+        raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port 0 must give this process its own port, never one another process shares.
         ("grpc.so_reuseport", 0),
     ]
-    server = aio.server(interceptors=[interceptor], options=options)
+    # The error mapping is outermost, so authentication refusals are typed errors mapped and counted like others.
+    server = aio.server(interceptors=[interceptor, authenticator], options=options)
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}

@@ -1,7 +1,9 @@
 """Triton's sequence extension over the Engine: `(model, sequence_id)` -> engine session, in arrival order.
 
 `sequence_start` opens (or restarts) an engine session, `sequence_end` closes it after that step, and the
-requests of one sequence apply one at a time in arrival order (one FIFO lock per sequence). Used by the KServe
+requests of one sequence apply one at a time in arrival order (one FIFO lock per sequence). Sequence ids are
+per tenant: another tenant's sequence with the same id is invisible (its requests see "not active", exactly as
+for an unused id) and untouched. Used by the KServe
 servicer (`service/server/kserve.py`); protocol-free apart from the typed errors it raises.
 """
 
@@ -16,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from service.core.engine import Engine
+from service.core.tenancy import CALLER, Principal, tenant
 from service.errors import InvalidArgument, NotFound
 from service.server.kserve_convert import SequenceControl
 
 SequenceKey = tuple[str, int | str]
+_Key = tuple[str, str, int | str]  # (tenant, model, sequence_id)
 ENDED = "ended by sequence_end"
 
 
@@ -57,9 +61,9 @@ class SequenceTable:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._live: dict[SequenceKey, _Sequence] = {}
+        self._live: dict[_Key, _Sequence] = {}
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
-        self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
+        self._gone: OrderedDict[_Key, str] = OrderedDict()
         self._max_gone = engine.settings.max_tombstones
         # Sequences whose session the engine expired are forgotten at most this often (on a start request).
         self._sweep_every_s = engine.settings.sweep_interval_s
@@ -70,7 +74,7 @@ class SequenceTable:
 
     def live_version(self, model: str, sequence_id: int | str) -> int | None:
         """Model version a live sequence runs on (it stays pinned there when a newer version loads)."""
-        entry = self._live.get((model, sequence_id))
+        entry = self._live.get((tenant(), model, sequence_id))
         return None if entry is None or entry.session_id is None else entry.version
 
     async def step(
@@ -84,7 +88,7 @@ class SequenceTable:
         """
         if ctl.sequence_id is None:
             raise InvalidArgument("a sequence step needs a sequence_id")
-        key: SequenceKey = (model, ctl.sequence_id)
+        key: _Key = (tenant(), model, ctl.sequence_id)
         if ctl.start:
             self._sweep()
         task = asyncio.create_task(self._ordered_step(key, version, ctl, inputs))
@@ -92,7 +96,7 @@ class SequenceTable:
         return await asyncio.shield(task)
 
     async def _ordered_step(
-        self, key: SequenceKey, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+        self, key: _Key, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
     ) -> SequenceOutcome:
         # No await before the lock: tasks start in creation order, reach it in arrival order, and
         # asyncio.Lock is FIFO.
@@ -110,16 +114,20 @@ class SequenceTable:
 
     async def _locked_step(
         self,
-        key: SequenceKey,
+        key: _Key,
         entry: _Sequence,
         version: int | None,
         ctl: SequenceControl,
         inputs: dict[str, np.ndarray],
     ) -> SequenceOutcome:
-        model, sequence_id = key
+        _, model, sequence_id = key
         if ctl.start:
             if entry.session_id is not None:
-                await self._close_quietly(entry.session_id)
+                as_owner = CALLER.set(Principal(key[0]))
+                try:
+                    await self._close_quietly(entry.session_id)
+                finally:
+                    CALLER.reset(as_owner)
                 entry.session_id = None
             try:
                 info = await self._engine.create_session(model, version, protocol="kserve")
@@ -150,7 +158,7 @@ class SequenceTable:
             await self._close_quietly(session_id)
         return SequenceOutcome(result.outputs, entry.version)
 
-    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str | None) -> None:
+    def _retire(self, key: _Key, entry: _Sequence, reason: str | None) -> None:
         entry.retired = True
         if self._live.get(key) is entry:
             del self._live[key]
@@ -160,8 +168,8 @@ class SequenceTable:
                 while len(self._gone) > self._max_gone:
                     self._gone.popitem(last=False)
 
-    def _not_active(self, key: SequenceKey) -> Exception:
-        model, sequence_id = key
+    def _not_active(self, key: _Key) -> Exception:
+        _, model, sequence_id = key
         reason = self._gone.get(key)
         name = f"sequence {_describe_id(sequence_id)} of model {model!r}"
         if reason is None or reason == ENDED:
@@ -187,14 +195,21 @@ class SequenceTable:
         for key, entry in list(self._live.items()):
             if entry.session_id is None or entry.lock.locked():
                 continue
+            as_owner = CALLER.set(Principal(key[0]))  # the sequence's session is its tenant's
             try:
                 self._engine.describe(entry.session_id)
             except NotFound as exc:
                 self._retire(key, entry, exc.reason)
+            finally:
+                CALLER.reset(as_owner)
 
     async def close_all(self) -> None:
         """End every live sequence (server shutdown)."""
         for key, entry in list(self._live.items()):
             self._retire(key, entry, "shutdown")
             if entry.session_id is not None:
-                await self._close_quietly(entry.session_id)
+                as_owner = CALLER.set(Principal(key[0]))
+                try:
+                    await self._close_quietly(entry.session_id)
+                finally:
+                    CALLER.reset(as_owner)

@@ -27,6 +27,7 @@ class SessionRecord:
     idle_ttl_s: float
     created_at: float
     owner: str | None
+    tenant: str = ""  # the owning tenant; a session resumes only for it
 
 
 class SessionStore(abc.ABC):
@@ -95,6 +96,7 @@ class InMemoryStore(SessionStore):
             record.idle_ttl_s,
             record.created_at,
             record.owner,
+            record.tenant,
         )
 
     async def load(self, session_id: str) -> SessionRecord | None:
