@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean
+.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench deploy-check readme system-deps clean
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -21,6 +21,8 @@ help:
 	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite (not part of make test)"
+	@echo "make fuzz        >= 10,000 generated requests over every RPC of both APIs"
+	@echo "make soak        1,000,000 create/step/close cycles; server RSS growth <= 5%"
 	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
 
 $(VENV)/bin/python:
@@ -69,6 +71,20 @@ lint: install-dev protos
 	$(VENV)/bin/mypy service
 
 readme: install
+	$(PY) docs/sync_readme.py
+
+# --- security: fuzzing and soak ------------------------------------------------------------------------------
+# Property-based fuzzing of every RPC of both APIs (make test runs 8 cases per RPC): >= 10,000 cases here.
+FUZZ_EXAMPLES ?= 400
+fuzz: install-dev protos
+	RNNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RNNSERVE_FUZZ_REPORT=docs/security/fuzz.json $(PY) -m pytest -q tests/fuzz
+	$(PY) -c "import json, sys; n = json.load(open('docs/security/fuzz.json'))['cases']; print(n, 'fuzz cases'); sys.exit(n < 10000)"
+	$(PY) docs/sync_readme.py
+
+# 1,000,000 create/step/close cycles on loopback (~20-30 min on 2 shared cores); RSS growth must stay <= 5%.
+SOAK_ARGS ?=
+soak: install-dev protos
+	$(PY) -m tests.soak $(SOAK_ARGS)
 	$(PY) docs/sync_readme.py
 
 # --- benchmarks (bench helper) ---------------------------------------------------------------------------------
