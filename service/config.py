@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         None, description="PEM certificate chain of the gRPC port: set (with tls_key_file) = TLS only."
     )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    health_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Plaintext port serving only grpc.health.v1, for the kubelet's gRPC probes (which cannot"
+        " speak TLS) when the gRPC port does (-1 = off, 0 = pick a free one).",
+    )
     tls_client_ca_file: Path | None = Field(
         None,
         description="PEM CA bundle for client certificates: set = mutual TLS (clients without a certificate"

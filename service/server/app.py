@@ -88,6 +88,8 @@ class RunningServer:
     metrics_port: int | None
     model_names: set[str] = field(default_factory=set)
     kserve: Any = None
+    health_port: int | None = None
+    _health_server: Any = None
     _metrics_http: Any = None
     _stopping: asyncio.Task[None] | None = None
     _serving: bool = True
@@ -151,6 +153,8 @@ class RunningServer:
                     await self.kserve.sequences.close_all()
         finally:
             await self.engine.stop()
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
@@ -181,6 +185,17 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
         settings.metrics_port, addr=settings.grpc_host, registry=registry, **tls
     )
     return httpd, int(httpd.server_address[1])
+
+
+def _health_only_server(
+    settings: Settings, health: health_aio.HealthServicer
+) -> tuple[aio.Server | None, int | None]:
+    """A plaintext server with only grpc.health.v1 (the same statuses) on `health_port`, for kubelet probes."""
+    if settings.health_port < 0:
+        return None, None
+    server = aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server, server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
 
 
 async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
@@ -225,6 +240,7 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
             port = server.add_insecure_port(target)
         else:
             port = server.add_secure_port(target, credentials)
+        health_server, health_port = _health_only_server(settings, health)
         httpd, metrics_port = _start_metrics_http(settings, registry)
     except (RuntimeError, OSError) as exc:
         await engine.stop()
@@ -242,6 +258,8 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         port=port,
         metrics_port=metrics_port,
         kserve=kserve_servicer,
+        health_port=health_port,
+        _health_server=health_server,
         _metrics_http=httpd,
     )
     holder["server"] = running
@@ -250,6 +268,8 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         await health.set(name, SERVING)
     await running.set_models(s.name for s in engine.list_models())
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     if settings.repository_poll_s > 0:
         running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
     return running

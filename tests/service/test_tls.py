@@ -154,3 +154,31 @@ def test_cli_over_mtls(mtls_server, pki, capsys):
     bad = ["--address", mtls_server.address, "--timeout", "3", "--tls-ca", str(pki["ca"].pem), "models"]
     assert cli_main(bad) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_health_only_port_answers_probes_in_plaintext(model_repository, pki):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    srv = ServerThread(
+        make_settings(
+            model_repository,
+            tls_cert_file=pki["server"].cert,
+            tls_key_file=pki["server"].key,
+            tls_client_ca_file=pki["ca"].pem,
+            health_port=0,
+        )
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.running.health_port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            # Only health lives there: the API is not reachable without TLS.
+            with pytest.raises(grpc.RpcError) as err:
+                _list_models(ch)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        srv.call(srv.running.stop(0))
+        with grpc.insecure_channel(f"127.0.0.1:{srv.running.health_port}") as ch:
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    finally:
+        srv.stop()
