@@ -147,7 +147,7 @@ class Settings(BaseSettings):
         " (keys from api_keys_file); 'none': open server for local development only.",
     )
     api_keys_file: Path | None = Field(
-        None, description="YAML file of hashed API keys, each mapped to a tenant and a role (auth = api_keys)."
+        None, description="YAML file of hashed API keys, each mapped to a tenant and a role (auth api_keys)."
     )
     state_budget_bytes: int = Field(
         0,
@@ -156,13 +156,13 @@ class Settings(BaseSettings):
         " beyond it is refused (0 = state_budget_fraction of the cgroup memory limit, else of the machine).",
     )
     state_budget_fraction: float = Field(
-        0.5, gt=0, le=1, description="Fraction of the memory limit given to sessions when state_budget_bytes=0."
+        0.5, gt=0, le=1, description="Share of the memory limit given to sessions if state_budget_bytes=0."
     )
     tenant_max_sessions: int = Field(
-        0, ge=0, description="Default per-tenant limit of open sessions (0 = none; the keys file may override)."
+        0, ge=0, description="Default per-tenant limit of open sessions (0 = none; keys file overrides)."
     )
     tenant_max_state_bytes: int = Field(
-        0, ge=0, description="Default per-tenant session memory limit in bytes (0 = none; keys file overrides)."
+        0, ge=0, description="Default per-tenant session memory in bytes (0 = none; keys file overrides)."
     )
     tenant_max_steps_per_s: float = Field(
         0.0, ge=0, description="Default per-tenant applied chunks per second (0 = none; keys file overrides)."

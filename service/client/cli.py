@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     env = os.environ.get
-    parser.add_argument("--api-key", default=env("RNNSERVE_API_KEY"), help="API key (default $RNNSERVE_API_KEY)")
+    parser.add_argument("--api-key", default=env("RNNSERVE_API_KEY"), help="API key ($RNNSERVE_API_KEY)")
     parser.add_argument(
         "--tls",
         action=argparse.BooleanOptionalAction,

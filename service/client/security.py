@@ -37,7 +37,9 @@ class Credentials:
     def __post_init__(self) -> None:
         if (self.certificate_chain is None) != (self.private_key is None):
             raise ValueError("a client certificate needs its private key (and the key its certificate)")
-        if self.api_key is not None and (not self.api_key or not self.api_key.isascii() or "\n" in self.api_key):
+        if self.api_key is not None and (
+            not self.api_key or not self.api_key.isascii() or "\n" in self.api_key
+        ):
             raise ValueError("api_key must be a non-empty ASCII string")
 
     @property
@@ -89,7 +91,7 @@ class Credentials:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The call metadata that carries the API key (empty without one)."""
+        """Return the call metadata that carries the API key (empty without one)."""
         return ((AUTH_HEADER, f"Bearer {self.api_key}"),) if self.api_key else ()
 
 
@@ -133,7 +135,9 @@ class _SyncKey(
 
 
 def _aio_details(d: Any, metadata: list[tuple[str, str]]) -> aio.ClientCallDetails:
-    return aio.ClientCallDetails(d.method, d.timeout, aio.Metadata(*metadata), d.credentials, d.wait_for_ready)
+    return aio.ClientCallDetails(
+        d.method, d.timeout, aio.Metadata(*metadata), d.credentials, d.wait_for_ready
+    )
 
 
 class _AioKeyUU(aio.UnaryUnaryClientInterceptor):
@@ -169,7 +173,7 @@ class _AioKeySS(aio.StreamStreamClientInterceptor):
 
 
 def open_channel(address: str, options: list[tuple[str, Any]], creds: Credentials) -> grpc.Channel:
-    """A blocking channel to `address` with TLS and the API key as `creds` say."""
+    """Open a blocking channel to `address` with TLS and the API key as `creds` say."""
     options = [*options, *creds.options()]
     if creds.secure:
         channel = grpc.secure_channel(address, creds.channel_credentials(), options=options)
@@ -180,12 +184,16 @@ def open_channel(address: str, options: list[tuple[str, Any]], creds: Credential
 
 
 def open_aio_channel(address: str, options: list[tuple[str, Any]], creds: Credentials) -> aio.Channel:
-    """An asyncio channel to `address` with TLS and the API key as `creds` say."""
+    """Open an asyncio channel to `address` with TLS and the API key as `creds` say."""
     options = [*options, *creds.options()]
     pairs = creds.metadata()
     interceptors = (
-        [_AioKeyUU(pairs[0]), _AioKeyUS(pairs[0]), _AioKeySU(pairs[0]), _AioKeySS(pairs[0])] if pairs else None
+        [_AioKeyUU(pairs[0]), _AioKeyUS(pairs[0]), _AioKeySU(pairs[0]), _AioKeySS(pairs[0])]
+        if pairs
+        else None
     )
     if creds.secure:
-        return aio.secure_channel(address, creds.channel_credentials(), options=options, interceptors=interceptors)
+        return aio.secure_channel(
+            address, creds.channel_credentials(), options=options, interceptors=interceptors
+        )
     return aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -31,7 +31,7 @@ _NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
 
 def memory_limit_bytes() -> tuple[int, str]:
-    """The memory this process may use, and where that figure came from (cgroup limit, else the machine)."""
+    """Return the memory this process may use, and where the figure came from (cgroup limit, else machine)."""
     for path in _CGROUP_FILES:
         try:
             text = path.read_text().strip()
@@ -93,10 +93,12 @@ class Admission:
     def set_quotas(self, quotas: dict[str, Quota]) -> None:
         """Per-tenant quotas (from the keys file); tenants not named get the defaults."""
         self.quotas = dict(quotas)
-        self.rate_limited = self.default.max_steps_per_s > 0 or any(q.max_steps_per_s for q in quotas.values())
+        self.rate_limited = self.default.max_steps_per_s > 0 or any(
+            q.max_steps_per_s for q in quotas.values()
+        )
 
     def quota(self, tenant: str) -> Quota:
-        """The quota of `tenant`."""
+        """Return the quota of `tenant`."""
         return self.quotas.get(tenant, self.default)
 
     def _refuse(self, reason: str, message: str) -> ResourceExhausted:

@@ -114,7 +114,7 @@ class SessionManager:
     def open(
         self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None, steps: int = 1
     ) -> Session:
-        """Open a local session on `mv` for the calling tenant (a slab row, a table entry, the version pinned).
+        """Open a local session on `mv` for the calling tenant (a slab row, a table entry, version pinned).
 
         The session is charged to the memory budget first (its state, cached outputs of `steps` timesteps,
         the fixed overhead): RESOURCE_EXHAUSTED if that does not fit, before anything is allocated.
@@ -130,15 +130,18 @@ class SessionManager:
         return s
 
     def lookup(self, session_id: str) -> Session | None:
-        """The calling tenant's local session with this id, or None (another tenant's counts as absent)."""
+        """Return the calling tenant's local session with this id, or None (another tenant's is absent)."""
         s = self.table.sessions.get(session_id)
         if s is not None and s.tenant != CALLER.get().tenant:
             return None
         return s
 
     def admit_step(self, s: Session, steps: int) -> None:
-        """Before a chunk of `steps` timesteps is submitted: the tenant's rate quota, and the memory charge of
-        its cached outputs when the chunk is longer than any this session applied before."""
+        """Admit a chunk of `steps` timesteps before it is submitted, or refuse it (RESOURCE_EXHAUSTED).
+
+        Checks the tenant's rate quota, and grows the memory charge for its cached outputs when the chunk is
+        longer than any this session applied before.
+        """
         admission = self.admission
         if admission.rate_limited:
             admission.take_steps(s.tenant, steps)
@@ -391,7 +394,7 @@ class SessionManager:
 
 
 def output_row_bytes(spec: ModelSpec) -> int:
-    """Bytes of one timestep of the model's outputs (one session's row), what a cached result costs per step."""
+    """Return the bytes of one timestep of a session's outputs: what a cached result costs per step."""
     total = 0
     for t in spec.outputs:
         n = 1

@@ -190,7 +190,7 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
 def _health_only_server(
     settings: Settings, health: health_aio.HealthServicer
 ) -> tuple[aio.Server | None, int | None]:
-    """A plaintext server with only grpc.health.v1 (the same statuses) on `health_port`, for kubelet probes."""
+    """Build a plaintext server with only grpc.health.v1 (same statuses) on `health_port`, for probes."""
     if settings.health_port < 0:
         return None, None
     server = aio.server(options=[("grpc.so_reuseport", 0)])
@@ -216,7 +216,7 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         # Port 0 must give this process its own port, never one another process shares.
         ("grpc.so_reuseport", 0),
     ]
-    # The error mapping is outermost, so authentication refusals are typed errors mapped and counted like others.
+    # The error mapping is outermost: authentication refusals are typed errors, mapped and counted as others.
     server = aio.server(interceptors=[interceptor, authenticator], options=options)
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
@@ -304,7 +304,8 @@ def security_banner(settings: Settings, port: int) -> str:
         f"{rule}\n"
         f"!! WARNING: authentication is OFF (auth: none), transport {transport}. Anyone who can reach\n"
         f"!! {settings.grpc_host}:{port} can create, read, fork and close every session and reload models.\n"
-        "!! For local development only. Production: --auth api_keys --api-keys-file FILE with TLS (README Security).\n"
+        "!! For local development only. Production: --auth api_keys --api-keys-file FILE and TLS\n"
+        "!! (README, Security).\n"
         f"{rule}"
     )
 

@@ -81,6 +81,21 @@ class KeysFile:
     quotas: dict[str, Quota]
 
 
+def _parse_key(entry: Any, i: int, where: str) -> tuple[str, Principal]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with sha256, tenant, role")
+    digest = str(entry.get("sha256", "")).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits (the key's SHA-256)")
+    tenant = entry.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"{where}: tenant must be a non-empty string")
+    role = entry.get("role", "user")
+    if role not in ROLES:
+        raise ValueError(f"{where}: role must be one of {list(ROLES)}, got {role!r}")
+    return digest, Principal(tenant, role, str(entry.get("id", f"keys[{i}]")))
+
+
 def parse_keys(text: str, source: str = "keys file") -> KeysFile:
     """Parse and validate a keys file; `ValueError` says what is wrong and where."""
     try:
@@ -91,21 +106,10 @@ def parse_keys(text: str, source: str = "keys file") -> KeysFile:
         raise ValueError(f"{source}: expected a mapping with a list 'keys'")
     principals: dict[str, Principal] = {}
     for i, entry in enumerate(data.get("keys") or []):
-        where = f"{source}: keys[{i}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a mapping with sha256, tenant, role")
-        digest = str(entry.get("sha256", "")).lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ValueError(f"{where}: sha256 must be 64 hex digits (the key's SHA-256)")
-        tenant = entry.get("tenant")
-        if not isinstance(tenant, str) or not tenant:
-            raise ValueError(f"{where}: tenant must be a non-empty string")
-        role = entry.get("role", "user")
-        if role not in ROLES:
-            raise ValueError(f"{where}: role must be one of {list(ROLES)}, got {role!r}")
+        digest, principal = _parse_key(entry, i, f"{source}: keys[{i}]")
         if digest in principals:
-            raise ValueError(f"{where}: the same key hash appears twice")
-        principals[digest] = Principal(tenant, role, str(entry.get("id", f"keys[{i}]")))
+            raise ValueError(f"{source}: keys[{i}]: the same key hash appears twice")
+        principals[digest] = principal
     quotas: dict[str, Quota] = {}
     tenants = data.get("tenants") or {}
     if not isinstance(tenants, dict):
@@ -116,8 +120,9 @@ def parse_keys(text: str, source: str = "keys file") -> KeysFile:
         values = {k: q.get(k, 0) for k in _QUOTA_FIELDS}
         if any(not isinstance(v, int | float) or v < 0 for v in values.values()):
             raise ValueError(f"{source}: tenants.{name}: quotas must be numbers >= 0")
-        quotas[str(name)] = Quota(int(values["max_sessions"]), int(values["max_state_bytes"]),
-                                  float(values["max_steps_per_s"]))
+        quotas[str(name)] = Quota(
+            int(values["max_sessions"]), int(values["max_state_bytes"]), float(values["max_steps_per_s"])
+        )
     return KeysFile(principals, quotas)
 
 
@@ -185,7 +190,7 @@ _MESSAGES = {
 
 
 def _refusing(handler: Any, exc: ServeError) -> Any:
-    """The same kind of handler, but every call fails with `exc` (mapped to its status by the outer one)."""
+    """Return the same kind of handler, failing every call with `exc` (the outer interceptor maps it)."""
 
     async def refuse(request: Any, context: Any) -> Any:
         raise exc
@@ -243,7 +248,7 @@ class AuthInterceptor(aio.ServerInterceptor):
 
 
 def interceptor_for(settings: Settings, engine: Any) -> AuthInterceptor:
-    """The server's authentication interceptor as the settings say (keys file quotas go to admission)."""
+    """Build the server's authentication interceptor as the settings say (keys-file quotas: admission)."""
     metrics = engine.metrics
     if settings.auth == "none":
         return AuthInterceptor(None)
@@ -254,10 +259,16 @@ def interceptor_for(settings: Settings, engine: Any) -> AuthInterceptor:
 
 def _new_key(args: argparse.Namespace) -> int:
     key = secrets.token_urlsafe(32)
-    entry = {"id": args.id or f"{args.tenant}-{key_hash(key)[:8]}", "sha256": key_hash(key),
-             "tenant": args.tenant, "role": args.role}
-    print(f"API key for tenant {args.tenant!r} (shown once, store it in a secret manager):\n{key}",
-          file=sys.stderr)
+    entry = {
+        "id": args.id or f"{args.tenant}-{key_hash(key)[:8]}",
+        "sha256": key_hash(key),
+        "tenant": args.tenant,
+        "role": args.role,
+    }
+    print(
+        f"API key for tenant {args.tenant!r} (shown once, store it in a secret manager):\n{key}",
+        file=sys.stderr,
+    )
     print(yaml.safe_dump([entry], sort_keys=False).rstrip())
     return 0
 
@@ -271,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m service.server.auth new-key|hash`: make keys-file entries."""
     parser = argparse.ArgumentParser(prog="python -m service.server.auth", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("new-key", help="make a random key; print it (stderr) and its keys-file entry (stdout)")
+    p = sub.add_parser(
+        "new-key", help="make a random key; print it (stderr) and its keys-file entry (stdout)"
+    )
     p.add_argument("--tenant", required=True)
     p.add_argument("--role", choices=ROLES, default="user")
     p.add_argument("--id", default=None, help="name of the key in logs (default tenant-<hash prefix>)")

@@ -53,7 +53,7 @@ class _RotatingFiles:
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC before a handshake: None keeps the current configuration."""
+        """Return a new configuration if a file changed, else None (gRPC asks before each handshake)."""
         stamp = self._mtimes()
         if stamp == self._stamp:
             return None

@@ -4,10 +4,10 @@ Layout (all integers little-endian):
 
     b"RNNS" | u16 format version | u32 header length | header (UTF-8 JSON) | tensor bytes | 32-byte trailer
 
-The header names the session, its tenant, model, version, seq, TTL and every tensor (group, name, dtype, shape, offset,
-length); tensors are raw little-endian C-order bytes. The trailer is SHA-256 of everything before it, or
-HMAC-SHA-256 when the server has a `state_hmac_key` (then a blob cannot be forged without the key, and a blob
-made without the key is refused). Any defect raises `InvalidArgument` saying what is wrong.
+The header names the session, its tenant, model, version, seq, TTL and every tensor (group, name, dtype,
+shape, offset, length); tensors are raw little-endian C-order bytes. The trailer is SHA-256 of everything
+before it, or HMAC-SHA-256 when the server has a `state_hmac_key` (then a blob cannot be forged without the
+key, and a blob made without the key is refused). Any defect raises `InvalidArgument` saying what is wrong.
 """
 
 from __future__ import annotations

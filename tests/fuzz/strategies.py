@@ -29,7 +29,9 @@ texts = st.one_of(st.text(max_size=24), st.sampled_from(["", " ", "\x00", "é", 
 
 
 def _int_range(lo: int, hi: int) -> st.SearchStrategy[int]:
-    return st.one_of(st.integers(max(lo, -3), min(hi, 8)), edge_ints.filter(lambda v: lo <= v <= hi), st.integers(lo, hi))
+    return st.one_of(
+        st.integers(max(lo, -3), min(hi, 8)), edge_ints.filter(lambda v: lo <= v <= hi), st.integers(lo, hi)
+    )
 
 
 def scalar(field: FD) -> st.SearchStrategy[Any]:
@@ -57,7 +59,9 @@ def scalar(field: FD) -> st.SearchStrategy[Any]:
 Overrides = dict[str, Callable[[FD], st.SearchStrategy[Any]]]
 
 
-def messages(desc: d.Descriptor, overrides: Overrides | None = None, depth: int = 0) -> st.SearchStrategy[Any]:
+def messages(
+    desc: d.Descriptor, overrides: Overrides | None = None, depth: int = 0
+) -> st.SearchStrategy[Any]:
     """Any message of type `desc` (fields optional, nesting up to depth 3)."""
     overrides = overrides or {}
     cls = message_factory.GetMessageClass(desc)
@@ -72,7 +76,11 @@ def messages(desc: d.Descriptor, overrides: Overrides | None = None, depth: int 
                 continue
             if f.message_type.GetOptions().map_entry:
                 key_f, val_f = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
-                val = messages(val_f.message_type, overrides, depth + 1) if val_f.type == FD.TYPE_MESSAGE else scalar(val_f)
+                val = (
+                    messages(val_f.message_type, overrides, depth + 1)
+                    if val_f.type == FD.TYPE_MESSAGE
+                    else scalar(val_f)
+                )
                 parts[f.name] = st.dictionaries(scalar(key_f), val, max_size=3)
                 continue
             inner = messages(f.message_type, overrides, depth + 1)
@@ -112,7 +120,11 @@ def arrays(dtype_choices: list[str]) -> st.SearchStrategy[np.ndarray]:
         shape = tuple(draw_(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
         n = int(np.prod(shape)) if shape else 1
         if dtype.kind in "iu":
-            vals = draw_(st.lists(st.one_of(st.integers(0, 45), st.integers(-(2**31), 2**31 - 1)), min_size=n, max_size=n))
+            vals = draw_(
+                st.lists(
+                    st.one_of(st.integers(0, 45), st.integers(-(2**31), 2**31 - 1)), min_size=n, max_size=n
+                )
+            )
             info = np.iinfo(dtype)
             vals = [min(max(v, info.min), info.max) for v in vals]
         elif dtype.kind == "b":

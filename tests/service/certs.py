@@ -1,4 +1,4 @@
-"""Test certificates made on the spot with `cryptography`: a CA, server and client certificates signed by it."""
+"""Test certificates made on the spot with `cryptography`: a CA, and server and client certificates."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class CA:
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -68,7 +68,7 @@ class CA:
     def issue(self, stem: str, *, server: bool) -> Pair:
         """A leaf certificate for 127.0.0.1/localhost (server) or a client named `stem`."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(stem))

@@ -1,4 +1,4 @@
-"""Admission control in bytes: the shared memory budget and per-tenant quotas refuse before memory runs out."""
+"""Admission control in bytes: the shared memory budget and tenant quotas refuse before memory runs out."""
 
 from __future__ import annotations
 
@@ -36,10 +36,12 @@ def test_budget_refuses_new_sessions_and_longer_chunks(model_repository):
         admission = engine.session_manager.admission
         admission.budget = 3 * one + one // 2  # room for three fresh sessions
         sids = [(await engine.create_session("tiny_lstm")).session_id for _ in range(3)]
-        with pytest.raises(ResourceExhausted, match=r"session memory budget exhausted: .* \(budget: state_budget"):
+        with pytest.raises(
+            ResourceExhausted, match=r"session memory budget exhausted: .* \(budget: state_budget"
+        ):
             await engine.create_session("tiny_lstm")
         assert admission.used == 3 * one
-        # A 4-step chunk caches 4 steps of outputs: more than the half session of room left -> refused, unapplied.
+        # A 40-step chunk caches 40 steps of outputs: more than the room left -> refused, not applied.
         with pytest.raises(ResourceExhausted, match="cached outputs"):
             await engine.step(sids[0], 1, {"tokens": np.arange(40, dtype=np.int64) % 39})
         assert engine.describe(sids[0]).last_seq == 0
@@ -125,8 +127,11 @@ def test_server_refuses_before_memory_runs_out(tmp_path):
                 if not batch:
                     break
                 tokens = np.tile(T, (len(batch), 1))
-                req = pb.StepManyRequest(session_ids=batch, seqs=[1] * len(batch),
-                                         inputs=wire.arrays_to_tensors({"tokens": tokens}))
+                req = pb.StepManyRequest(
+                    session_ids=batch,
+                    seqs=[1] * len(batch),
+                    inputs=wire.arrays_to_tensors({"tokens": tokens}),
+                )
                 (resp,) = list(stub.StreamMany(iter([req])))
                 opened += len(batch)
                 if any(resp.codes):
@@ -134,7 +139,11 @@ def test_server_refuses_before_memory_runs_out(tmp_path):
                     assert set(resp.codes) <= {0, code}, resp.messages
                     refused = refused or next(m for m in resp.messages if m)
             rss1 = proc.memory_info().rss
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5).read().decode()
+            metrics = (
+                urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
     finally:
         srv.stop()
     assert refused is not None, "the server never refused"
@@ -144,7 +153,9 @@ def test_server_refuses_before_memory_runs_out(tmp_path):
     assert used > 0.9 * budget  # the budget was really used up, not refused early
     assert re.search(r'^rnnserve_admission_refusals_total\{reason="budget"\} [1-9]', metrics, re.M)
     growth = rss1 - rss0
-    print(f"\nbudget {budget / 2**20:.0f} MiB: {opened} sessions opened and stepped until refusal; "
-          f"charged {used / 2**20:.1f} MiB; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB "
-          f"(+{growth / 2**20:.1f} MiB, bound budget + {overhead / 2**20:.0f} MiB)")
+    print(
+        f"\nbudget {budget / 2**20:.0f} MiB: {opened} sessions opened and stepped until refusal; "
+        f"charged {used / 2**20:.1f} MiB; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB "
+        f"(+{growth / 2**20:.1f} MiB, bound budget + {overhead / 2**20:.0f} MiB)"
+    )
     assert growth <= budget + overhead

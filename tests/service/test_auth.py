@@ -21,7 +21,8 @@ from service import wire
 from service.client import Client, Credentials
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
-from service.server.auth import key_hash, main as auth_main, parse_keys
+from service.server.auth import key_hash, parse_keys
+from service.server.auth import main as auth_main
 
 KEYS = {name: secrets.token_urlsafe(32) for name in ("alice", "bob", "root")}
 
@@ -84,9 +85,11 @@ def test_calls_without_a_valid_key_are_unauthenticated(stub, channel, server):
         with pytest.raises(Exception, match="UNAUTHENTICATED|needs an API key"):
             kc.is_server_ready()
         assert kc.is_server_ready(headers={"authorization": f"Bearer {KEYS['bob']}"})
-    body = __import__("urllib.request").request.urlopen(
-        f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=5
-    ).read()
+    body = (
+        __import__("urllib.request")
+        .request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=5)
+        .read()
+    )
     assert b'rnnserve_auth_failures_total{reason="missing"}' in body
 
 
@@ -119,7 +122,9 @@ def test_another_tenants_session_does_not_exist_for_every_rpc(stub):
     own_blob = stub.GetState(pb.SessionRequest(session_id=mine), metadata=b).blob
     calls = {
         "Step": lambda s: stub.Step(pb.StepRequest(session_id=s, seq=2, inputs=tokens(3)), metadata=b),
-        "Step retry": lambda s: stub.Step(pb.StepRequest(session_id=s, seq=1, inputs=tokens(1, 2)), metadata=b),
+        "Step retry": lambda s: stub.Step(
+            pb.StepRequest(session_id=s, seq=1, inputs=tokens(1, 2)), metadata=b
+        ),
         "GetState": lambda s: stub.GetState(pb.SessionRequest(session_id=s), metadata=b),
         "SetState": lambda s: stub.SetState(pb.SetStateRequest(session_id=s, blob=own_blob), metadata=b),
         "Fork": lambda s: stub.Fork(pb.ForkRequest(session_id=s), metadata=b),
@@ -131,7 +136,9 @@ def test_another_tenants_session_does_not_exist_for_every_rpc(stub):
         ),
         "Stream attach": lambda s: list(
             stub.Stream(
-                iter([pb.StreamRequest(open=pb.StreamOpen(session_id=s, keep=True), seq=2, inputs=tokens(3))]),
+                iter(
+                    [pb.StreamRequest(open=pb.StreamOpen(session_id=s, keep=True), seq=2, inputs=tokens(3))]
+                ),
                 metadata=b,
             )
         ),
@@ -178,8 +185,9 @@ def test_kserve_sequences_belong_to_their_tenant(server):
     def infer(who, ids, **flags):
         x = tc.InferInput("tokens", [1, len(ids)], "INT64")
         x.set_data_from_numpy(np.array([ids], dtype=np.int64))
-        return kc.infer("tiny_lstm", [x], sequence_id=4242, headers={"authorization": f"Bearer {KEYS[who]}"},
-                        **flags).as_numpy("logits")
+        return kc.infer(
+            "tiny_lstm", [x], sequence_id=4242, headers={"authorization": f"Bearer {KEYS[who]}"}, **flags
+        ).as_numpy("logits")
 
     with tc.InferenceServerClient(server.address) as kc:
         a1 = infer("alice", [1, 2], sequence_start=True)
@@ -189,7 +197,9 @@ def test_kserve_sequences_belong_to_their_tenant(server):
         with pytest.raises(Exception, match="not active") as unused:
             x = tc.InferInput("tokens", [1, 1], "INT64")
             x.set_data_from_numpy(np.array([[3]], dtype=np.int64))
-            kc.infer("tiny_lstm", [x], sequence_id=999_999, headers={"authorization": f"Bearer {KEYS['bob']}"})
+            kc.infer(
+                "tiny_lstm", [x], sequence_id=999_999, headers={"authorization": f"Bearer {KEYS['bob']}"}
+            )
         assert str(theirs.value).replace("4242", "N") == str(unused.value).replace("999999", "N")
         # ... and his own sequence with that id is his: it neither restarts nor sees alice's.
         b1 = infer("bob", [1, 2], sequence_start=True)

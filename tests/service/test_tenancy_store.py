@@ -19,8 +19,12 @@ from service.stores.base import InMemoryStore
 def test_resume_on_another_replica_is_for_the_owner_only(model_repository):
     async def main():
         store = InMemoryStore(persistent=True)
-        a = Engine(settings(model_repository, replica_id="a", lease_s=0.2), registry=CollectorRegistry(), store=store)
-        b = Engine(settings(model_repository, replica_id="b", lease_s=0.2), registry=CollectorRegistry(), store=store)
+        a = Engine(
+            settings(model_repository, replica_id="a", lease_s=0.2), registry=CollectorRegistry(), store=store
+        )
+        b = Engine(
+            settings(model_repository, replica_id="b", lease_s=0.2), registry=CollectorRegistry(), store=store
+        )
         await a.start()
         await b.start()
         try:

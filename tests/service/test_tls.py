@@ -1,4 +1,4 @@
-"""TLS and mutual TLS on the gRPC port: real certificates, real handshakes, refusals of what is not trusted."""
+"""TLS and mutual TLS on the gRPC port: real certificates and handshakes, refusals of what is not trusted."""
 
 from __future__ import annotations
 
@@ -89,7 +89,9 @@ def test_client_that_does_not_trust_the_server_ca_refuses(tls_server, pki):
 
 
 def test_metrics_port_stays_plain_http(tls_server):
-    body = urllib.request.urlopen(f"http://127.0.0.1:{tls_server.running.metrics_port}/metrics", timeout=5).read()
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{tls_server.running.metrics_port}/metrics", timeout=5
+    ).read()
     assert b"rnnserve_" in body
 
 
@@ -171,7 +173,10 @@ def test_health_only_port_answers_probes_in_plaintext(model_repository, pki):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.running.health_port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
             # Only health lives there: the API is not reachable without TLS.
             with pytest.raises(grpc.RpcError) as err:
                 _list_models(ch)
