@@ -142,12 +142,16 @@ class SessionManager:
         Checks the tenant's rate quota, and grows the memory charge for its cached outputs when the chunk is
         longer than any this session applied before.
         """
-        admission = self.admission
-        if admission.rate_limited:
-            admission.take_steps(s.tenant, steps)
+        if self.admission.rate_limited:
+            self.admission.take_steps(s.tenant, steps)
+        if steps > s.charged_steps:
+            self.charge_outputs(s, steps)
+
+    def charge_outputs(self, s: Session, steps: int) -> None:
+        """Grow the session's charge to cover cached outputs of `steps` timesteps (or RESOURCE_EXHAUSTED)."""
         if steps > s.charged_steps:
             extra = (steps - s.charged_steps) * output_row_bytes(s.mv.spec)
-            admission.grow(s.tenant, extra)
+            self.admission.grow(s.tenant, extra)
             s.charge += extra
             s.charged_steps = steps
 
@@ -329,7 +333,7 @@ class SessionManager:
                 "which this replica does not serve"
             )
         self.check_state(mv.spec, rec.state, complete=True)
-        s = self.open(mv, rec.idle_ttl_s, "resumed", session_id)
+        s = self.open(mv, rec.idle_ttl_s, "resumed", session_id, cached_steps(mv.spec, rec.last_outputs))
         mv.slab.write(s.slot, rec.state)
         s.last_seq = rec.last_seq
         s.created_at = rec.created_at - self.wall_offset  # the lifetime counts from the first creation
@@ -402,3 +406,13 @@ def output_row_bytes(spec: ModelSpec) -> int:
             n *= d if d is not None and d > 0 else 1
         total += n * t.dtype.itemsize
     return total
+
+
+def cached_steps(spec: ModelSpec, outputs: dict[str, np.ndarray] | None) -> int:
+    """Return how many timesteps a cached result holds (at least 1: what a session is charged for at open)."""
+    steps = 1
+    for t in spec.outputs:
+        arr = (outputs or {}).get(t.name)
+        if t.time_axis and arr is not None and arr.ndim:
+            steps = max(steps, int(arr.shape[0]))
+    return steps

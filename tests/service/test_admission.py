@@ -34,7 +34,17 @@ def test_budget_refuses_new_sessions_and_longer_chunks(model_repository):
     async def body(engine):
         one = _charge(engine, "tiny_lstm", 1)
         admission = engine.session_manager.admission
+        long_sid = (await engine.create_session("tiny_lstm")).session_id
+        await engine.step(long_sid, 1, {"tokens": np.arange(40, dtype=np.int64) % 39})
+        blob = await engine.get_state(long_sid)  # carries 40 steps of cached outputs
+        await engine.close(long_sid)
+        assert admission.used == 0
         admission.budget = 3 * one + one // 2  # room for three fresh sessions
+        target = (await engine.create_session("tiny_lstm")).session_id
+        with pytest.raises(ResourceExhausted, match="session memory budget exhausted"):
+            await engine.set_state(target, blob)  # importing 40 cached steps does not fit
+        assert engine.describe(target).last_seq == 0
+        await engine.close(target)
         sids = [(await engine.create_session("tiny_lstm")).session_id for _ in range(3)]
         with pytest.raises(
             ResourceExhausted, match=r"session memory budget exhausted: .* \(budget: state_budget"
@@ -54,7 +64,7 @@ def test_budget_refuses_new_sessions_and_longer_chunks(model_repository):
         return engine.metrics
 
     metrics = run_engine(model_repository, body, state_budget_bytes=10**9)
-    assert metrics.admission_refusals.labels("budget")._value.get() == 3
+    assert metrics.admission_refusals.labels("budget")._value.get() == 4
 
 
 def test_tenant_quotas_sessions_bytes_and_rate(model_repository):

@@ -242,3 +242,13 @@ def test_keys_file_validation_and_new_key(capsys, tmp_path):
     parsed = parse_keys(yaml.safe_dump({"keys": yaml.safe_load(out.out)}))
     assert parsed.principals[key_hash(key)].tenant == "acme"
     assert key not in out.out  # only the hash is written to the file
+
+
+def test_cli_sends_the_api_key(server, capsys, monkeypatch):
+    from service.client.cli import main as cli_main
+
+    monkeypatch.delenv("RNNSERVE_API_KEY", raising=False)
+    assert cli_main(["--address", server.address, "--api-key", KEYS["alice"], "models"]) == 0
+    assert "tiny_lstm" in capsys.readouterr().out
+    assert cli_main(["--address", server.address, "models"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
