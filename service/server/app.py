@@ -217,7 +217,9 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         ("grpc.so_reuseport", 0),
     ]
     # The error mapping is outermost: authentication refusals are typed errors, mapped and counted as others.
-    server = aio.server(interceptors=[interceptor, authenticator], options=options)
+    # With auth none there is nothing to check: every call runs as tenancy.LOCAL, the context default.
+    chain = [interceptor] if authenticator is None else [interceptor, authenticator]
+    server = aio.server(interceptors=chain, options=options)
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}

@@ -247,11 +247,11 @@ class AuthInterceptor(aio.ServerInterceptor):
             self._on_failure(reason)
 
 
-def interceptor_for(settings: Settings, engine: Any) -> AuthInterceptor:
+def interceptor_for(settings: Settings, engine: Any) -> AuthInterceptor | None:
     """Build the server's authentication interceptor as the settings say (keys-file quotas: admission)."""
     metrics = engine.metrics
     if settings.auth == "none":
-        return AuthInterceptor(None)
+        return None
     assert settings.api_keys_file is not None  # the settings validator requires it
     ring = KeyRing(settings.api_keys_file, engine.session_manager.admission.set_quotas)
     return AuthInterceptor(ring, lambda reason: metrics.auth_failures.labels(reason).inc())
