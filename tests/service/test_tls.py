@@ -187,3 +187,21 @@ def test_health_only_port_answers_probes_in_plaintext(model_repository, pki):
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
     finally:
         srv.stop()
+
+
+def test_metrics_over_https_when_configured(model_repository, pki):
+    import ssl
+
+    srv = ServerThread(
+        make_settings(
+            model_repository, tls_cert_file=pki["server"].cert, tls_key_file=pki["server"].key, metrics_tls=True
+        )
+    )
+    try:
+        url = f"127.0.0.1:{srv.running.metrics_port}/metrics"
+        ctx = ssl.create_default_context(cafile=str(pki["ca"].pem))
+        assert b"rnnserve_" in urllib.request.urlopen(f"https://{url}", context=ctx, timeout=5).read()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://{url}", timeout=5).read()
+    finally:
+        srv.stop()
