@@ -194,7 +194,10 @@ def test_metrics_over_https_when_configured(model_repository, pki):
 
     srv = ServerThread(
         make_settings(
-            model_repository, tls_cert_file=pki["server"].cert, tls_key_file=pki["server"].key, metrics_tls=True
+            model_repository,
+            tls_cert_file=pki["server"].cert,
+            tls_key_file=pki["server"].key,
+            metrics_tls=True,
         )
     )
     try:
