@@ -74,11 +74,13 @@ readme: install
 	$(PY) docs/sync_readme.py
 
 # --- security: fuzzing and soak ------------------------------------------------------------------------------
-# Property-based fuzzing of every RPC of both APIs (make test runs 8 cases per RPC): >= 10,000 cases here.
+# Property-based fuzzing of every RPC of both APIs (make test runs 8 cases per RPC): >= 10,000 cases here;
+# then the byte-budget test, whose figures go to docs/security/budget.md (README "Security").
 FUZZ_EXAMPLES ?= 400
 fuzz: install-dev protos
 	RNNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RNNSERVE_FUZZ_REPORT=docs/security/fuzz.json $(PY) -m pytest -q tests/fuzz
 	$(PY) -c "import json, sys; n = json.load(open('docs/security/fuzz.json'))['cases']; print(n, 'fuzz cases'); sys.exit(n < 10000)"
+	RNNSERVE_BUDGET_REPORT=docs/security/budget.md $(PY) -m pytest -q tests/service/test_admission.py
 	$(PY) docs/sync_readme.py
 
 # 1,000,000 create/step/close cycles on loopback (~20-30 min on 2 shared cores); RSS growth must stay <= 5%.
