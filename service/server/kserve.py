@@ -385,11 +385,12 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """Run the model: a sequence step or a stateless run; outputs with the batch axis, and the version."""
         version = spec.version
         if ctl.sequence_id is not None and spec.states and arrays:
-            if batch != 1:
+            shapes = [list(a.shape) for a in arrays.values()]
+            if batch != 1 or any(not s or s[0] != 1 for s in shapes):
                 raise InvalidArgument(
-                    "a request with a sequence_id carries one sequence: batch dimension must be 1, "
-                    f"got {batch} (send several sequences as separate requests, or drop sequence_id for a "
-                    "stateless batch)"
+                    "a request with a sequence_id carries one sequence: batch dimension must be 1 for every "
+                    f"input, got shapes {shapes} (send several sequences as separate requests, or drop "
+                    "sequence_id for a stateless batch)"
                 )
             outcome = await self.sequences.step(
                 spec.name, _version_arg(request.model_version), ctl, {k: v[0] for k, v in arrays.items()}
