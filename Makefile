@@ -31,12 +31,12 @@ $(VENV)/bin/python:
 
 # Serving dependencies only (no torch).
 $(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e . grpcio-tools
+	$(PIP) install -q -e '.[server]' grpcio-tools
 	touch $@
 
 # Everything: serving, training/export (torch==2.13.0), tests, benchmarks.
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[train,test,bench]'
+	$(PIP) install -q -e '.[server,export,train,test,bench]'
 	touch $(VENV)/.serve $@
 
 install: $(VENV)/.serve

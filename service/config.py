@@ -57,14 +57,25 @@ class Settings(BaseSettings):
     max_queue_delay_us: int = Field(
         0, ge=0, description="Extra microseconds a batch waits for more requests (0 = greedy batching only)."
     )
-    inline_max_steps: int = Field(
-        0,
+    inline_max_us: int = Field(
+        200,
         ge=0,
         description=(
-            "Batches of at most this many rows x steps run ONNX Runtime on the event loop instead of the"
-            " executor thread (0 = never: ORT always runs off the loop). Opt-in latency tuning for tiny"
-            " models at light load; each inline run blocks every stream for its duration."
+            "Batches whose measured ONNX Runtime CPU cost is at most this many microseconds run on the event"
+            " loop instead of the executor thread (0 = never: ORT always runs off the loop). Tiny batches at"
+            " light load then skip the thread hand-off, which costs as much as the run."
         ),
+    )
+    batch_hold_us: int = Field(
+        1000,
+        ge=0,
+        description=(
+            "Longest a batch smaller than batch_target_rows waits for more steps, used only while such waits"
+            " have been gathering steps (learnt from the load; 0 = never hold)."
+        ),
+    )
+    batch_target_rows: int = Field(
+        16, ge=1, description="Batch size at which holding for more steps stops (ORT's per-row cost is flat)."
     )
     max_queue_size: int = Field(
         65536, ge=1, description="Most requests waiting per model version before new ones are refused."

@@ -212,13 +212,22 @@ class Engine:
 
     # == steps ==============================================================================================
     async def step(
-        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
         """Apply one chunk (seq = last applied + 1); a retry of the last seq returns the cached result.
 
         `last_only` returns time-axis outputs as `(1, ...)`: the last step only.
         """
         return await self.stepper.step(session_id, seq, inputs, last_only=last_only)
+
+    def submit(
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+    ) -> asyncio.Future[StepResult]:
+        """Start one step now; return the future of its result (`seq` None = the next step).
+
+        The streaming front ends' entry: no coroutine per message in the common case (see `Stepper.submit`).
+        """
+        return self.stepper.submit(session_id, seq, inputs, last_only=last_only)
 
     async def step_many(
         self, calls: Sequence[StepCall], *, last_only: bool = False

@@ -18,6 +18,7 @@ import numpy as np
 
 from service.config import Settings
 from service.core.inputs import InputValidator
+from service.core.policy import BatchPolicy
 from service.core.registry import ModelVersion, Repository, RepositoryChange
 from service.core.scheduler import Batcher, Finish, StepRequest
 from service.core.slab import StateSlab
@@ -91,7 +92,11 @@ class ModelHost:
             self.executor,
             max_batch_size=spec.config.max_batch_size,
             max_queue_delay_us=spec.config.max_queue_delay_us,
-            inline_max_steps=self.settings.inline_max_steps,
+            policy=BatchPolicy(
+                target_rows=self.settings.batch_target_rows,
+                max_delay_s=self.settings.batch_hold_us / 1e6,
+                inline_max_s=self.settings.inline_max_us / 1e6,
+            ),
             max_queue_size=self.settings.max_queue_size,
             finish=self._finish,
             observe=self._observer(spec),

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 
@@ -46,10 +47,43 @@ class Stepper:
         """Remember the serving loop (futures are created on it)."""
         self._loop = loop
 
+    def submit(
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+    ) -> asyncio.Future[StepResult]:
+        """Start one step now and return the future of its result (the streaming front ends' entry).
+
+        `seq` None means "the next step" (KServe sequences carry no seq). In the common case (a local, idle
+        session, the expected seq) the chunk is validated and queued right here, with no coroutine or task;
+        anything else (a resume, a lease renewal, a busy session, a retry) runs the full `step` as a task.
+        Validation errors raise `ServeError` at once.
+        """
+        s = self.sessions.lookup(session_id)
+        if (
+            s is None
+            or s.pending is not None
+            or last_only
+            or (seq is not None and seq != s.last_seq + 1)
+            or self.sessions.lease_due(s)
+        ):
+            return asyncio.ensure_future(self.step(session_id, seq, inputs, last_only=last_only))
+        return self._start(s, s.last_seq + 1 if seq is None else seq, inputs, self._loop.create_future())  # type: ignore[union-attr]
+
+    def _start(self, s: Session, seq: int, inputs: dict[str, np.ndarray], fut: Any) -> Any:
+        """Validate and queue one chunk of an idle session; `finish` completes `fut` (no await in here)."""
+        mv = s.mv
+        arrays, key, steps = mv.inputs.check(inputs)
+        self.sessions.admit_step(s, steps)
+        req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
+        mv.batcher.submit(req)
+        s.pending = req
+        self.sessions.table.touch(s, req.enqueued)
+        self.active += 1
+        return fut
+
     async def step(
-        self, session_id: str, seq: int, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
     ) -> StepResult:
-        """Apply one chunk (seq = last applied + 1); a retry of the last seq returns the cached result."""
+        """Apply one chunk (seq = last applied + 1, or None: the next); a retry of the last seq is cached."""
         self.active += 1
         sessions = self.sessions
         try:
@@ -61,20 +95,14 @@ class Stepper:
                 await sessions.wait_idle(s)  # also re-checks that the session is still open after the await
             elif s.pending is not None:
                 await sessions.wait_idle(s)
-            # From here to submit() nothing awaits: no other operation on this session can interleave.
-            if seq != s.last_seq + 1:
+            # From here to _start() nothing awaits: no other operation on this session can interleave.
+            if seq is None:
+                seq = s.last_seq + 1
+            elif seq != s.last_seq + 1:
                 return out_of_order(sessions, s, seq, last_only)
-            mv = s.mv
-            arrays, key, steps = mv.inputs.check(inputs)
-            sessions.admit_step(s, steps)
-            fut = self._loop.create_future()  # type: ignore[union-attr]
-            req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
-            mv.batcher.submit(req)
-            s.pending = req
-            sessions.table.touch(s, req.enqueued)
-            result: StepResult = await fut
-            if last_only and mv.spec.time_axis:
-                return last_step_only(result, mv.spec)
+            result: StepResult = await self._start(s, seq, inputs, self._loop.create_future())  # type: ignore[union-attr]
+            if last_only and s.mv.spec.time_axis:
+                return last_step_only(result, s.mv.spec)
             return result
         finally:
             self.active -= 1
@@ -115,15 +143,9 @@ class Stepper:
             return False
         assert s is not None
         try:
-            arrays, key, steps = s.mv.inputs.check(call.inputs)
-            sessions.admit_step(s, steps)
-            req = StepRequest(s.slot, arrays, key, slot, s, call.seq, steps)  # type: ignore[arg-type]
-            s.mv.batcher.submit(req)
+            self._start(s, call.seq, call.inputs, slot)
         except ServeError as exc:
             slot.set_exception(exc)
-            return True
-        s.pending = req
-        sessions.table.touch(s, req.enqueued)
         return True
 
     def finish(
@@ -136,6 +158,7 @@ class Stepper:
             if not fut.done():
                 fut.set_exception(exc) if exc is not None else fut.set_result(outputs)
             return
+        self.active -= 1
         if exc is not None:
             if s.pending is req:
                 s.pending = None

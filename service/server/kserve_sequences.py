@@ -1,10 +1,16 @@
 """Triton's sequence extension over the Engine: `(model, sequence_id)` -> engine session, in arrival order.
 
 `sequence_start` opens (or restarts) an engine session, `sequence_end` closes it after that step, and the
-requests of one sequence apply one at a time in arrival order (one FIFO lock per sequence). Sequence ids are
-per tenant: another tenant's sequence with the same id is invisible (its requests see "not active", exactly as
-for an unused id) and untouched. Used by the KServe
-servicer (`service/server/kserve.py`); protocol-free apart from the typed errors it raises.
+requests of one sequence apply one at a time in arrival order. Every step is sent to the engine as "the next
+step" of the session (seq None): the session's own FIFO orders them, so nothing here counts steps and a
+cancelled request can never desynchronise a sequence.
+
+Fast path (`submit`): a plain step of a live sequence (no start or end flag, nobody holding the sequence's
+lock) goes straight to `Engine.submit`, with no task or lock. Starts, ends and restarts take the slow path,
+one FIFO lock per sequence. Sequence ids are per tenant: another tenant's sequence with the same id is
+invisible (its requests see "not active", exactly as for an unused id) and untouched. Used by the KServe
+servicer (`service/server/kserve.py`); protocol-free apart
+from the typed errors it raises.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +36,11 @@ ENDED = "ended by sequence_end"
 
 @dataclass(slots=True, eq=False)
 class _Sequence:
-    """One live Triton sequence: the engine session behind it and the next seq number to send."""
+    """One live Triton sequence: the engine session behind it and the model version it runs on."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     session_id: str | None = None
     version: int = 0
-    next_seq: int = 1
     retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
 
 
@@ -52,6 +58,10 @@ def _consume_result(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+def _task_result(task: asyncio.Future[Any]) -> SequenceOutcome:
+    return task.result()  # type: ignore[no-any-return]
+
+
 def _describe_id(sequence_id: int | str) -> str:
     return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
 
@@ -62,6 +72,7 @@ class SequenceTable:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._live: dict[_Key, _Sequence] = {}
+        self._slow: dict[_Key, int] = {}  # requests per sequence on the slow path, not yet done
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
         self._gone: OrderedDict[_Key, str] = OrderedDict()
         self._max_gone = engine.settings.max_tombstones
@@ -77,14 +88,61 @@ class SequenceTable:
         entry = self._live.get((tenant(), model, sequence_id))
         return None if entry is None or entry.session_id is None else entry.version
 
+    def submit(
+        self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Any]]:
+        """Start one request of a sequence now; return its future and the function that reads its outcome.
+
+        The fast path queues a plain step directly in the engine; everything else runs `step` as a task.
+        """
+        key: _Key = (tenant(), model, ctl.sequence_id)  # type: ignore[assignment]
+        entry = None if ctl.start or ctl.end or key in self._slow else self._live.get(key)
+        if (
+            entry is not None
+            and entry.session_id is not None
+            and not entry.lock.locked()
+            and (version is None or version == entry.version)
+        ):
+            fut = self._engine.submit(entry.session_id, None, inputs)
+            return fut, lambda f: self._outcome(key, entry, f)
+        # A request of this sequence on the slow path has not reached the engine yet: later ones of the same
+        # sequence follow it there (the sequence lock is FIFO), never overtake it on the fast path.
+        self._slow[key] = self._slow.get(key, 0) + 1
+        task = asyncio.ensure_future(self.step(model, version, ctl, inputs))
+        task.add_done_callback(lambda _t: self._slow_done(key))
+        return task, _task_result
+
+    def _slow_done(self, key: _Key) -> None:
+        left = self._slow[key] - 1
+        if left:
+            self._slow[key] = left
+        else:
+            del self._slow[key]
+
+    def _outcome(self, key: _Key, entry: _Sequence, fut: asyncio.Future[Any]) -> SequenceOutcome:
+        try:
+            result = fut.result()
+        except NotFound as exc:
+            raise self._ended(key, entry, exc) from exc
+        return SequenceOutcome(result.outputs, entry.version)
+
+    def _ended(self, key: _Key, entry: _Sequence, exc: NotFound) -> NotFound:
+        """Retire a sequence whose session is gone; the error says why and how to start again."""
+        self._retire(key, entry, exc.reason)
+        _, model, sequence_id = key
+        return NotFound(
+            f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
+            f"{exc.message}; start it again with sequence_start=true",
+            reason=exc.reason,
+        )
+
     async def step(
         self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
     ) -> SequenceOutcome:
         """Apply one request of a sequence: start/restart, step, end. Inputs have no batch axis.
 
-        The work runs in its own task, shielded from the caller's cancellation: once a step has been handed to
-        the engine it completes and `next_seq` advances with it, even if the client hung up meanwhile.
-        Otherwise the next request would reuse that seq and get the engine's cached (stale) answer.
+        The work runs in its own task, shielded from the caller's cancellation, so a start or an end that
+        reached the engine completes (the session is opened or closed) even if the client hung up meanwhile.
         """
         if ctl.sequence_id is None:
             raise InvalidArgument("a sequence step needs a sequence_id")
@@ -134,7 +192,7 @@ class SequenceTable:
             except BaseException:
                 self._retire(key, entry, None)  # never started: later requests hear "not active"
                 raise
-            entry.session_id, entry.version, entry.next_seq = info.session_id, info.version, 1
+            entry.session_id, entry.version = info.session_id, info.version
         elif version is not None and version != entry.version:
             raise InvalidArgument(
                 f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
@@ -144,15 +202,9 @@ class SequenceTable:
         if session_id is None:  # unreachable: only a start request creates an entry, and it opens the session
             raise self._not_active(key)
         try:
-            result = await self._engine.step(session_id, entry.next_seq, inputs)
+            result = await self._engine.step(session_id, None, inputs)
         except NotFound as exc:
-            self._retire(key, entry, exc.reason)
-            raise NotFound(
-                f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
-                f"{exc.message}; start it again with sequence_start=true",
-                reason=exc.reason,
-            ) from exc
-        entry.next_seq += 1
+            raise self._ended(key, entry, exc) from exc
         if ctl.end:
             self._retire(key, entry, ENDED)
             await self._close_quietly(session_id)
