@@ -252,3 +252,28 @@ def test_cli_sends_the_api_key(server, capsys, monkeypatch):
     assert "tiny_lstm" in capsys.readouterr().out
     assert cli_main(["--address", server.address, "models"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_kserve_stream_sequences_belong_to_their_tenant(channel):
+    from tritonclient.grpc import service_pb2 as kpb
+    from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+    stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+    def request(ids, sequence_id, **flags):
+        req = kpb.ModelInferRequest(model_name="tiny_lstm")
+        req.parameters["sequence_id"].int64_param = sequence_id
+        for k, v in flags.items():
+            req.parameters[k].bool_param = v
+        req.inputs.add(name="tokens", datatype="INT64", shape=[1, len(ids)])
+        req.raw_input_contents.append(np.array(ids, dtype=np.int64).tobytes())
+        return req
+
+    def stream(who, reqs):
+        return [r.error_message for r in stub.ModelStreamInfer(iter(reqs), metadata=md(who))]
+
+    assert stream("alice", [request([1, 2], 515, sequence_start=True)]) == [""]
+    theirs = stream("bob", [request([3], 515)])[0]
+    unused = stream("bob", [request([3], 516)])[0]
+    assert "not active" in theirs and theirs.replace("515", "N") == unused.replace("516", "N")
+    assert stream("alice", [request([3], 515, sequence_end=True)]) == [""]  # alice's sequence went on
