@@ -7,6 +7,7 @@ RPC; health and reflection stay open; admin RPCs need the admin role; state blob
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 
 import grpc
@@ -277,3 +278,33 @@ def test_kserve_stream_sequences_belong_to_their_tenant(channel):
     unused = stream("bob", [request([3], 516)])[0]
     assert "not active" in theirs and theirs.replace("515", "N") == unused.replace("516", "N")
     assert stream("alice", [request([3], 515, sequence_end=True)]) == [""]  # alice's sequence went on
+
+
+def test_an_open_server_says_so_loudly_and_binds_loopback(model_repository, tmp_path):
+    from server_thread import ServerProcess
+
+    from service.config import Settings
+
+    assert Settings().grpc_host == "127.0.0.1"  # auth none: loopback unless told otherwise
+    keys = keys_file(tmp_path)
+    assert Settings(auth="api_keys", api_keys_file=keys).grpc_host == "0.0.0.0"
+    open_srv = ServerProcess(model_repository)
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            not any("authentication is OFF" in line for line in open_srv.lines)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert any("authentication is OFF" in line for line in open_srv.lines), open_srv.lines
+    finally:
+        open_srv.stop()
+    secured = ServerProcess(model_repository, "--auth", "api_keys", "--api-keys-file", str(keys))
+    try:
+        deadline = time.monotonic() + 10
+        while not any("rnnserve security:" in line for line in secured.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("API keys from" in line for line in secured.lines), secured.lines
+        assert not any("authentication is OFF" in line for line in secured.lines)
+    finally:
+        secured.stop()

@@ -208,3 +208,14 @@ def test_metrics_over_https_when_configured(model_repository, pki):
             urllib.request.urlopen(f"http://{url}", timeout=5).read()
     finally:
         srv.stop()
+
+
+def test_credentials_from_the_environment(pki):
+    env = {"RNNSERVE_API_KEY": "k-123", "RNNSERVE_TLS_CA": str(pki["ca"].pem)}
+    creds = Credentials.from_env(env)
+    assert creds.secure and creds.root_certificates == pki["ca"].pem.read_bytes()
+    assert creds.metadata() == (("authorization", "Bearer k-123"),)
+    assert not Credentials.from_env({}).secure and Credentials.from_env({}).metadata() == ()
+    assert Credentials.from_env({"RNNSERVE_TLS": "1"}).secure
+    with pytest.raises(ValueError, match="private key"):
+        Credentials.from_files(cert=pki["client"].cert)
