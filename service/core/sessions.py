@@ -34,6 +34,7 @@ from service.metrics import Metrics
 from service.stores.base import SessionRecord, SessionStore
 
 _log = logging.getLogger(__name__)
+_caller = CALLER.get
 
 # Reasons after which a session must never be resurrected from the shared store.
 FINAL_REASONS = frozenset({"closed", "idle", "lifetime", "capacity"})
@@ -61,6 +62,7 @@ class SessionManager:
         self.draining = False
         self._resuming: dict[str, asyncio.Future[None]] = {}
         self.admission = Admission(settings, metrics)
+        self._local = self.table.sessions.get  # bound once: `lookup` runs for every step
 
     # -- opening and ending ---------------------------------------------------------------------------------
     def ttl(self, mv: ModelVersion, idle_ttl_s: float | None) -> float:
@@ -131,8 +133,8 @@ class SessionManager:
 
     def lookup(self, session_id: str) -> Session | None:
         """Return the calling tenant's local session with this id, or None (another tenant's is absent)."""
-        s = self.table.sessions.get(session_id)
-        if s is not None and s.tenant != CALLER.get().tenant:
+        s = self._local(session_id)
+        if s is not None and s.tenant != _caller().tenant:
             return None
         return s
 
