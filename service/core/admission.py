@@ -86,7 +86,7 @@ class Admission:
             r: metrics.admission_refusals.labels(r)
             for r in ("budget", "tenant_sessions", "tenant_bytes", "tenant_rate")
         }
-        metrics.state_budget_bytes.set(self.budget)
+        metrics.memory_budget_bytes.set(self.budget)
         # True when some tenant has a rate limit: only then does a step pay for the bucket arithmetic.
         self.rate_limited = self.default.max_steps_per_s > 0
 
@@ -136,7 +136,7 @@ class Admission:
         usage.sessions += 1
         usage.bytes += nbytes
         self.used += nbytes
-        self.metrics.state_budget_used_bytes.set(self.used)
+        self.metrics.memory_budget_used_bytes.set(self.used)
 
     def grow(self, tenant: str, nbytes: int) -> None:
         """Charge `nbytes` more to an open session of `tenant` (a longer chunk), or refuse."""
@@ -144,7 +144,7 @@ class Admission:
         self._check_bytes(tenant, usage, nbytes, "this chunk's cached outputs")
         usage.bytes += nbytes
         self.used += nbytes
-        self.metrics.state_budget_used_bytes.set(self.used)
+        self.metrics.memory_budget_used_bytes.set(self.used)
 
     def close(self, tenant: str, nbytes: int) -> None:
         """Release a session's whole charge."""
@@ -155,7 +155,7 @@ class Admission:
             if usage.sessions <= 0:
                 del self.usage[tenant]
         self.used -= nbytes
-        self.metrics.state_budget_used_bytes.set(self.used)
+        self.metrics.memory_budget_used_bytes.set(self.used)
 
     def take_steps(self, tenant: str, steps: int) -> None:
         """Spend `steps` timesteps from the tenant's bucket (refill = its rate, burst = one second's worth).

@@ -157,6 +157,7 @@ class Generator:
             or not spec.time_axis
             or not spec.outputs
             or spec.outputs[0].dtype.kind != "f"
+            or spec.controls
         ):
             raise FailedPrecondition(
                 f"model {spec.name!r} is not a token model (needs a vocabulary, one integer "
@@ -217,7 +218,7 @@ class Generator:
             self.sessions.table.touch(s, time.monotonic())
             done = True
             if self.sessions.persist:
-                await self.sessions.store.save(self.sessions.record(s))
+                await self.sessions.save(s)
         finally:
             if not done:
                 if fut is not None and not fut.done():  # let the in-flight step land before rolling back

@@ -8,7 +8,6 @@ session ends. The repository watcher (polling) lives here too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.config import Settings
+from service.core.controls import control_filler
 from service.core.inputs import InputValidator
 from service.core.policy import BatchPolicy
 from service.core.registry import ModelVersion, Repository, RepositoryChange
@@ -84,7 +84,8 @@ class ModelHost:
     def _attach(self, mv: ModelVersion) -> None:
         spec = mv.spec
         mv.slab = StateSlab(spec.states)
-        mv.inputs = InputValidator(spec)
+        mv.inputs = InputValidator(spec, self.settings.max_cached_response_bytes)
+        mv.controls = control_filler(spec)
         mv.batcher = Batcher(
             spec,
             mv.runtime,
@@ -103,6 +104,9 @@ class ModelHost:
         )
         mv.batcher.start()
         labels = (spec.name, str(spec.version))
+        self.metrics.version_loaded(
+            *labels, spec.state_bytes, min(spec.config.max_sessions, self.settings.max_sessions)
+        )
         mv.gauges = Gauges(
             self.metrics.active_sessions.labels(*labels), self.metrics.state_bytes.labels(*labels)
         )
@@ -135,10 +139,8 @@ class ModelHost:
         """Stop a version's batcher and drop its serving parts (its sessions are gone)."""
         if mv.batcher is not None:
             await mv.batcher.stop()
-        mv.slab = mv.batcher = mv.inputs = mv.gauges = None
-        with contextlib.suppress(KeyError):
-            self.metrics.active_sessions.remove(mv.spec.name, str(mv.spec.version))
-            self.metrics.state_bytes.remove(mv.spec.name, str(mv.spec.version))
+        mv.slab = mv.batcher = mv.inputs = mv.gauges = mv.controls = None
+        self.metrics.version_unloaded(mv.spec.name, str(mv.spec.version))
         self.metrics.model_versions.set(len(self.repository.loaded()))
         _log.info("unloaded model %s version %d", mv.spec.name, mv.spec.version)
 
@@ -162,6 +164,14 @@ class ModelHost:
     def list_models(self) -> list[ModelSpec]:
         """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return [mv.spec for _, mv in sorted(self.repository.current.items())]
+
+    def served_versions(self) -> list[ModelSpec]:
+        """Every version the models' version policies serve, per model newest first."""
+        return [
+            mv.spec
+            for _, versions in sorted(self.repository.served.items())
+            for _, mv in sorted(versions.items(), reverse=True)
+        ]
 
     def get_model(self, name: str, version: int | None = None) -> ModelSpec:
         """One model's spec; `version` None/0 = the served one; versions pinned by sessions count too."""

@@ -177,7 +177,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._inflight: list[StepRequest] = []
         self._error: BaseException | None = None
-        self._input_names = tuple(t.name for t in spec.inputs)
+        # Control inputs (service.core.controls) follow the data inputs in every request's arrays.
+        self._input_names = tuple(t.name for t in spec.inputs) + tuple(c.name for c in spec.controls)
         self._output_names = tuple(t.name for t in spec.outputs)
         self._state_feeds = tuple((s.name, STATE_IN + s.name, STATE_OUT + s.name) for s in spec.states)
         self.label = f"{spec.name} v{spec.version}"

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.core import limits
+from service.core.controls import StepControl
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
 from service.core.sessions import SessionManager
@@ -48,7 +50,13 @@ class Stepper:
         self._loop = loop
 
     def submit(
-        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
     ) -> asyncio.Future[StepResult]:
         """Start one step now and return the future of its result (the streaming front ends' entry).
 
@@ -65,14 +73,26 @@ class Stepper:
             or (seq is not None and seq != s.last_seq + 1)
             or self.sessions.lease_due(s)
         ):
-            return asyncio.ensure_future(self.step(session_id, seq, inputs, last_only=last_only))
-        return self._start(s, s.last_seq + 1 if seq is None else seq, inputs, self._loop.create_future())  # type: ignore[union-attr]
+            return asyncio.ensure_future(
+                self.step(session_id, seq, inputs, last_only=last_only, control=control)
+            )
+        fut = self._loop.create_future()  # type: ignore[union-attr]
+        return self._start(s, s.last_seq + 1 if seq is None else seq, inputs, fut, control)
 
-    def _start(self, s: Session, seq: int, inputs: dict[str, np.ndarray], fut: Any) -> Any:
+    def _start(
+        self,
+        s: Session,
+        seq: int,
+        inputs: dict[str, np.ndarray],
+        fut: Any,
+        control: StepControl | None = None,
+    ) -> Any:
         """Validate and queue one chunk of an idle session; `finish` completes `fut` (no await in here)."""
         mv = s.mv
         arrays, key, steps = mv.inputs.check(inputs)
         self.sessions.admit_step(s, steps)
+        if mv.controls is not None:  # inputs the server fills (service.core.controls)
+            arrays = mv.controls.extend(arrays, steps, seq == 1, control, s.session_id)
         req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
         mv.batcher.submit(req)
         s.pending = req
@@ -81,7 +101,13 @@ class Stepper:
         return fut
 
     async def step(
-        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
     ) -> StepResult:
         """Apply one chunk (seq = last applied + 1, or None: the next); a retry of the last seq is cached."""
         self.active += 1
@@ -91,7 +117,7 @@ class Stepper:
             if s is None:
                 s = await sessions.get(session_id)
             if sessions.lease_due(s):
-                await sessions.renew(s)
+                s = await sessions.renew(s)  # a stale resident copy is reloaded here
                 await sessions.wait_idle(s)  # also re-checks that the session is still open after the await
             elif s.pending is not None:
                 await sessions.wait_idle(s)
@@ -100,7 +126,7 @@ class Stepper:
                 seq = s.last_seq + 1
             elif seq != s.last_seq + 1:
                 return out_of_order(sessions, s, seq, last_only)
-            result: StepResult = await self._start(s, seq, inputs, self._loop.create_future())  # type: ignore[union-attr]
+            result: StepResult = await self._start(s, seq, inputs, self._loop.create_future(), control)  # type: ignore[union-attr]
             if last_only and s.mv.spec.time_axis:
                 return last_step_only(result, s.mv.spec)
             return result
@@ -188,8 +214,7 @@ class Stepper:
             "the session store did not accept the step; retry the same seq"
         )
         try:
-            await sessions.store.save(sessions.record(s))
-            s.unsaved = 0
+            await sessions.save(s)
             outcome = None
         except ServeError as exc:  # Aborted: another replica owns the session now; Unavailable: store down
             _log.error("saving session %s failed: %s", s.session_id, exc.message)
@@ -229,8 +254,14 @@ class Stepper:
         for st in spec.states:
             row = st.initial if st.initial is not None else np.zeros(st.shape, st.dtype)
             feeds["state_in_" + st.name] = np.ascontiguousarray(np.broadcast_to(row, (batch, *st.shape)))
-        outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
-        return {t.name: outs[t.name] for t in spec.outputs}
+        first = feeds[spec.inputs[0].name] if spec.inputs else None
+        steps = first.shape[1] if spec.time_axis and first is not None and first.ndim > 1 else 1
+        limits.check_request_steps(self.settings, batch, steps, f"stateless request to {spec.name!r}")
+        if mv.controls is not None:  # a stateless run is a whole sequence: start and end, correlation id 0
+            feeds.update(mv.controls.batch(batch, steps, True, True, [0] * batch))
+            outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
+            return {t.name: outs[t.name] for t in spec.outputs}
+        return await limits.run_sliced(self.settings, self.executor, mv.runtime, spec, feeds)
 
 
 def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:

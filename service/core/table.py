@@ -72,6 +72,7 @@ class Session:
         "tenant",
         "charge",
         "charged_steps",
+        "gen",
     )
 
     def __init__(
@@ -102,6 +103,7 @@ class Session:
         self.tenant = tenant  # the owner: other tenants are told the id does not exist
         self.charge = 0  # bytes charged to the memory budget (core.admission)
         self.charged_steps = 0  # longest chunk whose cached outputs the charge covers
+        self.gen = 0  # the store's version this copy was read at or last written as (the fencing token)
 
 
 class SessionTable:

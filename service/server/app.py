@@ -109,10 +109,15 @@ class RunningServer:
         return self._serving
 
     async def set_models(self, names: Iterable[str]) -> None:
-        """Health status per model name: SERVING for loaded models; NOT_SERVING for ones that went away."""
+        """Set the health status per model name: SERVING for loaded models, NOT_SERVING for the others.
+
+        The others: models that went away, and models on disk whose every version was refused at load (the
+        reason is in the log, the ReloadRepository answer and KServe's RepositoryIndex).
+        """
         names = set(names)
         status = SERVING if self._serving else NOT_SERVING
-        for gone in self.model_names - names:
+        refused = {r.name for r in self.engine.refusals()} - names
+        for gone in (self.model_names - names) | refused:
             await self.health.set(gone, NOT_SERVING)
         for name in names:
             await self.health.set(name, status)
@@ -120,10 +125,13 @@ class RunningServer:
 
     async def _follow_repository(self, interval_s: float) -> None:
         """Keep per-model health in step with versions the engine's repository watcher loads or drops."""
+        refused: set[str] = set()
         while self._serving:
             await asyncio.sleep(interval_s)
             names = {s.name for s in self.engine.list_models()}
-            if names != self.model_names and self._serving:
+            now_refused = {r.name for r in self.engine.refusals()}
+            if (names != self.model_names or now_refused != refused) and self._serving:
+                refused = now_refused
                 await self.set_models(names)
 
     async def _stop(self, grace: float) -> None:
@@ -209,7 +217,7 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     gc.collect()
     gc.freeze()
 
-    interceptor = ErrorMappingInterceptor(_call_observer(engine))
+    interceptor = ErrorMappingInterceptor(_call_observer(engine), replica_id=settings.replica_id)
     try:
         authenticator = auth.interceptor_for(settings, engine)
     except SystemExit:

@@ -121,12 +121,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        """Every served model with its newest version, READY."""
+        """Every served model version, READY (as Triton: one entry per version), and refused ones."""
         if request.repository_name:
             raise InvalidArgument("this server has one model repository; leave repository_name empty")
         response = pb.RepositoryIndexResponse()
-        for spec in sorted(self._engine.list_models(), key=lambda s: s.name):
+        for spec in sorted(self._engine.served_versions(), key=lambda s: (s.name, s.version)):
             response.models.add(name=spec.name, version=str(spec.version), state="READY")
+        for r in self._engine.refusals():  # as Triton lists a model that failed to load
+            response.models.add(name=r.name, version=str(r.version), state="UNAVAILABLE", reason=r.reason)
         return response
 
     async def ModelStatistics(  # noqa: N802
@@ -303,7 +305,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             names = _requested_outputs(spec, request)
             arrays = decode_inputs(request)
             batch = _batch_of(arrays)
-            if ctl.sequence_id is not None and spec.states and arrays:
+            if ctl.sequence_id is not None and (spec.states or spec.controls) and arrays:
                 if batch != 1 or any(a.ndim == 0 or a.shape[0] != 1 for a in arrays.values()):
                     raise InvalidArgument(
                         "a request with a sequence_id carries one sequence: batch dimension must be 1 for "

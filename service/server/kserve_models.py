@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
-from service.core.types import ModelSpec
+from service.core.types import ModelSpec, VersionPolicy
 from service.errors import InvalidArgument
 from service.server.kserve_convert import wire_type_of
 
@@ -97,13 +97,14 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=min(cfg.max_batch_size, INT32_MAX),
     )
-    config.version_policy.latest.num_versions = 1  # only the newest version takes new sequences
+    _version_policy(config, cfg.version_policy)
     for t in spec.inputs:
         config.input.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
     for t in spec.outputs:
         config.output.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
-    if spec.states:
+    if spec.states or spec.controls:
         seq = config.sequence_batching
+        _control_inputs(seq, spec)
         seq.max_sequence_idle_microseconds = int(cfg.idle_ttl_s * 1_000_000)
         # Steps of different sequences are batched together, the oldest first: Triton's "oldest" strategy.
         seq.oldest.max_candidate_sequences = min(cfg.max_sessions, INT32_MAX)
@@ -129,6 +130,31 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
+def _control_inputs(seq: mc.ModelSequenceBatching, spec: ModelSpec) -> None:
+    """Report the inputs the server fills (config.yaml `control_inputs`) as Triton's `control_input`."""
+    for c in spec.controls:
+        control = seq.control_input.add(name=c.name).control.add(kind=c.kind)
+        if c.kind == "CONTROL_SEQUENCE_CORRID":
+            string = c.dtype.kind == "O"
+            control.data_type = mc.TYPE_STRING if string else wire_type_of(c.dtype).config_type
+        elif c.dtype.kind == "f":
+            control.fp32_false_true.extend(float(v) for v in c.false_true)
+        elif c.dtype.kind == "b":
+            control.bool_false_true.extend(bool(v) for v in c.false_true)
+        else:
+            control.int32_false_true.extend(int(v) for v in c.false_true)
+
+
+def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
+    """Report the model's version policy (config.yaml `version_policy`) as Triton spells it."""
+    if policy.kind == "all":
+        config.version_policy.all.SetInParent()
+    elif policy.kind == "specific":
+        config.version_policy.specific.versions.extend(policy.versions)
+    else:
+        config.version_policy.latest.num_versions = policy.num_versions
+
+
 def package_version() -> str:
     """Return the installed rnnserve version (ServerMetadata)."""
     try:
@@ -141,6 +167,6 @@ def version_arg(text: str) -> int | None:
     """Parse a KServe model_version string: empty = None (newest), else a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text!r}")
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text[:40]!r}")
     return int(text)

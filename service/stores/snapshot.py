@@ -69,6 +69,7 @@ def encode(record: SessionRecord, key: bytes | None = None) -> bytes:
         "created_at": record.created_at,
         "owner": record.owner,
         "tenant": record.tenant,
+        "steps": record.steps,
         "has_last_outputs": record.last_outputs is not None,
         "mac": "hmac-sha256" if key else "sha256",
         "tensors": table,
@@ -123,6 +124,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
             created_at=float(header["created_at"]),
             owner=header["owner"],
             tenant=str(header.get("tenant", "")),
+            steps=int(header.get("steps", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgument(f"state blob layout is invalid: {exc}") from None

@@ -29,7 +29,7 @@ from service.client import AFFINITY_HEADER
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-envoy")
 # The schemas kubernetes-validate ships for the newest release it knows (strict: unknown fields fail).
 K8S_VERSION = kubernetes_validate.latest_version()
 # The oldest release the manifests support: the preStop `sleep` action is on by default from 1.30
@@ -99,6 +99,12 @@ def dev() -> Rendered:
 @pytest.fixture(scope="module")
 def prod() -> Rendered:
     return render("prod")
+
+
+@pytest.fixture(scope="module")
+def prod_envoy() -> Rendered:
+    """prod with the Envoy component instead of the default HAProxy one."""
+    return render("prod-envoy")
 
 
 def workloads(r: Rendered) -> list[dict[str, Any]]:
@@ -356,7 +362,7 @@ def test_prod_state_key_comes_from_a_secret(prod: Rendered):
     assert "RNNSERVE_STATE_HMAC_KEY" not in prod.settings_env(), "secrets never go into the ConfigMap"
 
 
-# --- Envoy front proxy (prod): consistent hashing on the client's affinity header -------------------------
+# --- Envoy front proxy (prod-envoy): consistent hashing on the affinity header ----------------------------
 
 
 def envoy_config(r: Rendered) -> dict[str, Any]:
@@ -424,12 +430,35 @@ def http_connection_manager(lst: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def envoy(prod: Rendered) -> dict[str, Any]:
-    return envoy_config(prod)
+def envoy(prod_envoy: Rendered) -> dict[str, Any]:
+    return envoy_config(prod_envoy)
 
 
 def test_dev_has_no_proxy(dev: Rendered):
-    assert not [o for o in dev.objects if "envoy" in o["metadata"]["name"]]
+    assert not [
+        o for o in dev.objects if "envoy" in o["metadata"]["name"] or "haproxy" in o["metadata"]["name"]
+    ]
+
+
+def test_prod_has_one_proxy_each(prod: Rendered, prod_envoy: Rendered):
+    """prod runs HAProxy (the default) and no Envoy; prod-envoy the reverse; otherwise the same objects."""
+
+    def names(r: Rendered) -> set[tuple[str, str]]:
+        return {
+            (
+                o["kind"],
+                o["metadata"]["name"].rsplit("-", 1)[0]
+                if o["kind"] == "ConfigMap"
+                else o["metadata"]["name"],
+            )
+            for o in r.objects
+        }
+
+    assert not [n for n in names(prod) if "envoy" in n[1]]
+    assert not [n for n in names(prod_envoy) if "haproxy" in n[1]]
+    swap = {(kind, name.replace("haproxy", "envoy")) for kind, name in names(prod)}
+    assert swap == names(prod_envoy)
+    assert {o["metadata"].get("namespace") for o in prod_envoy.objects} == {"rnnserve"}
 
 
 def test_envoy_config_is_valid_against_the_envoy_v3_api(envoy: dict[str, Any]):
@@ -457,7 +486,7 @@ def test_envoy_api_check_catches_a_typo(envoy: dict[str, Any]):
             parse_envoy_bootstrap(broken)
 
 
-def test_envoy_hashes_sessions_by_the_client_affinity_header(prod: Rendered, envoy: dict[str, Any]):
+def test_envoy_hashes_sessions_by_the_client_affinity_header(prod_envoy: Rendered, envoy: dict[str, Any]):
     hcm = http_connection_manager(listener(envoy, "grpc"))
     assert hcm["codec_type"] == "HTTP2", "gRPC clients speak HTTP/2"
     assert [f["name"] for f in hcm["http_filters"]][-1] == "envoy.filters.http.router"
@@ -478,13 +507,13 @@ def test_envoy_hashes_sessions_by_the_client_affinity_header(prod: Rendered, env
     assert seconds(hcm["common_http_protocol_options"]["idle_timeout"]) >= seconds(hcm["stream_idle_timeout"])
 
 
-def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod: Rendered, envoy: dict[str, Any]):
+def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod_envoy: Rendered, envoy: dict[str, Any]):
     (cluster,) = envoy["static_resources"]["clusters"]
     assert cluster["type"] == "STRICT_DNS", "one host per address the headless Service resolves to"
     ((endpoint,),) = [group["lb_endpoints"] for group in cluster["load_assignment"]["endpoints"]]
     address = endpoint["endpoint"]["address"]["socket_address"]
     assert address["port_value"] == Settings().grpc_port
-    headless = prod.one("Service", "rnnserve-headless")
+    headless = prod_envoy.one("Service", "rnnserve-headless")
     assert address["address"] == f"rnnserve-headless.{headless['metadata']['namespace']}.svc.cluster.local"
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
     options = cluster["typed_extension_protocol_options"][
@@ -499,17 +528,17 @@ def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod: Rendered, env
     assert cluster["ignore_health_on_host_removal"] is True
 
 
-def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod: Rendered, envoy: dict[str, Any]):
-    container = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]["containers"][0]
+def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod_envoy: Rendered, envoy: dict[str, Any]):
+    container = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {
         "grpc": listener(envoy, "grpc")["address"]["socket_address"]["port_value"],
         "probes": listener(envoy, "probes")["address"]["socket_address"]["port_value"],
     }
-    svc = prod.one("Service", "rnnserve-envoy")
+    svc = prod_envoy.one("Service", "rnnserve-envoy")
     (port,) = svc["spec"]["ports"]
     assert port["targetPort"] == "grpc" and "appProtocol" not in port  # TLS, not cleartext h2c
-    envoy_pods = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
+    envoy_pods = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
     assert selects(svc["spec"]["selector"], envoy_pods)
     # The readiness probe asks the health-check filter of the probe listener.
     probe = container["readinessProbe"]["httpGet"]
@@ -527,10 +556,10 @@ def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod: Rendered, e
     assert re.fullmatch(r"envoyproxy/envoy:v1\.\d+\.\d+", container["image"]), container["image"]
 
 
-def test_envoy_may_reach_the_servers_and_nothing_else(prod: Rendered):
-    policy = prod.one("NetworkPolicy", "rnnserve-envoy")["spec"]
-    envoy_pods = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
-    server_pods = prod.one("Deployment", "rnnserve")["spec"]["template"]["metadata"]["labels"]
+def test_envoy_may_reach_the_servers_and_nothing_else(prod_envoy: Rendered):
+    policy = prod_envoy.one("NetworkPolicy", "rnnserve-envoy")["spec"]
+    envoy_pods = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
+    server_pods = prod_envoy.one("Deployment", "rnnserve")["spec"]["template"]["metadata"]["labels"]
     assert selects(policy["podSelector"]["matchLabels"], envoy_pods)
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     to_servers = [
@@ -545,7 +574,7 @@ def test_envoy_may_reach_the_servers_and_nothing_else(prod: Rendered):
         if rule not in to_servers:
             assert {p["port"] for p in rule["ports"]} == {53}, "only DNS besides the servers"
     # The servers' own policy admits the gRPC port from in-cluster peers (the proxies among them).
-    server_ingress = prod.one("NetworkPolicy", "rnnserve")["spec"]["ingress"]
+    server_ingress = prod_envoy.one("NetworkPolicy", "rnnserve")["spec"]["ingress"]
     assert any(
         "from" not in rule and Settings().grpc_port in {p["port"] for p in rule["ports"]}
         for rule in server_ingress
@@ -566,31 +595,51 @@ def secret_mounts(r: Rendered, deployment: str) -> dict[str, tuple[str, dict[str
     return {volumes[m["name"]]: (m["mountPath"], m) for m in mounts if m["name"] in volumes}
 
 
-def test_prod_serves_mutual_tls_and_api_keys_from_secrets(prod: Rendered, monkeypatch):
-    env = prod.settings_env()
-    mounts = secret_mounts(prod, "rnnserve")
-    tls_dir, tls_mount = mounts[TLS_SECRET]
-    keys_dir, keys_mount = mounts[KEYS_SECRET]
-    assert tls_mount.get("readOnly") is True and keys_mount.get("readOnly") is True
-    assert env["RNNSERVE_AUTH"] == "api_keys"
-    assert Path(env["RNNSERVE_API_KEYS_FILE"]).parent == Path(keys_dir)
-    for key, name in [("RNNSERVE_TLS_CERT_FILE", "tls.crt"), ("RNNSERVE_TLS_KEY_FILE", "tls.key"),
-                      ("RNNSERVE_TLS_CLIENT_CA_FILE", "ca.crt")]:
-        assert Path(env[key]) == Path(tls_dir) / name, key
-    pod = prod.one("Deployment", "rnnserve")["spec"]["template"]["spec"]
+def _secret_volumes_fail_closed(r: Rendered) -> None:
+    pod = r.one("Deployment", "rnnserve")["spec"]["template"]["spec"]
     for v in pod["volumes"]:
         if "secret" in v:
-            assert not v["secret"].get("optional"), "prod must not start without its TLS or key Secret"
+            assert not v["secret"].get("optional"), f"{r.overlay} must not start without its Secrets"
             assert v["secret"]["defaultMode"] & 0o007 == 0, "secret files are not world-readable"
-    # The settings the pod gets are valid together (a mismatch would stop the server at start).
-    for key, value in env.items():
+    for secret in (TLS_SECRET, KEYS_SECRET):
+        assert not [o for o in r.of_kind("Secret") if o["metadata"]["name"] == secret], "no secrets in git"
+
+
+def _settings_of(r: Rendered, monkeypatch) -> Settings:
+    """The settings the pod gets, built as the server builds them (a mismatch would stop it at start)."""
+    for key, value in r.settings_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("RNNSERVE_REPLICA_ID", "pod-0")
-    settings = Settings()
+    return Settings()
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-envoy"])
+def test_prod_requires_api_keys_from_a_secret(
+    overlay: str, prod: Rendered, prod_envoy: Rendered, monkeypatch
+):
+    r = prod if overlay == "prod" else prod_envoy
+    env = r.settings_env()
+    keys_dir, keys_mount = secret_mounts(r, "rnnserve")[KEYS_SECRET]
+    assert keys_mount.get("readOnly") is True
+    assert env["RNNSERVE_AUTH"] == "api_keys"
+    assert Path(env["RNNSERVE_API_KEYS_FILE"]).parent == Path(keys_dir)
+    _secret_volumes_fail_closed(r)
+    assert _settings_of(r, monkeypatch).grpc_host == "0.0.0.0"
+
+
+def test_prod_envoy_serves_mutual_tls_from_a_secret(prod_envoy: Rendered, monkeypatch):
+    env = prod_envoy.settings_env()
+    tls_dir, tls_mount = secret_mounts(prod_envoy, "rnnserve")[TLS_SECRET]
+    assert tls_mount.get("readOnly") is True
+    for key, name in [
+        ("RNNSERVE_TLS_CERT_FILE", "tls.crt"),
+        ("RNNSERVE_TLS_KEY_FILE", "tls.key"),
+        ("RNNSERVE_TLS_CLIENT_CA_FILE", "ca.crt"),
+    ]:
+        assert Path(env[key]) == Path(tls_dir) / name, key
+    _secret_volumes_fail_closed(prod_envoy)
+    settings = _settings_of(prod_envoy, monkeypatch)
     assert settings.tls_client_ca_file is not None and settings.health_port > 0
-    assert settings.grpc_host == "0.0.0.0"
-    for secret in (TLS_SECRET, KEYS_SECRET):
-        assert not [o for o in prod.of_kind("Secret") if o["metadata"]["name"] == secret], "no secrets in git"
 
 
 def test_an_open_server_is_development_only_and_binds_explicitly(rendered: Rendered, monkeypatch):
@@ -601,8 +650,8 @@ def test_an_open_server_is_development_only_and_binds_explicitly(rendered: Rende
         assert env["RNNSERVE_GRPC_HOST"] == "0.0.0.0"
 
 
-def test_envoy_speaks_tls_both_ways_with_the_mounted_certificate(prod: Rendered, envoy: dict[str, Any]):
-    tls_dir = Path(secret_mounts(prod, "rnnserve-envoy")[TLS_SECRET][0])
+def test_envoy_speaks_tls_both_ways_with_the_mounted_certificate(prod_envoy: Rendered, envoy: dict[str, Any]):
+    tls_dir = Path(secret_mounts(prod_envoy, "rnnserve-envoy")[TLS_SECRET][0])
     (chain,) = listener(envoy, "grpc")["filter_chains"]
     down = chain["transport_socket"]["typed_config"]
     assert down["@type"].endswith("DownstreamTlsContext")
@@ -622,7 +671,7 @@ def test_envoy_speaks_tls_both_ways_with_the_mounted_certificate(prod: Rendered,
     sans = ctx["validation_context"]["match_typed_subject_alt_names"]
     assert {"san_type": "DNS", "matcher": {"exact": host}} in sans
     # The servers require a client certificate (RNNSERVE_TLS_CLIENT_CA_FILE): Envoy presents one.
-    assert "RNNSERVE_TLS_CLIENT_CA_FILE" in prod.settings_env() and ctx["tls_certificates"]
+    assert "RNNSERVE_TLS_CLIENT_CA_FILE" in prod_envoy.settings_env() and ctx["tls_certificates"]
 
 
 def test_cert_manager_component_issues_the_secret_everyone_mounts(tmp_path: Path):
@@ -632,12 +681,12 @@ def test_cert_manager_component_issues_the_secret_everyone_mounts(tmp_path: Path
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": "rnnserve",
-        "resources": [os.path.relpath(ROOT / "deploy" / "overlays" / "prod", overlay)],
+        "resources": [os.path.relpath(ROOT / "deploy" / "overlays" / "prod-envoy", overlay)],
         "components": [os.path.relpath(ROOT / "deploy" / "components" / "cert-manager", overlay)],
     }))
     out = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    r = Rendered("prod+cert-manager", [o for o in yaml.safe_load_all(out.stdout) if o])
+    r = Rendered("prod-envoy+cert-manager", [o for o in yaml.safe_load_all(out.stdout) if o])
     cert = r.one("Certificate", TLS_SECRET)
     assert cert["apiVersion"] == "cert-manager.io/v1" and cert["metadata"]["namespace"] == "rnnserve"
     spec = cert["spec"]

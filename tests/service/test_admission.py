@@ -161,7 +161,7 @@ def test_server_refuses_before_memory_runs_out(tmp_path):
     assert refused is not None, "the server never refused"
     text = refused if isinstance(refused, str) else refused.details()
     assert "session memory budget exhausted" in text and str(budget) in text
-    used = float(re.search(r"^rnnserve_state_budget_used_bytes (\S+)$", metrics, re.M).group(1))
+    used = float(re.search(r"^rnnserve_session_memory_used_bytes (\S+)$", metrics, re.M).group(1))
     assert used > 0.9 * budget  # the budget was really used up, not refused early
     assert re.search(r'^rnnserve_admission_refusals_total\{reason="budget"\} [1-9]', metrics, re.M)
     growth = rss1 - rss0

@@ -249,7 +249,7 @@ def test_cli_sends_the_api_key(server, capsys, monkeypatch):
     from service.client.cli import main as cli_main
 
     monkeypatch.delenv("RNNSERVE_API_KEY", raising=False)
-    assert cli_main(["--address", server.address, "--api-key", KEYS["alice"], "models"]) == 0
+    assert cli_main(["--address", server.address, f"--api-key={KEYS['alice']}", "models"]) == 0
     assert "tiny_lstm" in capsys.readouterr().out
     assert cli_main(["--address", server.address, "models"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
