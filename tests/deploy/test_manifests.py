@@ -627,9 +627,13 @@ def test_prod_requires_api_keys_from_a_secret(
     assert _settings_of(r, monkeypatch).grpc_host == "0.0.0.0"
 
 
-def test_prod_envoy_serves_mutual_tls_from_a_secret(prod_envoy: Rendered, monkeypatch):
-    env = prod_envoy.settings_env()
-    tls_dir, tls_mount = secret_mounts(prod_envoy, "rnnserve")[TLS_SECRET]
+@pytest.mark.parametrize("overlay", ["prod", "prod-envoy"])
+def test_prod_serves_mutual_tls_from_a_secret(
+    overlay: str, prod: Rendered, prod_envoy: Rendered, monkeypatch
+):
+    r = prod if overlay == "prod" else prod_envoy
+    env = r.settings_env()
+    tls_dir, tls_mount = secret_mounts(r, "rnnserve")[TLS_SECRET]
     assert tls_mount.get("readOnly") is True
     for key, name in [
         ("RNNSERVE_TLS_CERT_FILE", "tls.crt"),
@@ -637,8 +641,8 @@ def test_prod_envoy_serves_mutual_tls_from_a_secret(prod_envoy: Rendered, monkey
         ("RNNSERVE_TLS_CLIENT_CA_FILE", "ca.crt"),
     ]:
         assert Path(env[key]) == Path(tls_dir) / name, key
-    _secret_volumes_fail_closed(prod_envoy)
-    settings = _settings_of(prod_envoy, monkeypatch)
+    _secret_volumes_fail_closed(r)
+    settings = _settings_of(r, monkeypatch)
     assert settings.tls_client_ca_file is not None and settings.health_port > 0
 
 
@@ -677,13 +681,17 @@ def test_envoy_speaks_tls_both_ways_with_the_mounted_certificate(prod_envoy: Ren
 def test_cert_manager_component_issues_the_secret_everyone_mounts(tmp_path: Path):
     overlay = tmp_path / "overlay"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "namespace": "rnnserve",
-        "resources": [os.path.relpath(ROOT / "deploy" / "overlays" / "prod-envoy", overlay)],
-        "components": [os.path.relpath(ROOT / "deploy" / "components" / "cert-manager", overlay)],
-    }))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": "rnnserve",
+                "resources": [os.path.relpath(ROOT / "deploy" / "overlays" / "prod-envoy", overlay)],
+                "components": [os.path.relpath(ROOT / "deploy" / "components" / "cert-manager", overlay)],
+            }
+        )
+    )
     out = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     r = Rendered("prod-envoy+cert-manager", [o for o in yaml.safe_load_all(out.stdout) if o])

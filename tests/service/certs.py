@@ -65,8 +65,13 @@ class CA:
         """The CA certificate file (what a peer trusts)."""
         return self.pair.cert
 
-    def issue(self, stem: str, *, server: bool) -> Pair:
-        """A leaf certificate for 127.0.0.1/localhost (server) or a client named `stem`."""
+    def issue(
+        self, stem: str, *, server: bool, names: tuple[str, ...] = (), client_too: bool = False
+    ) -> Pair:
+        """A leaf certificate for 127.0.0.1/localhost and `names` (server) or a client named `stem`.
+
+        `client_too`: a server certificate also usable as a client certificate (a proxy's, towards servers).
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         builder = (
@@ -80,7 +85,9 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                    if server and client_too
+                    else [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
                 ),
                 critical=False,
             )
@@ -88,7 +95,11 @@ class CA:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [
+                        x509.DNSName("localhost"),
+                        *(x509.DNSName(n) for n in names),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
                 ),
                 critical=False,
             )
