@@ -229,10 +229,17 @@ def run(seconds: float, workdir: Path) -> Preview:
     prometheus = None
     try:
         for pod, port in ports.items():
-            # A small session limit, so that some sessions are refused (errors by code) and capacity shows.
+            # A small session limit and a small session memory budget, so that some sessions are refused
+            # (errors by code, admission refusals) and capacity and budget show.
             replicas.append(
                 start_replica(
-                    pod, workdir, repository, metrics_port=port, max_sessions=6, sweep_interval_s=0.2
+                    pod,
+                    workdir,
+                    repository,
+                    metrics_port=port,
+                    max_sessions=6,
+                    state_budget_bytes=200_000,
+                    sweep_interval_s=0.2,
                 )
             )
         prometheus = Prometheus(workdir / "prometheus", ports)
