@@ -86,6 +86,34 @@ class Settings(BaseSettings):
         description="Longest a session may live, however active (then it expires: 'lifetime').",
     )
     max_chunk_steps: int = Field(4096, ge=1, description="Most timesteps in one chunk.")
+    max_request_steps: int = Field(
+        65_536,
+        ge=1,
+        description="Most batch x timesteps one request may ask for (a KServe batch, a StreamMany message).",
+    )
+    max_rows_per_message: int = Field(
+        4096, ge=1, description="Most sessions (rows) in one StepMany / StreamMany message."
+    )
+    max_cached_response_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest response a session keeps for an idempotent retry; longer chunks are refused.",
+    )
+    max_id_length: int = Field(
+        128, ge=8, description="Longest session id or KServe sequence id (characters) accepted."
+    )
+    slice_steps: int = Field(
+        256,
+        ge=1,
+        description="A stateless request longer than this runs in time slices of this many steps, yielding "
+        "between them so other clients' steps interleave.",
+    )
+    trim_after_steps: int = Field(
+        16_384,
+        ge=0,
+        description="After a stateless request of at least this many batch x timesteps, return freed memory "
+        "to the OS (ONNX Runtime arena shrink and malloc_trim); 0 = never.",
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes."
     )

@@ -175,9 +175,37 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.stale_reloads = Counter(
+            "rnnserve_stale_reloads",
+            "Resident session copies found older than the shared store on retaking a lease, and reloaded.",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "rnnserve_store_errors",
+            "Session store operations that failed, by kind (unreachable; refused: out of memory, read-only).",
+            ["kind"],
+            registry=r,
+        )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
             "Raw recurrent state bytes held by open sessions.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.max_sessions = Gauge(
+            "rnnserve_max_sessions",
+            "Most open sessions this server accepts (the max_sessions setting).",
+            registry=r,
+        )
+        self.model_max_sessions = Gauge(
+            "rnnserve_model_max_sessions",
+            "Most open sessions of a model (its config's max_sessions, capped by the server's).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.state_budget_bytes = Gauge(
+            "rnnserve_state_budget_bytes",
+            "Recurrent state bytes a model version's sessions would hold at its session limit.",
             ["model", "version"],
             registry=r,
         )
@@ -186,6 +214,20 @@ class Metrics:
             "Model versions in memory (current and pinned old ones).",
             registry=r,
         )
+
+    def version_loaded(self, model: str, version: str, state_bytes: int, max_sessions: int) -> None:
+        """Publish a loaded version's session limit and the state bytes it implies (the capacity budget)."""
+        self.model_max_sessions.labels(model, version).set(max_sessions)
+        self.state_budget_bytes.labels(model, version).set(state_bytes * max_sessions)
+
+    def version_unloaded(self, model: str, version: str) -> None:
+        """Forget an unloaded version's gauges."""
+        gauges = (self.active_sessions, self.state_bytes, self.model_max_sessions, self.state_budget_bytes)
+        for gauge in gauges:
+            try:
+                gauge.remove(model, version)
+            except KeyError:
+                pass
 
     def request(self, method: str, code: str, protocol: str = "native") -> None:
         """Count one finished RPC (called by the edges)."""

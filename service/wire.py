@@ -77,7 +77,7 @@ def tensor_to_array(t: pb.Tensor, what: str = "tensor") -> np.ndarray:
     n = 1
     for d in shape:
         n *= d
-    if n * dt.itemsize != len(data) or n > _MAX_ELEMENTS or (shape and min(shape) < 0):
+    if n * dt.itemsize != len(data) or n > _MAX_ELEMENTS or _odd(shape):
         _raise_bad_size(t.name, shape, dt, len(data), what)
     arr = np.frombuffer(data, dtype=dt).reshape(shape)
     if not _LITTLE:  # pragma: no cover - every supported deployment target is little-endian
@@ -85,12 +85,17 @@ def tensor_to_array(t: pb.Tensor, what: str = "tensor") -> np.ndarray:
     return arr
 
 
+def _odd(shape: tuple[int, ...]) -> bool:
+    """Tell whether a dimension is negative or larger than any real tensor's (numpy's size math overflows)."""
+    return bool(shape) and not 0 <= min(shape) <= max(shape) <= _MAX_ELEMENTS
+
+
 def _raise_bad_size(name: str, shape: tuple[int, ...], dt: np.dtype, size: int, what: str) -> None:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what} {name!r}: negative dimension in shape {list(shape)}")
     n = math.prod(shape)
-    if n > _MAX_ELEMENTS:
-        raise InvalidArgument(f"{what} {name!r}: shape {list(shape)} is too large")
+    if n > _MAX_ELEMENTS or (shape and max(shape) > _MAX_ELEMENTS):
+        raise InvalidArgument(f"{what} {name!r}: shape {list(shape)[:8]} is too large")
     raise InvalidArgument(
         f"{what} {name!r}: data has {size} bytes; expected prod({list(shape)}) * "
         f"{dt.itemsize} ({dt.name}) = {n * dt.itemsize}"

@@ -22,7 +22,7 @@ import numpy as np
 from grpc import aio
 
 from service import wire
-from service.client.sync import (
+from service.client.common import (
     ArrayLike,
     Inputs,
     Metadata,
@@ -138,9 +138,7 @@ class AsyncClient:
             model=model,
             version=version or 0,
             idle_ttl_s=idle_ttl_s or 0.0,
-            initial_state=[
-                wire.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
-            ],
+            initial_state=[wire.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()],
         )
         info = SessionInfo.from_pb(await self.call("CreateSession", request, metadata=metadata))
         return AsyncSession(self, info, await self.get_model(info.model, info.version), metadata)

@@ -74,6 +74,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
+        self.metrics.max_sessions.set(settings.max_sessions)
         self.store = store if store is not None else self._default_store(settings)
         self.executor = ThreadPoolExecutor(settings.ort_executor_threads, thread_name_prefix="ort")
         self.background = Background()
@@ -229,7 +230,7 @@ class Engine:
         last_only: bool = False,
         control: StepControl | None = None,
     ) -> StepResult:
-        """Apply one chunk (seq = last applied + 1); a retry of the last seq returns the cached result.
+        """Apply one chunk (seq = last applied + 1, None = the next); a retry of the last seq is cached.
 
         `last_only` returns time-axis outputs as `(1, ...)`: the last step only. `control` carries what fills
         a model's control inputs (sequence end, correlation id; `service.core.controls`).

@@ -216,7 +216,7 @@ class Generator:
             self.sessions.table.touch(s, time.monotonic())
             done = True
             if self.sessions.persist:
-                await self.sessions.store.save(self.sessions.record(s))
+                await self.sessions.save(s)
         finally:
             if not done:
                 if fut is not None and not fut.done():  # let the in-flight step land before rolling back

@@ -29,17 +29,33 @@ class InputValidator:
         "token_range",
         "rest",
         "controls",
+        "why",
+        "max_steps",
     )
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, max_response_bytes: int | None = None) -> None:
         self.specs = spec.inputs
         self.names = frozenset(t.name for t in spec.inputs)
         self.expected = ", ".join(f"{t.name} ({t.dtype.name}, shape {_shape_text(t)})" for t in spec.inputs)
         self.timed = spec.time_axis
         self.finite = tuple((not spec.config.allow_non_finite) and t.dtype.kind in "fc" for t in spec.inputs)
-        self.max_chunk = spec.config.max_chunk_steps
+        self.max_chunk = self.max_steps = spec.config.max_chunk_steps  # max_steps: stateless rows (no cache)
+        self.why = f"max_chunk_steps ({self.max_chunk})"
         self.label = f"model {spec.name!r} v{spec.version}"
         self.controls = frozenset(c.name for c in spec.controls)  # filled by the server, never sent
+        # A session keeps its last response for an idempotent retry: bound it by bounding the chunk length
+        # (the response of a T-step chunk is T times the per-step output bytes), at no cost per step.
+        per_step = sum(
+            _item_bytes(t) for t in spec.outputs if t.time_axis
+        ) if spec.time_axis else 0
+        if max_response_bytes and per_step:
+            by_bytes = max(1, max_response_bytes // per_step)
+            if by_bytes < self.max_chunk:
+                self.max_chunk = by_bytes
+                self.why = (
+                    f"max_cached_response_bytes ({max_response_bytes}: the response of one step is "
+                    f"{per_step} bytes, so at most {by_bytes} steps)"
+                )
         # Token ids index an embedding: ONNX Gather would wrap negative ids and fail the whole batch on large
         # ones, so integer inputs of vocabulary models are range-checked here.
         vocab = len(spec.vocabulary) if spec.vocabulary is not None else 0
@@ -67,7 +83,10 @@ class InputValidator:
                     return (a,), shape, shape[0]
         return self._check_all(inputs)
 
-    def _check_all(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[np.ndarray, ...], object, int]:
+    def _check_all(
+        self, inputs: dict[str, np.ndarray], stateless: bool = False
+    ) -> tuple[tuple[np.ndarray, ...], object, int]:
+        max_chunk = self.max_steps if stateless else self.max_chunk
         if len(inputs) != len(self.specs) or not self.names.issuperset(inputs):
             self._names_error(inputs)
         arrays = []
@@ -86,9 +105,9 @@ class InputValidator:
                 rest is None
                 or shape[1:] != rest
                 or len(shape) == len(rest)
-                or not 0 < shape[0] <= self.max_chunk
+                or not 0 < shape[0] <= max_chunk
             ):
-                self._check_shape(t, a)
+                self._check_shape(t, a, stateless)
             if self.timed:
                 if i == 0:
                     steps = a.shape[0]
@@ -162,7 +181,7 @@ class InputValidator:
         if batch > max_batch_size:
             raise InvalidArgument(f"batch {batch} exceeds max_batch_size {max_batch_size} of {self.label}")
         for i in range(batch):  # each row must be a valid per-session input (chunk length, finiteness, ids)
-            self.check({k: a[i] for k, a in inputs.items()})
+            self._check_all({k: a[i] for k, a in inputs.items()}, stateless=True)
         return batch
 
     def _check_ids(self, t: TensorSpec, a: np.ndarray, vocab: int) -> None:
@@ -179,7 +198,7 @@ class InputValidator:
                 f"vocabulary; expected 0 <= id < {vocab}"
             )
 
-    def _check_shape(self, t: TensorSpec, a: np.ndarray) -> None:
+    def _check_shape(self, t: TensorSpec, a: np.ndarray, stateless: bool = False) -> None:
         want = t.shape[1:]
         if a.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, a.shape, strict=True)):
             raise InvalidArgument(
@@ -191,10 +210,14 @@ class InputValidator:
                 f"{self.label}: input {t.name!r} is empty (shape {tuple(a.shape)}); a chunk "
                 "needs at least one step"
             )
-        if self.timed and a.shape[0] > self.max_chunk:
+        if stateless:
+            max_chunk, why = self.max_steps, f"max_chunk_steps ({self.max_steps})"
+        else:
+            max_chunk, why = self.max_chunk, self.why
+        if self.timed and a.shape[0] > max_chunk:
             raise OutOfRange(
-                f"{self.label}: chunk of {a.shape[0]} steps is longer than max_chunk_steps "
-                f"({self.max_chunk}); split it into smaller chunks"
+                f"{self.label}: chunk of {a.shape[0]} steps is longer than the limit {why}; "
+                "split it into smaller chunks"
             )
 
     def _names_error(self, inputs: dict[str, np.ndarray]) -> None:
@@ -215,6 +238,14 @@ class InputValidator:
         raise InvalidArgument(
             f"{self.label}: wrong inputs (missing {missing}, unexpected {extra}); expected {self.expected}"
         )
+
+
+def _item_bytes(t: TensorSpec) -> int:
+    """Bytes of one timestep of a time-axis output (dynamic dims counted as 1)."""
+    n = 1
+    for d in t.shape[2:]:
+        n *= d if d else 1
+    return n * t.dtype.itemsize
 
 
 def _shape_text(t: TensorSpec) -> str:

@@ -8,7 +8,6 @@ session ends. The repository watcher (polling) lives here too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
@@ -85,7 +84,7 @@ class ModelHost:
     def _attach(self, mv: ModelVersion) -> None:
         spec = mv.spec
         mv.slab = StateSlab(spec.states)
-        mv.inputs = InputValidator(spec)
+        mv.inputs = InputValidator(spec, self.settings.max_cached_response_bytes)
         mv.controls = control_filler(spec)
         mv.batcher = Batcher(
             spec,
@@ -105,6 +104,9 @@ class ModelHost:
         )
         mv.batcher.start()
         labels = (spec.name, str(spec.version))
+        self.metrics.version_loaded(
+            *labels, spec.state_bytes, min(spec.config.max_sessions, self.settings.max_sessions)
+        )
         mv.gauges = Gauges(
             self.metrics.active_sessions.labels(*labels), self.metrics.state_bytes.labels(*labels)
         )
@@ -138,9 +140,7 @@ class ModelHost:
         if mv.batcher is not None:
             await mv.batcher.stop()
         mv.slab = mv.batcher = mv.inputs = mv.gauges = mv.controls = None
-        with contextlib.suppress(KeyError):
-            self.metrics.active_sessions.remove(mv.spec.name, str(mv.spec.version))
-            self.metrics.state_bytes.remove(mv.spec.name, str(mv.spec.version))
+        self.metrics.version_unloaded(mv.spec.name, str(mv.spec.version))
         self.metrics.model_versions.set(len(self.repository.loaded()))
         _log.info("unloaded model %s version %d", mv.spec.name, mv.spec.version)
 

@@ -99,6 +99,7 @@ class Repository:
             for vdir in model_dir.iterdir():
                 if (
                     vdir.is_dir()
+                    and vdir.name.isascii()
                     and vdir.name.isdigit()
                     and int(vdir.name) > 0
                     and (vdir / "model.onnx").is_file()

@@ -31,7 +31,7 @@ ORT_DTYPES: dict[str, np.dtype] = {
 class Runtime:
     """One loaded ONNX model: sequential execution, a fixed number of intra-op threads, CPU provider."""
 
-    __slots__ = ("path", "session", "input_names", "output_names", "metadata")
+    __slots__ = ("path", "session", "input_names", "output_names", "metadata", "_shrink")
 
     def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
         options = ort.SessionOptions()
@@ -44,8 +44,15 @@ class Runtime:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a full batch (blocking). Returns every output by name."""
         outs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def run_and_shrink(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run`, then give the CPU arena's unused chunks back (after a request much larger than usual)."""
+        outs = self.session.run(self.output_names, feeds, self._shrink)
         return dict(zip(self.output_names, outs, strict=True))

@@ -7,7 +7,9 @@ others wait their turn (`wait_idle`, `exclusive`).
 
 With a persistent store, a replica claims a session's lease before it loads or saves it, renews the lease as
 it steps, and gives it back at shutdown. A session this replica does not hold is resumed from the store on
-first use (`get`), after waiting at most one lease for a crashed owner's lease to lapse.
+first use (`get`), after waiting at most one lease for a crashed owner's lease to lapse. Every write is fenced
+by the version the resident copy was read at (`Session.gen`); a replica that renews a lapsed lease and finds
+the store at another version drops its resident copy and reloads (docs/DESIGN.md, "Fenced ownership").
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from service.core.registry import ModelVersion
 from service.core.table import PendingOp, Session, SessionTable
 from service.core.tasks import Background
 from service.core.types import ModelSpec, SessionInfo, StepResult
-from service.errors import FailedPrecondition, InvalidArgument, OutOfRange, Unavailable
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from service.metrics import Metrics
 from service.stores.base import SessionRecord, SessionStore
 
@@ -127,7 +129,8 @@ class SessionManager:
         self.metrics.sessions_ended.labels(mv.spec.name, reason).inc()
         self.host.unpin(mv)
         if self.persist and delete and reason in FINAL_REASONS:
-            self.background.spawn(self.store.delete(s.session_id))
+            # Fenced: a stale copy expiring here never deletes a session another replica has advanced.
+            self.background.spawn(self.store.delete(s.session_id, s.gen, self.settings.replica_id))
 
     async def create(
         self,
@@ -208,24 +211,51 @@ class SessionManager:
             s.idle_ttl_s,
             s.created_at + self.wall_offset,
             self.settings.replica_id,
+            s.gen,
+            s.steps,
         )
 
     # -- the shared store -----------------------------------------------------------------------------------
-    async def claim_and_save(self, s: Session) -> None:
-        """Take the lease of a session opened here and write its first record."""
-        if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
-            self.end(s, "moved", delete=False)
-            raise self.table.not_found(s.session_id)
-        s.lease_until = time.monotonic() + self.settings.lease_s
-        await self.store.save(self.record(s))
+    async def save(self, s: Session) -> None:
+        """Write the session through to the store, fenced by the version its copy holds."""
+        s.gen = await self.store.save(self.record(s))
         s.unsaved = 0
 
-    async def renew(self, s: Session) -> None:
-        """Extend this replica's lease; a lost lease ends the local copy (NOT_FOUND reason moved)."""
+    async def claim_and_save(self, s: Session) -> None:
+        """Take the lease of a session opened here and write its first record."""
+        # The lease runs from before the request: never believe in more lease than Redis gave.
+        asked = time.monotonic()
         if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
             self.end(s, "moved", delete=False)
             raise self.table.not_found(s.session_id)
-        s.lease_until = time.monotonic() + self.settings.lease_s
+        s.lease_until = asked + self.settings.lease_s
+        await self.save(s)
+
+    async def renew(self, s: Session) -> Session:
+        """Extend this replica's lease and revalidate the resident copy; returns the session to use.
+
+        A lost lease ends the local copy (NOT_FOUND reason moved). A store at another version than the copy
+        (another replica advanced, reset or closed the session while this one's lease had lapsed) means the
+        copy is stale: it is dropped and the session reloaded from the store.
+        """
+        asked = time.monotonic()
+        gen = await self.store.acquire(s.session_id, self.settings.replica_id, self.settings.lease_s)
+        if gen is None:
+            if self.table.sessions.get(s.session_id) is s and s.pending is None:
+                self.end(s, "moved", delete=False)
+            raise self.table.not_found(s.session_id)
+        s.lease_until = asked + self.settings.lease_s
+        if gen == s.gen:
+            return s
+        _log.info(
+            "session %s: resident copy at version %d, store at %d; reloading", s.session_id, s.gen, gen
+        )
+        self.metrics.stale_reloads.inc()
+        with contextlib.suppress(NotFound):
+            await self.wait_idle(s)
+        if self.table.sessions.get(s.session_id) is s:
+            self.end(s, "moved", delete=False)
+        return await self.get(s.session_id)
 
     def lease_due(self, s: Session) -> bool:
         """Tell whether the session's lease should be renewed before its next step."""
@@ -236,6 +266,11 @@ class SessionManager:
         s = self.table.sessions.get(session_id)
         if s is not None:
             return s
+        if isinstance(session_id, str) and len(session_id) > self.settings.max_id_length:
+            raise InvalidArgument(
+                f"session id is {len(session_id)} characters long; expected at most max_id_length "
+                f"({self.settings.max_id_length}), as returned by CreateSession"
+            )
         if not self.persist or not isinstance(session_id, str) or not session_id:
             raise self.table.not_found(session_id)
         if self.table.reason_of(session_id) in FINAL_REASONS:
@@ -277,8 +312,10 @@ class SessionManager:
                 f"session {session_id} is owned by another live replica; retry there, or after its "
                 f"lease ({self.settings.lease_s} s) runs out"
             )
+        asked = time.monotonic()
         rec = await self.store.load(session_id)
         if rec is None:
+            _log.info("session %s: no record in the shared store", session_id)
             await self.store.claim(session_id, self.settings.replica_id, 0.0)  # give the lease back
             raise self.table.not_found(session_id)
         mv = self.host.find(rec.model, rec.version)
@@ -292,8 +329,10 @@ class SessionManager:
         s = self.open(mv, rec.idle_ttl_s, "resumed", session_id)
         mv.slab.write(s.slot, rec.state)
         s.last_seq = rec.last_seq
+        s.gen = rec.gen
+        s.steps = rec.steps
         s.created_at = rec.created_at - self.wall_offset  # the lifetime counts from the first creation
-        s.lease_until = time.monotonic() + self.settings.lease_s
+        s.lease_until = asked + self.settings.lease_s  # claimed (or renewed) before the load
         if rec.last_outputs is not None:
             s.last_result = StepResult(rec.last_seq, rec.last_outputs, False)
         _log.info("resumed session %s at seq %d from the shared store", session_id, rec.last_seq)
@@ -306,8 +345,7 @@ class SessionManager:
         for s in list(self.table):
             if s.session_id in self.table.sessions:
                 with contextlib.suppress(Exception):
-                    await self.store.save(self.record(s))
-                    s.unsaved = 0
+                    await self.save(s)
 
     async def hand_over_all(self) -> None:
         """End every local session (reason shutdown), giving leases back so another replica may claim now."""
@@ -333,6 +371,8 @@ class SessionManager:
     async def exclusive(self, session_id: str) -> AsyncIterator[Session]:
         """Hold the session for one operation: nothing else runs on it until the block ends."""
         s = await self.get(session_id)
+        if self.lease_due(s):
+            s = await self.renew(s)
         await self.wait_idle(s)
         op = PendingOp()
         s.pending = op
@@ -348,6 +388,7 @@ class SessionManager:
         if session_id not in self.table.sessions and self.table.reason_of(session_id) == "closed":
             return
         async with self.exclusive(session_id) as s:
+            _log.debug("closing session %s", session_id)
             self.end(s, "closed", delete=False)
             if self.persist:
-                await self.store.delete(session_id)
+                await self.store.delete(session_id, s.gen, self.settings.replica_id)

@@ -25,7 +25,7 @@ class StateOps:
     async def _write_through(self, s: Session) -> None:
         self.sessions.table.touch(s, time.monotonic())
         if self.sessions.persist:
-            await self.sessions.store.save(self.sessions.record(s))
+            await self.sessions.save(s)
 
     async def get_state(self, session_id: str) -> bytes:
         """Return the session's whole state (seq and cached last result too) as an integrity-checked blob."""

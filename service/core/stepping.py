@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.core import limits
 from service.core.controls import StepControl
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
@@ -115,7 +116,7 @@ class Stepper:
             if s is None:
                 s = await sessions.get(session_id)
             if sessions.lease_due(s):
-                await sessions.renew(s)
+                s = await sessions.renew(s)  # a stale resident copy is reloaded here
                 await sessions.wait_idle(s)  # also re-checks that the session is still open after the await
             elif s.pending is not None:
                 await sessions.wait_idle(s)
@@ -212,8 +213,7 @@ class Stepper:
             "the session store did not accept the step; retry the same seq"
         )
         try:
-            await sessions.store.save(sessions.record(s))
-            s.unsaved = 0
+            await sessions.save(s)
             outcome = None
         except ServeError as exc:  # Aborted: another replica owns the session now; Unavailable: store down
             _log.error("saving session %s failed: %s", s.session_id, exc.message)
@@ -253,11 +253,14 @@ class Stepper:
         for st in spec.states:
             row = st.initial if st.initial is not None else np.zeros(st.shape, st.dtype)
             feeds["state_in_" + st.name] = np.ascontiguousarray(np.broadcast_to(row, (batch, *st.shape)))
+        first = feeds[spec.inputs[0].name] if spec.inputs else None
+        steps = first.shape[1] if spec.time_axis and first is not None and first.ndim > 1 else 1
+        limits.check_request_steps(self.settings, batch, steps, f"stateless request to {spec.name!r}")
         if mv.controls is not None:  # a stateless run is a whole sequence: start and end, correlation id 0
-            steps = next(iter(inputs.values())).shape[1] if spec.time_axis else 1
             feeds.update(mv.controls.batch(batch, steps, True, True, [0] * batch))
-        outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
-        return {t.name: outs[t.name] for t in spec.outputs}
+            outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
+            return {t.name: outs[t.name] for t in spec.outputs}
+        return await limits.run_sliced(self.settings, self.executor, mv.runtime, spec, feeds)
 
 
 def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:

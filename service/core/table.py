@@ -68,6 +68,7 @@ class Session:
         "protocol",
         "lease_until",
         "unsaved",
+        "gen",
     )
 
     def __init__(
@@ -89,6 +90,7 @@ class Session:
         self.protocol = protocol
         self.lease_until = 0.0
         self.unsaved = 0
+        self.gen = 0  # the store's version this copy was read at or last written as (the fencing token)
 
 
 class SessionTable:

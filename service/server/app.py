@@ -197,7 +197,7 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     gc.collect()
     gc.freeze()
 
-    interceptor = ErrorMappingInterceptor(_call_observer(engine))
+    interceptor = ErrorMappingInterceptor(_call_observer(engine), replica_id=settings.replica_id)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,12 +23,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from service.core.engine import Engine, ModelSpec
-from service.core.types import VersionPolicy
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.server.interceptors import status_of
 from service.server.kserve_convert import (
@@ -40,162 +37,21 @@ from service.server.kserve_convert import (
     wants_typed_outputs,
     wire_type_of,
 )
+from service.server.kserve_models import (
+    Duration,
+    ModelStats,
+    model_config,
+    model_metadata,
+    package_version,
+    version_arg,
+)
 from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
 
 SERVER_NAME = "rnnserve"
-PLATFORM = "onnxruntime_onnx"
 # Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
 EXTENSIONS = ("sequence", "model_configuration", "binary_tensor_data", "parameters", "statistics")
 # Requests one ModelStreamInfer stream may have in flight before the server stops reading it (backpressure).
 DEFAULT_STREAM_MAX_INFLIGHT = 256
-
-INT32_MAX = 2**31 - 1  # int32 fields of ModelConfig
-
-
-# ------------------------------------------------------------------------------------------ statistics
-
-
-@dataclass(slots=True)
-class _Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-@dataclass(slots=True)
-class _ModelStats:
-    """Per model version counters for ModelStatistics (perf_analyzer reads them, keyed on `queue.count`).
-
-    Phases of a successful request: compute_input = decode and validate, compute_infer = the engine (its
-    batcher queue wait included: the engine's own split is in the Prometheus metrics), compute_output =
-    encode.
-    `queue` counts every request with zero time for the same reason.
-    """
-
-    inference_count: int = 0  # batch items
-    execution_count: int = 0  # requests run
-    last_inference_ms: int = 0
-    success: _Duration = field(default_factory=_Duration)
-    fail: _Duration = field(default_factory=_Duration)
-    queue: _Duration = field(default_factory=_Duration)
-    compute_input: _Duration = field(default_factory=_Duration)
-    compute_infer: _Duration = field(default_factory=_Duration)
-    compute_output: _Duration = field(default_factory=_Duration)
-
-    def record(self, marks: tuple[int, int, int, int], batch: int) -> None:
-        """Count one successful request from its phase boundaries (monotonic ns) and batch size."""
-        start, decoded, inferred, encoded = marks
-        self.success.add(encoded - start)
-        self.queue.add(0)
-        self.compute_input.add(decoded - start)
-        self.compute_infer.add(inferred - decoded)
-        self.compute_output.add(encoded - inferred)
-        self.inference_count += batch
-        self.execution_count += 1
-        self.last_inference_ms = int(time.time() * 1000)
-
-
-# ---------------------------------------------------------------------------------- model descriptions
-
-
-def _dims(shape: tuple[int | None, ...]) -> list[int]:
-    return [-1 if d is None else int(d) for d in shape]
-
-
-def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
-    """Describe data tensors only (state is implicit, as in Triton); shapes with the batch axis as -1."""
-    response = pb.ModelMetadataResponse(
-        name=spec.name, versions=[str(v) for v in (spec.versions or (spec.version,))], platform=PLATFORM
-    )
-    for source, target in ((spec.inputs, response.inputs), (spec.outputs, response.outputs)):
-        for t in source:
-            target.add(name=t.name, datatype=wire_type_of(t.dtype).name, shape=[-1, *_dims(t.shape[1:])])
-    return response
-
-
-def model_config(spec: ModelSpec) -> mc.ModelConfig:
-    """Build the Triton ModelConfig that Triton's ONNX backend with implicit state would report."""
-    cfg = spec.config
-    config = mc.ModelConfig(
-        name=spec.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        max_batch_size=min(cfg.max_batch_size, INT32_MAX),
-    )
-    _version_policy(config, cfg.version_policy)
-    for t in spec.inputs:
-        config.input.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
-    for t in spec.outputs:
-        config.output.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
-    if spec.states or spec.controls:
-        seq = config.sequence_batching
-        _control_inputs(seq, spec)
-        seq.max_sequence_idle_microseconds = int(cfg.idle_ttl_s * 1_000_000)
-        # Steps of different sequences are batched together, the oldest first: Triton's "oldest" strategy.
-        seq.oldest.max_candidate_sequences = min(cfg.max_sessions, INT32_MAX)
-        seq.oldest.max_queue_delay_microseconds = cfg.max_queue_delay_us
-        seq.oldest.preserve_ordering = True
-        for s in spec.states:
-            wire = wire_type_of(s.dtype)
-            state = seq.state.add(
-                input_name=f"state_in_{s.name}",
-                output_name=f"state_out_{s.name}",
-                data_type=wire.config_type,
-                dims=list(s.shape),
-            )
-            if s.initial is None:
-                state.initial_state.add(
-                    name="zeros", data_type=wire.config_type, dims=list(s.shape), zero_data=True
-                )
-    else:
-        config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
-    for key, value in spec.metadata.items():
-        if key.startswith("rnnserve.") and not key.startswith("rnnserve.initial_state."):
-            config.parameters[key].string_value = value
-    return config
-
-
-def _control_inputs(seq: mc.ModelSequenceBatching, spec: ModelSpec) -> None:
-    """Report the inputs the server fills (config.yaml `control_inputs`) as Triton's `control_input`."""
-    for c in spec.controls:
-        control = seq.control_input.add(name=c.name).control.add(kind=c.kind)
-        if c.kind == "CONTROL_SEQUENCE_CORRID":
-            string = c.dtype.kind == "O"
-            control.data_type = mc.TYPE_STRING if string else wire_type_of(c.dtype).config_type
-        elif c.dtype.kind == "f":
-            control.fp32_false_true.extend(float(v) for v in c.false_true)
-        elif c.dtype.kind == "b":
-            control.bool_false_true.extend(bool(v) for v in c.false_true)
-        else:
-            control.int32_false_true.extend(int(v) for v in c.false_true)
-
-
-def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
-    """Report the model's version policy (config.yaml `version_policy`) as Triton spells it."""
-    if policy.kind == "all":
-        config.version_policy.all.SetInParent()
-    elif policy.kind == "specific":
-        config.version_policy.specific.versions.extend(policy.versions)
-    else:
-        config.version_policy.latest.num_versions = policy.num_versions
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("rnnserve")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
-        return "0+unknown"
-
-
-def _version_arg(text: str) -> int | None:
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text!r}")
-    return int(text)
 
 
 # -------------------------------------------------------------------------------------------- servicer
@@ -220,11 +76,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
     ) -> None:
         self._engine = engine
-        self._version = version or _package_version()
+        self._version = version or package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
         self.sequences = SequenceTable(engine)
-        self._stats: dict[tuple[str, int], _ModelStats] = {}
+        self._stats: dict[tuple[str, int], ModelStats] = {}
 
     # ---- health and metadata
 
@@ -238,7 +94,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
         """Ready if that model (version) is loaded; unknown models are simply not ready, as in Triton."""
-        version = _version_arg(request.version)
+        version = version_arg(request.version)
         try:
             self._engine.get_model(request.name, version)
         except NotFound:
@@ -255,11 +111,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         """Describe a model's data inputs and outputs (state hidden)."""
-        return model_metadata(self._engine.get_model(request.name, _version_arg(request.version)))
+        return model_metadata(self._engine.get_model(request.name, version_arg(request.version)))
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
         """Triton model configuration (max_batch_size, inputs/outputs without batch, sequence_batching)."""
-        spec = self._engine.get_model(request.name, _version_arg(request.version))
+        spec = self._engine.get_model(request.name, version_arg(request.version))
         return pb.ModelConfigResponse(config=model_config(spec))
 
     async def RepositoryIndex(  # noqa: N802
@@ -279,14 +135,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
         """Request counts and durations of KServe inferences per model version (empty name: every model)."""
-        version = _version_arg(request.version)
+        version = version_arg(request.version)
         if request.name:
             specs = [self._engine.get_model(request.name, version)]
         else:
             specs = self._engine.list_models()
         response = pb.ModelStatisticsResponse()
         for spec in sorted(specs, key=lambda s: s.name):
-            st = self._stats.get((spec.name, spec.version), _ModelStats())
+            st = self._stats.get((spec.name, spec.version), ModelStats())
             entry = response.model_stats.add(
                 name=spec.name,
                 version=str(spec.version),
@@ -295,7 +151,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 execution_count=st.execution_count,
             )
             for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-                duration: _Duration = getattr(st, phase)
+                duration: Duration = getattr(st, phase)
                 target = getattr(entry.inference_stats, phase)
                 target.count, target.ns = duration.count, duration.ns
         return response
@@ -437,14 +293,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         started = time.monotonic_ns()
         if ctl is None:
             ctl = parse_sequence(request.parameters)
-        version = _version_arg(request.model_version)
+        version = version_arg(request.model_version)
         if version is None and ctl.sequence_id is not None and not ctl.start:
             # A live sequence is validated against (and counted for) the version it is pinned to.
             version = self.sequences.live_version(request.model_name, ctl.sequence_id)
         spec = self._engine.get_model(request.model_name, version)
         stats = self._stats.get((spec.name, spec.version))
         if stats is None:
-            stats = self._stats[(spec.name, spec.version)] = _ModelStats()
+            stats = self._stats[(spec.name, spec.version)] = ModelStats()
         try:
             names = _requested_outputs(spec, request)
             arrays = decode_inputs(request)
@@ -457,7 +313,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         "a stateless batch)"
                     )
                 row = {k: v[0] for k, v in arrays.items()}
-                future, read = self.sequences.submit(spec.name, _version_arg(request.model_version), ctl, row)
+                future, read = self.sequences.submit(spec.name, version_arg(request.model_version), ctl, row)
             else:
                 # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
                 # from the initial state.
@@ -501,7 +357,7 @@ class _Call:
     servicer: KServeServicer
     request: pb.ModelInferRequest
     spec: ModelSpec
-    stats: _ModelStats
+    stats: ModelStats
     names: list[str]
     batch: int
     started: int

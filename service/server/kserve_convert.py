@@ -137,9 +137,16 @@ def wants_typed_outputs(request: service_pb2.ModelInferRequest) -> bool:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
+MAX_DIM = 1 << 31  # no real tensor dimension comes near; larger ones only overflow numpy's size arithmetic
+
+
 def _element_count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    if any(d > MAX_DIM for d in shape):
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(shape)[:8]} has a dimension above {MAX_DIM}; expected a real shape"
+        )
     return math.prod(shape)
 
 

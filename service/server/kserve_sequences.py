@@ -6,9 +6,16 @@ step" of the session (seq None): the session's own FIFO orders them, so nothing 
 cancelled request can never desynchronise a sequence.
 
 Fast path (`submit`): a plain step of a live sequence (no start or end flag, nobody holding the sequence's
-lock) goes straight to `Engine.submit`, with no task or lock. Starts, ends and restarts take the slow path,
-one FIFO lock per sequence. Used by the KServe servicer (`service/server/kserve.py`); protocol-free apart
+lock, no shared store) goes straight to `Engine.submit`, with no task or lock. Starts, ends and restarts take
+the slow path, one FIFO lock per sequence. Used by the KServe servicer (`service/server/kserve.py`);
+protocol-free apart
 from the typed errors it raises.
+
+With a shared store the map from a sequence to its session lives in the store too (`map_sequence`), so any
+replica continues a sequence another one started (failover, lost affinity), and a replica checks the map on
+every request: a sequence restarted elsewhere is never stepped on its old session here. Each step applies at
+the session's next seq as the store holds it (the session is revalidated like any other), never a locally
+counted one.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from service.core import limits
 from service.core.controls import StepControl
 from service.core.engine import Engine
-from service.errors import InvalidArgument, NotFound
+from service.errors import Aborted, InvalidArgument, NotFound, ServeError, Unavailable
 from service.server.kserve_convert import SequenceControl
 
 SequenceKey = tuple[str, int | str]
@@ -64,6 +72,13 @@ def _describe_id(sequence_id: int | str) -> str:
     return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
 
 
+def store_key(key: SequenceKey) -> str:
+    """Return the sequence's key in the shared store (int and string ids kept apart)."""
+    model, sequence_id = key
+    kind = "s" if isinstance(sequence_id, str) else "i"
+    return f"{model}:{kind}:{sequence_id}"
+
+
 class SequenceTable:
     """Map (model, sequence_id) to an engine session; apply the requests of one sequence in arrival order."""
 
@@ -77,6 +92,7 @@ class SequenceTable:
         # Sequences whose session the engine expired are forgotten at most this often (on a start request).
         self._sweep_every_s = engine.settings.sweep_interval_s
         self._last_sweep = time.monotonic()
+        self._shared = engine.session_manager.persist
 
     def __len__(self) -> int:
         return len(self._live)
@@ -94,7 +110,10 @@ class SequenceTable:
         The fast path queues a plain step directly in the engine; everything else runs `step` as a task.
         """
         key: SequenceKey = (model, ctl.sequence_id)  # type: ignore[assignment]
-        entry = None if ctl.start or ctl.end or key in self._slow else self._live.get(key)
+        # With a shared store every request checks the store's map first (the slow path): another replica may
+        # have restarted or taken over the sequence.
+        slow = ctl.start or ctl.end or self._shared or key in self._slow
+        entry = None if slow else self._live.get(key)
         if (
             entry is not None
             and entry.session_id is not None
@@ -139,11 +158,14 @@ class SequenceTable:
     ) -> SequenceOutcome:
         """Apply one request of a sequence: start/restart, step, end. Inputs have no batch axis.
 
-        The work runs in its own task, shielded from the caller's cancellation, so a start or an end that
-        reached the engine completes (the session is opened or closed) even if the client hung up meanwhile.
+        The work runs in its own task, shielded from the caller's cancellation: once a step has been handed to
+        the engine it completes and the session advances with it, even if the client hung up meanwhile.
+        Otherwise the next request would reuse that seq and get the engine's cached (stale) answer.
         """
         if ctl.sequence_id is None:
             raise InvalidArgument("a sequence step needs a sequence_id")
+        if isinstance(ctl.sequence_id, str):
+            limits.check_id(self._engine.settings, ctl.sequence_id, "sequence_id")
         key: SequenceKey = (model, ctl.sequence_id)
         if ctl.start:
             self._sweep()
@@ -159,7 +181,7 @@ class SequenceTable:
         while True:
             entry = self._live.get(key)
             if entry is None:
-                if not ctl.start:
+                if not ctl.start and not self._shared:
                     raise self._not_active(key)
                 self._gone.pop(key, None)
                 entry = self._live[key] = _Sequence()
@@ -178,33 +200,87 @@ class SequenceTable:
     ) -> SequenceOutcome:
         model, sequence_id = key
         if ctl.start:
-            if entry.session_id is not None:
-                await self._close_quietly(entry.session_id)
-                entry.session_id = None
-            try:
-                info = await self._engine.create_session(model, version, protocol="kserve")
-            except BaseException:
-                self._retire(key, entry, None)  # never started: later requests hear "not active"
-                raise
-            entry.session_id, entry.version = info.session_id, info.version
-            entry.control = StepControl(False, sequence_id)
-        elif version is not None and version != entry.version:
-            raise InvalidArgument(
-                f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version {entry.version}, "
-                f"not {version}; leave model_version empty or restart the sequence"
-            )
+            await self._start(key, entry, version)
+        else:
+            if self._shared:
+                await self._follow_store(key, entry)
+            if version is not None and version != entry.version:
+                raise InvalidArgument(
+                    f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version "
+                    f"{entry.version}, not {version}; leave model_version empty or restart the sequence"
+                )
         session_id = entry.session_id
-        if session_id is None:  # unreachable: only a start request creates an entry, and it opens the session
+        if session_id is None:  # unreachable: a start opens the session, a follower found it
             raise self._not_active(key)
         try:
             control = StepControl(True, sequence_id) if ctl.end else entry.control
             result = await self._engine.step(session_id, None, inputs, control=control)
         except NotFound as exc:
+            if self._shared and exc.reason == "moved":
+                raise Unavailable(
+                    f"sequence {_describe_id(sequence_id)} of model {model!r} is being served by another "
+                    "replica right now; retry"
+                ) from exc
             raise self._ended(key, entry, exc) from exc
+        except ServeError:
+            if ctl.start:  # a start whose first request is refused does not start the sequence
+                self._retire(key, entry, None)
+                await self._close_quietly(session_id)
+                await self._unmap(key, session_id)
+            raise
         if ctl.end:
             self._retire(key, entry, ENDED)
             await self._close_quietly(session_id)
+            await self._unmap(key, session_id)
         return SequenceOutcome(result.outputs, entry.version)
+
+    async def _start(self, key: SequenceKey, entry: _Sequence, version: int | None) -> None:
+        """Open the sequence's session (closing a previous one held here) and publish it in the store."""
+        model, sequence_id = key
+        previous = {entry.session_id}
+        mapped = None
+        if self._shared:
+            mapped = await self._engine.store.sequence_session(store_key(key))
+            previous.add(mapped)
+        for old in previous - {None}:
+            if old in self._engine.sessions.sessions:  # one held elsewhere just expires there
+                await self._close_quietly(old)  # type: ignore[arg-type]
+        entry.session_id = None
+        try:
+            info = await self._engine.create_session(model, version, protocol="kserve")
+            ttl = self._engine.settings.max_lifetime_s
+            if self._shared and not await self._engine.store.map_sequence(
+                store_key(key), info.session_id, ttl, mapped
+            ):
+                # Another start of this sequence won meanwhile (this one was delayed): that one stands.
+                await self._close_quietly(info.session_id)
+                raise Aborted(
+                    f"sequence {_describe_id(sequence_id)} of model {model!r} was restarted by another "
+                    "request meanwhile; this start did not apply"
+                )
+        except BaseException:
+            self._retire(key, entry, None)  # never started: later requests hear "not active"
+            raise
+        entry.session_id, entry.version = info.session_id, info.version
+        entry.control = StepControl(False, sequence_id)
+
+    async def _follow_store(self, key: SequenceKey, entry: _Sequence) -> None:
+        """Point the entry at the session the store maps the sequence to (started or moved elsewhere)."""
+        session_id = await self._engine.store.sequence_session(store_key(key))
+        if session_id is None:
+            self._retire(key, entry, self._gone.get(key))
+            raise self._not_active(key)
+        if session_id != entry.session_id:
+            try:
+                info = await self._engine.attach(session_id)
+            except NotFound as exc:
+                self._retire(key, entry, exc.reason)
+                raise self._not_active(key) from exc
+            entry.session_id, entry.version = session_id, info.version
+
+    async def _unmap(self, key: SequenceKey, session_id: str) -> None:
+        if self._shared:
+            await self._engine.store.unmap_sequence(store_key(key), session_id)
 
     def _retire(self, key: SequenceKey, entry: _Sequence, reason: str | None) -> None:
         entry.retired = True
@@ -249,8 +325,12 @@ class SequenceTable:
                 self._retire(key, entry, exc.reason)
 
     async def close_all(self) -> None:
-        """End every live sequence (server shutdown)."""
+        """End every live sequence (server shutdown).
+
+        With a shared store they are only forgotten here: the engine hands their sessions over and another
+        replica continues them.
+        """
         for key, entry in list(self._live.items()):
             self._retire(key, entry, "shutdown")
-            if entry.session_id is not None:
+            if entry.session_id is not None and not self._shared:
                 await self._close_quietly(entry.session_id)

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from service import wire
+from service.core import limits
 from service.core.engine import Engine, ModelSpec, StepCall, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
 from service.proto import rnnserve_pb2 as pb
@@ -246,6 +247,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
 
     async def _step_many(self, req: pb.StepManyRequest) -> pb.StepManyResponse:
         n = len(req.session_ids)
+        limits.check_rows(self._engine.settings, n)
         if len(req.seqs) != n:
             raise InvalidArgument(f"seqs has {len(req.seqs)} entries; expected one per session_id ({n})")
         batched = wire.tensors_to_arrays(req.inputs)
@@ -254,6 +256,8 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                 raise InvalidArgument(
                     f"input {name!r} has shape {list(arr.shape)}; expected ({n}, ...): one row per session_id"
                 )
+        steps = max((a.shape[1] if a.ndim > 1 else 1 for a in batched.values()), default=1)
+        limits.check_request_steps(self._engine.settings, n, steps, "StepMany message")
         calls = [
             StepCall(sid, seq, {k: a[i] for k, a in batched.items()})
             for i, (sid, seq) in enumerate(zip(req.session_ids, req.seqs, strict=True))

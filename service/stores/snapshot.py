@@ -68,6 +68,7 @@ def encode(record: SessionRecord, key: bytes | None = None) -> bytes:
         "idle_ttl_s": record.idle_ttl_s,
         "created_at": record.created_at,
         "owner": record.owner,
+        "steps": record.steps,
         "has_last_outputs": record.last_outputs is not None,
         "mac": "hmac-sha256" if key else "sha256",
         "tensors": table,
@@ -121,6 +122,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
             idle_ttl_s=float(header["idle_ttl_s"]),
             created_at=float(header["created_at"]),
             owner=header["owner"],
+            steps=int(header.get("steps", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgument(f"state blob layout is invalid: {exc}") from None

@@ -58,8 +58,10 @@ class Replica:
         return Path(f"/proc/{self.process.pid}/maps").read_text()
 
 
-def start_replica(name: str, workdir: Path, repository: Path, **settings: object) -> Replica:
-    """Start a replica with `RNNSERVE_<KEY>=value` for each keyword; wait until it serves (30 s at most)."""
+def start_replica(
+    name: str, workdir: Path, repository: Path, *, start_timeout_s: float = 30.0, **settings: object
+) -> Replica:
+    """Start a replica with `RNNSERVE_<KEY>=value` per keyword; wait until it serves (`start_timeout_s`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
     env.update(
         {
@@ -79,7 +81,7 @@ def start_replica(name: str, workdir: Path, repository: Path, **settings: object
     )
     out.close()
     replica = Replica(name, proc, log)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_timeout_s
     while time.monotonic() < deadline:
         m = _LISTENING.search(replica.log_text())
         if m:
@@ -89,4 +91,4 @@ def start_replica(name: str, workdir: Path, repository: Path, **settings: object
             raise RuntimeError(f"replica {name} exited with {proc.returncode}:\n{replica.log_text()}")
         time.sleep(0.05)
     replica.stop()
-    raise RuntimeError(f"replica {name} did not start in 30 s:\n{replica.log_text()}")
+    raise RuntimeError(f"replica {name} did not start in {start_timeout_s} s:\n{replica.log_text()}")

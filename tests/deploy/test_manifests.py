@@ -28,7 +28,7 @@ from service.client import AFFINITY_HEADER
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-envoy")
 # The schemas kubernetes-validate ships for the newest release it knows (strict: unknown fields fail).
 K8S_VERSION = kubernetes_validate.latest_version()
 # The oldest release the manifests support: the preStop `sleep` action is on by default from 1.30
@@ -98,6 +98,12 @@ def dev() -> Rendered:
 @pytest.fixture(scope="module")
 def prod() -> Rendered:
     return render("prod")
+
+
+@pytest.fixture(scope="module")
+def prod_envoy() -> Rendered:
+    """prod with the Envoy component instead of the default HAProxy one."""
+    return render("prod-envoy")
 
 
 def workloads(r: Rendered) -> list[dict[str, Any]]:
@@ -350,7 +356,7 @@ def test_prod_state_key_comes_from_a_secret(prod: Rendered):
     assert "RNNSERVE_STATE_HMAC_KEY" not in prod.settings_env(), "secrets never go into the ConfigMap"
 
 
-# --- Envoy front proxy (prod): consistent hashing on the client's affinity header -------------------------
+# --- Envoy front proxy (prod-envoy): consistent hashing on the affinity header ----------------------------
 
 
 def envoy_config(r: Rendered) -> dict[str, Any]:
@@ -418,12 +424,35 @@ def http_connection_manager(lst: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def envoy(prod: Rendered) -> dict[str, Any]:
-    return envoy_config(prod)
+def envoy(prod_envoy: Rendered) -> dict[str, Any]:
+    return envoy_config(prod_envoy)
 
 
 def test_dev_has_no_proxy(dev: Rendered):
-    assert not [o for o in dev.objects if "envoy" in o["metadata"]["name"]]
+    assert not [
+        o for o in dev.objects if "envoy" in o["metadata"]["name"] or "haproxy" in o["metadata"]["name"]
+    ]
+
+
+def test_prod_has_one_proxy_each(prod: Rendered, prod_envoy: Rendered):
+    """prod runs HAProxy (the default) and no Envoy; prod-envoy the reverse; otherwise the same objects."""
+
+    def names(r: Rendered) -> set[tuple[str, str]]:
+        return {
+            (
+                o["kind"],
+                o["metadata"]["name"].rsplit("-", 1)[0]
+                if o["kind"] == "ConfigMap"
+                else o["metadata"]["name"],
+            )
+            for o in r.objects
+        }
+
+    assert not [n for n in names(prod) if "envoy" in n[1]]
+    assert not [n for n in names(prod_envoy) if "haproxy" in n[1]]
+    swap = {(kind, name.replace("haproxy", "envoy")) for kind, name in names(prod)}
+    assert swap == names(prod_envoy)
+    assert {o["metadata"].get("namespace") for o in prod_envoy.objects} == {"rnnserve"}
 
 
 def test_envoy_config_is_valid_against_the_envoy_v3_api(envoy: dict[str, Any]):
@@ -451,7 +480,7 @@ def test_envoy_api_check_catches_a_typo(envoy: dict[str, Any]):
             parse_envoy_bootstrap(broken)
 
 
-def test_envoy_hashes_sessions_by_the_client_affinity_header(prod: Rendered, envoy: dict[str, Any]):
+def test_envoy_hashes_sessions_by_the_client_affinity_header(prod_envoy: Rendered, envoy: dict[str, Any]):
     hcm = http_connection_manager(listener(envoy, "grpc"))
     assert hcm["codec_type"] == "HTTP2", "gRPC clients speak cleartext HTTP/2 with prior knowledge"
     assert [f["name"] for f in hcm["http_filters"]][-1] == "envoy.filters.http.router"
@@ -472,13 +501,13 @@ def test_envoy_hashes_sessions_by_the_client_affinity_header(prod: Rendered, env
     assert seconds(hcm["common_http_protocol_options"]["idle_timeout"]) >= seconds(hcm["stream_idle_timeout"])
 
 
-def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod: Rendered, envoy: dict[str, Any]):
+def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod_envoy: Rendered, envoy: dict[str, Any]):
     (cluster,) = envoy["static_resources"]["clusters"]
     assert cluster["type"] == "STRICT_DNS", "one host per address the headless Service resolves to"
     ((endpoint,),) = [group["lb_endpoints"] for group in cluster["load_assignment"]["endpoints"]]
     address = endpoint["endpoint"]["address"]["socket_address"]
     assert address["port_value"] == Settings().grpc_port
-    headless = prod.one("Service", "rnnserve-headless")
+    headless = prod_envoy.one("Service", "rnnserve-headless")
     assert address["address"] == f"rnnserve-headless.{headless['metadata']['namespace']}.svc.cluster.local"
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
     options = cluster["typed_extension_protocol_options"][
@@ -493,17 +522,17 @@ def test_envoy_upstream_is_every_server_pod_on_the_grpc_port(prod: Rendered, env
     assert cluster["ignore_health_on_host_removal"] is True
 
 
-def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod: Rendered, envoy: dict[str, Any]):
-    container = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]["containers"][0]
+def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod_envoy: Rendered, envoy: dict[str, Any]):
+    container = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {
         "grpc": listener(envoy, "grpc")["address"]["socket_address"]["port_value"],
         "probes": listener(envoy, "probes")["address"]["socket_address"]["port_value"],
     }
-    svc = prod.one("Service", "rnnserve-envoy")
+    svc = prod_envoy.one("Service", "rnnserve-envoy")
     (port,) = svc["spec"]["ports"]
     assert port["targetPort"] == "grpc" and port["appProtocol"] == "kubernetes.io/h2c"
-    envoy_pods = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
+    envoy_pods = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
     assert selects(svc["spec"]["selector"], envoy_pods)
     # The readiness probe asks the health-check filter of the probe listener.
     probe = container["readinessProbe"]["httpGet"]
@@ -521,10 +550,10 @@ def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod: Rendered, e
     assert re.fullmatch(r"envoyproxy/envoy:v1\.\d+\.\d+", container["image"]), container["image"]
 
 
-def test_envoy_may_reach_the_servers_and_nothing_else(prod: Rendered):
-    policy = prod.one("NetworkPolicy", "rnnserve-envoy")["spec"]
-    envoy_pods = prod.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
-    server_pods = prod.one("Deployment", "rnnserve")["spec"]["template"]["metadata"]["labels"]
+def test_envoy_may_reach_the_servers_and_nothing_else(prod_envoy: Rendered):
+    policy = prod_envoy.one("NetworkPolicy", "rnnserve-envoy")["spec"]
+    envoy_pods = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
+    server_pods = prod_envoy.one("Deployment", "rnnserve")["spec"]["template"]["metadata"]["labels"]
     assert selects(policy["podSelector"]["matchLabels"], envoy_pods)
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     to_servers = [
@@ -539,7 +568,7 @@ def test_envoy_may_reach_the_servers_and_nothing_else(prod: Rendered):
         if rule not in to_servers:
             assert {p["port"] for p in rule["ports"]} == {53}, "only DNS besides the servers"
     # The servers' own policy admits the gRPC port from in-cluster peers (the proxies among them).
-    server_ingress = prod.one("NetworkPolicy", "rnnserve")["spec"]["ingress"]
+    server_ingress = prod_envoy.one("NetworkPolicy", "rnnserve")["spec"]["ingress"]
     assert any(
         "from" not in rule and Settings().grpc_port in {p["port"] for p in rule["ports"]}
         for rule in server_ingress

@@ -9,11 +9,13 @@ import pytest
 
 from service.errors import Aborted, InvalidArgument, Unavailable
 from service.stores import snapshot
-from service.stores.base import SessionRecord
+from service.stores.base import SessionRecord, Stale
 from service.stores.redis import RedisStore
 
 
-def record(seq: int, owner: str | None = "a", session_id: str = "s1", ttl: float = 60.0) -> SessionRecord:
+def record(
+    seq: int, owner: str | None = "a", session_id: str = "s1", ttl: float = 60.0, gen: int = 0
+) -> SessionRecord:
     rng = np.random.default_rng(seq)
     return SessionRecord(
         session_id=session_id,
@@ -25,6 +27,7 @@ def record(seq: int, owner: str | None = "a", session_id: str = "s1", ttl: float
         idle_ttl_s=ttl,
         created_at=1000.0,
         owner=owner,
+        gen=gen,
     )
 
 
@@ -56,9 +59,10 @@ def test_save_load_round_trip_is_exact(clean_redis):
             assert await store.load("s1") is None
             assert await store.claim("s1", "a", 5)
             for seq in (0, 1, 2):
-                await store.save(record(seq))
+                assert await store.save(record(seq, gen=seq)) == seq + 1
             got = await store.load("s1")
             assert_same(got, record(2))
+            assert got.gen == 3
             assert await store.lease_holder("s1") == "a"
             await store.delete("s1")
             assert await store.load("s1") is None and await store.lease_holder("s1") is None
@@ -94,16 +98,16 @@ def test_released_lease_is_taken_at_once_and_the_old_owner_is_fenced(clean_redis
         a, b = RedisStore(clean_redis.url, lease_s=30), RedisStore(clean_redis.url, lease_s=30)
         try:
             assert await a.claim("s1", "a", 30)
-            await a.save(record(3, "a"))
+            assert await a.save(record(3, "a")) == 1
             assert await a.release("s1", "a")
             assert not await b.release("s1", "b"), "only the holder releases"
             assert await b.claim("s1", "b", 30)
             resumed = await b.load("s1")
             assert resumed.last_seq == 3
-            await b.save(record(4, "b"))
+            await b.save(record(4, "b", gen=resumed.gen))
             # The old owner, still holding a stale copy, cannot write over the new owner's history.
             with pytest.raises(Aborted, match="lost its lease"):
-                await a.save(record(4, "a"))
+                await a.save(record(4, "a", gen=1))
             assert (await b.load("s1")).owner == "b"
         finally:
             await a.close()
@@ -112,26 +116,36 @@ def test_released_lease_is_taken_at_once_and_the_old_owner_is_fenced(clean_redis
     run(body())
 
 
-def test_lapsed_lease_is_retaken_only_by_the_last_writer(clean_redis):
+def test_a_stale_copy_is_refused_whatever_the_lease_says(clean_redis):
+    """The stale-replica fork: A's copy is at version 2, B advanced the session to version 3 and went idle;
+    A retakes the lapsed lease, but its write (based on version 2) is refused, and `acquire` tells it the
+    store moved on so it can reload first."""
+
     async def body():
         a, b = RedisStore(clean_redis.url, lease_s=0.2), RedisStore(clean_redis.url, lease_s=0.2)
         try:
-            assert await a.claim("s1", "a", 0.2)
-            await a.save(record(1, "a"))
+            assert await a.acquire("s1", "a", 0.2) == 0
+            assert await a.save(record(1, "a")) == 1
             await asyncio.sleep(0.35)
             assert await a.lease_holder("s1") is None
-            # An idle session's lease ran out: its last writer may carry on (nobody else advanced it) ...
-            await a.save(record(2, "a"))
+            # An idle session's lease ran out: a writer at the stored version may carry on ...
+            assert await a.save(record(2, "a", gen=1)) == 2
             assert await a.lease_holder("s1") == "a"
             await asyncio.sleep(0.35)
-            # ... but another replica must claim first; a blind write is refused.
-            with pytest.raises(Aborted):
-                await b.save(record(3, "b"))
-            assert await b.claim("s1", "b", 0.2)
-            await b.save(record(3, "b"))
+            # ... another replica claims, loads version 2 and advances it.
+            assert await b.acquire("s1", "b", 0.2) == 2
+            assert await b.save(record(3, "b", gen=2)) == 3
             await asyncio.sleep(0.35)
-            with pytest.raises(Aborted, match="owned by replica b"):
-                await a.save(record(3, "a"))
+            # A still holds version 2. The lease is free and A may take it, but the store says version 3 ...
+            assert await a.acquire("s1", "a", 0.2) == 3
+            # ... and a write based on version 2 is refused: history cannot fork.
+            with pytest.raises(Stale, match="version 3, this replica holds 2"):
+                await a.save(record(3, "a", gen=2))
+            assert (await a.load("s1")).owner == "b"
+            # Deletes are fenced the same way: a stale copy expiring on A does not delete B's session.
+            assert not await a.delete("s1", 2, "a")
+            assert await a.delete("s1", 3, "a")
+            assert await a.load("s1") is None
         finally:
             await a.close()
             await b.close()
@@ -167,7 +181,7 @@ def test_stored_blob_is_the_snapshot_format_and_tampering_is_detected(clean_redi
                 await store.load("s1")
             # A store without the key refuses HMAC-signed records instead of trusting them.
             unkeyed = RedisStore(clean_redis.url)
-            await store.save(record(6, "a"))
+            await store.save(record(6, "a", gen=1))
             with pytest.raises(InvalidArgument):
                 await unkeyed.load("s1")
             await unkeyed.close()

@@ -1,0 +1,119 @@
+"""Bounded work per request: the limits one request may ask for, long requests in slices, memory given back.
+
+Every limit is a setting (service/config.py) with a safe default, and a refusal names it:
+
+- `max_request_steps`: batch x timesteps of one request (a KServe stateless batch, a StreamMany message);
+- `max_rows_per_message`: sessions in one StepMany message;
+- `max_cached_response_bytes`: the response a session keeps for a retry (bounds the chunk length; see
+  `core.inputs.InputValidator`);
+- `max_id_length`: session ids and KServe string sequence ids.
+
+A stateless request longer than `slice_steps` runs in time slices, the state carried from one to the next,
+with a return to the event loop between slices: the single ONNX Runtime executor thread takes other clients'
+batches in between, so one maximal request does not hold everyone else for its whole length. After a request
+that moved at least `trim_after_steps` batch x timesteps, ONNX Runtime's arena is shrunk on its last slice and
+glibc's `malloc_trim` returns freed heap to the OS, so a burst does not leave the process at its peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+from concurrent.futures import Executor
+
+import numpy as np
+
+from service.config import Settings
+from service.core.runtime import Runtime
+from service.core.types import ModelSpec
+from service.errors import InvalidArgument, OutOfRange
+
+_log = logging.getLogger(__name__)
+
+
+def check_request_steps(settings: Settings, batch: int, steps: int, what: str) -> None:
+    """Refuse a request of more than `max_request_steps` batch x timesteps."""
+    if batch * steps > settings.max_request_steps:
+        raise OutOfRange(
+            f"{what} asks for batch {batch} x {steps} steps = {batch * steps} steps; the limit "
+            f"max_request_steps is {settings.max_request_steps}: send smaller batches or shorter chunks"
+        )
+
+
+def check_rows(settings: Settings, rows: int) -> None:
+    """Refuse a StepMany message with more than `max_rows_per_message` sessions."""
+    if rows > settings.max_rows_per_message:
+        raise OutOfRange(
+            f"message steps {rows} sessions; the limit max_rows_per_message is "
+            f"{settings.max_rows_per_message}: split it into several messages"
+        )
+
+
+def check_id(settings: Settings, value: str, what: str) -> None:
+    """Refuse an id longer than `max_id_length` (without echoing it)."""
+    if len(value) > settings.max_id_length:
+        raise InvalidArgument(
+            f"{what} is {len(value)} characters long; expected at most max_id_length "
+            f"({settings.max_id_length})"
+        )
+
+
+async def run_sliced(
+    settings: Settings, executor: Executor, runtime: Runtime, spec: ModelSpec, feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Run a stateless request, in time slices of `slice_steps` if longer (see the module docstring)."""
+    loop = asyncio.get_running_loop()
+    data = [t.name for t in spec.inputs]
+    first = feeds[data[0]]
+    batch = first.shape[0]
+    steps = first.shape[1] if spec.time_axis and first.ndim > 1 else 1
+    big = 0 < settings.trim_after_steps <= batch * steps
+    n = settings.slice_steps if spec.time_axis else steps
+    timed = {t.name for t in spec.outputs if t.time_axis}
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in timed}
+    outs: dict[str, np.ndarray] = {}
+    part = dict(feeds)
+    for start in range(0, steps, n):
+        if steps > n:
+            for name in data:
+                part[name] = np.ascontiguousarray(feeds[name][:, start : start + n])
+        last = start + n >= steps
+        run = runtime.run_and_shrink if (big and last) else runtime.run
+        outs = await loop.run_in_executor(executor, run, part)
+        if steps > n:
+            for name in timed:
+                pieces[name].append(outs[name])
+            for st in spec.states:
+                part["state_in_" + st.name] = outs["state_out_" + st.name]
+    result = {t.name: outs[t.name] for t in spec.outputs}
+    if steps > n:
+        for name in timed:
+            result[name] = np.concatenate(pieces[name], axis=1)
+    if big:
+        del outs, pieces, part
+        await loop.run_in_executor(executor, trim_memory)
+    return result
+
+
+def _libc_trim():  # type: ignore[no-untyped-def]
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the OS: `malloc_trim(0)` (glibc; a no-op elsewhere)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -1,0 +1,36 @@
+"""The short chaos run (seeded, under a minute): three replicas, Redis with AOF, every kind of fault.
+
+The full run is `make chaos` (python -m tests.chaos): at least 1,000 faults, reported in the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.run import ChaosConfig, run_chaos
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_chaos_run_loses_doubles_and_diverges_nothing(tmp_path: Path):
+    cfg = ChaosConfig(
+        seed=7,
+        native_sessions=6,
+        kserve_sequences=4,
+        client_threads=4,
+        target_faults=10_000,  # bounded by time here
+        max_duration_s=25.0,
+        replica_gap_s=(0.4, 1.0),
+        redis_gap_s=(4.0, 6.0),
+        give_up_s=20.0,
+        progress=False,
+    )
+    result = run_chaos(tmp_path, cfg)
+    summary = result.to_json()
+    print(summary)
+    assert result.faults_injected >= 15, summary
+    assert {"kill", "pause", "redis_kill", "redis_term"} & set(result.faults) >= {"kill", "pause"}, summary
+    assert result.counts.steps_checked >= 40, summary
+    assert result.counts.clean, summary
