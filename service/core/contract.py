@@ -144,6 +144,10 @@ def _controls(sess: Any, config: ModelConfig) -> tuple[ControlSpec, ...]:
             raise ContractError(
                 f"control input {c.name!r} must be a bool or numeric tensor, got {dtype.name}"
             )
+        if c.kind != "CONTROL_SEQUENCE_CORRID" and not all(isinstance(v, int | float) for v in c.false_true):
+            raise ContractError(
+                f"control input {c.name!r}: false_true must be two numbers, got {list(c.false_true)}"
+            )
         controls.append(
             ControlSpec(c.name, c.kind, dtype, tuple(int(d) for d in rest), timed, c.false_true)  # type: ignore[arg-type]
         )

@@ -52,6 +52,7 @@ class _Sequence:
     version: int = 0
     retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
     control: StepControl | None = None  # fills a model's control inputs (correlation id; not the end)
+    last: asyncio.Future[Any] | None = None  # the latest fast-path step; later steps wait until it is done
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +123,12 @@ class SequenceTable:
             entry is not None
             and entry.session_id is not None
             and not entry.lock.locked()
+            and (entry.last is None or entry.last.done())
             and (version is None or version == entry.version)
         ):
-            fut = self._engine.submit(entry.session_id, None, inputs, control=entry.control)
+            # Only onto an idle sequence: the engine defers a step that finds its session busy (a task), and
+            # a later fast step could then overtake it (KServe steps carry no seq to catch that).
+            fut = entry.last = self._engine.submit(entry.session_id, None, inputs, control=entry.control)
             return fut, lambda f: self._outcome(key, entry, f)
         # A request of this sequence on the slow path has not reached the engine yet: later ones of the same
         # sequence follow it there (the sequence lock is FIFO), never overtake it on the fast path.
@@ -203,6 +207,8 @@ class SequenceTable:
         inputs: dict[str, np.ndarray],
     ) -> SequenceOutcome:
         _, model, sequence_id = key
+        if entry.last is not None and not entry.last.done():
+            await asyncio.wait([entry.last])  # the fast-path step before this one lands first
         if ctl.start:
             await self._start(key, entry, version)
         else:

@@ -189,6 +189,7 @@ def test_timed_controls_mark_the_first_and_last_step():
         ("control_inputs: [{name: NOPE, kind: start}]\n", "control input 'NOPE' is not an input of"),
         ("control_inputs: [{name: x, kind: begin}]\n", "has kind 'begin'; expected one of"),
         ("control_inputs: [{name: x}]\n", "each control_inputs entry needs name and kind"),
+        ("control_inputs: [{name: x, kind: end, false_true: [a, b]}]\n", "false_true must be two numbers"),
         ("control_inputs: [{name: x, kind: start}]\n", "a model needs at least one data input"),
     ],
 )
