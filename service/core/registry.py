@@ -20,14 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from service.config import Settings
-from service.core.contract import describe
-from service.core.controls import control_feeds
+from service.core.admission import admit, read_config
 from service.core.runtime import Runtime
-from service.core.selfcheck import probe_of_spec, self_check
-from service.core.types import ContractError, ModelConfig, ModelSpec, VersionPolicy
+from service.core.types import ModelConfig, ModelSpec, VersionPolicy
 from service.errors import NotFound
 
 _log = logging.getLogger(__name__)
@@ -109,14 +105,7 @@ class Repository:
 
     def _config(self, model_dir: Path) -> ModelConfig:
         """Read the model's serving settings: server defaults, then `<model>/config.yaml` (ContractError)."""
-        cfg_file = model_dir / "config.yaml"
-        try:
-            overrides = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
-        except yaml.YAMLError as exc:
-            raise ContractError(f"config.yaml is not valid YAML: {exc}") from None
-        if overrides is not None and not isinstance(overrides, dict):
-            raise ContractError("config.yaml must hold a mapping")
-        return ModelConfig.from_settings(self.settings, overrides)
+        return read_config(model_dir, self.settings)
 
     def _refuse(self, name: str, version: int, path: Path, mtime: float, reason: str) -> None:
         _log.error("model %s version %d not served (%s): %s", name, version, path, reason)
@@ -133,19 +122,11 @@ class Repository:
             if isinstance(config, Exception):
                 raise config
             runtime = Runtime(path, self.settings.ort_intra_op_threads)
-            spec = describe(runtime, name, version, config)
+            admitted = admit(runtime.session, name, version, config, path)
         except Exception as exc:  # a bad model is skipped with its reason; the server keeps running
             self._refuse(name, version, path, mtime, str(exc) or type(exc).__name__)
             return None
-        check = "off (self_check: false)"
-        if config.self_check:
-            verdict = self_check(
-                runtime.session, probe_of_spec(spec, control_feeds(spec)), tol=config.self_check_tolerance
-            )
-            if not verdict.ok:
-                self._refuse(name, version, path, mtime, f"self-check failed: {verdict.reason}")
-                return None
-            check = verdict.reason
+        spec, check = admitted.spec, admitted.check
         self.problems.pop(path, None)
         self._skipped.pop(path, None)
         _log.info(
