@@ -43,9 +43,9 @@ class Settings(BaseSettings):
         Path("models/repository"), description="Model repository: <repo>/<name>/<version>/model.onnx."
     )
     repository_poll_s: float = Field(
-        0.0,
+        2.0,
         ge=0,
-        description="Seconds between repository scans for new or removed versions (0 = no watching).",
+        description="Seconds between repository scans for new, changed or removed versions (0 = off).",
     )
     max_batch_size: int = Field(256, ge=1, description="Most sessions batched into one ONNX Runtime run.")
     max_queue_delay_us: int = Field(
