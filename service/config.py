@@ -154,6 +154,13 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(1.0, gt=0, description="Seconds between idle/lifetime expiry sweeps.")
     log_level: str = Field("INFO", description="Python logging level.")
+    request_log: Literal["json", "logfmt", "off"] = Field(
+        "json",
+        description="Request log: one line per unary call and per stream end (json, logfmt or off).",
+    )
+    request_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Fraction of successful calls in the request log (errors: all of them)."
+    )
 
 
 def _yaml_values(path: Path) -> dict[str, Any]:

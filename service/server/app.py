@@ -40,6 +40,7 @@ from service.server import kserve
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
+from service.server.request_log import Lookup, RequestLog
 
 _log = logging.getLogger("rnnserve.server")
 
@@ -55,6 +56,26 @@ def _protocol_of(service: str) -> str:
     if service.startswith("rnnserve."):
         return "native"
     return "grpc"  # health, reflection
+
+
+def _model_lookup(engine: Engine) -> Lookup:
+    """For the request log: a call's model, version and time axis, by session id (if open) or model name."""
+    sessions = engine.session_manager.table.sessions
+
+    def lookup(model: str, session_id: str) -> tuple[str, int, bool] | None:
+        s = sessions.get(session_id) if session_id else None
+        if s is not None:
+            spec = s.mv.spec
+        elif not model:
+            return None
+        else:
+            try:
+                spec = engine.get_model(model)
+            except Exception:  # noqa: BLE001 - an unknown model: the line keeps what the request named
+                return None
+        return spec.name, spec.version, spec.time_axis
+
+    return lookup
 
 
 def _call_observer(engine: Engine) -> CallObserver | None:
@@ -197,7 +218,11 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     gc.collect()
     gc.freeze()
 
-    interceptor = ErrorMappingInterceptor(_call_observer(engine), replica_id=settings.replica_id)
+    interceptor = ErrorMappingInterceptor(
+        _call_observer(engine),
+        replica_id=settings.replica_id,
+        request_log=RequestLog(settings.request_log, settings.request_log_sample, _model_lookup(engine)),
+    )
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
