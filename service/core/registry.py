@@ -117,7 +117,7 @@ class Repository:
     @staticmethod
     def _fingerprint(path: Path) -> tuple:
         """Return what a polling scan compares before it retries a refused file (model.onnx, config.yaml)."""
-        stats = []
+        stats: list[int | None] = []
         for f in (path, path.parent.parent / "config.yaml"):
             try:
                 st = f.stat()

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -208,8 +210,38 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
     return httpd, int(httpd.server_address[1])
 
 
+def _check_port(host: str, port: int, what: str, flag: str) -> None:
+    """Fail in one line, before the models load, when `host:port` cannot be bound (in use, bad host)."""
+    if port <= 0:
+        return
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise SystemExit(f"rnnserve: cannot resolve {what} host {host!r}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is fine
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                why = (
+                    "is already in use"
+                    if exc.errno == errno.EADDRINUSE
+                    else f"cannot be bound ({exc.strerror})"
+                )
+                raise SystemExit(
+                    f"rnnserve: {what} port {port} on {host} {why}; choose another with {flag} "
+                    f"(or stop the process that holds it)"
+                ) from None
+
+
 async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
     """Load the repository, bind the gRPC and metrics ports and start serving."""
+    _check_port(settings.grpc_host, settings.grpc_port, "gRPC", "--grpc-port / RNNSERVE_GRPC_PORT")
+    _check_port(
+        settings.grpc_host, settings.metrics_port, "metrics", "--metrics-port / RNNSERVE_METRICS_PORT"
+    )
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
     await engine.start()
@@ -251,9 +283,9 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     except (RuntimeError, OSError) as exc:
         await engine.stop()
         raise SystemExit(
-            f"cannot bind {settings.grpc_host}:{settings.grpc_port} (gRPC) or port {settings.metrics_port} "
-            f"(metrics): {exc}"
-        ) from exc
+            f"rnnserve: cannot bind {settings.grpc_host}:{settings.grpc_port} (gRPC) or port "
+            f"{settings.metrics_port} (metrics): {exc}"
+        ) from None
     running = RunningServer(
         settings=settings,
         server=server,

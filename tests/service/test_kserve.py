@@ -402,7 +402,7 @@ def test_shared_metrics_carry_the_kserve_protocol_label(client, server):
     client.infer("accumulator", [_acc(1)], sequence_id="metrics", sequence_start=True, sequence_end=True)
     client.is_server_live()
     text = generate_latest(server.registry).decode()
-    assert 'rnnserve_sessions_created_total{model="accumulator",protocol="kserve"}' in text
+    assert 'rnnserve_sessions_opened_total{model="accumulator",protocol="kserve"}' in text
     assert re.search(
         r'rnnserve_requests_total\{code="OK",method="ModelInfer",protocol="kserve"\} [1-9]', text
     )
