@@ -124,7 +124,7 @@ def test_newest_valid_version_wins(tmp_path):
 
 
 def test_a_refused_version_is_retried(tmp_path, caplog):
-    """A poll retries a refused file once it or its config.yaml changed; an explicit scan retries it anyway."""
+    """A poll retries a refused file once it or its config.yaml changed; a ReloadRepository always does."""
     fixtures.accumulator(tmp_path, "acc")
     (tmp_path / "acc" / "config.yaml").write_text("max_batch_size: 0\n")  # invalid: refused
     repo = Repository(tmp_path, Settings(model_repository=tmp_path))
