@@ -97,7 +97,7 @@ class Report:
 SERVED = "served by rnnserve (the server's contract reader and load-time self-check)"
 
 
-def served_check(blob: bytes, path: Path | None = None) -> CheckResult:
+def served_check(blob: bytes, path: Path | None = None, overrides: dict | None = None) -> CheckResult:
     """Run the server's admission rule on a model (``path`` inside a repository: with its config.yaml)."""
     name, version, model_dir = "model", 1, None
     if path is not None and path.parent.name.isdigit() and int(path.parent.name) > 0:
@@ -107,7 +107,7 @@ def served_check(blob: bytes, path: Path | None = None) -> CheckResult:
         config = (
             read_config(model_dir, settings)
             if model_dir is not None
-            else ModelConfig.from_settings(settings, None)
+            else ModelConfig.from_settings(settings, overrides)
         )
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -325,8 +325,17 @@ def check_streaming(
     )
 
 
-def check_contract(model: str | Path | bytes | onnx.ModelProto, tol: float = 1e-5, seed: int = 0) -> Report:
-    """Run the server's admission rule, then every structural and behavioural check; never raises."""
+def check_contract(
+    model: str | Path | bytes | onnx.ModelProto,
+    tol: float = 1e-5,
+    seed: int = 0,
+    *,
+    config: dict | None = None,
+) -> Report:
+    """Run the server's admission rule, then every structural and behavioural check; never raises.
+
+    ``config``: the config.yaml keys the model will be served with (for a model given without a repository).
+    """
     path = Path(model) if isinstance(model, (str, Path)) else None
     try:
         proto = (
@@ -337,7 +346,7 @@ def check_contract(model: str | Path | bytes | onnx.ModelProto, tol: float = 1e-
     except Exception as exc:  # noqa: BLE001 - an unreadable file is a failed check, with its reason
         return Report([CheckResult(SERVED, False, detail=f"not a readable ONNX model: {exc}")])
     report = Report()
-    report.add(served_check(proto.SerializeToString(), path))
+    report.add(served_check(proto.SerializeToString(), path, config))
     if not report.served:
         return report
     spec = read_contract(proto)
