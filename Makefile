@@ -13,7 +13,15 @@ PROTO_OUT := service/proto/rnnserve_pb2.py
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
+	@echo "                 host/port: make serve SERVE_ARGS='--grpc-host 127.0.0.1 --grpc-port 9001' (or RNNSERVE_GRPC_PORT)"
 	@echo "make test        install everything and run the test suite"
+	@echo "make lint        ruff on service, models, export, tests; mypy on service"
+	@echo "make install     .venv with the serving dependencies only (no torch)"
+	@echo "make install-dev .venv with everything: serving, training/export (torch CPU), tests, benchmarks"
+	@echo "make protos      generate the gRPC stubs (service/proto/) from protos/rnnserve.proto"
+	@echo "make system-deps install the Debian packages the tests use (as root; else prints the apt command)"
+	@echo "make readme      refresh the README's generated blocks from the files under docs/"
+	@echo "make clean       remove generated stubs, caches and build outputs (keeps .venv, data/, runs/)"
 	@echo "make data        fetch the training data (PyPI only)"
 	@echo "make train       train every variant on the real data"
 	@echo "make export      export trained checkpoints to ONNX, verified"
@@ -36,6 +44,8 @@ help:
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 'setuptools<81' wheel
+
+SERVE_ARGS ?=
 
 # Serving dependencies only (no torch).
 $(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
@@ -102,6 +112,12 @@ SOAK_ARGS ?=
 soak: install-dev protos
 	$(PY) -m tests.soak $(SOAK_ARGS)
 	$(PY) docs/sync_readme.py
+
+# Generated and cached files only: the venv, fetched data and training runs stay.
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -f service/proto/*_pb2.py service/proto/*_pb2.pyi service/proto/*_pb2_grpc.py
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # --- benchmarks -------------------------------------------------------------------------------------------------
 # Echo floors, native Stream/StreamMany, KServe streaming, perf_analyzer (unary and --streaming), paced load, raw

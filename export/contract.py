@@ -12,6 +12,12 @@ equals each row run alone -- what cross-session batching relies on); for sequenc
 ``time``) the time axis is really dynamic (T = 1 and T = 100 on one session) and a stream cut into random
 chunks, with the state carried between them, equals one pass.
 
+Served or not: the first check is the server's own admission rule (`service.core.intake.admit`: the
+server's contract reader and its load-time self-check, with ``<model>/config.yaml`` when the file sits in a
+repository), so a model this checker passes is one the server serves, and a model the server serves passes
+it. The checks after it are the exporter's stricter ones (T = 100, a 150-step stream cut into chunks,
+``--tol``); a model that is served but fails one of them exits 2 (not served: 1; all passed: 0).
+
 Tolerances: data outputs max abs <= ``tol``; states max abs <= ``tol * max(1, max |reference|)``, because
 an LSTM cell state is unbounded and float32 rounding grows with its magnitude.
 """
@@ -32,7 +38,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from service.config import Settings
+from service.core.intake import admit, read_config
 from service.core.selfcheck import chunk_bounds  # one splitter for export checks and the server's
+from service.core.types import ModelConfig
 
 STATE_IN, STATE_OUT = "state_in_", "state_out_"
 TIME = "time"
@@ -59,6 +68,11 @@ class Report:
         """True when every check passed (and at least one ran)."""
         return bool(self.checks) and all(c.passed for c in self.checks)
 
+    @property
+    def served(self) -> bool:
+        """True when the server's admission rule passed: the server would serve this model."""
+        return any(c.name == SERVED and c.passed for c in self.checks)
+
     def add(self, check: CheckResult) -> None:
         """Append a check result."""
         self.checks.append(check)
@@ -78,6 +92,30 @@ class Report:
             diff = "" if c.max_abs is None else f"  max_abs={c.max_abs:.3g}"
             lines.append(f"{'PASS' if c.passed else 'FAIL'}  {c.name}{diff}  {c.detail}".rstrip())
         return "\n".join(lines)
+
+
+SERVED = "served by rnnserve (the server's contract reader and load-time self-check)"
+
+
+def served_check(blob: bytes, path: Path | None = None, overrides: dict | None = None) -> CheckResult:
+    """Run the server's admission rule on a model (``path`` inside a repository: with its config.yaml)."""
+    name, version, model_dir = "model", 1, None
+    if path is not None and path.parent.name.isdigit() and int(path.parent.name) > 0:
+        name, version, model_dir = path.parent.parent.name, int(path.parent.name), path.parent.parent
+    try:
+        settings = Settings()
+        config = (
+            read_config(model_dir, settings)
+            if model_dir is not None
+            else ModelConfig.from_settings(settings, overrides)
+        )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        admitted = admit(sess, name, version, config, path or Path("model.onnx"))
+    except Exception as exc:  # noqa: BLE001 - the server refuses it with this reason; so does the checker
+        return CheckResult(SERVED, False, detail=str(exc) or type(exc).__name__)
+    return CheckResult(SERVED, True, detail=f"self-check: {admitted.check}")
 
 
 @dataclass(frozen=True)
@@ -287,14 +325,30 @@ def check_streaming(
     )
 
 
-def check_contract(model: str | Path | bytes | onnx.ModelProto, tol: float = 1e-5, seed: int = 0) -> Report:
-    """Run every structural and behavioural check of the contract on one model; never raises."""
-    proto = (
-        model
-        if isinstance(model, onnx.ModelProto)
-        else (onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
-    )
+def check_contract(
+    model: str | Path | bytes | onnx.ModelProto,
+    tol: float = 1e-5,
+    seed: int = 0,
+    *,
+    config: dict | None = None,
+) -> Report:
+    """Run the server's admission rule, then every structural and behavioural check; never raises.
+
+    ``config``: the config.yaml keys the model will be served with (for a model given without a repository).
+    """
+    path = Path(model) if isinstance(model, (str, Path)) else None
+    try:
+        proto = (
+            model
+            if isinstance(model, onnx.ModelProto)
+            else (onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
+        )
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is a failed check, with its reason
+        return Report([CheckResult(SERVED, False, detail=f"not a readable ONNX model: {exc}")])
     report = Report()
+    report.add(served_check(proto.SerializeToString(), path, config))
+    if not report.served:
+        return report
     spec = read_contract(proto)
     report.add(
         CheckResult(
@@ -352,9 +406,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not args.model.is_file():
+        print(f"error: {args.model}: no such file", file=sys.stderr)
+        return 1
     report = check_contract(args.model, args.tol, args.seed)
     print(report.format())
-    return 0 if report.ok else 1
+    if report.ok:
+        return 0
+    if report.served:
+        print("served by rnnserve, but fails the exporter's stricter checks above", file=sys.stderr)
+        return 2
+    return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ writes nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import yaml
 
 from export.contract import Report, check_contract, versions
 from export.graph import build_onnx, file_sha256
 from export.quantize import QuantizationReport, compare, quantize_int8
 from export.verify import verify_against_torch
 from models import read_checkpoint
+from service.config import Settings
 
 CONFIG_TEMPLATE = """\
 # Serving settings for model {name!r} (docs/DESIGN.md section 1). Written once by the exporter; edit freely,
@@ -35,6 +38,33 @@ CONFIG_TEMPLATE = """\
 # max_chunk_steps:
 # allow_non_finite:
 """
+
+
+def int8_self_check_tolerance(proto: onnx.ModelProto) -> float:
+    """Return the self-check tolerance an int8 model needs: its measured batch/chunk dependence x 4."""
+    import onnxruntime as ort
+
+    from service.core.contract import read_session
+    from service.core.controls import control_feeds
+    from service.core.selfcheck import probe_of_spec, self_check
+    from service.core.types import SELF_CHECK_TOLERANCE, ModelConfig
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    spec = read_session(sess, "int8", 1, ModelConfig.from_settings(Settings(), None), Path("model.onnx"))
+    verdict = self_check(sess, probe_of_spec(spec, control_feeds(spec)), tol=float("inf"))
+    needed = max(4 * verdict.max_abs, SELF_CHECK_TOLERANCE)
+    step = 10 ** (math.floor(math.log10(needed)) - 1)  # rounded up to two significant digits
+    return float(f"{math.ceil(needed / step) * step:.2g}")
+
+
+def _configured_tolerance(model_dir: Path) -> float | None:
+    """Return the self_check_tolerance a model's existing config.yaml sets, if any."""
+    cfg = model_dir / "config.yaml"
+    if not cfg.exists():
+        return None
+    values = yaml.safe_load(cfg.read_text()) or {}
+    tol = values.get("self_check_tolerance") if isinstance(values, dict) else None
+    return float(tol) if tol is not None else None
 
 
 class ExportError(RuntimeError):
@@ -152,8 +182,22 @@ def export_checkpoint(
     if quantize == "int8":
         qproto = quantize_int8(proto)
         # Structure, loading and dynamic T must hold; batch/chunk dependence is inherent to dynamic activation
-        # scales, so it is measured in the report instead of judged against a made-up bound.
-        qcheck = check_contract(qproto, tol=float("inf"))
+        # scales, so it is measured in the report instead of judged against a made-up bound. The server's
+        # load-time self-check would refuse it at its default tolerance: the model's config.yaml carries the
+        # tolerance measured here (x4), and the served check below uses it, as the server will.
+        int8_tolerance = int8_self_check_tolerance(qproto)
+        existing = _configured_tolerance(model_dir)
+        if existing is not None and existing < int8_tolerance:
+            raise ExportError(
+                f"int8 model of {checkpoint}: {model_dir / 'config.yaml'} sets self_check_tolerance "
+                f"{existing:g}; "
+                f"the int8 model needs {int8_tolerance:g} (dynamic quantization scales depend on the batch); "
+                "nothing written",
+                Report(),
+            )
+        qcheck = check_contract(
+            qproto, tol=float("inf"), config={"self_check_tolerance": existing or int8_tolerance}
+        )
         if not qcheck.ok:
             raise ExportError(f"int8 model of {checkpoint} breaks the contract; nothing written", qcheck)
         plot_dir = Path(tempfile.mkdtemp(prefix="rnnserve-quant-"))
@@ -171,5 +215,12 @@ def export_checkpoint(
         extra["quantization.json"] = (qreport.to_json() + "\n").encode()
         extra["quantization.png"] = (plot_dir / "quantization.png").read_bytes()
         shutil.rmtree(plot_dir, ignore_errors=True)
+    if qreport is not None and not (model_dir / "config.yaml").exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.yaml").write_text(
+            CONFIG_TEMPLATE.format(name=model_dir.name)
+            + "# int8: batch and chunk dependence measured at export, x4 (the load-time self-check's bound)\n"
+            f"self_check_tolerance: {int8_tolerance:g}\n"
+        )
     write_version(proto, report, model_dir, version, extra)
     return ExportResult(name, version, target / "model.onnx", report, quantization=qreport)

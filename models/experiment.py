@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import ModelConfig, build_model
+from models import ModelConfig, build_model, parallel
 from models.train import open_forget_gates_
 
 FAMILIES = ("rnn", "lstm", "peephole", "cifg", "gru", "attention")
@@ -138,7 +137,7 @@ def run_lag(cfg: LagConfig, progress: bool = False) -> LagResult:
 
     t0 = time.perf_counter()
     curve = [(0, test_mse())]
-    for step in tqdm(
+    for step in parallel.bar(
         range(1, cfg.steps + 1), desc=f"{cfg.family} T={cfg.lag}", disable=not progress, leave=False
     ):
         xb, yb = adding_problem(cfg.batch, cfg.lag, gen, cfg.first_fraction)
@@ -211,12 +210,11 @@ def run_grid(
             bar.set_postfix_str(f"{c.family} T={c.lag}: {results[-1].test_mse:.4f}")
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futs = {pool.submit(run_lag, c): c for c in cfgs}
-            for fut in as_completed(futs):
-                results.append(fut.result())
-                bar.set_postfix_str(f"{results[-1].family} T={results[-1].lag}: {results[-1].test_mse:.4f}")
-                bar.update()
+        # Ctrl-C stops every worker; each shows its per-step bar under the grid's.
+        for r in parallel.run_parallel(run_lag, [(c,) for c in cfgs], jobs, desc="runs done"):
+            results.append(r)
+            bar.set_postfix_str(f"{r.family} T={r.lag}: {r.test_mse:.4f}")
+            bar.update()
     bar.close()
     return results, time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import CheckpointMeta, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from models import CheckpointMeta, ModelConfig, build_model, load_checkpoint, parallel, save_checkpoint
 from models.data import CharCorpus, load_tunes, stream_batches
 
 FAMILIES = ("rnn", "lstm", "peephole", "cifg", "gru", "attention")
@@ -169,7 +169,7 @@ def train_char_model(
     state: State | None = None
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc or cfg.name, disable=not progress, dynamic_ncols=True)
+    bar = parallel.bar(range(cfg.steps), desc=desc or cfg.name, disable=not progress)
     for step in bar:
         x, y, fresh = next(batches)
         if fresh:
@@ -332,18 +332,12 @@ def run_all(
             results.append(run_char(cfg, corpus, runs_dir))
             print(f"{cfg.name}: val {results[-1].val_bpc:.4f} bpc in {results[-1].seconds:.0f} s", flush=True)
     else:
-        # One process per run, one thread each; the slowest family (attention) starts first.
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
+        # One process per run, one thread each; the slowest family (attention) starts first. Ctrl-C stops all.
         cfgs.sort(key=lambda c: c.family != "attention")
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futs = [pool.submit(run_char, cfg, corpus, runs_dir, False) for cfg in cfgs]
-            for fut in tqdm(as_completed(futs), total=len(futs), desc="char models", dynamic_ncols=True):
-                results.append(fut.result())
-                print(
-                    f"{results[-1].name}: val {results[-1].val_bpc:.4f} bpc in {results[-1].seconds:.0f} s",
-                    flush=True,
-                )
+        calls = [(cfg, corpus, runs_dir, False) for cfg in cfgs]
+        for result in parallel.run_parallel(run_char, calls, jobs, desc="char models"):
+            results.append(result)
+            tqdm.write(f"{result.name}: val {result.val_bpc:.4f} bpc in {result.seconds:.0f} s")
         results.sort(key=lambda r: families.index(r.family))
     best = min(results, key=lambda r: r.val_bpc)
     tune = sample(load_checkpoint(best.checkpoint), corpus, prime="X:", length=sample_len, seed=base.seed)

@@ -49,9 +49,9 @@ class Settings(BaseSettings):
         Path("models/repository"), description="Model repository: <repo>/<name>/<version>/model.onnx."
     )
     repository_poll_s: float = Field(
-        0.0,
+        2.0,
         ge=0,
-        description="Seconds between repository scans for new or removed versions (0 = no watching).",
+        description="Seconds between repository scans for new, changed or removed versions (0 = off).",
     )
     max_batch_size: int = Field(256, ge=1, description="Most sessions batched into one ONNX Runtime run.")
     max_queue_delay_us: int = Field(
@@ -160,6 +160,13 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(1.0, gt=0, description="Seconds between idle/lifetime expiry sweeps.")
     log_level: str = Field("INFO", description="Python logging level.")
+    request_log: Literal["json", "logfmt", "off"] = Field(
+        "json",
+        description="Request log: one line per unary call and per stream end (json, logfmt or off).",
+    )
+    request_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Fraction of successful calls in the request log (errors: all of them)."
+    )
     # -- security (docs: README "Security") --
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate chain of the gRPC port: set (with tls_key_file) = TLS only."

@@ -164,7 +164,7 @@ class Metrics:
             registry=r,
         )
         self.sessions_created = Counter(
-            "rnnserve_sessions_created",
+            "rnnserve_sessions_opened",
             "Sessions opened.",
             ["model", "protocol"],
             registry=r,

@@ -5,6 +5,8 @@
     rnnserve stream --model M --csv FILE [--chunk N]  numeric model: predicted values for every row
     rnnserve generate --prime "X:1" --tokens 400      sample from a token model (default model: "default")
     rnnserve session SESSION_ID                       show a session
+    rnnserve reload                                   rescan the repository now; served and refused versions
+    rnnserve health [MODEL]                           SERVING or NOT_SERVING (and why a model is not served)
 
 `--address host:port[,host:port...]` (default localhost:8001) picks the server(s), failing over in order.
 `--api-key` (or $RNNSERVE_API_KEY) authenticates; `--tls`, `--tls-ca`, `--tls-cert`, `--tls-key` (or
@@ -27,6 +29,7 @@ import numpy as np
 
 from service.client.security import Credentials
 from service.client.sync import Client, ModelInfo, default_address
+from service.proto import rnnserve_pb2 as pb
 
 
 def _shape(shape: Sequence[int | None]) -> str:
@@ -116,10 +119,16 @@ def _read_csv(path: Path, features: int | None) -> np.ndarray:
             except ValueError:
                 if not rows:  # a header line
                     continue
-                raise SystemExit(f"{path}:{line}: non-numeric value in {row}") from None
+                raise SystemExit(f"rnnserve: {path}:{line}: non-numeric value in {row}") from None
+            width = features or (len(rows[0]) if rows else len(values))
+            if len(values) < width or (not features and len(values) != width):
+                raise SystemExit(
+                    f"rnnserve: {path}:{line}: {len(values)} values, expected {width} "
+                    f"({'the model takes' if features else 'as in the rows before'}; every row needs as many)"
+                )
             rows.append(values[-features:] if features else values)
     if not rows:
-        raise SystemExit(f"{path}: no numeric rows")
+        raise SystemExit(f"rnnserve: {path}: no numeric rows")
     return np.asarray(rows, dtype=np.float32)
 
 
@@ -180,6 +189,53 @@ def cmd_session(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    """Rescan the repository; print the served models and every refused version with its reason (exit 1)."""
+    answer = client.call("ReloadRepository", pb.ReloadRepositoryRequest())
+    for m in answer.models:
+        print(f"{m.name}  v{m.version}  served")
+    for r in answer.refused:
+        print(f"{r.name}  v{r.version}  REFUSED: {r.reason}")
+    return 1 if answer.refused else 0
+
+
+def _health_status(client: Client, service: str) -> str:
+    # grpc.health.v1 by hand (HealthCheckRequest{service=1}, HealthCheckResponse{status=1}): the client needs
+    # no grpcio-health-checking package for two one-field messages.
+    name = service.encode()
+    request = b"\x0a" + _varint(len(name)) + name if name else b""
+    check = client._channel.unary_unary("/grpc.health.v1.Health/Check")
+    reply = check(request, timeout=client.timeout)
+    code = reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0
+    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(code, str(code))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def cmd_health(client: Client, args: argparse.Namespace) -> int:
+    """Print the health of the server or of one model; for a model not served, the reason the server gives."""
+    try:
+        status = _health_status(client, args.model or "")
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        status = "SERVICE_UNKNOWN"  # a name the server has never heard of
+    print(f"{args.model or 'server'}: {status}")
+    if status != "SERVING" and args.model:
+        try:
+            client.get_model(args.model)
+        except grpc.RpcError as err:
+            print(f"  {err.details()}")
+    return 0 if status == "SERVING" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of `rnnserve`."""
     parser = argparse.ArgumentParser(prog="rnnserve", description="Client of the rnnserve native gRPC API.")
@@ -230,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("session", help="show a session")
     p.add_argument("session_id")
     p.set_defaults(func=cmd_session)
+
+    p = sub.add_parser("reload", help="rescan the model repository now; list served and refused versions")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("health", help="health of the server, or of one model (and why it is not served)")
+    p.add_argument("model", nargs="?", default="")
+    p.set_defaults(func=cmd_health)
     return parser
 
 
@@ -245,8 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"rnnserve: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader of stdout went away (| head)
         return 0
+    except OSError as err:  # a missing or unreadable --text/--csv file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"rnnserve: cannot read {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except (TypeError, ValueError) as err:  # inputs the model does not take (encode_inputs says which)
+        print(f"rnnserve: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

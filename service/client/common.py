@@ -135,20 +135,47 @@ class SessionInfo:
         )
 
 
+DEFAULT_PORT = 8001  # the server's default gRPC port (Triton's too)
+
+
 def default_address() -> str:
     """Return the address(es) to use when none is given: $RNNSERVE_ADDRESS, else localhost:8001."""
-    return os.environ.get("RNNSERVE_ADDRESS", "localhost:8001")
+    return os.environ.get("RNNSERVE_ADDRESS", f"localhost:{DEFAULT_PORT}")
+
+
+def with_default_port(address: str) -> str:
+    """Add the server's default port to an address without one (gRPC itself would dial 443).
+
+    ``localhost`` -> ``localhost:8001``, ``[::1]`` -> ``[::1]:8001``, ``dns:///svc`` -> ``dns:///svc:8001``;
+    an address with a port, a ``unix:`` socket or a bare IPv6 literal is kept as it is.
+    """
+    if address.startswith("unix"):
+        return address
+    head, sep, host = address.rpartition("/")
+    if not sep and ":" in address and address.split(":", 1)[0] in ("dns", "ipv4", "ipv6"):
+        head, host = address.split(":", 1)
+        head, sep = head + ":", ""
+    if host.startswith("["):
+        has_port = "]:" in host
+    else:
+        has_port = host.count(":") == 1  # two or more: a bare IPv6 literal, left alone
+        if host.count(":") > 1:
+            return address
+    return address if has_port or not host else f"{head}{sep}{host}:{DEFAULT_PORT}"
 
 
 def parse_addresses(addresses: str | Sequence[str] | None) -> list[str]:
-    """`"h1:p1,h2:p2"`, a list, or None ($RNNSERVE_ADDRESS, else localhost:8001) -> the failover list."""
+    """`"h1:p1,h2:p2"`, a list, or None ($RNNSERVE_ADDRESS, else localhost:8001) -> the failover list.
+
+    An address without a port gets the server's default port, 8001.
+    """
     if addresses is None:
         addresses = default_address()
     if isinstance(addresses, str):
         addresses = [a.strip() for a in addresses.split(",") if a.strip()]
     if not addresses:
         raise ValueError("at least one server address is required")
-    return list(addresses)
+    return [with_default_port(a) for a in addresses]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -169,7 +196,16 @@ def encode_inputs(model: ModelInfo, inputs: Inputs) -> list[pb.Tensor]:
     tensors = []
     for name, value in inputs.items():
         spec = specs.get(name)
-        arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
+        arr = np.asarray(value)
+        if spec is not None and arr.dtype != spec.dtype:
+            # Widening or a same-kind cast (int32 -> int64, float64 -> float32) is what the caller meant; a
+            # float given for integer token ids, or text for numbers, is a mistake to report, not to truncate.
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise TypeError(
+                    f"input {name!r} of model {model.name!r} takes {spec.dtype.name} values; got "
+                    f"{arr.dtype.name} (convert them yourself if that is meant, e.g. np.rint(x).astype(...))"
+                )
+            arr = arr.astype(spec.dtype)
         tensors.append(wire.array_to_tensor(name, arr))
     return tensors
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,7 +157,11 @@ def _controls(sess: Any, config: ModelConfig) -> tuple[ControlSpec, ...]:
 
 def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> ModelSpec:
     """Read and validate one loaded model against the state contract; raises `ContractError`."""
-    sess = runtime.session
+    return read_session(runtime.session, name, version, config, runtime.path)
+
+
+def read_session(sess: Any, name: str, version: int, config: ModelConfig, path: Path) -> ModelSpec:
+    """Read and validate an ONNX Runtime session against the state contract; raises `ContractError`."""
     controls = _controls(sess, config)
     control_names = {c.name for c in controls}
     ins = {
@@ -166,7 +171,7 @@ def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> 
     }
     outs = {o.name: (_dtype(o.type, o.name), _dims(o.shape)) for o in sess.get_outputs()}
     _check_batch_axes(ins, outs)
-    meta = runtime.metadata
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
     states = _states(ins, outs, meta)
     data_in = [(n, d) for n, d in ins.items() if not n.startswith(STATE_IN)]
     data_out = [(n, d) for n, d in outs.items() if not n.startswith(STATE_OUT)]
@@ -195,6 +200,6 @@ def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> 
         vocabulary=_vocabulary(meta),
         description=config.description or meta.get("rnnserve.description", ""),
         config=config,
-        path=runtime.path,
+        path=Path(path),
         controls=controls,
     )

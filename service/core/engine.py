@@ -167,12 +167,15 @@ class Engine:
         await self.store.close()
 
     def reload(self) -> RepositoryChange:
-        """Rescan the repository now: new versions load, replaced ones retire (and unload when unpinned)."""
-        return self.models.scan()
+        """Rescan the repository now: new versions load, replaced ones retire (and unload when unpinned).
+
+        Versions refused before are tried again, changed or not (a polling scan retries only changed files).
+        """
+        return self.models.scan(retry=True)
 
     async def reload_async(self) -> RepositoryChange:
         """Rescan the repository with the slow part (disk, ONNX Runtime loads) off the event loop."""
-        return await self.models.scan_async()
+        return await self.models.scan_async(retry=True)
 
     # == models =============================================================================================
     def list_models(self) -> list[ModelSpec]:

@@ -59,15 +59,15 @@ class ModelHost:
             self._spawn(self.unload(mv))
         self.metrics.model_versions.set(len(self.repository.loaded()))
 
-    def scan(self) -> RepositoryChange:
-        """Rescan the repository now, on the calling thread (start-up, tests)."""
-        change = self.repository.scan()
+    def scan(self, retry: bool = False) -> RepositoryChange:
+        """Rescan the repository now, on the calling thread (start-up, tests); `retry`: refused ones too."""
+        change = self.repository.scan(retry)
         self.apply(change)
         return change
 
-    async def scan_async(self) -> RepositoryChange:
+    async def scan_async(self, retry: bool = False) -> RepositoryChange:
         """Rescan with the slow part (disk, ONNX Runtime loads) off the event loop."""
-        plan = await asyncio.get_running_loop().run_in_executor(None, self.repository.plan)
+        plan = await asyncio.get_running_loop().run_in_executor(None, self.repository.plan, retry)
         change = self.repository.apply(plan)
         self.apply(change)
         return change

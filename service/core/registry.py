@@ -4,7 +4,9 @@ Reads each model's inputs, outputs and metadata through ONNX Runtime (no torch),
 (docs/DESIGN.md section 1), describes it as a `ModelSpec` and runs the self-check (`service.core.selfcheck`:
 one pass vs random chunks, batch 1 vs 3) unless its config.yaml says `self_check: false`. A model that breaks
 the contract or fails its self-check is not served; the reason (one line) is logged and kept (`refusals()`);
-it never takes the server down and the other models keep serving.
+it never takes the server down and the other models keep serving. A refused version is tried again by an
+explicit scan (`scan(retry=True)`: ReloadRepository), and by a polling scan once its model.onnx or its
+config.yaml changed (modification time or size): a poll does not reload a broken file that did not change.
 
 Versions: each model's `version_policy` (config.yaml, as Triton's: `{latest: N}`, default 1; `all`;
 `{specific: [...]}`) picks the versions served, among the valid ones. A request without a version goes to the
@@ -20,14 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from service.config import Settings
-from service.core.contract import describe
-from service.core.controls import control_feeds
+from service.core.intake import admit, read_config
 from service.core.runtime import Runtime
-from service.core.selfcheck import probe_of_spec, self_check
-from service.core.types import ContractError, ModelConfig, ModelSpec, VersionPolicy
+from service.core.types import ModelConfig, ModelSpec, VersionPolicy
 from service.errors import NotFound
 
 _log = logging.getLogger(__name__)
@@ -88,7 +86,7 @@ class Repository:
         self.served: dict[str, dict[int, ModelVersion]] = {}  # name -> every version its policy serves
         self.retired: list[ModelVersion] = []  # older versions still pinned by sessions
         self.problems: dict[Path, str] = {}  # model files skipped, with the reason
-        self._skipped: dict[Path, float] = {}  # path -> mtime of a file that failed, so it is not retried
+        self._skipped: dict[Path, tuple] = {}  # path -> fingerprint of a refused file (no retry by polls)
 
     def _on_disk(self) -> dict[str, list[tuple[int, Path]]]:
         found: dict[str, list[tuple[int, Path]]] = {}
@@ -109,43 +107,40 @@ class Repository:
 
     def _config(self, model_dir: Path) -> ModelConfig:
         """Read the model's serving settings: server defaults, then `<model>/config.yaml` (ContractError)."""
-        cfg_file = model_dir / "config.yaml"
-        try:
-            overrides = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
-        except yaml.YAMLError as exc:
-            raise ContractError(f"config.yaml is not valid YAML: {exc}") from None
-        if overrides is not None and not isinstance(overrides, dict):
-            raise ContractError("config.yaml must hold a mapping")
-        return ModelConfig.from_settings(self.settings, overrides)
+        return read_config(model_dir, self.settings)
 
-    def _refuse(self, name: str, version: int, path: Path, mtime: float, reason: str) -> None:
+    def _refuse(self, name: str, version: int, path: Path, mtime: tuple, reason: str) -> None:
         _log.error("model %s version %d not served (%s): %s", name, version, path, reason)
         self.problems[path] = reason
         self._skipped[path] = mtime
 
+    @staticmethod
+    def _fingerprint(path: Path) -> tuple:
+        """Return what a polling scan compares before it retries a refused file (model.onnx, config.yaml)."""
+        stats: list[int | None] = []
+        for f in (path, path.parent.parent / "config.yaml"):
+            try:
+                st = f.stat()
+                stats += [st.st_mtime_ns, st.st_size]
+            except OSError:
+                stats += [None, None]
+        return tuple(stats)
+
     def _load(
-        self, name: str, version: int, path: Path, config: ModelConfig | Exception
+        self, name: str, version: int, path: Path, config: ModelConfig | Exception, retry: bool = False
     ) -> ModelVersion | None:
-        mtime = path.stat().st_mtime
-        if self._skipped.get(path) == mtime:
+        mtime = self._fingerprint(path)
+        if not retry and self._skipped.get(path) == mtime:
             return None
         try:
             if isinstance(config, Exception):
                 raise config
             runtime = Runtime(path, self.settings.ort_intra_op_threads)
-            spec = describe(runtime, name, version, config)
+            admitted = admit(runtime.session, name, version, config, path)
         except Exception as exc:  # a bad model is skipped with its reason; the server keeps running
             self._refuse(name, version, path, mtime, str(exc) or type(exc).__name__)
             return None
-        check = "off (self_check: false)"
-        if config.self_check:
-            verdict = self_check(
-                runtime.session, probe_of_spec(spec, control_feeds(spec)), tol=config.self_check_tolerance
-            )
-            if not verdict.ok:
-                self._refuse(name, version, path, mtime, f"self-check failed: {verdict.reason}")
-                return None
-            check = verdict.reason
+        spec, check = admitted.spec, admitted.check
         self.problems.pop(path, None)
         self._skipped.pop(path, None)
         _log.info(
@@ -158,12 +153,12 @@ class Repository:
         )
         return ModelVersion(spec, runtime)
 
-    def plan(self) -> ScanPlan:
+    def plan(self, retry: bool = False) -> ScanPlan:
         """Do the slow half of a scan (read the disk, load new versions into ONNX Runtime); change nothing.
 
         Per model, the version policy picks the versions to serve among the valid ones, newest first; a
         version already served is kept as it is (not reloaded). Safe to run in a worker thread while the event
-        loop serves: it only reads `served`.
+        loop serves: it only reads `served`. `retry` tries refused versions again even if unchanged.
         """
         on_disk = self._on_disk()
         serve: dict[str, dict[int, ModelVersion]] = {}
@@ -180,7 +175,7 @@ class Repository:
                     break
                 if policy.kind == "specific" and version not in policy.versions:
                     continue
-                mv = served.get(version) or self._load(name, version, path, config)
+                mv = served.get(version) or self._load(name, version, path, config, retry)
                 if mv is not None:
                     chosen[version] = mv
             if chosen:
@@ -222,9 +217,9 @@ class Repository:
             self.retired.remove(mv)
         return RepositoryChange(tuple(loaded), tuple(retired), unload)
 
-    def scan(self) -> RepositoryChange:
+    def scan(self, retry: bool = False) -> RepositoryChange:
         """Compare the disk with what is loaded: load the versions the policy serves, retire the others."""
-        return self.apply(self.plan())
+        return self.apply(self.plan(retry))
 
     def refusals(self, name: str | None = None) -> list[Refusal]:
         """Versions on disk that are not served because they failed to load or their self-check, with why."""

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -40,6 +42,7 @@ from service.server import auth, kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
+from service.server.request_log import Lookup, RequestLog
 
 _log = logging.getLogger("rnnserve.server")
 
@@ -55,6 +58,26 @@ def _protocol_of(service: str) -> str:
     if service.startswith("rnnserve."):
         return "native"
     return "grpc"  # health, reflection
+
+
+def _model_lookup(engine: Engine) -> Lookup:
+    """For the request log: a call's model, version and time axis, by session id (if open) or model name."""
+    sessions = engine.session_manager.table.sessions
+
+    def lookup(model: str, session_id: str) -> tuple[str, int, bool] | None:
+        s = sessions.get(session_id) if session_id else None
+        if s is not None:
+            spec = s.mv.spec
+        elif not model:
+            return None
+        else:
+            try:
+                spec = engine.get_model(model)
+            except Exception:  # noqa: BLE001 - an unknown model: the line keeps what the request named
+                return None
+        return spec.name, spec.version, spec.time_axis
+
+    return lookup
 
 
 def _call_observer(engine: Engine) -> CallObserver | None:
@@ -207,8 +230,38 @@ def _health_only_server(
     return server, server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
 
 
+def _check_port(host: str, port: int, what: str, flag: str) -> None:
+    """Fail in one line, before the models load, when `host:port` cannot be bound (in use, bad host)."""
+    if port <= 0:
+        return
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise SystemExit(f"rnnserve: cannot resolve {what} host {host!r}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is fine
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                why = (
+                    "is already in use"
+                    if exc.errno == errno.EADDRINUSE
+                    else f"cannot be bound ({exc.strerror})"
+                )
+                raise SystemExit(
+                    f"rnnserve: {what} port {port} on {host} {why}; choose another with {flag} "
+                    f"(or stop the process that holds it)"
+                ) from None
+
+
 async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
     """Load the repository, bind the gRPC and metrics ports and start serving."""
+    _check_port(settings.grpc_host, settings.grpc_port, "gRPC", "--grpc-port / RNNSERVE_GRPC_PORT")
+    _check_port(
+        settings.grpc_host, settings.metrics_port, "metrics", "--metrics-port / RNNSERVE_METRICS_PORT"
+    )
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
     await engine.start()
@@ -217,7 +270,11 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     gc.collect()
     gc.freeze()
 
-    interceptor = ErrorMappingInterceptor(_call_observer(engine), replica_id=settings.replica_id)
+    interceptor = ErrorMappingInterceptor(
+        _call_observer(engine),
+        replica_id=settings.replica_id,
+        request_log=RequestLog(settings.request_log, settings.request_log_sample, _model_lookup(engine)),
+    )
     try:
         authenticator = auth.interceptor_for(settings, engine)
     except SystemExit:
@@ -260,9 +317,9 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     except (RuntimeError, OSError) as exc:
         await engine.stop()
         raise SystemExit(
-            f"cannot bind {settings.grpc_host}:{settings.grpc_port} (gRPC) or port {settings.metrics_port} "
-            f"(metrics): {exc}"
-        ) from exc
+            f"rnnserve: cannot bind {settings.grpc_host}:{settings.grpc_port} (gRPC) or port "
+            f"{settings.metrics_port} (metrics): {exc}"
+        ) from None
     running = RunningServer(
         settings=settings,
         server=server,

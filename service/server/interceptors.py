@@ -6,7 +6,9 @@ exception becomes INTERNAL with a generic message (details go to the log, via `s
 finished
 call is reported once to an observer (method, status code name, seconds) that feeds the Prometheus metrics.
 Every reply, success or error, unary or streaming, carries the trailing metadata `x-rnnserve-replica: <replica
-id>` (`REPLICA_HEADER`), so which replica served a call can be seen from outside, through any proxy.
+id>` (`REPLICA_HEADER`), so which replica served a call can be seen from outside, through any proxy. With a
+`RequestLog`, every work call (not health or reflection) also gets its structured log line
+(`service.server.request_log`).
 
 The wrapping happens once per method (cached), so the per-call cost is one extra coroutine frame; streams are
 wrapped as a whole, never per message.
@@ -24,6 +26,7 @@ import grpc
 from grpc import aio
 
 from service.errors import ServeError, Unavailable
+from service.server.request_log import RequestLog
 
 _log = logging.getLogger(__name__)
 
@@ -74,8 +77,15 @@ async def _abort(context: Any, exc: BaseException) -> None:
 class ErrorMappingInterceptor(aio.ServerInterceptor):
     """Map exceptions to statuses and observe every call (see module docstring)."""
 
-    def __init__(self, observe: CallObserver | None = None, *, replica_id: str | None = None) -> None:
+    def __init__(
+        self,
+        observe: CallObserver | None = None,
+        *,
+        replica_id: str | None = None,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self._observe = observe
+        self._request_log = request_log if request_log is not None and request_log.enabled else None
         self._trailer = ((REPLICA_HEADER, replica_id),) if replica_id else None
         self._cache: dict[str, tuple[Any, Any]] = {}
         # Draining: new work calls are refused with UNAVAILABLE; `in_flight` counts unary-request work calls
@@ -106,7 +116,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
             return handler._replace(unary_unary=self._wrap_coroutine(method, handler.unary_unary, work, work))
         if handler.stream_unary is not None:
             return handler._replace(
-                stream_unary=self._wrap_coroutine(method, handler.stream_unary, work, False)
+                stream_unary=self._wrap_coroutine(method, handler.stream_unary, work, False, True)
             )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
@@ -114,16 +124,20 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
             return handler._replace(unary_stream=wrap(method, behavior, work, work))
         behavior = handler.stream_stream
         wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_coroutine
-        return handler._replace(stream_stream=wrap(method, behavior, work, False))
+        return handler._replace(stream_stream=wrap(method, behavior, work, False, True))
 
     def _wrap_coroutine(
-        self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool
+        self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool, streaming: bool = False
     ) -> Callable[..., Any]:
         observe, trailer = self._observe, self._trailer
+        log = None if method.startswith(_INFRA_PREFIXES) else self._request_log
 
         async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             code = "OK"
+            entry = None
+            if log is not None:
+                entry, request = log.begin(method, request, streaming)
             if count:
                 self.in_flight += 1
             if trailer is not None:  # set first: an abort below sends it too
@@ -146,17 +160,23 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                     self.in_flight -= 1
                 if observe is not None:
                     observe(method, code, time.perf_counter() - start)
+                if entry is not None and log is not None:
+                    log.end(entry, code)
 
         return call
 
-    def _wrap_generator(
-        self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool
+    def _wrap_generator(  # noqa: C901 - one frame per call on purpose (no helper calls per message)
+        self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool, streaming: bool = False
     ) -> Callable[..., Any]:
         observe, trailer = self._observe, self._trailer
+        log = None if method.startswith(_INFRA_PREFIXES) else self._request_log
 
         async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             code = "OK"
+            entry = None
+            if log is not None:
+                entry, request = log.begin(method, request, streaming)
             if count:
                 self.in_flight += 1
             if trailer is not None:  # set first: an abort below sends it too
@@ -180,6 +200,8 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                     self.in_flight -= 1
                 if observe is not None:
                     observe(method, code, time.perf_counter() - start)
+                if entry is not None and log is not None:
+                    log.end(entry, code)
 
         return call
 

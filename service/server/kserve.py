@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from service.core.engine import Engine, ModelSpec
 from service.errors import InvalidArgument, NotFound, Unavailable
+from service.server import kserve_triton
 from service.server.interceptors import status_of
 from service.server.kserve_convert import (
     SequenceControl,
@@ -38,10 +39,8 @@ from service.server.kserve_convert import (
     wire_type_of,
 )
 from service.server.kserve_models import (
-    Duration,
     ModelStats,
     model_config,
-    model_metadata,
     package_version,
     version_arg,
 )
@@ -111,11 +110,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         """Describe a model's data inputs and outputs (state hidden)."""
-        return model_metadata(self._engine.get_model(request.name, version_arg(request.version)))
+        return kserve_triton.metadata(self._engine, request.name, version_arg(request.version))
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
         """Triton model configuration (max_batch_size, inputs/outputs without batch, sequence_batching)."""
-        spec = self._engine.get_model(request.name, version_arg(request.version))
+        spec = kserve_triton.get_model(self._engine, request.name, version_arg(request.version))
         return pb.ModelConfigResponse(config=model_config(spec))
 
     async def RepositoryIndex(  # noqa: N802
@@ -135,26 +134,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
         """Request counts and durations of KServe inferences per model version (empty name: every model)."""
-        version = version_arg(request.version)
-        if request.name:
-            specs = [self._engine.get_model(request.name, version)]
-        else:
-            specs = self._engine.list_models()
-        response = pb.ModelStatisticsResponse()
-        for spec in sorted(specs, key=lambda s: s.name):
-            st = self._stats.get((spec.name, spec.version), ModelStats())
-            entry = response.model_stats.add(
-                name=spec.name,
-                version=str(spec.version),
-                last_inference=st.last_inference_ms,
-                inference_count=st.inference_count,
-                execution_count=st.execution_count,
-            )
-            for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-                duration: Duration = getattr(st, phase)
-                target = getattr(entry.inference_stats, phase)
-                target.count, target.ns = duration.count, duration.ns
-        return response
+        return kserve_triton.statistics(self._engine, self._stats, request.name, version_arg(request.version))
 
     # ---- not offered: an explicit UNIMPLEMENTED with a reason (the generated base class would raise)
 
@@ -297,7 +277,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if version is None and ctl.sequence_id is not None and not ctl.start:
             # A live sequence is validated against (and counted for) the version it is pinned to.
             version = self.sequences.live_version(request.model_name, ctl.sequence_id)
-        spec = self._engine.get_model(request.model_name, version)
+        spec = kserve_triton.get_model(self._engine, request.model_name, version)
         stats = self._stats.get((spec.name, spec.version))
         if stats is None:
             stats = self._stats[(spec.name, spec.version)] = ModelStats()

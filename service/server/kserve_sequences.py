@@ -77,6 +77,19 @@ def _describe_id(sequence_id: int | str) -> str:
     return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
 
 
+def start_required(key: _Key, why: str) -> InvalidArgument:
+    """Triton's answer to a request of a sequence that is not active, word for word, then why it is not.
+
+    Triton core, sequence_batch_scheduler.cc: "inference request for sequence <id> to model '<name>' must
+    specify the START flag on the first request of the sequence" (INVALID_ARG).
+    """
+    _, model, sequence_id = key
+    return InvalidArgument(
+        f"inference request for sequence {sequence_id} to model '{model}' must specify the START flag on the "
+        f"first request of the sequence ({why}; send sequence_start=true to start it again)"
+    )
+
+
 def store_key(key: _Key) -> str:
     """Return the sequence's key in the shared store (per tenant; int and string ids kept apart)."""
     owner, model, sequence_id = key
@@ -151,15 +164,22 @@ class SequenceTable:
             raise self._ended(key, entry, exc) from exc
         return SequenceOutcome(result.outputs, entry.version)
 
-    def _ended(self, key: _Key, entry: _Sequence, exc: NotFound) -> NotFound:
-        """Retire a sequence whose session is gone; the error says why and how to start again."""
+    def _ended(self, key: _Key, entry: _Sequence, exc: NotFound) -> ServeError:
+        """Retire a sequence whose session is gone; the error says why and how to start again.
+
+        As Triton's sequence batcher answers a request of a sequence it released (idle past
+        max_sequence_idle_microseconds, or never started): INVALID_ARGUMENT, "must specify the START flag".
+        A session another replica now owns stays NOT_FOUND (reason moved): the client retries elsewhere.
+        """
         self._retire(key, entry, exc.reason)
         _, model, sequence_id = key
-        return NotFound(
-            f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
-            f"{exc.message}; start it again with sequence_start=true",
-            reason=exc.reason,
-        )
+        if exc.reason == "moved":
+            return NotFound(
+                f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
+                f"{exc.message}; start it again with sequence_start=true",
+                reason=exc.reason,
+            )
+        return start_required(key, f"it ended ({exc.reason}): {exc.message}")
 
     async def step(
         self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
@@ -306,13 +326,14 @@ class SequenceTable:
         _, model, sequence_id = key
         reason = self._gone.get(key)
         name = f"sequence {_describe_id(sequence_id)} of model {model!r}"
-        if reason is None or reason == ENDED:
-            why = "was ended by sequence_end" if reason == ENDED else "is not active"
-            # Triton answers INVALID_ARGUMENT here too ("must specify the START flag ...").
-            return InvalidArgument(f"{name} {why}: its first request must set sequence_start=true")
-        return NotFound(
-            f"{name} has ended ({reason}); start it again with sequence_start=true", reason=reason
+        if reason == "moved":
+            return NotFound(
+                f"{name} has ended ({reason}); start it again with sequence_start=true", reason=reason
+            )
+        why = {None: "it is not active", ENDED: "it was ended by sequence_end"}.get(
+            reason, f"it ended ({reason})"
         )
+        return start_required(key, why)
 
     async def _close_quietly(self, session_id: str) -> None:
         try:

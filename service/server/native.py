@@ -25,6 +25,7 @@ from service.core.engine import Engine, ModelSpec, StepCall, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
+from service.server import request_log
 from service.server.interceptors import DRAINING_MESSAGE, status_of
 
 MAX_GENERATE_TOKENS = 1 << 20
@@ -214,6 +215,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                         )
                     info = await self._open_stream(req.open)
                     session_id, keep = info.session_id, req.open.keep
+                    request_log.note(model=info.model, version=info.version, session=session_id)
                     session = wire.session_to_pb(info)
                 elif req.HasField("open"):
                     raise InvalidArgument("`open` is only allowed in the first Stream message")

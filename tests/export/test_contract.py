@@ -79,14 +79,21 @@ def test_structural_violations_are_named():
     cases = {
         "dtype": _accumulator(out_dtype=TensorProto.INT64),
         "static": _accumulator(batch=4),
-        "no partner": _accumulator(pair=False),
-        "shape": _accumulator(state_out_shape=("batch", 2)),
-        "initial state row": _accumulator(initial=np.zeros((3,), np.int32)),
+        "has no output": _accumulator(pair=False),
+        "initial state": _accumulator(initial=np.zeros((3,), np.int32)),
     }
     for needle, model in cases.items():
         report = check_contract(model)
         assert not report.ok, needle
-        assert needle in report.checks[0].detail, (needle, report.checks[0].detail)
+        assert not report.served and needle in report.checks[0].detail, (needle, report.checks[0].detail)
+
+
+def test_declared_shape_mismatch_is_served_but_fails_the_stricter_check():
+    # ONNX Runtime reports the shape it infers, so the server serves this model (its output really is (B, 1));
+    # the exporter's own structure check reads the declared (B, 2) and fails it: exit 2, not 1.
+    report = check_contract(_accumulator(state_out_shape=("batch", 2)))
+    assert report.served and not report.ok
+    assert "shape" in report.failures()[0].detail
 
 
 def test_contract_cli_is_torch_free(model_repository):

@@ -116,8 +116,8 @@ def test_state_dropping_graph_fails_contract_streaming():
             node.op_type, node.input[:] = "Identity", ["state_in_h"]
             del node.attribute[:]
     report = check_contract(proto)
-    assert not report.ok
-    assert any("streaming" in c.name for c in report.failures())
+    assert not report.ok and not report.served  # the server's load-time self-check refuses it first
+    assert "self-check failed" in report.failures()[0].detail
 
 
 def test_dynamic_time_axis_one_file(tmp_path):
@@ -216,6 +216,15 @@ def test_int8_quantization(tmp_path):
     md = sess.get_modelmeta().custom_metadata_map
     assert md["rnnserve.quantization"] == "int8-dynamic" and md["rnnserve.family"] == "lstm"
     assert any(n.op_type == "DynamicQuantizeLSTM" for n in onnx.load(str(r.path)).graph.node)
+    # Dynamic quantization scales depend on the batch: config.yaml carries the self-check tolerance
+    # measured at export, and the server serves what the exporter wrote (one admission rule).
+    from service.config import Settings
+    from service.core.registry import Repository
+
+    assert "self_check_tolerance:" in (tmp_path / "repo" / "q" / "config.yaml").read_text()
+    repo = Repository(tmp_path / "repo", Settings(model_repository=tmp_path / "repo"))
+    repo.scan()
+    assert "q" in repo.served and repo.refusals() == []
 
 
 def test_cli_runs_and_verify_command(tmp_path, capsys):

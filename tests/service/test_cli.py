@@ -121,3 +121,21 @@ def test_console_script_is_installed(server):
         [str(script), "--address", server.address, "models"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "default  v1" in out.stdout, out.stderr
+
+
+def test_missing_file_and_ragged_csv_give_one_clean_line(server, tmp_path):
+    out = cli(server, "stream", "--model", "default", "--text", str(tmp_path / "missing.txt"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip() == f"rnnserve: cannot read {tmp_path / 'missing.txt'}: No such file or directory"
+    )
+    out = cli(server, "stream", "--model", "tiny_gru", "--csv", str(tmp_path / "missing.csv"))
+    assert out.returncode == 1 and "No such file" in out.stderr and "Traceback" not in out.stderr
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b,c\n1,2,3\n4,5\n")  # tiny_gru takes 3 features per step
+    out = cli(server, "stream", "--model", "tiny_gru", "--csv", str(ragged))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        == f"rnnserve: {ragged}:3: 2 values, expected 3 (the model takes; every row needs as many)"
+    )

@@ -514,7 +514,7 @@ def test_metrics_are_recorded(model_repository):
         assert metric(engine, "rnnserve_queue_seconds_count", labels) == 1
         assert metric(engine, "rnnserve_compute_seconds_count", labels) == 1
         assert (
-            metric(engine, "rnnserve_sessions_created_total", {"model": "tiny_lstm", "protocol": "native"})
+            metric(engine, "rnnserve_sessions_opened_total", {"model": "tiny_lstm", "protocol": "native"})
             == 1
         )
         assert metric(engine, "rnnserve_model_versions_loaded") == 4

@@ -239,7 +239,7 @@ def test_stream_error_message_carries_request_id(server):
         replies = list(stub.ModelStreamInfer(requests(), timeout=30))
     assert len(replies) == 2
     by_id = {r.infer_response.id: r for r in replies}
-    assert "unknown model 'nope'" in by_id["r1"].error_message
+    assert by_id["r1"].error_message == "Request for unknown model: 'nope' is not found"
     assert by_id["r2"].error_message == ""
     assert np.frombuffer(by_id["r2"].infer_response.raw_output_contents[0], np.int32).tolist() == [5]
 
@@ -323,8 +323,12 @@ def test_one_sequence_from_many_threads_applies_each_step_once(server):
 @pytest.mark.parametrize(
     ("call", "status", "needle"),
     [
-        (lambda c: c.infer("nope", [_acc(1)]), "NOT_FOUND", "unknown model 'nope'"),
-        (lambda c: c.infer("accumulator", [_acc(1)], sequence_id=404), "INVALID_ARGUMENT", "is not active"),
+        (lambda c: c.infer("nope", [_acc(1)]), "NOT_FOUND", "Request for unknown model: 'nope' is not found"),
+        (
+            lambda c: c.infer("accumulator", [_acc(1)], sequence_id=404),
+            "INVALID_ARGUMENT",
+            "must specify the START flag on the first request of the sequence (it is not active",
+        ),
         (
             lambda c: c.infer("accumulator", [_acc(1, "FP32")]),
             "INVALID_ARGUMENT",
@@ -390,8 +394,12 @@ def test_expired_sequence_names_the_reason(client):
     with pytest.raises(InferenceServerException) as exc:
         client.infer("acc_short", [_acc(2)], sequence_id=51)
     message = exc.value.message()
-    assert _status(exc) == "StatusCode.NOT_FOUND"
-    assert "has ended (idle)" in message, message
+    # As Triton answers a sequence its batcher released after max_sequence_idle_microseconds.
+    assert _status(exc) == "StatusCode.INVALID_ARGUMENT"
+    assert message.startswith(
+        "inference request for sequence 51 to model 'acc_short' must specify the START flag on the first "
+        "request of the sequence (it ended (idle)"
+    ), message
     # Restarting works after expiry.
     assert client.infer("acc_short", [_acc(3)], sequence_id=51, sequence_start=True).as_numpy("y")[0, 0] == 3
 
@@ -402,7 +410,7 @@ def test_shared_metrics_carry_the_kserve_protocol_label(client, server):
     client.infer("accumulator", [_acc(1)], sequence_id="metrics", sequence_start=True, sequence_end=True)
     client.is_server_live()
     text = generate_latest(server.registry).decode()
-    assert 'rnnserve_sessions_created_total{model="accumulator",protocol="kserve"}' in text
+    assert 'rnnserve_sessions_opened_total{model="accumulator",protocol="kserve"}' in text
     assert re.search(
         r'rnnserve_requests_total\{code="OK",method="ModelInfer",protocol="kserve"\} [1-9]', text
     )

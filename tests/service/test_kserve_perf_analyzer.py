@@ -2,12 +2,13 @@
 
 perf_analyzer reads ModelMetadata and ModelConfig, recognises a sequence model by `sequence_batching`, drives
 sequences with sequence_id/start/end (unary and streaming) and reads ModelStatistics. The binary links
-libb64 and libcudart; where they are missing (`apt-get install libb64-0d`, `pip install
-nvidia-cuda-runtime-cu12`) the test is skipped with that reason.
+libb64 and libcudart (`apt-get install libb64-0d`, `pip install nvidia-cuda-runtime-cu12`). Only the
+tritonclient 2.41 wheel ships a working binary (pinned in pyproject.toml): anything else fails here, loudly.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -36,15 +37,47 @@ def _environment() -> dict[str, str]:
     return env
 
 
+PINNED = "2.41.0"  # the last tritonclient wheel with a working perf_analyzer (pyproject.toml, test extra)
+
+
 @pytest.fixture(scope="module")
 def perf_analyzer() -> tuple[Path, dict[str, str]]:
+    # Fail, never skip: a missing or placeholder binary would otherwise hide every test below.
+    installed = importlib.metadata.version("tritonclient")
+    if installed != PINNED:
+        pytest.fail(f"tritonclient {installed} installed; perf_analyzer needs tritonclient[grpc]=={PINNED}")
     if not BINARY.exists():
-        pytest.skip("perf_analyzer is not in the venv (tritonclient wheel without it)")
+        pytest.fail(f"{BINARY} is missing from the tritonclient {PINNED} wheel's install")
     env = _environment()
-    probe = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, env=env, timeout=60)
-    if "error while loading shared libraries" in probe.stderr:
-        pytest.skip(f"perf_analyzer cannot start: {probe.stderr.strip()}")
+    probe = subprocess.run([str(BINARY), "--version"], capture_output=True, text=True, env=env, timeout=60)
+    if probe.returncode != 0 or "Perf Analyzer Version" not in probe.stdout + probe.stderr:
+        pytest.fail(f"perf_analyzer cannot run: {(probe.stdout + probe.stderr).strip()[:500]}")
     return BINARY, env
+
+
+def test_the_pinned_tritonclient_ships_a_working_perf_analyzer(perf_analyzer):
+    binary, env = perf_analyzer
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert re.search(r"Perf Analyzer Version \d", out.stdout + out.stderr)
+
+
+def test_the_wrapper_refuses_another_tritonclient(tmp_path):
+    # A stand-in interpreter that reports tritonclient 2.73.0, as a newer wheel (with the placeholder) would.
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho 2.73.0\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        ["deploy/perf_analyzer", "--version"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RNNSERVE_PYTHON": str(fake)},
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "tritonclient 2.73.0" in out.stderr and "==2.41.0" in out.stderr, out.stderr
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,21 @@ def test_newest_valid_version_wins(tmp_path):
     change = repo.scan()
     assert [mv.spec.version for mv in change.loaded] == [5]
     assert [mv.spec.version for mv in change.unload] == [3]  # nothing pinned it: unload at once
+
+
+def test_a_refused_version_is_retried(tmp_path, caplog):
+    """A poll retries a refused file once it or its config.yaml changed; a ReloadRepository always does."""
+    fixtures.accumulator(tmp_path, "acc")
+    (tmp_path / "acc" / "config.yaml").write_text("max_batch_size: 0\n")  # invalid: refused
+    repo = Repository(tmp_path, Settings(model_repository=tmp_path))
+    repo.scan()
+    assert "acc" not in repo.served and "max_batch_size" in repo.refusals()[0].reason
+    caplog.clear()
+    repo.scan()  # a poll, nothing changed: not reloaded, not logged again
+    assert not [r for r in caplog.records if "not served" in r.getMessage()]
+    repo.scan(retry=True)  # ReloadRepository: tried again (and refused again)
+    assert [r for r in caplog.records if "not served" in r.getMessage()]
+    # Fixing config.yaml alone (model.onnx untouched, same mtime) is enough for the next poll.
+    (tmp_path / "acc" / "config.yaml").write_text("max_batch_size: 8\n")
+    repo.scan()
+    assert "acc" in repo.served and repo.refusals() == []

@@ -201,6 +201,11 @@ def test_port_in_use_exits_with_a_message(repo):
             text=True,
             timeout=60,
         )
-        assert out.returncode != 0 and "cannot bind" in out.stderr, out.stderr[-2000:]
+        assert out.returncode != 0, out.stderr[-2000:]
+        # One line, before any model is loaded, saying which port and how to choose another.
+        assert out.stderr.strip().splitlines() == [
+            f"rnnserve: gRPC port {first.port} on 127.0.0.1 is already in use; choose another with "
+            "--grpc-port / RNNSERVE_GRPC_PORT (or stop the process that holds it)"
+        ], out.stderr[-2000:]
     finally:
         first.stop()

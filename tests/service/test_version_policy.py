@@ -173,5 +173,5 @@ def test_kserve_model_version(repo, server):
             np.testing.assert_allclose(np.concatenate(outs), want, atol=1e-5)
         inp = tc.InferInput("x", [1, 2, 3], "FP32")
         inp.set_data_from_numpy(X[np.newaxis, :2])
-        with pytest.raises(InferenceServerException, match="version 1 is not served"):
+        with pytest.raises(InferenceServerException, match="'newest' version 1 is not found .* not served"):
             client.infer("newest", [inp], model_version="1")
