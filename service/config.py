@@ -92,10 +92,10 @@ class Settings(BaseSettings):
         128, ge=8, description="Longest session id or KServe sequence id (characters) accepted."
     )
     slice_steps: int = Field(
-        256,
+        2048,
         ge=1,
-        description="A stateless request longer than this runs in time slices of this many steps, yielding "
-        "between them so other clients' steps interleave.",
+        description="A stateless request of more batch x timesteps than this runs in time slices of at most "
+        "this many batch x timesteps, yielding between them so other clients' steps interleave.",
     )
     trim_after_steps: int = Field(
         16_384,

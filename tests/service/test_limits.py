@@ -41,7 +41,7 @@ def server(repo):
         max_rows_per_message=8,
         max_cached_response_bytes=RESPONSE_BYTES,
         max_id_length=64,
-        slice_steps=7,
+        slice_steps=21,
         trim_after_steps=100,
     )
     srv = ServerThread(settings)
