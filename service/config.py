@@ -129,6 +129,17 @@ class Settings(BaseSettings):
         ge=1,
         description="Write a session to the shared store every N applied steps (1 = after every step).",
     )
+    store_refused: Literal["refuse", "serve-held"] = Field(
+        "refuse",
+        description="When the store refuses writes (Redis out of memory, read-only): 'refuse' answers steps "
+        "UNAVAILABLE until it takes writes again (nothing unsaved is ever answered); 'serve-held' keeps "
+        "stepping the sessions this replica holds, answering before they are saved (durability lags until "
+        "the store takes writes; a crash meanwhile loses those steps). New sessions and resumes are refused "
+        "either way, and an unreachable store always refuses.",
+    )
+    store_log_interval_s: float = Field(
+        10.0, gt=0, description="Store failures are logged at most once per this many seconds (per kind)."
+    )
     lease_s: float = Field(
         30.0, gt=0, description="Ownership lease of a session in the shared store, in seconds."
     )

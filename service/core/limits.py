@@ -77,7 +77,7 @@ async def run_sliced(
         outs = await loop.run_in_executor(executor, run, feeds)
         if big:
             _trim_soon(loop, executor)
-        return outs
+        return {t.name: outs[t.name] for t in spec.outputs}
     timed = {t.name for t in spec.outputs if t.time_axis}
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in timed}
     part = dict(feeds)

@@ -26,6 +26,7 @@ from service.core.sessions import SessionManager
 from service.core.table import Session
 from service.core.types import ModelSpec, StepCall, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable
+from service.stores.base import StoreUnavailable
 
 _log = logging.getLogger(__name__)
 
@@ -166,10 +167,11 @@ class Stepper:
             "the session store did not accept the step; retry the same seq"
         )
         try:
-            await sessions.save(s)
+            await sessions.save_step(s)
             outcome = None
         except ServeError as exc:  # Aborted: another replica owns the session now; Unavailable: store down
-            _log.error("saving session %s failed: %s", s.session_id, exc.message)
+            if not isinstance(exc, StoreUnavailable):  # those are counted and logged by the session manager
+                _log.error("saving session %s failed: %s", s.session_id, exc.message)
             outcome = exc
         except Exception as exc:  # noqa: BLE001 - any store failure means: not durable
             _log.error("saving session %s failed: %r", s.session_id, exc)

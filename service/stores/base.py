@@ -11,7 +11,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import Aborted
+from service.errors import Aborted, Unavailable
+
+
+class StoreUnavailable(Unavailable):
+    """The store did not take a request: unreachable (`kind` "unreachable") or refusing writes ("refused")."""
+
+    kind = "unreachable"
+
+
+class StoreRefused(StoreUnavailable):
+    """The store answers but refuses writes (Redis out of memory at maxmemory, a read-only replica)."""
+
+    kind = "refused"
 
 
 class Stale(Aborted):
