@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest response a session keeps for an idempotent retry; longer chunks are refused.",
     )
+    max_stream_buffer_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of answered but unsent replies one KServe stream may hold for a slow reader; past "
+        "it, the stream takes no more requests until the client reads (a larger single reply still goes).",
+    )
     max_id_length: int = Field(
         128, ge=8, description="Longest session id or KServe sequence id (characters) accepted."
     )
@@ -120,7 +126,14 @@ class Settings(BaseSettings):
     )
     state_hmac_key: str | None = Field(
         None,
-        description="Secret key: state blobs carry HMAC-SHA-256 instead of plain SHA-256 (forgery-proof).",
+        description="Secret key for HMAC-SHA-256 on GetState blobs (and stored records); give every replica "
+        "the same key so a blob moves between them. Unset: a random key per process (blobs only go back to "
+        "the replica that made them).",
+    )
+    allow_unsigned_state: bool = Field(
+        False,
+        description="SetState also accepts blobs with a plain SHA-256 trailer (anyone can make one: a raw "
+        "state import). Off: only blobs signed with this server's key.",
     )
     store: Literal["memory", "redis"] = Field("memory", description="Session store: 'memory' or 'redis'.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL when store = redis.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,9 +85,9 @@ class Engine:
             settings, self.metrics, self.store, self.models, self.background
         )
         self.stepper = Stepper(settings, self.session_manager, self.models, self.executor)
-        self.state = StateOps(
-            self.session_manager, settings.state_hmac_key.encode() if settings.state_hmac_key else None
-        )
+        # Client-facing blobs are always signed: with the configured key, or one made for this process.
+        blob_key = settings.state_hmac_key.encode() if settings.state_hmac_key else secrets.token_bytes(32)
+        self.state = StateOps(self.session_manager, blob_key, allow_unsigned=settings.allow_unsigned_state)
         self.generator = Generator(settings, self.session_manager)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False

@@ -137,3 +137,24 @@ def trim_memory() -> None:
     """Give freed heap memory back to the OS: `malloc_trim(0)` (glibc; a no-op elsewhere)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+class ByteBudget:
+    """A byte-counting semaphore: `take(n)` waits until `n` more bytes fit under the limit (or none held)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        """Wait for room for `n` bytes, then hold them."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        """Return `n` held bytes."""
+        async with self._changed:
+            self.used -= n
+            self._changed.notify_all()

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from service.config import Settings
+from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.registry import ModelVersion
 from service.core.table import PendingOp, Session, SessionTable
@@ -214,7 +215,15 @@ class SessionManager:
             self.settings.replica_id,
             s.gen,
             s.steps,
+            self._digest(s),
         )
+
+    @staticmethod
+    def _digest(s: Session) -> bytes | None:
+        known = s.last_inputs
+        if known is None or isinstance(known, bytes):
+            return known
+        return input_digest(s.mv.spec, known)
 
     # -- the shared store -----------------------------------------------------------------------------------
     async def save(self, s: Session) -> None:
@@ -383,6 +392,7 @@ class SessionManager:
         s.last_seq = rec.last_seq
         s.gen = rec.gen
         s.steps = rec.steps
+        s.last_inputs = rec.last_digest
         s.created_at = rec.created_at - self.wall_offset  # the lifetime counts from the first creation
         s.lease_until = asked + self.settings.lease_s  # claimed (or renewed) before the load
         if rec.last_outputs is not None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from service.config import Settings
 from service.core import limits
+from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
 from service.core.sessions import SessionManager
@@ -67,7 +68,7 @@ class Stepper:
             if seq is None:  # "the next one" (KServe sequences carry no seq)
                 seq = s.last_seq + 1
             if seq != s.last_seq + 1:
-                return out_of_order(sessions, s, seq, last_only)
+                return out_of_order(sessions, s, seq, last_only, inputs)
             mv = s.mv
             arrays, key, steps = mv.inputs.check(inputs)
             fut = self._loop.create_future()  # type: ignore[union-attr]
@@ -148,6 +149,7 @@ class Stepper:
         result = StepResult(req.seq, outputs, False)  # type: ignore[arg-type]
         s.last_seq = req.seq
         s.last_result = req.row if req.row is not None else result
+        s.last_inputs = req.inputs
         s.steps += req.steps
         if self.sessions.persist:
             s.unsaved += 1
@@ -214,6 +216,23 @@ class Stepper:
         return await limits.run_sliced(self.settings, self.executor, mv.runtime, spec, feeds)
 
 
+def same_inputs(s: Session, inputs: dict[str, np.ndarray]) -> bool:
+    """Tell whether a retried chunk carries the inputs the session applied last (True when unknown)."""
+    known = s.last_inputs
+    if known is None:
+        return True
+    spec = s.mv.spec
+    if set(inputs) != {t.name for t in spec.inputs}:
+        return False
+    got = [inputs[t.name] if isinstance(inputs[t.name], np.ndarray) else None for t in spec.inputs]
+    if isinstance(known, bytes):
+        return input_digest(spec, got) == known
+    return all(
+        g is not None and g.dtype == k.dtype and g.shape == k.shape and np.array_equal(g, k)
+        for g, k in zip(got, known, strict=True)
+    )
+
+
 def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:
     """Return the result with time-axis outputs cut to their last step `(1, ...)`."""
     timed = {t.name for t in spec.outputs if t.time_axis}
@@ -221,11 +240,22 @@ def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:
     return StepResult(result.seq, outs, result.cached)
 
 
-def out_of_order(sessions: SessionManager, s: Session, seq: int, last_only: bool) -> StepResult:
+def out_of_order(
+    sessions: SessionManager,
+    s: Session,
+    seq: int,
+    last_only: bool,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> StepResult:
     """Answer a chunk whose seq is not last + 1: the cached result of a retried last seq, or the error."""
     last = s.last_seq
     r = sessions.cached(s) if seq == last else None
     if r is not None and r.seq == seq:
+        if inputs is not None and not same_inputs(s, inputs):
+            raise FailedPrecondition(
+                f"seq {seq} of session {s.session_id} was already applied with other inputs (another "
+                f"client's chunk, or a changed retry); its answer is not yours: expected seq {last + 1}"
+            )
         cached = StepResult(r.seq, r.outputs, True)
         return last_step_only(cached, s.mv.spec) if last_only and s.mv.spec.time_axis else cached
     if not isinstance(seq, int) or seq < 1:

@@ -69,6 +69,7 @@ class Session:
         "lease_until",
         "unsaved",
         "gen",
+        "last_inputs",
     )
 
     def __init__(
@@ -91,6 +92,8 @@ class Session:
         self.lease_until = 0.0
         self.unsaved = 0
         self.gen = 0  # the store's version this copy was read at or last written as (the fencing token)
+        # The last applied chunk's inputs (arrays in spec order), or their digest once resumed; None: unknown.
+        self.last_inputs: tuple[np.ndarray, ...] | bytes | None = None
 
 
 class SessionTable:

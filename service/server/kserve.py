@@ -27,6 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from service.core import limits
 from service.core.engine import Engine, ModelSpec
 from service.errors import InvalidArgument, NotFound
 from service.server.interceptors import status_of
@@ -301,11 +302,13 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         inflight = asyncio.Semaphore(self._stream_max_inflight)
         running: set[asyncio.Task[None]] = set()
         order = _ReplyOrder()
+        buffered = limits.ByteBudget(self._engine.settings.max_stream_buffer_bytes)
 
         async def answer(request: pb.ModelInferRequest, turn: _Turn) -> None:
             try:
                 reply = await self._stream_reply(request)
                 await turn.wait()  # replies of one sequence leave in request order
+                await buffered.take(reply.ByteSize())  # a slow reader holds requests back, not memory
                 out.put_nowait(reply)
             finally:
                 turn.done()
@@ -325,8 +328,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (reply := await out.get()) is not None:
+                size = reply.ByteSize()
                 yield reply
                 # Released only once written: requests running plus replies unread stay bounded.
+                await buffered.give(size)
                 inflight.release()
             await reader  # surfaces a broken request stream
         finally:

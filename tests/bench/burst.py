@@ -7,9 +7,9 @@ started twice: with the default request limits (a stateless request longer than 
 memory is given back after it), and with slicing and trimming switched off (`slice_steps` and
 `max_request_steps` huge, `trim_after_steps` 0: the server before the limits existed). Each time, one client
 steps a session one token at a time for the whole run (its round trips are the latency figures); after a quiet
-phase a second client sends maximal KServe requests (batch x steps = `max_request_steps`), then everything idles
-again. RSS is sampled every 50 ms. The default limits also refuse what the unlimited server took (the issue's
-64 x 4,096 request); that refusal is recorded too.
+phase a second client sends maximal KServe requests (batch x steps = `max_request_steps`), then everything
+idles again. RSS is sampled every 50 ms. The default limits also refuse what the unlimited server took (the
+issue's 64 x 4,096 request); that refusal is recorded too.
 """
 
 from __future__ import annotations
@@ -156,22 +156,23 @@ def plot(results: list[dict], path: Path) -> None:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| server | quiet p99 (ms) | p99 during the maximal requests (ms) | max (ms) | RSS before / peak / after "
-        "(MiB) | a 64 x 4,096 request |",
+        "| server | quiet p99 (ms) | p99 during the maximal requests (ms) | max (ms) "
+        "| RSS before / peak / after (MiB) | a 64 x 4,096 request |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         issue = r["issue_request_64x4096"]
         issue = "accepted" if issue == "accepted" else issue.split(":")[0]
         lines.append(
-            f"| {r['label']} | {r['quiet_p99_ms']:.1f} | {r['during_p99_ms']:.1f} | {r['during_max_ms']:.0f} | "
-            f"{r['rss_before_mib']:.0f} / {r['rss_peak_mib']:.0f} / {r['rss_after_mib']:.0f} | {issue} |"
+            f"| {r['label']} | {r['quiet_p99_ms']:.1f} | {r['during_p99_ms']:.1f} "
+            f"| {r['during_max_ms']:.0f} | {r['rss_before_mib']:.0f} / {r['rss_peak_mib']:.0f} / "
+            f"{r['rss_after_mib']:.0f} | {issue} |"
         )
     r0 = results[0]
     lines.append("")
     lines.append(
-        f"Maximal request: {r0['request']} on the default model (v2), while another client steps a session one "
-        "token at a time. ![RSS and latency during the burst](burst.png)"
+        f"Maximal request: {r0['request']} on the default model (v2), while another client steps a session "
+        "one token at a time. ![RSS and latency during the burst](burst.png)"
     )
     return "\n".join(lines) + "\n"
 
@@ -188,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         results = [
             run_one("default limits (sliced, memory trimmed)", work, repository),
             run_one(
-                "no slicing, no trim (before)", work, repository,
-                slice_steps=1_000_000, trim_after_steps=0, max_request_steps=10**9,
+                "no slicing, no trim (before)",
+                work,
+                repository,
+                slice_steps=1_000_000,
+                trim_after_steps=0,
+                max_request_steps=10**9,
             ),
         ]
     args.out.mkdir(parents=True, exist_ok=True)

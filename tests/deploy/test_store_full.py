@@ -32,8 +32,13 @@ def _errors(registry: CollectorRegistry, kind: str) -> float:
 
 def _engine(repo, url, mode, registry):
     cfg = Settings(
-        model_repository=repo, replica_id=f"r-{mode}", lease_s=30, store="redis", redis_url=url,
-        store_refused=mode, metrics_port=-1,
+        model_repository=repo,
+        replica_id=f"r-{mode}",
+        lease_s=30,
+        store="redis",
+        redis_url=url,
+        store_refused=mode,
+        metrics_port=-1,
     )
     return Engine(cfg, registry=registry, store=RedisStore(url, lease_s=30))
 
