@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     trim_after_steps: int = Field(
         16_384,
         ge=0,
-        description="After a stateless request of at least this many batch x timesteps, return freed memory "
-        "to the OS (ONNX Runtime arena shrink and malloc_trim); 0 = never.",
+        description="A stateless request of at least this many batch x timesteps runs on an ONNX Runtime "
+        "session without memory arena, and freed memory goes back to the OS after it (malloc_trim); "
+        "0 = never.",
     )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes."

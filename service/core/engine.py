@@ -27,6 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from service.config import Settings
+from service.core import limits
 from service.core.generation import Generator
 from service.core.models import ModelHost
 from service.core.registry import RepositoryChange
@@ -73,6 +74,7 @@ class Engine:
         store: SessionStore | None = None,
     ) -> None:
         self.settings = settings
+        limits.tune_allocator()
         self.metrics = Metrics(registry)
         self.store = store if store is not None else self._default_store(settings)
         self.executor = ThreadPoolExecutor(settings.ort_executor_threads, thread_name_prefix="ort")

@@ -11,9 +11,10 @@ Every limit is a setting (service/config.py) with a safe default, and a refusal 
 A stateless request of more than `slice_steps` batch x timesteps runs in time slices of at most that much
 work, the state carried from one to the next, with a return to the event loop between slices: the single ONNX
 Runtime executor thread takes other clients' batches in between, so one maximal request does not hold everyone
-else for its whole length. After a request of at least `trim_after_steps` batch x timesteps, ONNX Runtime's
-arena is shrunk after each of its runs and, once the response is sent, glibc's `malloc_trim` returns freed
-heap to the OS, so a burst does not leave the process at its peak RSS.
+else for its whole length. A request of at least `trim_after_steps` batch x timesteps runs on a second ONNX
+Runtime session of the model without the CPU memory arena (`Runtime.for_bursts`) and, once its response is
+sent, glibc's `malloc_trim` returns the freed heap to the OS; large buffers are mmapped (`tune_allocator`). So
+a burst does not leave the process at its peak RSS, and the per-step batches keep their arena.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ async def run_sliced(
     batch = first.shape[0]
     steps = first.shape[1] if spec.time_axis and first.ndim > 1 else 1
     big = 0 < settings.trim_after_steps <= batch * steps
-    run = runtime.run_and_shrink if big else runtime.run
+    if big:  # on the arena-less session, so its memory can go back to the OS afterwards
+        runtime = await loop.run_in_executor(executor, runtime.for_bursts)
+    run = runtime.run
     n = max(1, settings.slice_steps // batch) if spec.time_axis else steps
     if steps <= n:
         outs = await loop.run_in_executor(executor, run, feeds)
@@ -117,20 +120,33 @@ def _trim_soon(loop: asyncio.AbstractEventLoop, executor: Executor) -> None:
     loop.call_later(_TRIM_DELAY_S, run)
 
 
-def _libc_trim():  # type: ignore[no-untyped-def]
+def _libc():  # type: ignore[no-untyped-def]
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        fn = ctypes.CDLL(name).malloc_trim
+        lib = ctypes.CDLL(name)
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
+    return lib
 
 
-_MALLOC_TRIM = _libc_trim()
+_LIBC = _libc()
+_MALLOC_TRIM = _LIBC.malloc_trim if _LIBC is not None else None
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def tune_allocator() -> None:
+    """Serve large buffers (a burst's inputs, outputs, messages) from mmap, so freeing them returns them.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which such
+    blocks come from the heap and stay in the process after a burst. A fixed threshold turns that off.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def trim_memory() -> None:
