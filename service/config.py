@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         128, ge=8, description="Longest session id or KServe sequence id (characters) accepted."
     )
     slice_steps: int = Field(
-        2048,
+        512,
         ge=1,
         description="A stateless request of more batch x timesteps than this runs in time slices of at most "
         "this many batch x timesteps, yielding between them so other clients' steps interleave.",

@@ -87,6 +87,10 @@ class Engine:
             settings, self.metrics, self.store, self.models, self.background
         )
         self.stepper = Stepper(settings, self.session_manager, self.models, self.executor)
+        # Long stateless requests run their slices on a thread of their own: other clients' batches never
+        # queue behind a slice (on a shared core the OS interleaves them instead).
+        self.burst_executor = ThreadPoolExecutor(1, thread_name_prefix="ort-burst")
+        self.stepper.burst_executor = self.burst_executor
         # Client-facing blobs are always signed: with the configured key, or one made for this process.
         blob_key = settings.state_hmac_key.encode() if settings.state_hmac_key else secrets.token_bytes(32)
         self.state = StateOps(self.session_manager, blob_key, allow_unsigned=settings.allow_unsigned_state)
@@ -165,6 +169,7 @@ class Engine:
         await self.background.wait()
         await self.models.unload_all()
         self.executor.shutdown(wait=True)
+        self.burst_executor.shutdown(wait=True)
         await self.store.close()
 
     def reload(self) -> RepositoryChange:

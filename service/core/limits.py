@@ -63,9 +63,18 @@ def check_id(settings: Settings, value: str, what: str) -> None:
 
 
 async def run_sliced(
-    settings: Settings, executor: Executor, runtime: Runtime, spec: ModelSpec, feeds: dict[str, np.ndarray]
+    settings: Settings,
+    executor: Executor,
+    burst_executor: Executor,
+    runtime: Runtime,
+    spec: ModelSpec,
+    feeds: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """Run a stateless request, in time slices when it is large (see the module docstring)."""
+    """Run a stateless request, in time slices when it is large (see the module docstring).
+
+    A request that is sliced runs on `burst_executor`, so the per-step batches in `executor` never wait for a
+    slice; a short one runs in `executor` like any batch.
+    """
     loop = asyncio.get_running_loop()
     data = [t.name for t in spec.inputs]
     first = feeds[data[0]]
@@ -73,9 +82,11 @@ async def run_sliced(
     steps = first.shape[1] if spec.time_axis and first.ndim > 1 else 1
     big = 0 < settings.trim_after_steps <= batch * steps
     if big:  # on the arena-less session, so its memory can go back to the OS afterwards
-        runtime = await loop.run_in_executor(executor, runtime.for_bursts)
+        runtime = await loop.run_in_executor(burst_executor, runtime.for_bursts)
     run = runtime.run
     n = max(1, settings.slice_steps // batch) if spec.time_axis else steps
+    if steps > n:
+        executor = burst_executor
     if steps <= n:
         outs = await loop.run_in_executor(executor, run, feeds)
         if big:

@@ -42,6 +42,7 @@ class Stepper:
         self.sessions = sessions
         self.host = host
         self.executor = executor
+        self.burst_executor: Executor = executor  # the engine gives long stateless requests their own thread
         self.active = 0  # steps inside the core now; a drain waits for them
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -213,7 +214,9 @@ class Stepper:
         first = feeds[spec.inputs[0].name] if spec.inputs else None
         steps = first.shape[1] if spec.time_axis and first is not None and first.ndim > 1 else 1
         limits.check_request_steps(self.settings, batch, steps, f"stateless request to {spec.name!r}")
-        return await limits.run_sliced(self.settings, self.executor, mv.runtime, spec, feeds)
+        return await limits.run_sliced(
+            self.settings, self.executor, self.burst_executor, mv.runtime, spec, feeds
+        )
 
 
 def same_inputs(s: Session, inputs: dict[str, np.ndarray]) -> bool:

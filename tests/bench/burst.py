@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -125,6 +126,7 @@ def run_one(label: str, workdir: Path, repository: Path, **settings: object) -> 
         "rss_after_mib": float(np.median(after)) if after else float("nan"),
         "burst_s": burst_end - burst_start,
         "issue_request_64x4096": refused or "accepted",
+        "load_average_1min": os.getloadavg()[0],
         "trace": {"rss": rss, "latency": lat, "burst": [burst_start, burst_end]},
     }
 
@@ -169,7 +171,9 @@ def markdown(results: list[dict]) -> str:
             f"{r['rss_after_mib']:.0f} | {issue} |"
         )
     r0 = results[0]
+    loads = ", ".join(f"{r['load_average_1min']:.1f}" for r in results)
     lines.append("")
+    lines.append(f"Load average (1 min) on the 2-core machine during the runs: {loads}.")
     lines.append(
         f"Maximal request: {r0['request']} on the default model (v2), while another client steps a session "
         "one token at a time. ![RSS and latency during the burst](burst.png)"
