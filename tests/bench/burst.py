@@ -181,10 +181,33 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LIMITS = (
+    "max_request_steps", "max_rows_per_message", "max_chunk_steps", "max_cached_response_bytes",
+    "max_message_bytes", "max_id_length", "max_stream_buffer_bytes", "slice_steps", "trim_after_steps",
+    "store_refused",
+)
+
+
+def limits_table() -> str:
+    """The request limits and related settings with their defaults, from `service.config.Settings`."""
+    lines = ["| setting (`RNNSERVE_...`) | default | what it bounds |", "|---|---|---|"]
+    for name in LIMITS:
+        field = Settings.model_fields[name]
+        default = field.default
+        shown = f"{default:,}" if isinstance(default, int) else str(default)
+        lines.append(f"| `{name}` | {shown} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="latency and memory around one maximal request")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--limits-only", action="store_true", help="only rewrite limits.md")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "limits.md").write_text(limits_table())
+    if args.limits_only:
+        return 0
     with tempfile.TemporaryDirectory(prefix="rnnserve-burst-") as tmp:
         work = Path(tmp)
         repository = work / "repository"
