@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench deploy-check readme system-deps clean chaos
+.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
@@ -20,9 +20,18 @@ help:
 	@echo "make models      data + train + export: rebuild the model repository"
 	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
-	@echo "make bench       benchmark suite (not part of make test)"
+	@echo "make bench       benchmark suite, ~17 min (not in make test); BENCH_ARGS=--quick: reduced, to docs/bench/quick/"
 	@echo "make chaos       fault injection against 3 replicas + Redis (>= 1,000 faults, ~15 min); not in make test"
+	@echo "make fuzz        >= 10,000 generated requests over every RPC of both APIs"
+	@echo "make soak        1,000,000 create/step/close cycles; server RSS growth <= 5%"
 	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
+	@echo "make image-check   build deploy/Dockerfile here (debootstrap base + buildah, cached) and run its checks"
+	@echo "make image-clean   remove the image-check cache (base rootfs tarball) and its local images"
+	@echo "make monitoring-check  promtool check/test the alert rules; dashboard + rules metrics vs a live server"
+	@echo "make dashboard-preview  draw the dashboard's panels from a real Prometheus + two loaded replicas (PNG)"
+	@echo "make node-client   run the Node.js client's test against a real server (clients/node)"
+	@echo "make perf-analyzer ARGS='...'  Triton's perf_analyzer from the venv, its libraries found (docs/triton.md)"
+	@echo "make proxy-check   sessions through the real HAProxy front proxy, full run (writes docs/deploy/proxy.*)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +39,12 @@ $(VENV)/bin/python:
 
 # Serving dependencies only (no torch).
 $(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e . grpcio-tools
+	$(PIP) install -q -e '.[server]' grpcio-tools
 	touch $@
 
 # Everything: serving, training/export (torch==2.13.0), tests, benchmarks.
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[train,test,bench]'
+	$(PIP) install -q -e '.[server,export,train,test,bench]'
 	touch $(VENV)/.serve $@
 
 install: $(VENV)/.serve
@@ -46,13 +55,23 @@ $(PROTO_OUT): $(PROTO_SRC) | $(VENV)/.serve
 
 protos: $(PROTO_OUT)
 
+# Local development: no authentication, loopback only (the server prints a warning block). A secured server:
+# make serve SERVE_ARGS="--auth api_keys --api-keys-file keys.yaml --tls-cert-file ... --tls-key-file ..."
+SERVE_ARGS ?=
 serve: install protos
-	$(PY) -m service.server --model-repository $(REPOSITORY)
+	@case "$(SERVE_ARGS)" in *api_keys*) ;; *) echo "make serve: OPEN SERVER (auth none) on 127.0.0.1 -- local development only; see README 'Security'" >&2;; esac
+	$(PY) -m service.server --model-repository $(REPOSITORY) $(SERVE_ARGS)
 
-# Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer).
-APT_PACKAGES := redis-server libb64-0d
+# Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer),
+# buildah podman debootstrap (make image-check: build and run the image without a docker engine), prometheus
+# (its promtool checks and unit-tests the alert rules). Node.js and npm (the Node client's test) only when the
+# machine has no `node`/`npm` at all (an existing install, e.g. from another apt source, is kept).
+# haproxy (the front proxy of deploy/components/haproxy) and dnsmasq-base (the cluster DNS it resolves pods with).
+APT_PACKAGES := redis-server libb64-0d buildah podman debootstrap prometheus haproxy dnsmasq-base
+NODE_PACKAGES := nodejs npm
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	{ command -v node >/dev/null && command -v npm >/dev/null; } || missing="$$missing $(NODE_PACKAGES)"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
@@ -68,14 +87,31 @@ lint: install-dev protos
 readme: install
 	$(PY) docs/sync_readme.py
 
-# --- benchmarks (bench helper) ---------------------------------------------------------------------------------
-# Load generator, reference points and targets (issue 5); writes docs/bench/ (JSON, markdown, PNG) and
-# docs/performance.md, then refreshes the README's include blocks. Full run ~15 min on 2 cores; not in make test.
-# Reduced run: make bench BENCH_ARGS=--quick
-BENCH_ARGS ?=
-bench: install-dev protos
-	$(PY) -m tests.bench $(BENCH_ARGS)
+# --- security: fuzzing and soak ------------------------------------------------------------------------------
+# Property-based fuzzing of every RPC of both APIs (make test runs 8 cases per RPC): >= 10,000 cases here;
+# then the byte-budget test, whose figures go to docs/security/budget.md (README "Security").
+FUZZ_EXAMPLES ?= 400
+fuzz: install-dev protos
+	RNNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RNNSERVE_FUZZ_REPORT=docs/security/fuzz.json $(PY) -m pytest -q tests/fuzz
+	$(PY) -c "import json, sys; n = json.load(open('docs/security/fuzz.json'))['cases']; print(n, 'fuzz cases'); sys.exit(n < 10000)"
+	RNNSERVE_BUDGET_REPORT=docs/security/budget.md $(PY) -m pytest -q tests/service/test_admission.py
 	$(PY) docs/sync_readme.py
+
+# 1,000,000 create/step/close cycles on loopback (~20-30 min on 2 shared cores); RSS growth must stay <= 5%.
+SOAK_ARGS ?=
+soak: install-dev protos
+	$(PY) -m tests.soak $(SOAK_ARGS)
+	$(PY) docs/sync_readme.py
+
+# --- benchmarks -------------------------------------------------------------------------------------------------
+# Echo floors, native Stream/StreamMany, KServe streaming, perf_analyzer (unary and --streaming), paced load, raw
+# ORT, positions, idle memory, and the targets; writes docs/bench/ (JSON, markdown, PNG) and docs/performance.md,
+# then refreshes the README's include blocks. Full run ~17 min on 2 cores; not in make test.
+# Reduced run: make bench BENCH_ARGS=--quick (writes docs/bench/quick/ only; README and committed results untouched)
+BENCH_ARGS ?=
+bench: system-deps install-dev protos
+	$(PY) -m tests.bench $(BENCH_ARGS)
+	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) docs/sync_readme.py ;; esac
 
 # Chaos run (tests/chaos): a redis-server with AOF, three replicas, native and KServe clients moving sessions
 # between replicas, SIGKILL/SIGSTOP/SIGTERM of replicas and Redis; every acknowledged output replayed in ONNX
@@ -89,8 +125,16 @@ chaos: system-deps install-dev protos
 # render every kustomize overlay, validate against the Kubernetes schemas, policy checks, Dockerfile checks.
 deploy-check: install-dev
 	@command -v kubectl >/dev/null || { echo "deploy-check needs kubectl (renders kustomize offline)" >&2; exit 1; }
-	for overlay in dev prod; do kubectl kustomize deploy/overlays/$$overlay > /dev/null || exit 1; done
-	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_dockerfile.py
+	for overlay in dev prod prod-envoy; do kubectl kustomize deploy/overlays/$$overlay > /dev/null || exit 1; done
+	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_haproxy_config.py tests/deploy/test_dockerfile.py
+
+# Sessions through the real front proxy (HAProxy 2.6 with deploy/components/haproxy/haproxy.cfg), three then four
+# real replicas, redis-server and dnsmasq: a few hundred sessions through scale-out, SIGKILL and SIGTERM, and the
+# proxy's cost per step. Writes docs/deploy/proxy.{json,md,png} and refreshes the README (about 2 min). The short
+# version runs in make test (tests/deploy/test_proxy_routing.py).
+proxy-check: system-deps install-dev protos
+	$(PY) deploy/proxy_report.py
+	$(PY) docs/sync_readme.py
 
 # --- export (models/export helper) ---------------------------------------------------------------------------
 # Every checkpoint training produced, runs/<name>/ckpt.pt, becomes $(REPOSITORY)/<name>/<next version>/model.onnx,
@@ -132,3 +176,36 @@ default-model: data
 # Long-time-lag experiment (adding problem, every family x lag; docs/results/long_lag.*). Not part of make test.
 experiment: install-dev
 	$(PY) -m models.experiment
+
+# --- the image, monitoring, other-language client, perf_analyzer ----------------------------------------------
+# Build deploy/Dockerfile on this machine without a docker engine and check the image by running it (also part of
+# `make test`): debootstrap a Debian bookworm base once (cached in $(IMAGE_CACHE) and in the container storage),
+# `buildah build` with layer caching, then tests/deploy/test_image.py. Writes docs/deploy/image.md (README).
+IMAGE_CACHE ?= /var/cache/rnnserve-image
+image-check: system-deps install-dev protos
+	RNNSERVE_IMAGE_CACHE=$(IMAGE_CACHE) RNNSERVE_IMAGE_REPORT=1 $(PY) -m pytest -q tests/deploy/test_image.py
+	$(PY) docs/sync_readme.py
+	$(PY) -c "import pathlib, sys; sys.path.insert(0, 'docs'); import sync_readme as s; \
+	  p = pathlib.Path('docs/deploy.md'); p.write_text(s.render(p.read_text()))"
+
+image-clean:
+	export CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf; \
+	podman images --format '{{.Repository}}:{{.Tag}}' | grep -E '^localhost/rnnserve(-base)?:' | xargs -r podman rmi --force; \
+	podman image prune --force >/dev/null; \
+	rm -rf $(IMAGE_CACHE)
+
+# Alert rules (promtool check + unit tests) and the dashboard's and rules' metric names against a live server.
+monitoring-check: system-deps install-dev protos
+	$(PY) -m pytest -q tests/deploy/test_monitoring.py tests/deploy/test_dashboard_live.py
+
+# The dashboard's panels drawn from a real Prometheus scraping two replicas under load (~2 min): docs/deploy/dashboard.png
+dashboard-preview: system-deps install-dev protos
+	$(PY) deploy/dashboard_preview.py
+
+node-client: system-deps install-dev protos
+	$(PY) -m pytest -q tests/clients/test_node_client.py
+
+# Triton's perf_analyzer (tritonclient wheel) with its shared libraries found: make perf-analyzer ARGS='-m default ...'
+ARGS ?= --help
+perf-analyzer: install-dev
+	RNNSERVE_PYTHON=$(abspath $(PY)) deploy/perf_analyzer $(ARGS)

@@ -32,6 +32,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from service.core.selfcheck import chunk_bounds  # one splitter for export checks and the server's
+
 STATE_IN, STATE_OUT = "state_in_", "state_out_"
 TIME = "time"
 
@@ -251,17 +253,6 @@ def max_diff(
         if d > worst or not np.isfinite(d):
             worst, where = d, k
     return worst, ok, where
-
-
-def chunk_bounds(total: int, rng: np.random.Generator, pieces: int = 6) -> list[tuple[int, int]]:
-    """Split ``range(total)`` at random into up to ``pieces`` non-empty chunks, one of them of length 1."""
-    cuts = sorted(
-        set(rng.choice(np.arange(1, total), size=min(pieces - 1, total - 1), replace=False).tolist())
-    )
-    if total > 2 and cuts and cuts[0] != 1:
-        cuts = [1, *cuts]  # a one-step chunk: the smallest a client sends
-    edges = [0, *cuts, total]
-    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def check_streaming(

@@ -197,11 +197,66 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.max_sessions = Gauge(
+            "rnnserve_max_sessions",
+            "Most open sessions this server accepts (the max_sessions setting).",
+            registry=r,
+        )
+        self.model_max_sessions = Gauge(
+            "rnnserve_model_max_sessions",
+            "Most open sessions of a model (its config's max_sessions, capped by the server's).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.state_budget_bytes = Gauge(
+            "rnnserve_state_budget_bytes",
+            "Recurrent state bytes a model version's sessions would hold at its session limit.",
+            ["model", "version"],
+            registry=r,
+        )
         self.model_versions = Gauge(
             "rnnserve_model_versions_loaded",
             "Model versions in memory (current and pinned old ones).",
             registry=r,
         )
+
+        self.memory_budget_bytes = Gauge(
+            "rnnserve_session_memory_budget_bytes",
+            "Session memory budget shared by all models and tenants (admission control, in bytes).",
+            registry=r,
+        )
+        self.memory_budget_used_bytes = Gauge(
+            "rnnserve_session_memory_used_bytes",
+            "Session memory charged against the budget (state, cached outputs, per-session overhead).",
+            registry=r,
+        )
+        self.admission_refusals = Counter(
+            "rnnserve_admission_refusals",
+            "Requests refused by admission control, by reason (budget, tenant_sessions, tenant_bytes,"
+            " tenant_rate).",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "rnnserve_auth_failures",
+            "Calls refused before reaching a handler, by reason (missing, malformed, unknown, role).",
+            ["reason"],
+            registry=r,
+        )
+
+    def version_loaded(self, model: str, version: str, state_bytes: int, max_sessions: int) -> None:
+        """Publish a loaded version's session limit and the state bytes it implies (the capacity budget)."""
+        self.model_max_sessions.labels(model, version).set(max_sessions)
+        self.state_budget_bytes.labels(model, version).set(state_bytes * max_sessions)
+
+    def version_unloaded(self, model: str, version: str) -> None:
+        """Forget an unloaded version's gauges."""
+        gauges = (self.active_sessions, self.state_bytes, self.model_max_sessions, self.state_budget_bytes)
+        for gauge in gauges:
+            try:
+                gauge.remove(model, version)
+            except KeyError:
+                pass
 
     def request(self, method: str, code: str, protocol: str = "native") -> None:
         """Count one finished RPC (called by the edges)."""

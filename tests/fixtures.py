@@ -9,6 +9,9 @@ Each builder writes `<repository>/<name>/<version>/model.onnx` and returns the p
   state `h` (B, 1, H).
 - `accumulator`: a user's own stateful model without a time axis: x int32 (B, 1);
   state_out_acc = state_in_acc + x; y = state_out_acc.
+- `state_passthrough`, `normalised_over`: deliberately broken edits of a model (the state is not carried;
+  an output normalised over time or over the batch), which the load-time self-check refuses.
+- `dyna_sequence`: Triton's `simple_dyna_sequence` as ONNX, with control inputs START, END, READY, CORRID.
 """
 
 from __future__ import annotations
@@ -226,6 +229,164 @@ def accumulator(repository: Path, name: str = "accumulator", version: int = 1) -
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return _write(model, repository, name, version)
+
+
+DYNA_CONTROLS = """control_inputs:
+  - {name: START, kind: CONTROL_SEQUENCE_START}
+  - {name: END, kind: CONTROL_SEQUENCE_END}
+  - {name: READY, kind: CONTROL_SEQUENCE_READY}
+  - {name: CORRID, kind: CONTROL_SEQUENCE_CORRID}
+"""
+
+
+def dyna_sequence(
+    repository: Path, name: str = "simple_dyna_sequence", *, string_id: str | None = None
+) -> Path:
+    """Triton's `simple_dyna_sequence` as ONNX: an int32 accumulator; its last output adds the sequence id.
+
+    INPUT int32 (B, 1); control inputs START, END, READY int32 (B, 1) and CORRID (B, 1), uint64 -- or
+    string when `string_id` is given: then the model adds `int(string_id)` at the end if CORRID equals it
+    (ONNX cannot parse a string into a number), 0 for any other id. State `acc` int32 (B, 1):
+    acc = INPUT if START else acc + INPUT (unchanged when not READY); OUTPUT = acc + END * CORRID.
+    Also writes the model's config.yaml declaring the four control inputs.
+    """
+    i32 = TensorProto.INT32
+    nodes = [
+        helper.make_node("Cast", ["START"], ["start_b"], to=TensorProto.BOOL),
+        helper.make_node("Cast", ["READY"], ["ready_b"], to=TensorProto.BOOL),
+        helper.make_node("Add", ["state_in_acc", "INPUT"], ["summed"]),
+        helper.make_node("Where", ["start_b", "INPUT", "summed"], ["acc"]),
+        helper.make_node("Where", ["ready_b", "acc", "state_in_acc"], ["state_out_acc"]),
+    ]
+    if string_id is None:
+        corrid_type = TensorProto.UINT64
+        nodes.append(helper.make_node("Cast", ["CORRID"], ["corr"], to=i32))
+    else:
+        corrid_type = TensorProto.STRING
+        nodes += [
+            helper.make_node(
+                "Constant",
+                [],
+                ["wanted"],
+                value=helper.make_tensor("w", TensorProto.STRING, [], [string_id.encode()]),
+            ),
+            helper.make_node("Equal", ["CORRID", "wanted"], ["same"]),
+            helper.make_node("Cast", ["same"], ["same_i"], to=i32),
+            helper.make_node("Mul", ["same_i", "id_value"], ["corr"]),
+        ]
+    nodes += [
+        helper.make_node("Mul", ["END", "corr"], ["at_end"]),
+        helper.make_node("Add", ["state_out_acc", "at_end"], ["OUTPUT"]),
+    ]
+    inits = [] if string_id is None else [_init("id_value", np.array(int(string_id), np.int32))]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info("INPUT", i32, ["batch", 1]),
+            helper.make_tensor_value_info("START", i32, ["batch", 1]),
+            helper.make_tensor_value_info("END", i32, ["batch", 1]),
+            helper.make_tensor_value_info("READY", i32, ["batch", 1]),
+            helper.make_tensor_value_info("CORRID", corrid_type, ["batch", 1]),
+            helper.make_tensor_value_info("state_in_acc", i32, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT", i32, ["batch", 1]),
+            helper.make_tensor_value_info("state_out_acc", i32, ["batch", 1]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    path = _write(model, repository, name, 1)
+    (repository / name / "config.yaml").write_text(DYNA_CONTROLS)
+    return path
+
+
+def timed_controls(repository: Path, name: str = "timed_controls") -> Path:
+    """A sequence model whose control inputs have the time axis: START (B, T, 1) and END (B, T) float32.
+
+    y = x + 100 * START + 1000 * END per step, x (B, T, 1); state `sum` (B, 1): the running sum of x, reset
+    by a START anywhere in the chunk. Chunk-invariant only if START marks step 0 of the sequence alone (not
+    the first step of every chunk), which is what the server promises.
+    """
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Mul", ["START", "hundred"], ["s100"]),
+        helper.make_node("Unsqueeze", ["END", "two"], ["end3"]),
+        helper.make_node("Mul", ["end3", "thousand"], ["e1000"]),
+        helper.make_node("Add", ["x", "s100"], ["xs"]),
+        helper.make_node("Add", ["xs", "e1000"], ["y"]),
+        helper.make_node("ReduceMax", ["START"], ["started"], axes=[1], keepdims=0),
+        helper.make_node("Sub", ["one", "started"], ["keep"]),
+        helper.make_node("Mul", ["keep", "state_in_sum"], ["kept"]),
+        helper.make_node("ReduceSum", ["x", "one_axis"], ["chunk_sum"], keepdims=0),
+        helper.make_node("Add", ["kept", "chunk_sum"], ["state_out_sum"]),
+    ]
+    inits = [
+        _init("hundred", np.array(100, np.float32)),
+        _init("thousand", np.array(1000, np.float32)),
+        _init("one", np.array(1, np.float32)),
+        _init("two", np.array([2], np.int64)),
+        _init("one_axis", np.array([1], np.int64)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info("x", f32, ["batch", "time", 1]),
+            helper.make_tensor_value_info("START", f32, ["batch", "time", 1]),
+            helper.make_tensor_value_info("END", f32, ["batch", "time"]),
+            helper.make_tensor_value_info("state_in_sum", f32, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("y", f32, ["batch", "time", 1]),
+            helper.make_tensor_value_info("state_out_sum", f32, ["batch", 1]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    path = _write(model, repository, name, 1)
+    (repository / name / "config.yaml").write_text(
+        "control_inputs:\n  - {name: START, kind: start}\n  - {name: END, kind: end, false_true: [0, 1]}\n"
+    )
+    return path
+
+
+def reroute(model: onnx.ModelProto, output: str, nodes) -> onnx.ModelProto:
+    """Rename the producer of graph output ``output`` to ``<output>_raw``; ``nodes`` compute ``output``."""
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == output:
+                node.output[i] = f"{output}_raw"
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def state_passthrough(path: Path) -> onnx.ModelProto:
+    """The LSTM fixture with state_out_h/c = state_in_h/c: it runs, but never carries its state."""
+    model = onnx.load(str(path))
+    for s in ("h", "c"):
+        passthrough = helper.make_node("Identity", [f"state_in_{s}"], [f"state_out_{s}"])
+        reroute(model, f"state_out_{s}", [passthrough])
+    return model
+
+
+def normalised_over(path: Path, axis: int) -> onnx.ModelProto:
+    """The GRU fixture with y = y_raw - mean(y_raw over ``axis``): time (1) or batch (0)."""
+    return reroute(
+        onnx.load(str(path)),
+        "y",
+        [
+            helper.make_node("ReduceMean", ["y_raw"], ["y_mean"], axes=[axis], keepdims=1),
+            helper.make_node("Sub", ["y_raw", "y_mean"], ["y"]),
+        ],
+    )
+
+
+def save(model: onnx.ModelProto, repository: Path, name: str, version: int = 1) -> Path:
+    """Write an (edited) model as `<repository>/<name>/<version>/model.onnx`."""
     return _write(model, repository, name, version)
 
 

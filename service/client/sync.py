@@ -26,193 +26,63 @@ The server ignores the header.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
 from service import wire
+from service.client.common import (
+    _END,
+    AFFINITY_HEADER,
+    RETRYABLE,
+    ArrayLike,
+    Inputs,
+    Metadata,
+    ModelInfo,
+    SessionInfo,
+    TensorInfo,
+    _end_call,
+    affinity_metadata,
+    channel_options,
+    default_address,
+    encode_inputs,
+    new_affinity_key,
+    outputs_of,
+    parse_addresses,
+    should_retry,
+)
+from service.client.multiplex import Multiplexer, RowError
+from service.client.security import Credentials, open_channel
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
-# Errors after which the same request may be re-sent (the server's seq check makes a re-send exactly-once).
-# ABORTED: the replica lost the session's lease to another one (shared store); the step went unanswered there.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.ABORTED,
-    }
-)
-
-ArrayLike = Any
-Inputs = ArrayLike | Mapping[str, ArrayLike]
-
-# The gRPC metadata key a consistent-hash proxy hashes on (deploy/components/envoy/envoy.yaml names it too;
-# tests/deploy/test_manifests.py checks that they are equal). Lower case: gRPC metadata keys are.
-AFFINITY_HEADER = "x-rnnserve-affinity"
-Metadata = tuple[tuple[str, str], ...]
-
-
-def new_affinity_key() -> str:
-    """Return a fresh random affinity key (96 bits, URL-safe base64: a valid metadata value)."""
-    return secrets.token_urlsafe(12)
-
-
-def affinity_metadata(key: str) -> Metadata:
-    """Return the metadata that routes a call by `key` (built once per session, reused for every call).
-
-    A key that is not printable ASCII (metadata values must be) is replaced by its SHA-256, so attaching to a
-    malformed session id still reaches the server, which answers it with a typed status.
-    """
-    if not key.isascii() or not key.isprintable() or not key:
-        key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-    return ((AFFINITY_HEADER, key),)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """A data tensor (shape incl. batch axis; None = dynamic) or a state tensor (shape without batch axis)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """A served model version, as GetModel describes it."""
-
-    name: str
-    version: int
-    versions: tuple[int, ...]
-    description: str
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
-    states: tuple[TensorInfo, ...]
-    time_axis: bool
-    vocabulary: tuple[str, ...]
-    metadata: dict[str, str]
-
-    @classmethod
-    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
-        """Decode a `ModelInfo` message."""
-
-        def specs(items: Iterable[Any]) -> tuple[TensorInfo, ...]:
-            return tuple(
-                TensorInfo(t.name, wire.dtype_of(t.dtype), tuple(None if d < 0 else d for d in t.shape))
-                for t in items
-            )
-
-        return cls(
-            name=m.name,
-            version=m.version,
-            versions=tuple(m.versions),
-            description=m.description,
-            inputs=specs(m.inputs),
-            outputs=specs(m.outputs),
-            states=specs(m.states),
-            time_axis=m.time_axis,
-            vocabulary=tuple(m.vocabulary),
-            metadata=dict(m.metadata),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """A session as the server describes it (times are Unix seconds)."""
-
-    session_id: str
-    model: str
-    version: int
-    last_seq: int
-    created_at: float
-    last_used: float
-    idle_ttl_s: float
-    expires_at: float
-    steps: int
-
-    @classmethod
-    def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
-        """Decode a `SessionInfo` message."""
-        return cls(
-            s.session_id,
-            s.model,
-            s.version,
-            s.last_seq,
-            s.created_at,
-            s.last_used,
-            s.idle_ttl_s,
-            s.expires_at,
-            s.steps,
-        )
-
-
-def default_address() -> str:
-    """Return the address(es) to use when none is given: $RNNSERVE_ADDRESS, else localhost:8001."""
-    return os.environ.get("RNNSERVE_ADDRESS", "localhost:8001")
-
-
-def parse_addresses(addresses: str | Sequence[str] | None) -> list[str]:
-    """`"h1:p1,h2:p2"`, a list, or None ($RNNSERVE_ADDRESS, else localhost:8001) -> the failover list."""
-    if addresses is None:
-        addresses = default_address()
-    if isinstance(addresses, str):
-        addresses = [a.strip() for a in addresses.split(",") if a.strip()]
-    if not addresses:
-        raise ValueError("at least one server address is required")
-    return list(addresses)
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """GRPC channel options both clients use."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
-
-
-def encode_inputs(model: ModelInfo, inputs: Inputs) -> list[pb.Tensor]:
-    """Encode one chunk: an array for a single-input model, else a dict by input name (cast to its dtype)."""
-    specs = {t.name: t for t in model.inputs}
-    if not isinstance(inputs, Mapping):
-        if len(specs) != 1:
-            raise ValueError(f"model {model.name!r} has inputs {list(specs)}: pass a dict by name")
-        inputs = {next(iter(specs)): inputs}
-    tensors = []
-    for name, value in inputs.items():
-        spec = specs.get(name)
-        arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
-        tensors.append(wire.array_to_tensor(name, arr))
-    return tensors
-
-
-def should_retry(
-    err: grpc.RpcError, attempt: int, max_attempts: int, n_addresses: int, session_bound: bool
-) -> bool:
-    """Whether a failed call may be re-sent as is (on the next address) after attempt number `attempt`."""
-    if attempt + 1 >= max_attempts:
-        return False
-    code = err.code()
-    if code in RETRYABLE:
-        return True
-    # A replica that does not know the session may simply not be its owner: try the others once each.
-    return session_bound and code == grpc.StatusCode.NOT_FOUND and attempt + 1 < n_addresses
-
-
-def outputs_of(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
-    """Decode output tensors by name."""
-    return {t.name: wire.tensor_to_array(t, "output") for t in tensors}
+__all__ = [
+    "AFFINITY_HEADER",
+    "RETRYABLE",
+    "ArrayLike",
+    "Client",
+    "Multiplexer",
+    "RowError",
+    "Inputs",
+    "Metadata",
+    "ModelInfo",
+    "Session",
+    "SessionInfo",
+    "TensorInfo",
+    "affinity_metadata",
+    "channel_options",
+    "default_address",
+    "encode_inputs",
+    "new_affinity_key",
+    "outputs_of",
+    "parse_addresses",
+    "should_retry",
+]
 
 
 class Client:
@@ -230,8 +100,11 @@ class Client:
         max_attempts: int = 6,
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: Credentials | None = None,
     ) -> None:
         self.addresses = parse_addresses(addresses)
+        # TLS and API key (service.client.security); default: RNNSERVE_API_KEY / RNNSERVE_TLS_* if set.
+        self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.timeout = timeout
         self.max_attempts = max(max_attempts, len(self.addresses) + 1)
         self._backoff_s = backoff_s
@@ -246,7 +119,7 @@ class Client:
 
     def _connect(self) -> None:
         self.address = self.addresses[self._index]
-        self._channel = grpc.insecure_channel(self.address, options=self._options)
+        self._channel = open_channel(self.address, self._options, self.credentials)
         self.stub = pb_grpc.RecurrentServiceStub(self._channel)
 
     def failover(self, seen_channel: grpc.Channel | None = None) -> None:
@@ -342,9 +215,7 @@ class Client:
             model=model,
             version=version or 0,
             idle_ttl_s=idle_ttl_s or 0.0,
-            initial_state=[
-                wire.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()
-            ],
+            initial_state=[wire.array_to_tensor(k, np.asarray(v)) for k, v in (initial_state or {}).items()],
         )
         info = SessionInfo.from_pb(self.call("CreateSession", request, metadata=metadata))
         return Session(self, info, metadata)
@@ -535,21 +406,6 @@ class Session:
         self.close()
 
 
-_END = object()
-
-
-def _end_call(requests: queue.SimpleQueue[Any] | None, call: Any) -> None:
-    """Half-close a lock-step bidi call and drain it to its final status (a broken call changes nothing)."""
-    if requests is not None:
-        requests.put(_END)
-    if call is not None:
-        try:
-            for _ in call:
-                pass
-        except grpc.RpcError:
-            pass
-
-
 class _AttachedStream:
     """A lock-step bidi Stream attached to a session with keep=True; re-attaches after transport errors.
 
@@ -599,104 +455,3 @@ class _AttachedStream:
         _end_call(self._requests, self._call)
         self._call = None
         self._requests = None
-
-
-@dataclass(frozen=True, slots=True)
-class RowError:
-    """A session's chunk that a multiplexed step refused (the other sessions of the message went on)."""
-
-    session_id: str
-    code: grpc.StatusCode
-    message: str
-
-
-class Multiplexer:
-    """Step many sessions (of one model version) with one `StreamMany` message per call, in lock-step.
-
-    For a gateway forwarding many devices: one message carries every session's chunk and one answer carries
-    every session's outputs, which is far cheaper per step than one message per session. After a transport
-    error the same message (same seqs) is re-sent on the next address; rows that were applied are answered
-    from the cache, so every chunk applies exactly once.
-    """
-
-    _CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-    def __init__(self, client: Client, *, affinity_key: str | None = None) -> None:
-        self._client = client
-        self._metadata = affinity_metadata(affinity_key) if affinity_key is not None else None
-        self._call: Any = None
-        self._requests: queue.SimpleQueue[Any] | None = None
-        self._tag = 0
-
-    def _open(self) -> None:
-        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-        def feed() -> Iterator[pb.StepManyRequest]:
-            while (item := requests.get()) is not _END:
-                yield item
-
-        self._requests = requests
-        self._call = self._client.stub.StreamMany(feed(), metadata=self._metadata)
-
-    def step(
-        self, chunks: Sequence[tuple[Session, Inputs]], *, last_only: bool = False
-    ) -> list[dict[str, np.ndarray] | RowError]:
-        """Apply one chunk per session (equal shapes); returns each session's outputs or its `RowError`."""
-        if not chunks:
-            return []
-        sessions = [s for s, _ in chunks]
-        encoded = [encode_inputs(s.model, x) for s, x in chunks]
-        names = [t.name for t in encoded[0]]
-        stacked = {
-            name: np.stack([wire.tensor_to_array(row[j]) for row in encoded])
-            for j, name in enumerate(names)
-        }
-        self._tag += 1
-        request = pb.StepManyRequest(
-            tag=self._tag,
-            session_ids=[s.id for s in sessions],
-            seqs=[s.seq + 1 for s in sessions],
-            inputs=wire.arrays_to_tensors(stacked),
-            last_only=last_only,
-        )
-        response = self._send(request)
-        outputs = {t.name: wire.tensor_to_array(t, "output") for t in response.outputs}
-        results: list[dict[str, np.ndarray] | RowError] = []
-        for i, s in enumerate(sessions):
-            if response.codes[i]:
-                code = self._CODES.get(response.codes[i], grpc.StatusCode.UNKNOWN)
-                results.append(RowError(s.id, code, response.messages[i]))
-            else:
-                s.seq = request.seqs[i]
-                results.append({name: arr[i] for name, arr in outputs.items()})
-        return results
-
-    def _send(self, request: pb.StepManyRequest) -> pb.StepManyResponse:
-        client = self._client
-        for attempt in range(client.max_attempts):
-            channel = client._channel
-            try:
-                if self._call is None:
-                    self._open()
-                assert self._requests is not None
-                self._requests.put(request)
-                return next(self._call)
-            except grpc.RpcError as err:
-                self.close()
-                if not client._should_retry(err, attempt, session_bound=False):
-                    raise
-                client.failover(channel)
-                time.sleep(client._backoff_s * min(attempt, 4))
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        """End the stream (the sessions stay open)."""
-        _end_call(self._requests, self._call)
-        self._call = None
-        self._requests = None
-
-    def __enter__(self) -> Multiplexer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

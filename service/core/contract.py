@@ -20,6 +20,7 @@ from service.core.types import (
     STATE_OUT,
     TIME_DIM,
     ContractError,
+    ControlSpec,
     ModelConfig,
     ModelSpec,
     StateSpec,
@@ -111,10 +112,58 @@ def _vocabulary(meta: dict[str, str]) -> tuple[str, ...] | None:
     return tuple(vocab)
 
 
+def _controls(sess: Any, config: ModelConfig) -> tuple[ControlSpec, ...]:
+    """Read the inputs config.yaml names as control inputs (docs/state-contract.md, "Control inputs")."""
+    graph = {i.name: i for i in sess.get_inputs()}
+    controls = []
+    for c in config.control_inputs:
+        node = graph.get(c.name)
+        if node is None:
+            raise ContractError(
+                f"config.yaml: control input {c.name!r} is not an input of the model; inputs: {sorted(graph)}"
+            )
+        if node.type == "tensor(string)" and c.kind == "CONTROL_SEQUENCE_CORRID":
+            dtype = np.dtype(object)
+        else:
+            dtype = _dtype(node.type, c.name)
+        if c.name.startswith(STATE_IN):
+            raise ContractError(f"control input {c.name!r}: a state input cannot be a control input")
+        dims = _dims(node.shape)
+        timed = len(dims) > 1 and dims[1] == TIME_DIM
+        rest = dims[2:] if timed else dims[1:]
+        if not dims or isinstance(dims[0], int) or not all(isinstance(d, int) for d in rest):
+            raise ContractError(
+                f"control input {c.name!r} has shape {dims}; expected [batch, 1], [batch] or "
+                "[batch, time, ...] with static dims after batch (and time)"
+            )
+        if c.kind == "CONTROL_SEQUENCE_CORRID" and dtype.kind not in "iuO":
+            raise ContractError(
+                f"control input {c.name!r} (CORRID) must be an integer or string tensor, got {dtype.name}"
+            )
+        if c.kind != "CONTROL_SEQUENCE_CORRID" and dtype.kind not in "biuf":
+            raise ContractError(
+                f"control input {c.name!r} must be a bool or numeric tensor, got {dtype.name}"
+            )
+        if c.kind != "CONTROL_SEQUENCE_CORRID" and not all(isinstance(v, int | float) for v in c.false_true):
+            raise ContractError(
+                f"control input {c.name!r}: false_true must be two numbers, got {list(c.false_true)}"
+            )
+        controls.append(
+            ControlSpec(c.name, c.kind, dtype, tuple(int(d) for d in rest), timed, c.false_true)  # type: ignore[arg-type]
+        )
+    return tuple(controls)
+
+
 def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> ModelSpec:
     """Read and validate one loaded model against the state contract; raises `ContractError`."""
     sess = runtime.session
-    ins = {i.name: (_dtype(i.type, i.name), _dims(i.shape)) for i in sess.get_inputs()}
+    controls = _controls(sess, config)
+    control_names = {c.name for c in controls}
+    ins = {
+        i.name: (_dtype(i.type, i.name), _dims(i.shape))
+        for i in sess.get_inputs()
+        if i.name not in control_names
+    }
     outs = {o.name: (_dtype(o.type, o.name), _dims(o.shape)) for o in sess.get_outputs()}
     _check_batch_axes(ins, outs)
     meta = runtime.metadata
@@ -127,6 +176,8 @@ def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> 
     if any(timed) and not all(timed):
         raise ContractError("either every data input has a time axis (axis 1 named 'time') or none has")
     time_axis = all(timed)
+    if not time_axis and any(c.time_axis for c in controls):
+        raise ContractError("a control input has a time axis but the data inputs have none")
 
     def spec(n: str, dtype: np.dtype, dims: list[int | str | None]) -> TensorSpec:
         # An output has a time axis when its axis 1 is symbolic (ORT may name computed dims itself).
@@ -145,4 +196,5 @@ def describe(runtime: Runtime, name: str, version: int, config: ModelConfig) -> 
         description=config.description or meta.get("rnnserve.description", ""),
         config=config,
         path=runtime.path,
+        controls=controls,
     )

@@ -28,9 +28,10 @@ from prometheus_client import CollectorRegistry
 
 from service.config import Settings
 from service.core import limits
+from service.core.controls import StepControl
 from service.core.generation import Generator
 from service.core.models import ModelHost
-from service.core.registry import RepositoryChange
+from service.core.registry import Refusal, RepositoryChange
 from service.core.sessions import SessionManager
 from service.core.state_ops import StateOps
 from service.core.stepping import Stepper
@@ -76,6 +77,7 @@ class Engine:
         self.settings = settings
         limits.tune_allocator()
         self.metrics = Metrics(registry)
+        self.metrics.max_sessions.set(settings.max_sessions)
         self.store = store if store is not None else self._default_store(settings)
         self.executor = ThreadPoolExecutor(settings.ort_executor_threads, thread_name_prefix="ort")
         self.background = Background()
@@ -185,6 +187,14 @@ class Engine:
         """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return self.models.list_models()
 
+    def served_versions(self) -> list[ModelSpec]:
+        """Every version the models' version policies serve (newest first per model)."""
+        return self.models.served_versions()
+
+    def refusals(self) -> list[Refusal]:
+        """Model versions on disk that are not served (load or self-check failed), with the reason."""
+        return self.models.repository.refusals()
+
     def get_model(self, name: str, version: int | None = None) -> ModelSpec:
         """One model's spec; `version` None/0 = the served one; versions pinned by sessions count too."""
         return self.models.get_model(name, version)
@@ -220,13 +230,35 @@ class Engine:
 
     # == steps ==============================================================================================
     async def step(
-        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
     ) -> StepResult:
         """Apply one chunk (seq = last applied + 1, None = the next); a retry of the last seq is cached.
 
-        `last_only` returns time-axis outputs as `(1, ...)`: the last step only.
+        `last_only` returns time-axis outputs as `(1, ...)`: the last step only. `control` carries what fills
+        a model's control inputs (sequence end, correlation id; `service.core.controls`).
         """
-        return await self.stepper.step(session_id, seq, inputs, last_only=last_only)
+        return await self.stepper.step(session_id, seq, inputs, last_only=last_only, control=control)
+
+    def submit(
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
+    ) -> asyncio.Future[StepResult]:
+        """Start one step now; return the future of its result (`seq` None = the next step).
+
+        The streaming front ends' entry: no coroutine per message in the common case (see `Stepper.submit`).
+        """
+        return self.stepper.submit(session_id, seq, inputs, last_only=last_only, control=control)
 
     async def step_many(
         self, calls: Sequence[StepCall], *, last_only: bool = False

@@ -136,6 +136,8 @@ class Generator:
                     out_of_order(self.sessions, s, seq, False)
                     raise FailedPrecondition(f"seq {seq} was not a generation; expected seq {s.last_seq + 1}")
                 prime = self._prime(spec, prime_ids, prime_text)
+                if self.sessions.admission.rate_limited:  # the tenant's timesteps-per-second quota
+                    self.sessions.admission.take_steps(s.tenant, len(prime) + n)
                 sampler = self._sample(s, spec, seq, prime, n, temperature, top_k, seed)
                 # Closing this generator closes the sampler at once, so its rollback runs in time.
                 async with contextlib.aclosing(sampler):
@@ -155,6 +157,7 @@ class Generator:
             or not spec.time_axis
             or not spec.outputs
             or spec.outputs[0].dtype.kind != "f"
+            or spec.controls
         ):
             raise FailedPrecondition(
                 f"model {spec.name!r} is not a token model (needs a vocabulary, one integer "

@@ -20,7 +20,17 @@ class InputValidator:
     """Precomputed checks of one model version's data inputs (the per-step hot path)."""
 
     __slots__ = (
-        "specs", "names", "expected", "timed", "finite", "max_chunk", "label", "token_range", "rest", "why",
+        "specs",
+        "names",
+        "expected",
+        "timed",
+        "finite",
+        "max_chunk",
+        "label",
+        "token_range",
+        "rest",
+        "controls",
+        "why",
         "max_steps",
     )
 
@@ -33,6 +43,7 @@ class InputValidator:
         self.max_chunk = self.max_steps = spec.config.max_chunk_steps  # max_steps: stateless rows (no cache)
         self.why = f"max_chunk_steps ({self.max_chunk})"
         self.label = f"model {spec.name!r} v{spec.version}"
+        self.controls = frozenset(c.name for c in spec.controls)  # filled by the server, never sent
         # A session keeps its last response for an idempotent retry: bound it by bounding the chunk length
         # (the response of a T-step chunk is T times the per-step output bytes), at no cost per step.
         per_step = sum(
@@ -130,6 +141,8 @@ class InputValidator:
         """
         by_name = {t.name: t for t in self.specs}
         unknown = sorted(set(inputs) - set(by_name))
+        if self.controls.intersection(unknown):
+            self._names_error(inputs)
         if unknown:
             hint = (
                 " (state is implicit and never an input)"
@@ -209,6 +222,12 @@ class InputValidator:
             )
 
     def _names_error(self, inputs: dict[str, np.ndarray]) -> None:
+        controls = sorted(self.controls.intersection(inputs))
+        if controls:
+            raise InvalidArgument(
+                f"{self.label}: {controls} are control inputs, which the server fills (sequence start, end, "
+                f"ready, correlation id); send only the data inputs: {self.expected}"
+            )
         state = [n for n in inputs if n.startswith("state_in_")]
         if state:
             raise InvalidArgument(

@@ -8,7 +8,6 @@ session ends. The repository watcher (polling) lives here too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
@@ -17,7 +16,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.config import Settings
+from service.core.controls import control_filler
 from service.core.inputs import InputValidator
+from service.core.policy import BatchPolicy
 from service.core.registry import ModelVersion, Repository, RepositoryChange
 from service.core.scheduler import Batcher, Finish, StepRequest
 from service.core.slab import StateSlab
@@ -84,6 +85,7 @@ class ModelHost:
         spec = mv.spec
         mv.slab = StateSlab(spec.states)
         mv.inputs = InputValidator(spec, self.settings.max_cached_response_bytes)
+        mv.controls = control_filler(spec)
         mv.batcher = Batcher(
             spec,
             mv.runtime,
@@ -91,13 +93,20 @@ class ModelHost:
             self.executor,
             max_batch_size=spec.config.max_batch_size,
             max_queue_delay_us=spec.config.max_queue_delay_us,
-            inline_max_steps=self.settings.inline_max_steps,
+            policy=BatchPolicy(
+                target_rows=self.settings.batch_target_rows,
+                max_delay_s=self.settings.batch_hold_us / 1e6,
+                inline_max_s=self.settings.inline_max_us / 1e6,
+            ),
             max_queue_size=self.settings.max_queue_size,
             finish=self._finish,
             observe=self._observer(spec),
         )
         mv.batcher.start()
         labels = (spec.name, str(spec.version))
+        self.metrics.version_loaded(
+            *labels, spec.state_bytes, min(spec.config.max_sessions, self.settings.max_sessions)
+        )
         mv.gauges = Gauges(
             self.metrics.active_sessions.labels(*labels), self.metrics.state_bytes.labels(*labels)
         )
@@ -130,10 +139,8 @@ class ModelHost:
         """Stop a version's batcher and drop its serving parts (its sessions are gone)."""
         if mv.batcher is not None:
             await mv.batcher.stop()
-        mv.slab = mv.batcher = mv.inputs = mv.gauges = None
-        with contextlib.suppress(KeyError):
-            self.metrics.active_sessions.remove(mv.spec.name, str(mv.spec.version))
-            self.metrics.state_bytes.remove(mv.spec.name, str(mv.spec.version))
+        mv.slab = mv.batcher = mv.inputs = mv.gauges = mv.controls = None
+        self.metrics.version_unloaded(mv.spec.name, str(mv.spec.version))
         self.metrics.model_versions.set(len(self.repository.loaded()))
         _log.info("unloaded model %s version %d", mv.spec.name, mv.spec.version)
 
@@ -157,6 +164,14 @@ class ModelHost:
     def list_models(self) -> list[ModelSpec]:
         """List the served (newest) version of each model; `ModelSpec.versions` lists those on disk."""
         return [mv.spec for _, mv in sorted(self.repository.current.items())]
+
+    def served_versions(self) -> list[ModelSpec]:
+        """Every version the models' version policies serve, per model newest first."""
+        return [
+            mv.spec
+            for _, versions in sorted(self.repository.served.items())
+            for _, mv in sorted(versions.items(), reverse=True)
+        ]
 
     def get_model(self, name: str, version: int | None = None) -> ModelSpec:
         """One model's spec; `version` None/0 = the served one; versions pinned by sessions count too."""

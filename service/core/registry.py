@@ -1,12 +1,16 @@
 """The model repository: `<root>/<name>/<version>/model.onnx` (+ optional `<root>/<name>/config.yaml`).
 
 Reads each model's inputs, outputs and metadata through ONNX Runtime (no torch), validates the state contract
-(docs/DESIGN.md section 1) and describes it as a `ModelSpec`. A model that breaks the contract is skipped with
-a logged reason; it never takes the server down.
+(docs/DESIGN.md section 1), describes it as a `ModelSpec` and runs the self-check (`service.core.selfcheck`:
+one pass vs random chunks, batch 1 vs 3) unless its config.yaml says `self_check: false`. A model that breaks
+the contract or fails its self-check is not served; the reason (one line) is logged and kept (`refusals()`);
+it never takes the server down and the other models keep serving.
 
-Versions: only the newest valid version of a model takes new sessions. When a newer one appears (`scan()`,
-called on request or by the engine's watcher), the old one is *retired*: its open sessions stay pinned to it
-and it unloads when the last of them ends (a refcount). A model removed from disk stops taking new sessions.
+Versions: each model's `version_policy` (config.yaml, as Triton's: `{latest: N}`, default 1; `all`;
+`{specific: [...]}`) picks the versions served, among the valid ones. A request without a version goes to the
+newest served one. When a scan (`scan()`, called on request or by the engine's watcher) drops a version from
+the served set, it is *retired*: its open sessions stay pinned to it and it unloads when the last of them
+ends (a refcount). A model removed from disk stops taking new sessions.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import yaml
 
 from service.config import Settings
 from service.core.contract import describe
+from service.core.controls import control_feeds
 from service.core.runtime import Runtime
-from service.core.types import ContractError, ModelConfig, ModelSpec
+from service.core.selfcheck import probe_of_spec, self_check
+from service.core.types import ContractError, ModelConfig, ModelSpec, VersionPolicy
 from service.errors import NotFound
 
 _log = logging.getLogger(__name__)
@@ -43,6 +49,7 @@ class ModelVersion:
     batcher: Any = None  # Batcher
     inputs: Any = None  # InputValidator
     gauges: Any = None  # per-version metric children
+    controls: Any = None  # ControlFiller, for models with control inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +63,19 @@ class RepositoryChange:
 
 @dataclass(frozen=True, slots=True)
 class ScanPlan:
-    """What `Repository.plan` found: versions listed on disk per model, and newly loaded newest versions."""
+    """What `Repository.plan` found: versions listed on disk, and the versions to serve, per model."""
 
     listed: dict[str, tuple[int, ...]]
-    candidates: dict[str, ModelVersion]
+    serve: dict[str, dict[int, ModelVersion]]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A model version on disk that is not served, and why (one line)."""
+
+    name: str
+    version: int
+    reason: str
 
 
 class Repository:
@@ -68,7 +84,8 @@ class Repository:
     def __init__(self, root: Path, settings: Settings) -> None:
         self.root = Path(root)
         self.settings = settings
-        self.current: dict[str, ModelVersion] = {}  # name -> newest loaded version (takes new sessions)
+        self.current: dict[str, ModelVersion] = {}  # name -> newest served version (new sessions by default)
+        self.served: dict[str, dict[int, ModelVersion]] = {}  # name -> every version its policy serves
         self.retired: list[ModelVersion] = []  # older versions still pinned by sessions
         self.problems: dict[Path, str] = {}  # model files skipped, with the reason
         self._skipped: dict[Path, float] = {}  # path -> mtime of a file that failed, so it is not retried
@@ -90,74 +107,115 @@ class Repository:
                     found.setdefault(model_dir.name, []).append((int(vdir.name), vdir / "model.onnx"))
         return found
 
-    def _load(self, name: str, version: int, path: Path) -> ModelVersion | None:
+    def _config(self, model_dir: Path) -> ModelConfig:
+        """Read the model's serving settings: server defaults, then `<model>/config.yaml` (ContractError)."""
+        cfg_file = model_dir / "config.yaml"
+        try:
+            overrides = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
+        except yaml.YAMLError as exc:
+            raise ContractError(f"config.yaml is not valid YAML: {exc}") from None
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ContractError("config.yaml must hold a mapping")
+        return ModelConfig.from_settings(self.settings, overrides)
+
+    def _refuse(self, name: str, version: int, path: Path, mtime: float, reason: str) -> None:
+        _log.error("model %s version %d not served (%s): %s", name, version, path, reason)
+        self.problems[path] = reason
+        self._skipped[path] = mtime
+
+    def _load(
+        self, name: str, version: int, path: Path, config: ModelConfig | Exception
+    ) -> ModelVersion | None:
         mtime = path.stat().st_mtime
         if self._skipped.get(path) == mtime:
             return None
         try:
-            cfg_file = path.parent.parent / "config.yaml"
-            overrides = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
-            if overrides is not None and not isinstance(overrides, dict):
-                raise ContractError("config.yaml must hold a mapping")
-            config = ModelConfig.from_settings(self.settings, overrides)
+            if isinstance(config, Exception):
+                raise config
             runtime = Runtime(path, self.settings.ort_intra_op_threads)
             spec = describe(runtime, name, version, config)
         except Exception as exc:  # a bad model is skipped with its reason; the server keeps running
-            reason = str(exc) or type(exc).__name__
-            _log.error("skipping model %s version %d (%s): %s", name, version, path, reason)
-            self.problems[path] = reason
-            self._skipped[path] = mtime
+            self._refuse(name, version, path, mtime, str(exc) or type(exc).__name__)
             return None
+        check = "off (self_check: false)"
+        if config.self_check:
+            verdict = self_check(
+                runtime.session, probe_of_spec(spec, control_feeds(spec)), tol=config.self_check_tolerance
+            )
+            if not verdict.ok:
+                self._refuse(name, version, path, mtime, f"self-check failed: {verdict.reason}")
+                return None
+            check = verdict.reason
         self.problems.pop(path, None)
         self._skipped.pop(path, None)
         _log.info(
-            "loaded model %s version %d (%d states, %d bytes per session)",
+            "loaded model %s version %d (%d states, %d bytes per session); self-check: %s",
             name,
             version,
             len(spec.states),
             spec.state_bytes,
+            check,
         )
         return ModelVersion(spec, runtime)
 
     def plan(self) -> ScanPlan:
         """Do the slow half of a scan (read the disk, load new versions into ONNX Runtime); change nothing.
 
-        Safe to run in a worker thread while the event loop serves: it only reads `current`.
+        Per model, the version policy picks the versions to serve among the valid ones, newest first; a
+        version already served is kept as it is (not reloaded). Safe to run in a worker thread while the event
+        loop serves: it only reads `served`.
         """
         on_disk = self._on_disk()
-        candidates: dict[str, ModelVersion] = {}
+        serve: dict[str, dict[int, ModelVersion]] = {}
         for name, versions in on_disk.items():
-            cur = self.current.get(name)
-            for version, path in sorted(versions, reverse=True):  # newest valid version wins
-                if cur is not None and cur.spec.version == version:
+            served = self.served.get(name, {})
+            try:
+                config: ModelConfig | Exception = self._config(self.root / name)
+            except Exception as exc:  # noqa: BLE001 - every version of the model is refused with it
+                config = exc
+            policy = config.version_policy if isinstance(config, ModelConfig) else VersionPolicy()
+            chosen: dict[int, ModelVersion] = {}
+            for version, path in sorted(versions, reverse=True):
+                if policy.kind == "latest" and len(chosen) == policy.num_versions:
                     break
-                mv = self._load(name, version, path)
+                if policy.kind == "specific" and version not in policy.versions:
+                    continue
+                mv = served.get(version) or self._load(name, version, path, config)
                 if mv is not None:
-                    candidates[name] = mv
-                    break
+                    chosen[version] = mv
+            if chosen:
+                serve[name] = chosen
+        present = {path for versions in on_disk.values() for _, path in versions}
+        for path in [p for p in self.problems if p not in present]:  # files gone from disk: forget why
+            self.problems.pop(path, None)
+            self._skipped.pop(path, None)
         listed = {name: tuple(sorted(v for v, _ in versions)) for name, versions in on_disk.items()}
-        return ScanPlan(listed, candidates)
+        return ScanPlan(listed, serve)
 
     def apply(self, plan: ScanPlan) -> RepositoryChange:
-        """Do the quick half of a scan, on the loop: swap in new versions, retire replaced or removed ones."""
+        """Do the quick half of a scan, on the loop: swap in new versions, retire dropped or removed ones."""
         loaded, retired = [], []
-        for name, mv in plan.candidates.items():
-            cur = self.current.get(name)
-            if cur is not None:
-                cur.retired = True
-                retired.append(cur)
-            self.current[name] = mv
-            loaded.append(mv)
+        for name in sorted(set(self.served) | set(plan.serve)):
+            old, new = self.served.get(name, {}), plan.serve.get(name, {})
+            for version, mv in sorted(new.items()):
+                if version not in old:
+                    loaded.append(mv)
+            for version, mv in old.items():
+                if version not in new:
+                    mv.retired = True
+                    retired.append(mv)
+            if new:
+                self.served[name] = new
+                self.current[name] = new[max(new)]
+            else:
+                self.served.pop(name, None)
+                self.current.pop(name, None)
+                why = "was removed from the repository" if name not in plan.listed else "has no valid version"
+                _log.info("model %s %s; it takes no new sessions", name, why)
         for name, listed in plan.listed.items():
-            cur = self.current.get(name)
-            if cur is not None and cur.spec.versions != listed:
-                cur.spec = replace(cur.spec, versions=listed)
-        for name in list(self.current):
-            if name not in plan.listed:
-                mv = self.current.pop(name)
-                mv.retired = True
-                retired.append(mv)
-                _log.info("model %s was removed from the repository; it takes no new sessions", name)
+            for mv in self.served.get(name, {}).values():
+                if mv.spec.versions != listed:
+                    mv.spec = replace(mv.spec, versions=listed)
         self.retired.extend(retired)
         unload = tuple(mv for mv in retired if mv.sessions == 0)
         for mv in unload:
@@ -165,25 +223,49 @@ class Repository:
         return RepositoryChange(tuple(loaded), tuple(retired), unload)
 
     def scan(self) -> RepositoryChange:
-        """Compare the disk with what is loaded: load new newest versions, retire replaced or removed ones."""
+        """Compare the disk with what is loaded: load the versions the policy serves, retire the others."""
         return self.apply(self.plan())
+
+    def refusals(self, name: str | None = None) -> list[Refusal]:
+        """Versions on disk that are not served because they failed to load or their self-check, with why."""
+        found = []
+        for path, reason in list(self.problems.items()):  # a copy: a scan in a worker thread may write it
+            model, version = path.parent.parent.name, path.parent.name
+            if (name is None or model == name) and version.isdigit():
+                found.append(Refusal(model, int(version), reason))
+        return sorted(found, key=lambda r: (r.name, r.version))
+
+    def _why_not(self, name: str, version: int | None = None) -> str:
+        refused = [r for r in self.refusals(name) if version is None or r.version == version]
+        if not refused:
+            return ""
+        r = refused[-1]
+        return f"; version {r.version} was refused at load: {r.reason}"
 
     def newest(self, name: str) -> ModelVersion:
         """Return the version of `name` that takes new sessions."""
         mv = self.current.get(name)
         if mv is None:
-            raise NotFound(f"unknown model {name!r}; available: {sorted(self.current)}", reason="unknown")
-        return mv
-
-    def get(self, name: str, version: int | None = None) -> ModelVersion:
-        """`name` at `version` (None or 0 = newest). Only the newest version takes new sessions."""
-        mv = self.newest(name)
-        if version and version != mv.spec.version:
             raise NotFound(
-                f"model {name!r} version {version} is not served; the served version is {mv.spec.version}",
+                f"unknown model {name!r}; available: {sorted(self.current)}{self._why_not(name)}",
                 reason="unknown",
             )
         return mv
+
+    def get(self, name: str, version: int | None = None) -> ModelVersion:
+        """`name` at `version` (None or 0 = the newest served), among the versions its policy serves."""
+        mv = self.newest(name)
+        if not version or version == mv.spec.version:
+            return mv
+        other = self.served[name].get(version)
+        if other is None:
+            raise NotFound(
+                f"model {name!r} version {version} is not served; served versions: "
+                f"{sorted(self.served[name])} "
+                f"(version_policy {mv.spec.config.version_policy.describe()}){self._why_not(name, version)}",
+                reason="unknown",
+            )
+        return other
 
     def acquire(self, mv: ModelVersion) -> None:
         """Pin `mv` for one more session."""
@@ -198,5 +280,5 @@ class Repository:
         return False
 
     def loaded(self) -> list[ModelVersion]:
-        """Every version in memory: current and retired-but-pinned."""
-        return [*self.current.values(), *self.retired]
+        """Every version in memory: served and retired-but-pinned."""
+        return [mv for versions in self.served.values() for mv in versions.values()] + self.retired

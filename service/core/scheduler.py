@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.policy import BatchPolicy
 from service.core.runtime import Runtime
 from service.core.slab import StateSlab
 from service.core.table import PendingOp
@@ -29,10 +30,6 @@ from service.core.types import STATE_IN, STATE_OUT, ModelSpec
 from service.errors import InvalidArgument, ResourceExhausted, ServeError, Unavailable
 
 _log = logging.getLogger(__name__)
-
-# Default: every ONNX Runtime call runs in the executor, off the event loop. A deployment that prefers
-# light-load latency can let tiny batches run inline with the `inline_max_steps` setting (see `_run`).
-INLINE_MAX_STEPS = 0
 
 
 class StepRequest(PendingOp):
@@ -163,10 +160,10 @@ class Batcher:
         max_queue_size: int = 65536,
         finish: Finish = _default_finish,
         observe: Callable[[int, int, float, float, list[StepRequest]], None] | None = None,
-        inline_max_steps: int = INLINE_MAX_STEPS,
+        policy: BatchPolicy | None = None,
     ) -> None:
         self.spec = spec
-        self.inline_max_steps = inline_max_steps
+        self.policy = policy if policy is not None else BatchPolicy()
         self.runtime = runtime
         self.slab = slab
         self.executor = executor
@@ -180,7 +177,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._inflight: list[StepRequest] = []
         self._error: BaseException | None = None
-        self._input_names = tuple(t.name for t in spec.inputs)
+        # Control inputs (service.core.controls) follow the data inputs in every request's arrays.
+        self._input_names = tuple(t.name for t in spec.inputs) + tuple(c.name for c in spec.controls)
         self._output_names = tuple(t.name for t in spec.outputs)
         self._state_feeds = tuple((s.name, STATE_IN + s.name, STATE_OUT + s.name) for s in spec.states)
         self.label = f"{spec.name} v{spec.version}"
@@ -274,45 +272,47 @@ class Batcher:
             if not self._queue:
                 self._wake = loop.create_future()
                 await self._wake
-            if self.max_queue_delay_s and len(self._queue) < self.max_batch_size:
-                await asyncio.sleep(self.max_queue_delay_s)
+            await self._hold()
             batch = self._take()
             if not batch:
                 continue
             self._inflight = batch
             started = time.monotonic()
-            error: BaseException | None = None
             try:
                 results = await self._run(loop, batch)
             except Exception as exc:  # a failure fails this batch only; state rows were not written
                 if not isinstance(exc, ServeError):
                     _log.error("batch of %s failed: %r", self.label, exc, exc_info=exc)
-                results, error = None, exc
-            finish = self._finish
-            if results is None:
                 self._inflight = []
                 for req in batch:
-                    finish(req, None, error)
+                    self._finish(req, None, exc)
                 continue
             if self._observe is not None:
                 self._observe(len(batch), batch[0].steps, started, time.monotonic(), batch)
             self._inflight = []
+            finish = self._finish
             for req, out in zip(batch, results, strict=True):
                 if isinstance(out, BaseException):
                     finish(req, None, out)
                 else:
                     finish(req, out, None)
 
+    async def _hold(self) -> None:
+        """Let a small batch wait for more steps: a fixed model delay, or the policy's learnt hold."""
+        if self.max_queue_delay_s:
+            if len(self._queue) < self.max_batch_size:
+                await asyncio.sleep(self.max_queue_delay_s)
+        elif hold := self.policy.hold_for(len(self._queue)):
+            before = len(self._queue)
+            await asyncio.sleep(hold)
+            self.policy.held(len(self._queue) - before)
+
     async def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[StepRequest]
     ) -> list[dict[str, np.ndarray] | BaseException]:
-        if len(batch) * batch[0].steps <= self.inline_max_steps:
-            # Small batches (light load) run inline: the executor round trip (a thread wake-up, the loop's
-            # self-pipe wake-up, the GIL handed back and forth) costs about as much CPU as ORT needs for a
-            # few rows and adds its latency to every step. Measured (reference LSTM H=256, 128 paced streams
-            # at ~half of peak, 3 interleaved runs each, shared machine): p50 2.1-2.4 ms inline up to 8 rows
-            # vs 3.7-9.7 ms all in the executor; one stream: engine step p50 0.34 -> 0.25 ms. Big batches
-            # (heavy load) still run in the executor, overlapping ORT with the loop's gRPC work.
+        if self.policy.inline(len(batch) * batch[0].steps):
+            # Cheap batches (light load) run on the loop: the executor round trip would cost about as much
+            # CPU as the run itself and add its latency to every step (see `policy`).
             return self._compute_isolated(batch)
         return await loop.run_in_executor(self.executor, self._compute_isolated, batch)
 
@@ -342,7 +342,9 @@ class Batcher:
         feeds = {feed: rows[name] for name, feed, _ in self._state_feeds}
         for name, arr in zip(self._input_names, merge(batch, len(self._input_names)), strict=True):
             feeds[name] = arr
+        cpu = time.thread_time()
         outs = self.runtime.run(feeds)
+        self.policy.ran(n * batch[0].steps, time.thread_time() - cpu)
         self.slab.scatter(slots, {name: outs[out] for name, _, out in self._state_feeds})
         arrays = tuple(outs[name] for name in self._output_names)
         for i, req in enumerate(batch):

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from service.core.sessions import SessionManager
+from service.core.sessions import SessionManager, cached_steps
 from service.core.table import Session
 from service.core.types import ModelSpec, SessionInfo, StepResult
 from service.errors import InvalidArgument, Unavailable
@@ -45,6 +45,11 @@ class StateOps:
         if not 0 <= rec.last_seq < 2**63:
             raise InvalidArgument(f"state blob has last_seq {rec.last_seq}; expected 0 <= last_seq < 2**63")
         async with self.sessions.exclusive(session_id) as s:
+            if rec.tenant != s.tenant:  # covered by the blob's checksum (unforgeable with state_hmac_key)
+                raise InvalidArgument(
+                    "state blob was exported by another tenant; a blob can only be imported by the tenant "
+                    "that exported it"
+                )
             spec = s.mv.spec
             if rec.model != spec.name or rec.version != spec.version:
                 raise InvalidArgument(
@@ -53,6 +58,7 @@ class StateOps:
                 )
             self.sessions.check_state(spec, rec.state, complete=True)
             _check_outputs(spec, rec.last_outputs)
+            self.sessions.charge_outputs(s, cached_steps(spec, rec.last_outputs))  # before anything changes
             s.mv.slab.write(s.slot, rec.state)
             s.last_seq = rec.last_seq
             s.last_result = (

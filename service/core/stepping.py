@@ -15,11 +15,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 
 from service.config import Settings
 from service.core import limits
+from service.core.controls import StepControl
 from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
@@ -50,14 +52,71 @@ class Stepper:
         """Remember the serving loop (futures are created on it)."""
         self._loop = loop
 
+    def submit(
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
+    ) -> asyncio.Future[StepResult]:
+        """Start one step now and return the future of its result (the streaming front ends' entry).
+
+        `seq` None means "the next step" (KServe sequences carry no seq). In the common case (a local, idle
+        session, the expected seq) the chunk is validated and queued right here, with no coroutine or task;
+        anything else (a resume, a lease renewal, a busy session, a retry) runs the full `step` as a task.
+        Validation errors raise `ServeError` at once.
+        """
+        s = self.sessions.lookup(session_id)
+        if (
+            s is None
+            or s.pending is not None
+            or last_only
+            or (seq is not None and seq != s.last_seq + 1)
+            or self.sessions.lease_due(s)
+        ):
+            return asyncio.ensure_future(
+                self.step(session_id, seq, inputs, last_only=last_only, control=control)
+            )
+        fut = self._loop.create_future()  # type: ignore[union-attr]
+        return self._start(s, s.last_seq + 1 if seq is None else seq, inputs, fut, control)
+
+    def _start(
+        self,
+        s: Session,
+        seq: int,
+        inputs: dict[str, np.ndarray],
+        fut: Any,
+        control: StepControl | None = None,
+    ) -> Any:
+        """Validate and queue one chunk of an idle session; `finish` completes `fut` (no await in here)."""
+        mv = s.mv
+        arrays, key, steps = mv.inputs.check(inputs)
+        self.sessions.admit_step(s, steps)
+        if mv.controls is not None:  # inputs the server fills (service.core.controls)
+            arrays = mv.controls.extend(arrays, steps, seq == 1, control, s.session_id)
+        req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
+        mv.batcher.submit(req)
+        s.pending = req
+        self.sessions.table.touch(s, req.enqueued)
+        self.active += 1
+        return fut
+
     async def step(
-        self, session_id: str, seq: int | None, inputs: dict[str, np.ndarray], *, last_only: bool = False
+        self,
+        session_id: str,
+        seq: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        last_only: bool = False,
+        control: StepControl | None = None,
     ) -> StepResult:
         """Apply one chunk (seq = last applied + 1, or None: the next); a retry of the last seq is cached."""
         self.active += 1
         sessions = self.sessions
         try:
-            s = sessions.table.sessions.get(session_id)
+            s = sessions.lookup(session_id)
             if s is None:
                 s = await sessions.get(session_id)
             if sessions.lease_due(s):
@@ -65,21 +124,14 @@ class Stepper:
                 await sessions.wait_idle(s)  # also re-checks that the session is still open after the await
             elif s.pending is not None:
                 await sessions.wait_idle(s)
-            # From here to submit() nothing awaits: no other operation on this session can interleave.
-            if seq is None:  # "the next one" (KServe sequences carry no seq)
+            # From here to _start() nothing awaits: no other operation on this session can interleave.
+            if seq is None:
                 seq = s.last_seq + 1
-            if seq != s.last_seq + 1:
+            elif seq != s.last_seq + 1:
                 return out_of_order(sessions, s, seq, last_only, inputs)
-            mv = s.mv
-            arrays, key, steps = mv.inputs.check(inputs)
-            fut = self._loop.create_future()  # type: ignore[union-attr]
-            req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
-            mv.batcher.submit(req)
-            s.pending = req
-            sessions.table.touch(s, req.enqueued)
-            result: StepResult = await fut
-            if last_only and mv.spec.time_axis:
-                return last_step_only(result, mv.spec)
+            result: StepResult = await self._start(s, seq, inputs, self._loop.create_future(), control)  # type: ignore[union-attr]
+            if last_only and s.mv.spec.time_axis:
+                return last_step_only(result, s.mv.spec)
             return result
         finally:
             self.active -= 1
@@ -110,7 +162,7 @@ class Stepper:
     def _submit_nowait(self, call: StepCall, slot: GroupSlot, last_only: bool) -> bool:
         """Submit a call now if the session is local and idle (True); else run the full `step` as a task."""
         sessions = self.sessions
-        s = sessions.table.sessions.get(call.session_id)
+        s = sessions.lookup(call.session_id)
         slow = s is None or s.pending is not None or call.seq != s.last_seq + 1 or last_only
         if slow or sessions.lease_due(s):  # type: ignore[arg-type]
             task = asyncio.ensure_future(
@@ -120,14 +172,9 @@ class Stepper:
             return False
         assert s is not None
         try:
-            arrays, key, steps = s.mv.inputs.check(call.inputs)
-            req = StepRequest(s.slot, arrays, key, slot, s, call.seq, steps)  # type: ignore[arg-type]
-            s.mv.batcher.submit(req)
+            self._start(s, call.seq, call.inputs, slot)
         except ServeError as exc:
             slot.set_exception(exc)
-            return True
-        s.pending = req
-        sessions.table.touch(s, req.enqueued)
         return True
 
     def finish(
@@ -140,6 +187,7 @@ class Stepper:
             if not fut.done():
                 fut.set_exception(exc) if exc is not None else fut.set_result(outputs)
             return
+        self.active -= 1
         if exc is not None:
             if s.pending is req:
                 s.pending = None
@@ -214,6 +262,10 @@ class Stepper:
         first = feeds[spec.inputs[0].name] if spec.inputs else None
         steps = first.shape[1] if spec.time_axis and first is not None and first.ndim > 1 else 1
         limits.check_request_steps(self.settings, batch, steps, f"stateless request to {spec.name!r}")
+        if mv.controls is not None:  # a stateless run is a whole sequence: start and end, correlation id 0
+            feeds.update(mv.controls.batch(batch, steps, True, True, [0] * batch))
+            outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
+            return {t.name: outs[t.name] for t in spec.outputs}
         return await limits.run_sliced(
             self.settings, self.executor, self.burst_executor, mv.runtime, spec, feeds
         )

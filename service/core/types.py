@@ -18,6 +18,7 @@ STATE_IN = "state_in_"
 STATE_OUT = "state_out_"
 TIME_DIM = "time"
 INITIAL_STATE_KEY = "rnnserve.initial_state."
+SELF_CHECK_TOLERANCE = 1e-4  # default; ONNX Runtime's kernels may block a batch of 3 differently from 1
 
 
 class ContractError(ValueError):
@@ -55,6 +56,108 @@ class StateSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which versions of a model are served, as Triton's `version_policy`: newest N, all, or specific ones.
+
+    Versions that fail to load (or their self-check) do not count: `latest` serves the N newest valid ones.
+    """
+
+    kind: str = "latest"  # "latest" | "all" | "specific"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, valid: list[int]) -> list[int]:
+        """Return the versions to serve, newest first, from the valid versions on disk."""
+        newest_first = sorted(valid, reverse=True)
+        if self.kind == "all":
+            return newest_first
+        if self.kind == "specific":
+            return [v for v in newest_first if v in self.versions]
+        return newest_first[: self.num_versions]
+
+    def describe(self) -> str:
+        """One line for logs and errors: 'latest 1', 'all', 'specific [1, 3]'."""
+        if self.kind == "latest":
+            return f"latest {self.num_versions}"
+        return "all" if self.kind == "all" else f"specific {list(self.versions)}"
+
+    @classmethod
+    def parse(cls, raw: Any) -> VersionPolicy:
+        """Read config.yaml's `version_policy`: `all`, `{latest: N}` or `{specific: [v, ...]}`.
+
+        Triton's nested spelling works too: `{latest: {num_versions: N}}`, `{specific: {versions: [...]}}`.
+        """
+        expected = (
+            "version_policy must be 'all', {latest: N} or {specific: [v, ...]} (Triton's "
+            "{latest: {num_versions: N}} and {specific: {versions: [...]}} also work)"
+        )
+        if raw == "all" or (isinstance(raw, dict) and list(raw) == ["all"]):
+            return cls("all")
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise ContractError(f"config.yaml: {expected}; got {raw!r}")
+        ((kind, value),) = raw.items()
+        if kind == "latest":
+            n = value.get("num_versions") if isinstance(value, dict) else value
+            return cls("latest", num_versions=_positive_int(n, "version_policy.latest"))
+        if kind == "specific":
+            versions = value.get("versions") if isinstance(value, dict) else value
+            if not isinstance(versions, list) or not versions:
+                raise ContractError(
+                    f"config.yaml: version_policy.specific needs a list of versions; {expected}"
+                )
+            return cls(
+                "specific",
+                versions=tuple(sorted({_positive_int(v, "version_policy.specific") for v in versions})),
+            )
+        raise ContractError(f"config.yaml: {expected}; got {raw!r}")
+
+
+# Triton's sequence batcher control kinds (model_config.proto `ModelSequenceBatching.Control.Kind`).
+CONTROL_KINDS = (
+    "CONTROL_SEQUENCE_START",
+    "CONTROL_SEQUENCE_END",
+    "CONTROL_SEQUENCE_READY",
+    "CONTROL_SEQUENCE_CORRID",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlInput:
+    """A model input the server fills itself, as Triton's sequence batcher does (config.yaml).
+
+    `kind` is one of `CONTROL_KINDS`; START, END and READY take `false_true` (the values for false and true);
+    CORRID carries the sequence's correlation id (an integer or string input).
+    """
+
+    name: str
+    kind: str
+    false_true: tuple[Any, Any] = (0, 1)
+
+    @classmethod
+    def parse(cls, raw: Any) -> ControlInput:
+        """Read one `control_inputs` entry: `{name: START, kind: CONTROL_SEQUENCE_START}` (+ `false_true`)."""
+        expected = "each control_inputs entry needs name and kind (start, end, ready or corrid)"
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or "kind" not in raw:
+            raise ContractError(f"config.yaml: {expected}; got {raw!r}")
+        unknown = set(raw) - {"name", "kind", "false_true"}
+        if unknown:
+            raise ContractError(f"config.yaml: control input {raw['name']!r}: unknown keys {sorted(unknown)}")
+        kind = str(raw["kind"]).upper()
+        kind = kind if kind.startswith("CONTROL_SEQUENCE_") else f"CONTROL_SEQUENCE_{kind}"
+        if kind not in CONTROL_KINDS:
+            raise ContractError(
+                f"config.yaml: control input {raw['name']!r} has kind {raw['kind']!r}; expected one of "
+                f"{list(CONTROL_KINDS)}"
+            )
+        pair = raw.get("false_true", [0, 1])
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ContractError(f"config.yaml: control input {raw['name']!r}: false_true must be two values")
+        if kind == "CONTROL_SEQUENCE_CORRID" and "false_true" in raw:
+            raise ContractError(f"config.yaml: control input {raw['name']!r}: CORRID takes no false_true")
+        return cls(raw["name"], kind, (pair[0], pair[1]))
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Serving settings of one model: server defaults overridden by `<root>/<name>/config.yaml`."""
 
@@ -65,6 +168,10 @@ class ModelConfig:
     max_chunk_steps: int
     allow_non_finite: bool = False
     description: str = ""
+    self_check: bool = True
+    self_check_tolerance: float = SELF_CHECK_TOLERANCE
+    version_policy: VersionPolicy = VersionPolicy()
+    control_inputs: tuple[ControlInput, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -86,6 +193,10 @@ class ModelConfig:
             "max_chunk_steps",
             "allow_non_finite",
             "description",
+            "self_check",
+            "self_check_tolerance",
+            "version_policy",
+            "control_inputs",
         }
         unknown = set(overrides) - known
         if unknown:
@@ -104,13 +215,57 @@ class ModelConfig:
             values["allow_non_finite"] = bool(overrides["allow_non_finite"])
         if "description" in overrides:
             values["description"] = str(overrides["description"])
+        values.update(_load_time_overrides(overrides))
         return replace(base, **values)
+
+
+def _load_time_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Read the config.yaml keys used at load: self-check, version policy, control inputs."""
+    values: dict[str, Any] = {}
+    if "self_check" in overrides:
+        if not isinstance(overrides["self_check"], bool):
+            raise ContractError(
+                f"config.yaml: self_check must be true or false, got {overrides['self_check']!r}"
+            )
+        values["self_check"] = overrides["self_check"]
+    if "self_check_tolerance" in overrides:
+        tol = overrides["self_check_tolerance"]
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
+            raise ContractError(f"config.yaml: self_check_tolerance must be a positive number, got {tol!r}")
+        values["self_check_tolerance"] = float(tol)
+    if "version_policy" in overrides:
+        values["version_policy"] = VersionPolicy.parse(overrides["version_policy"])
+    if "control_inputs" in overrides:
+        raw = overrides["control_inputs"]
+        if not isinstance(raw, list):
+            raise ContractError("config.yaml: control_inputs must be a list of {name, kind} entries")
+        controls = tuple(ControlInput.parse(c) for c in raw)
+        names = [c.name for c in controls]
+        if len(set(names)) != len(names):
+            raise ContractError(f"config.yaml: control_inputs name an input twice: {names}")
+        values["control_inputs"] = controls
+    return values
 
 
 def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ContractError(f"config.yaml: {key} must be a positive integer, got {value!r}")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSpec:
+    """A control input as read off the model: its config entry, dtype and per-session shape (no batch axis).
+
+    `time_axis`: the input has the time axis (axis 1), so the value is given per step of a chunk.
+    """
+
+    name: str
+    kind: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    time_axis: bool
+    false_true: tuple[Any, Any] = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -129,6 +284,7 @@ class ModelSpec:
     config: ModelConfig
     versions: tuple[int, ...] = ()
     path: Path | None = None
+    controls: tuple[ControlSpec, ...] = ()  # inputs the server fills (not among `inputs`)
 
     @property
     def state_bytes(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -35,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from service.config import Settings, load_settings
 from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
-from service.server import kserve
+from service.server import auth, kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
@@ -88,6 +89,8 @@ class RunningServer:
     metrics_port: int | None
     model_names: set[str] = field(default_factory=set)
     kserve: Any = None
+    health_port: int | None = None
+    _health_server: Any = None
     _metrics_http: Any = None
     _stopping: asyncio.Task[None] | None = None
     _serving: bool = True
@@ -106,10 +109,15 @@ class RunningServer:
         return self._serving
 
     async def set_models(self, names: Iterable[str]) -> None:
-        """Health status per model name: SERVING for loaded models; NOT_SERVING for ones that went away."""
+        """Set the health status per model name: SERVING for loaded models, NOT_SERVING for the others.
+
+        The others: models that went away, and models on disk whose every version was refused at load (the
+        reason is in the log, the ReloadRepository answer and KServe's RepositoryIndex).
+        """
         names = set(names)
         status = SERVING if self._serving else NOT_SERVING
-        for gone in self.model_names - names:
+        refused = {r.name for r in self.engine.refusals()} - names
+        for gone in (self.model_names - names) | refused:
             await self.health.set(gone, NOT_SERVING)
         for name in names:
             await self.health.set(name, status)
@@ -117,10 +125,13 @@ class RunningServer:
 
     async def _follow_repository(self, interval_s: float) -> None:
         """Keep per-model health in step with versions the engine's repository watcher loads or drops."""
+        refused: set[str] = set()
         while self._serving:
             await asyncio.sleep(interval_s)
             names = {s.name for s in self.engine.list_models()}
-            if names != self.model_names and self._serving:
+            now_refused = {r.name for r in self.engine.refusals()}
+            if (names != self.model_names or now_refused != refused) and self._serving:
+                refused = now_refused
                 await self.set_models(names)
 
     async def _stop(self, grace: float) -> None:
@@ -151,6 +162,8 @@ class RunningServer:
                     await self.kserve.sequences.close_all()
         finally:
             await self.engine.stop()
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
@@ -174,8 +187,24 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
         return None, None
     from prometheus_client import start_http_server
 
-    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+    tls: dict[str, Any] = {}
+    if settings.metrics_tls:
+        tls = {"certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
+    httpd, _thread = start_http_server(
+        settings.metrics_port, addr=settings.grpc_host, registry=registry, **tls
+    )
     return httpd, int(httpd.server_address[1])
+
+
+def _health_only_server(
+    settings: Settings, health: health_aio.HealthServicer
+) -> tuple[aio.Server | None, int | None]:
+    """Build a plaintext server with only grpc.health.v1 (same statuses) on `health_port`, for probes."""
+    if settings.health_port < 0:
+        return None, None
+    server = aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server, server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
 
 
 async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
@@ -183,15 +212,27 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
     await engine.start()
+    # What start-up built (modules, models, runtimes) lives as long as the process: move it out of the
+    # collector's reach, so full collections under load only walk what serving allocates.
+    gc.collect()
+    gc.freeze()
 
-    interceptor = ErrorMappingInterceptor(_call_observer(engine))
+    interceptor = ErrorMappingInterceptor(_call_observer(engine), replica_id=settings.replica_id)
+    try:
+        authenticator = auth.interceptor_for(settings, engine)
+    except SystemExit:
+        await engine.stop()
+        raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port 0 must give this process its own port, never one another process shares.
         ("grpc.so_reuseport", 0),
     ]
-    server = aio.server(interceptors=[interceptor], options=options)
+    # The error mapping is outermost: authentication refusals are typed errors, mapped and counted as others.
+    # With auth none there is nothing to check: every call runs as tenancy.LOCAL, the context default.
+    chain = [interceptor] if authenticator is None else [interceptor, authenticator]
+    server = aio.server(interceptors=chain, options=options)
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}
@@ -208,7 +249,13 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 
     try:
-        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        credentials = tls.server_credentials(settings)
+        target = f"{settings.grpc_host}:{settings.grpc_port}"
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
+        health_server, health_port = _health_only_server(settings, health)
         httpd, metrics_port = _start_metrics_http(settings, registry)
     except (RuntimeError, OSError) as exc:
         await engine.stop()
@@ -226,6 +273,8 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         port=port,
         metrics_port=metrics_port,
         kserve=kserve_servicer,
+        health_port=health_port,
+        _health_server=health_server,
         _metrics_http=httpd,
     )
     holder["server"] = running
@@ -234,6 +283,8 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
         await health.set(name, SERVING)
     await running.set_models(s.name for s in engine.list_models())
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     if settings.repository_poll_s > 0:
         running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
     return running
@@ -241,8 +292,9 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
 
 def _announce(running: RunningServer) -> None:
     models = ", ".join(f"{s.name}:{s.version}" for s in running.engine.list_models()) or "(none)"
+    scheme = "https" if running.settings.metrics_tls else "http"
     metrics = (
-        f"http://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+        f"{scheme}://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
         if running.metrics_port
         else "off"
     )
@@ -250,6 +302,26 @@ def _announce(running: RunningServer) -> None:
         f"rnnserve listening: gRPC {running.settings.grpc_host}:{running.port} | metrics {metrics} | "
         f"models {models} | repository {running.settings.model_repository}",
         flush=True,
+    )
+    print(security_banner(running.settings, running.port), flush=True)
+
+
+def security_banner(settings: Settings, port: int) -> str:
+    """One line on transport and authentication; a loud block when the server is open (auth none)."""
+    if settings.tls_cert_file is None:
+        transport = "plaintext"
+    else:
+        transport = "mutual TLS" if settings.tls_client_ca_file is not None else "TLS"
+    if settings.auth != "none":
+        return f"rnnserve security: {transport} | API keys from {settings.api_keys_file}"
+    rule = "!" * 100
+    return (
+        f"{rule}\n"
+        f"!! WARNING: authentication is OFF (auth: none), transport {transport}. Anyone who can reach\n"
+        f"!! {settings.grpc_host}:{port} can create, read, fork and close every session and reload models.\n"
+        "!! For local development only. Production: --auth api_keys --api-keys-file FILE and TLS\n"
+        "!! (README, Security).\n"
+        f"{rule}"
     )
 
 

@@ -5,6 +5,8 @@ a `ServeError` raised by a handler ends the call with the error's own status cod
 exception becomes INTERNAL with a generic message (details go to the log, via `status_of`). Each
 finished
 call is reported once to an observer (method, status code name, seconds) that feeds the Prometheus metrics.
+Every reply, success or error, unary or streaming, carries the trailing metadata `x-rnnserve-replica: <replica
+id>` (`REPLICA_HEADER`), so which replica served a call can be seen from outside, through any proxy.
 
 The wrapping happens once per method (cached), so the per-call cost is one extra coroutine frame; streams are
 wrapped as a whole, never per message.
@@ -29,6 +31,8 @@ _log = logging.getLogger(__name__)
 CallObserver = Callable[[str, str, float], None]
 
 DRAINING_MESSAGE = "server draining; reconnect"
+# Trailing metadata key naming the replica that answered (settings.replica_id).
+REPLICA_HEADER = "x-rnnserve-replica"
 # Infrastructure services stay callable while draining (probes must see NOT_SERVING) and never count as work.
 _INFRA_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
@@ -70,8 +74,9 @@ async def _abort(context: Any, exc: BaseException) -> None:
 class ErrorMappingInterceptor(aio.ServerInterceptor):
     """Map exceptions to statuses and observe every call (see module docstring)."""
 
-    def __init__(self, observe: CallObserver | None = None) -> None:
+    def __init__(self, observe: CallObserver | None = None, *, replica_id: str | None = None) -> None:
         self._observe = observe
+        self._trailer = ((REPLICA_HEADER, replica_id),) if replica_id else None
         self._cache: dict[str, tuple[Any, Any]] = {}
         # Draining: new work calls are refused with UNAVAILABLE; `in_flight` counts unary-request work calls
         # (streams of requests are tracked by their servicers) so shutdown can wait for exactly those.
@@ -114,13 +119,15 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
     def _wrap_coroutine(
         self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool
     ) -> Callable[..., Any]:
-        observe = self._observe
+        observe, trailer = self._observe, self._trailer
 
         async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             code = "OK"
             if count:
                 self.in_flight += 1
+            if trailer is not None:  # set first: an abort below sends it too
+                context.set_trailing_metadata(trailer)
             try:
                 if refuse and self.draining:
                     raise Unavailable(DRAINING_MESSAGE)
@@ -145,13 +152,15 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
     def _wrap_generator(
         self, method: str, behavior: Callable[..., Any], refuse: bool, count: bool
     ) -> Callable[..., Any]:
-        observe = self._observe
+        observe, trailer = self._observe, self._trailer
 
         async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             code = "OK"
             if count:
                 self.in_flight += 1
+            if trailer is not None:  # set first: an abort below sends it too
+                context.set_trailing_metadata(trailer)
             try:
                 if refuse and self.draining:
                     raise Unavailable(DRAINING_MESSAGE)

@@ -15,7 +15,7 @@ from the initial state (`Engine.infer_stateless`), so a batch > 1 is allowed the
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
+import collections
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,13 +23,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from service.core import limits
 from service.core.engine import Engine, ModelSpec
-from service.errors import InvalidArgument, NotFound
+from service.errors import InvalidArgument, NotFound, Unavailable
 from service.server.interceptors import status_of
 from service.server.kserve_convert import (
     SequenceControl,
@@ -39,136 +37,21 @@ from service.server.kserve_convert import (
     wants_typed_outputs,
     wire_type_of,
 )
-from service.server.kserve_sequences import SequenceKey, SequenceTable
+from service.server.kserve_models import (
+    Duration,
+    ModelStats,
+    model_config,
+    model_metadata,
+    package_version,
+    version_arg,
+)
+from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
 
 SERVER_NAME = "rnnserve"
-PLATFORM = "onnxruntime_onnx"
 # Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
 EXTENSIONS = ("sequence", "model_configuration", "binary_tensor_data", "parameters", "statistics")
 # Requests one ModelStreamInfer stream may have in flight before the server stops reading it (backpressure).
 DEFAULT_STREAM_MAX_INFLIGHT = 256
-
-INT32_MAX = 2**31 - 1  # int32 fields of ModelConfig
-
-
-# ------------------------------------------------------------------------------------------ statistics
-
-
-@dataclass(slots=True)
-class _Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-@dataclass(slots=True)
-class _ModelStats:
-    """Per model version counters for ModelStatistics (perf_analyzer reads them, keyed on `queue.count`).
-
-    Phases of a successful request: compute_input = decode and validate, compute_infer = the engine (its
-    batcher queue wait included: the engine's own split is in the Prometheus metrics), compute_output =
-    encode.
-    `queue` counts every request with zero time for the same reason.
-    """
-
-    inference_count: int = 0  # batch items
-    execution_count: int = 0  # requests run
-    last_inference_ms: int = 0
-    success: _Duration = field(default_factory=_Duration)
-    fail: _Duration = field(default_factory=_Duration)
-    queue: _Duration = field(default_factory=_Duration)
-    compute_input: _Duration = field(default_factory=_Duration)
-    compute_infer: _Duration = field(default_factory=_Duration)
-    compute_output: _Duration = field(default_factory=_Duration)
-
-    def record(self, marks: tuple[int, int, int, int], batch: int) -> None:
-        """Count one successful request from its phase boundaries (monotonic ns) and batch size."""
-        start, decoded, inferred, encoded = marks
-        self.success.add(encoded - start)
-        self.queue.add(0)
-        self.compute_input.add(decoded - start)
-        self.compute_infer.add(inferred - decoded)
-        self.compute_output.add(encoded - inferred)
-        self.inference_count += batch
-        self.execution_count += 1
-        self.last_inference_ms = int(time.time() * 1000)
-
-
-# ---------------------------------------------------------------------------------- model descriptions
-
-
-def _dims(shape: tuple[int | None, ...]) -> list[int]:
-    return [-1 if d is None else int(d) for d in shape]
-
-
-def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
-    """Describe data tensors only (state is implicit, as in Triton); shapes with the batch axis as -1."""
-    response = pb.ModelMetadataResponse(
-        name=spec.name, versions=[str(v) for v in (spec.versions or (spec.version,))], platform=PLATFORM
-    )
-    for source, target in ((spec.inputs, response.inputs), (spec.outputs, response.outputs)):
-        for t in source:
-            target.add(name=t.name, datatype=wire_type_of(t.dtype).name, shape=[-1, *_dims(t.shape[1:])])
-    return response
-
-
-def model_config(spec: ModelSpec) -> mc.ModelConfig:
-    """Build the Triton ModelConfig that Triton's ONNX backend with implicit state would report."""
-    cfg = spec.config
-    config = mc.ModelConfig(
-        name=spec.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        max_batch_size=min(cfg.max_batch_size, INT32_MAX),
-    )
-    config.version_policy.latest.num_versions = 1  # only the newest version takes new sequences
-    for t in spec.inputs:
-        config.input.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
-    for t in spec.outputs:
-        config.output.add(name=t.name, data_type=wire_type_of(t.dtype).config_type, dims=_dims(t.shape[1:]))
-    if spec.states:
-        seq = config.sequence_batching
-        seq.max_sequence_idle_microseconds = int(cfg.idle_ttl_s * 1_000_000)
-        # Steps of different sequences are batched together, the oldest first: Triton's "oldest" strategy.
-        seq.oldest.max_candidate_sequences = min(cfg.max_sessions, INT32_MAX)
-        seq.oldest.max_queue_delay_microseconds = cfg.max_queue_delay_us
-        seq.oldest.preserve_ordering = True
-        for s in spec.states:
-            wire = wire_type_of(s.dtype)
-            state = seq.state.add(
-                input_name=f"state_in_{s.name}",
-                output_name=f"state_out_{s.name}",
-                data_type=wire.config_type,
-                dims=list(s.shape),
-            )
-            if s.initial is None:
-                state.initial_state.add(
-                    name="zeros", data_type=wire.config_type, dims=list(s.shape), zero_data=True
-                )
-    else:
-        config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
-    for key, value in spec.metadata.items():
-        if key.startswith("rnnserve.") and not key.startswith("rnnserve.initial_state."):
-            config.parameters[key].string_value = value
-    return config
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("rnnserve")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
-        return "0+unknown"
-
-
-def _version_arg(text: str) -> int | None:
-    if not text:
-        return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise InvalidArgument(f"model_version must be empty or a positive integer, got {text[:40]!r}")
-    return int(text)
 
 
 # -------------------------------------------------------------------------------------------- servicer
@@ -193,11 +76,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
     ) -> None:
         self._engine = engine
-        self._version = version or _package_version()
+        self._version = version or package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
         self.sequences = SequenceTable(engine)
-        self._stats: dict[tuple[str, int], _ModelStats] = {}
+        self._stats: dict[tuple[str, int], ModelStats] = {}
 
     # ---- health and metadata
 
@@ -211,7 +94,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
         """Ready if that model (version) is loaded; unknown models are simply not ready, as in Triton."""
-        version = _version_arg(request.version)
+        version = version_arg(request.version)
         try:
             self._engine.get_model(request.name, version)
         except NotFound:
@@ -228,36 +111,38 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         """Describe a model's data inputs and outputs (state hidden)."""
-        return model_metadata(self._engine.get_model(request.name, _version_arg(request.version)))
+        return model_metadata(self._engine.get_model(request.name, version_arg(request.version)))
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
         """Triton model configuration (max_batch_size, inputs/outputs without batch, sequence_batching)."""
-        spec = self._engine.get_model(request.name, _version_arg(request.version))
+        spec = self._engine.get_model(request.name, version_arg(request.version))
         return pb.ModelConfigResponse(config=model_config(spec))
 
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        """Every served model with its newest version, READY."""
+        """Every served model version, READY (as Triton: one entry per version), and refused ones."""
         if request.repository_name:
             raise InvalidArgument("this server has one model repository; leave repository_name empty")
         response = pb.RepositoryIndexResponse()
-        for spec in sorted(self._engine.list_models(), key=lambda s: s.name):
+        for spec in sorted(self._engine.served_versions(), key=lambda s: (s.name, s.version)):
             response.models.add(name=spec.name, version=str(spec.version), state="READY")
+        for r in self._engine.refusals():  # as Triton lists a model that failed to load
+            response.models.add(name=r.name, version=str(r.version), state="UNAVAILABLE", reason=r.reason)
         return response
 
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
         """Request counts and durations of KServe inferences per model version (empty name: every model)."""
-        version = _version_arg(request.version)
+        version = version_arg(request.version)
         if request.name:
             specs = [self._engine.get_model(request.name, version)]
         else:
             specs = self._engine.list_models()
         response = pb.ModelStatisticsResponse()
         for spec in sorted(specs, key=lambda s: s.name):
-            st = self._stats.get((spec.name, spec.version), _ModelStats())
+            st = self._stats.get((spec.name, spec.version), ModelStats())
             entry = response.model_stats.add(
                 name=spec.name,
                 version=str(spec.version),
@@ -266,7 +151,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 execution_count=st.execution_count,
             )
             for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-                duration: _Duration = getattr(st, phase)
+                duration: Duration = getattr(st, phase)
                 target = getattr(entry.inference_stats, phase)
                 target.count, target.ns = duration.count, duration.ns
         return response
@@ -288,168 +173,249 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         """One inference request: a sequence step (with sequence_id) or a stateless run."""
-        return await self.infer(request)
+        call = self._begin(request)
+        try:
+            await call.future
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - read (and counted) by finish, which raises it again
+            pass
+        return call.finish()
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> None:
         """Answer each request of a bidirectional stream with one response (matched by `id`).
 
-        Errors go in `error_message` and the stream stays open. Requests run concurrently (so interleaved
-        sequences batch together) while the per-sequence lock keeps each sequence in arrival order.
+        Errors go in `error_message` and the stream stays open. Each request is started as it is read (no task
+        per request): interleaved sequences batch together, and the engine's per-session FIFO keeps each
+        sequence in arrival order, so replies are written as their steps complete. At most
+        `stream_max_inflight` requests run or wait to be written; the reader pauses beyond that.
         """
-        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        inflight = asyncio.Semaphore(self._stream_max_inflight)
-        running: set[asyncio.Task[None]] = set()
-        order = _ReplyOrder()
-        buffered = limits.ByteBudget(self._engine.settings.max_stream_buffer_bytes)
+        replies: collections.deque[pb.ModelStreamInferResponse] = collections.deque()
+        state = _StreamState(asyncio.get_running_loop().create_future())
+        limit = self._stream_max_inflight
+        max_bytes = self._engine.settings.max_stream_buffer_bytes
 
-        async def answer(request: pb.ModelInferRequest, turn: _Turn) -> None:
-            try:
-                reply = await self._stream_reply(request)
-                await turn.wait()  # replies of one sequence leave in request order
-                await buffered.take(reply.ByteSize())  # a slow reader holds requests back, not memory
-                out.put_nowait(reply)
-            finally:
-                turn.done()
+        def ready(reply: pb.ModelStreamInferResponse) -> None:
+            replies.append(reply)
+            state.buffered += _reply_bytes(reply)
+            wake = state.wake
+            if not wake.done():
+                wake.set_result(None)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await inflight.acquire()
-                    task = asyncio.create_task(answer(request, order.turn(request)))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if running:
-                    await asyncio.gather(*running)
+                    state.inflight += 1
+                    self._stream_start(request, ready, state)
+                    # A slow reader holds requests back, not memory: count and bytes of unwritten replies.
+                    while state.full(limit, max_bytes):
+                        state.room = asyncio.get_running_loop().create_future()
+                        await state.room
             finally:
-                out.put_nowait(None)
+                state.reading = False
+                ready(_NO_REPLY)
 
         reader = asyncio.create_task(read())
         try:
-            while (reply := await out.get()) is not None:
-                size = reply.ByteSize()
-                yield reply
-                # Released only once written: requests running plus replies unread stay bounded.
-                await buffered.give(size)
-                inflight.release()
+            while True:
+                while not replies:
+                    state.wake = asyncio.get_running_loop().create_future()
+                    await state.wake
+                reply = replies.popleft()
+                if reply is _NO_REPLY:
+                    if not state.reading and state.inflight == 0 and not replies:
+                        break
+                    continue
+                await context.write(reply)
+                # Released only once written: requests running plus replies unwritten stay bounded.
+                state.inflight -= 1
+                state.buffered -= reply.ByteSize()
+                room = state.room
+                if room is not None and not room.done():
+                    state.room = None
+                    room.set_result(None)
+                if not state.reading and state.inflight == 0:
+                    break
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
-            for task in list(running):
-                task.cancel()
 
-    async def _stream_reply(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    def _stream_start(
+        self,
+        request: pb.ModelInferRequest,
+        ready: Callable[[pb.ModelStreamInferResponse], None],
+        state: _StreamState,
+    ) -> None:
+        """Start one stream request; `ready` gets its reply when done, after earlier ones of its sequence."""
         try:
-            response = await self.infer(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error_message
-            _, message = status_of(exc)
-            reply = pb.ModelStreamInferResponse(error_message=message)
-            reply.infer_response.id = request.id
-            reply.infer_response.model_name = request.model_name
-            reply.infer_response.model_version = request.model_version
-            return reply
-        if _final_response_wanted(request):
-            # Not decoupled: the one response is also the final one, flagged as Triton flags it.
-            response.parameters["triton_final_response"].bool_param = True
-        return pb.ModelStreamInferResponse(infer_response=response)
+            ctl: SequenceControl | None = parse_sequence(request.parameters)
+        except InvalidArgument:
+            ctl = None  # the request fails on its own (in _begin); it has no place in a sequence
+        key = None if ctl is None or ctl.sequence_id is None else (request.model_name, ctl.sequence_id)
+        slot = None
+        if key is not None:  # replies of one sequence leave in request order, whatever order they finish in
+            slot = _Slot()
+            state.order.setdefault(key, collections.deque()).append(slot)
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Run one ModelInferRequest; raises typed errors (shared by the unary and the streaming method)."""
+        def emit(reply: pb.ModelStreamInferResponse) -> None:
+            if slot is None:
+                ready(reply)
+                return
+            slot.reply = reply
+            queue = state.order[key]  # type: ignore[index]
+            while queue and queue[0].reply is not None:
+                ready(queue.popleft().reply)  # type: ignore[arg-type]
+            if not queue:
+                del state.order[key]  # type: ignore[arg-type]
+
+        try:
+            call = self._begin(request, ctl)
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error_message
+            emit(_error_reply(request, exc))
+            return
+
+        def done(_fut: asyncio.Future[Any]) -> None:
+            if call.future.cancelled():  # only at shutdown: the reply still counts against the stream
+                emit(_error_reply(request, Unavailable("the request was cancelled: server stopping")))
+                return
+            try:
+                response = call.finish()
+            except Exception as exc:  # noqa: BLE001 - becomes this request's error_message
+                emit(_error_reply(request, exc))
+                return
+            if _final_response_wanted(request):
+                # Not decoupled: the one response is also the final one, flagged as Triton flags it.
+                response.parameters["triton_final_response"].bool_param = True
+            emit(pb.ModelStreamInferResponse(infer_response=response))
+
+        call.future.add_done_callback(done)
+
+    def _begin(self, request: pb.ModelInferRequest, ctl: SequenceControl | None = None) -> _Call:
+        """Decode a request and start it in the core: a sequence step or a stateless run (no await)."""
         started = time.monotonic_ns()
-        ctl = parse_sequence(request.parameters)
-        version = _version_arg(request.model_version)
+        if ctl is None:
+            ctl = parse_sequence(request.parameters)
+        version = version_arg(request.model_version)
         if version is None and ctl.sequence_id is not None and not ctl.start:
             # A live sequence is validated against (and counted for) the version it is pinned to.
             version = self.sequences.live_version(request.model_name, ctl.sequence_id)
         spec = self._engine.get_model(request.model_name, version)
-        stats = self._stats.setdefault((spec.name, spec.version), _ModelStats())
+        stats = self._stats.get((spec.name, spec.version))
+        if stats is None:
+            stats = self._stats[(spec.name, spec.version)] = ModelStats()
         try:
             names = _requested_outputs(spec, request)
             arrays = decode_inputs(request)
             batch = _batch_of(arrays)
-            decoded = time.monotonic_ns()
-            outputs, version = await self._run(spec, request, ctl, arrays, batch)
-            inferred = time.monotonic_ns()
-            response = pb.ModelInferResponse(model_name=spec.name, model_version=str(version), id=request.id)
-            encode_outputs(response, [(n, outputs[n]) for n in names], typed=wants_typed_outputs(request))
+            if ctl.sequence_id is not None and (spec.states or spec.controls) and arrays:
+                if batch != 1 or any(a.ndim == 0 or a.shape[0] != 1 for a in arrays.values()):
+                    raise InvalidArgument(
+                        "a request with a sequence_id carries one sequence: batch dimension must be 1 for "
+                        f"every input, got shapes {[list(a.shape) for a in arrays.values()]} (send several "
+                        "sequences as separate requests, or drop sequence_id for a stateless batch)"
+                    )
+                row = {k: v[0] for k, v in arrays.items()}
+                future, read = self.sequences.submit(spec.name, version_arg(request.model_version), ctl, row)
+            else:
+                # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
+                # from the initial state.
+                future = asyncio.ensure_future(
+                    self._engine.infer_stateless(spec.name, spec.version, arrays, dtype_name=_wire_name)
+                )
+                read = _stateless_result(spec.version)
         except Exception:
             stats.fail.add(time.monotonic_ns() - started)
             raise
-        stats.record((started, decoded, inferred, time.monotonic_ns()), batch or 0)
-        return response
+        return _Call(
+            self, request, spec, stats, names, batch or 0, started, time.monotonic_ns(), future, read
+        )
 
-    async def _run(
-        self,
-        spec: ModelSpec,
-        request: pb.ModelInferRequest,
-        ctl: SequenceControl,
-        arrays: dict[str, np.ndarray],
-        batch: int | None,
-    ) -> tuple[dict[str, np.ndarray], int]:
-        """Run the model: a sequence step or a stateless run; outputs with the batch axis, and the version."""
-        version = spec.version
-        if ctl.sequence_id is not None and spec.states and arrays:
-            if batch != 1:
-                raise InvalidArgument(
-                    "a request with a sequence_id carries one sequence: batch dimension must be 1, "
-                    f"got {batch} (send several sequences as separate requests, or drop sequence_id for a "
-                    "stateless batch)"
-                )
-            outcome = await self.sequences.step(
-                spec.name, _version_arg(request.model_version), ctl, {k: v[0] for k, v in arrays.items()}
-            )
-            outputs = {k: v[np.newaxis] for k, v in outcome.outputs.items()}
-            version = outcome.version
-        else:
-            # No sequence (or a model without state, whose sequence flags Triton also ignores): one run
-            # from the initial state.
-            outputs = await self._engine.infer_stateless(
-                spec.name, spec.version, arrays, dtype_name=_wire_name
-            )
-        return outputs, version
+
+_NO_REPLY = pb.ModelStreamInferResponse()  # a marker in the reply queue: the reader ended
 
 
 @dataclass(slots=True, eq=False)
-class _Turn:
-    """A stream reply's place in its sequence: wait for the previous reply, then let the next one go."""
+class _StreamState:
+    """One ModelStreamInfer stream: requests in flight, the writer's wake-up, the reader's back-pressure."""
 
-    previous: asyncio.Future[None] | None
-    mine: asyncio.Future[None] | None
-    release: Callable[[], None]
+    wake: asyncio.Future[None]
+    inflight: int = 0
+    buffered: int = 0  # bytes of replies ready but not yet written (max_stream_buffer_bytes)
+    reading: bool = True
+    room: asyncio.Future[None] | None = None
+    order: dict[SequenceKey, collections.deque[_Slot]] = field(default_factory=dict)
 
-    async def wait(self) -> None:
-        if self.previous is not None:
-            await self.previous
-
-    def done(self) -> None:
-        if self.mine is not None and not self.mine.done():
-            self.mine.set_result(None)
-        self.release()
+    def full(self, limit: int, max_bytes: int) -> bool:
+        """Tell whether the reader must wait: too many requests or reply bytes not yet written."""
+        return self.inflight >= limit or self.buffered > max_bytes
 
 
-class _ReplyOrder:
-    """Per stream: a chain of futures per sequence, so its replies are written in request order."""
+def _reply_bytes(reply: pb.ModelStreamInferResponse) -> int:
+    return 0 if reply is _NO_REPLY else reply.ByteSize()
 
-    def __init__(self) -> None:
-        self._last: dict[SequenceKey, asyncio.Future[None]] = {}
 
-    def turn(self, request: pb.ModelInferRequest) -> _Turn:
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """A stream request's place among the requests of its sequence; `reply` is set when it is done."""
+
+    reply: pb.ModelStreamInferResponse | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One started request: its future in the core and what `finish` needs to encode the response."""
+
+    servicer: KServeServicer
+    request: pb.ModelInferRequest
+    spec: ModelSpec
+    stats: ModelStats
+    names: list[str]
+    batch: int
+    started: int
+    decoded: int
+    future: asyncio.Future[Any]
+    read: Callable[[asyncio.Future[Any]], Any]
+
+    def finish(self) -> pb.ModelInferResponse:
+        """Encode the outcome (or raise its typed error), counting it in the model's statistics."""
+        spec = self.spec
         try:
-            sequence_id = parse_sequence(request.parameters).sequence_id
-        except InvalidArgument:
-            sequence_id = None  # the request fails on its own; it has no place in a sequence
-        if sequence_id is None:
-            return _Turn(None, None, lambda: None)
-        key: SequenceKey = (request.model_name, sequence_id)
-        previous = self._last.get(key)
-        mine = self._last[key] = asyncio.get_running_loop().create_future()
+            outcome = self.read(self.future)
+            inferred = time.monotonic_ns()
+            if isinstance(outcome, SequenceOutcome):
+                outputs = {k: v[np.newaxis] for k, v in outcome.outputs.items()}
+                version = outcome.version
+            else:
+                outputs, version = outcome
+            response = pb.ModelInferResponse(
+                model_name=spec.name, model_version=str(version), id=self.request.id
+            )
+            encode_outputs(
+                response, [(n, outputs[n]) for n in self.names], typed=wants_typed_outputs(self.request)
+            )
+        except Exception:
+            self.stats.fail.add(time.monotonic_ns() - self.started)
+            raise
+        self.stats.record((self.started, self.decoded, inferred, time.monotonic_ns()), self.batch)
+        return response
 
-        def release() -> None:
-            if self._last.get(key) is mine:
-                del self._last[key]
 
-        return _Turn(previous, mine, release)
+def _stateless_result(version: int) -> Callable[[asyncio.Future[Any]], tuple[dict[str, np.ndarray], int]]:
+    def read(fut: asyncio.Future[Any]) -> tuple[dict[str, np.ndarray], int]:
+        return fut.result(), version
+
+    return read
+
+
+def _error_reply(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
+    _, message = status_of(exc)
+    reply = pb.ModelStreamInferResponse(error_message=message)
+    reply.infer_response.id = request.id
+    reply.infer_response.model_name = request.model_name
+    reply.infer_response.model_version = request.model_version
+    return reply
 
 
 def _final_response_wanted(request: pb.ModelInferRequest) -> bool:

@@ -1,8 +1,17 @@
 """Triton's sequence extension over the Engine: `(model, sequence_id)` -> engine session, in arrival order.
 
 `sequence_start` opens (or restarts) an engine session, `sequence_end` closes it after that step, and the
-requests of one sequence apply one at a time in arrival order (one FIFO lock per sequence). Used by the KServe
-servicer (`service/server/kserve.py`); protocol-free apart from the typed errors it raises.
+requests of one sequence apply one at a time in arrival order. Every step is sent to the engine as "the next
+step" of the session (seq None): the session's own FIFO orders them, so nothing here counts steps and a
+cancelled request can never desynchronise a sequence.
+
+Fast path (`submit`): a plain step of a live sequence (no start or end flag, nobody holding the sequence's
+lock, no shared store) goes straight to `Engine.submit`, with no task or lock. Starts, ends and restarts take
+the slow path, one FIFO lock per sequence. Sequence ids are per tenant: another tenant's sequence with the
+same id is invisible (its requests see "not active", exactly as for an unused id) and untouched. Used by the
+KServe servicer (`service/server/kserve.py`);
+protocol-free apart
+from the typed errors it raises.
 
 With a shared store the map from a sequence to its session lives in the store too (`map_sequence`), so any
 replica continues a sequence another one started (failover, lost affinity), and a replica checks the map on
@@ -16,28 +25,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.core import limits
+from service.core.controls import StepControl
 from service.core.engine import Engine
+from service.core.tenancy import CALLER, Principal, tenant
 from service.errors import Aborted, InvalidArgument, NotFound, ServeError, Unavailable
 from service.server.kserve_convert import SequenceControl
 
 SequenceKey = tuple[str, int | str]
+_Key = tuple[str, str, int | str]  # (tenant, model, sequence_id): sequence ids are per tenant
 ENDED = "ended by sequence_end"
 
 
 @dataclass(slots=True, eq=False)
 class _Sequence:
-    """One live Triton sequence: the engine session behind it and the next seq number to send."""
+    """One live Triton sequence: the engine session behind it and the model version it runs on."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     session_id: str | None = None
     version: int = 0
     retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
+    control: StepControl | None = None  # fills a model's control inputs (correlation id; not the end)
+    last: asyncio.Future[Any] | None = None  # the latest fast-path step; later steps wait until it is done
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +69,19 @@ def _consume_result(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+def _task_result(task: asyncio.Future[Any]) -> SequenceOutcome:
+    return task.result()  # type: ignore[no-any-return]
+
+
 def _describe_id(sequence_id: int | str) -> str:
     return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
 
 
-def store_key(key: SequenceKey) -> str:
-    """Return the sequence's key in the shared store (int and string ids kept apart)."""
-    model, sequence_id = key
+def store_key(key: _Key) -> str:
+    """Return the sequence's key in the shared store (per tenant; int and string ids kept apart)."""
+    owner, model, sequence_id = key
     kind = "s" if isinstance(sequence_id, str) else "i"
-    return f"{model}:{kind}:{sequence_id}"
+    return f"{len(owner)}:{owner}:{model}:{kind}:{sequence_id}"
 
 
 class SequenceTable:
@@ -70,9 +89,10 @@ class SequenceTable:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._live: dict[SequenceKey, _Sequence] = {}
+        self._live: dict[_Key, _Sequence] = {}
+        self._slow: dict[_Key, int] = {}  # requests per sequence on the slow path, not yet done
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
-        self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
+        self._gone: OrderedDict[_Key, str] = OrderedDict()
         self._max_gone = engine.settings.max_tombstones
         # Sequences whose session the engine expired are forgotten at most this often (on a start request).
         self._sweep_every_s = engine.settings.sweep_interval_s
@@ -84,8 +104,62 @@ class SequenceTable:
 
     def live_version(self, model: str, sequence_id: int | str) -> int | None:
         """Model version a live sequence runs on (it stays pinned there when a newer version loads)."""
-        entry = self._live.get((model, sequence_id))
+        entry = self._live.get((tenant(), model, sequence_id))
         return None if entry is None or entry.session_id is None else entry.version
+
+    def submit(
+        self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Any]]:
+        """Start one request of a sequence now; return its future and the function that reads its outcome.
+
+        The fast path queues a plain step directly in the engine; everything else runs `step` as a task.
+        """
+        key: _Key = (tenant(), model, ctl.sequence_id)  # type: ignore[assignment]
+        # With a shared store every request checks the store's map first (the slow path): another replica may
+        # have restarted or taken over the sequence.
+        slow = ctl.start or ctl.end or self._shared or key in self._slow
+        entry = None if slow else self._live.get(key)
+        if (
+            entry is not None
+            and entry.session_id is not None
+            and not entry.lock.locked()
+            and (entry.last is None or entry.last.done())
+            and (version is None or version == entry.version)
+        ):
+            # Only onto an idle sequence: the engine defers a step that finds its session busy (a task), and
+            # a later fast step could then overtake it (KServe steps carry no seq to catch that).
+            fut = entry.last = self._engine.submit(entry.session_id, None, inputs, control=entry.control)
+            return fut, lambda f: self._outcome(key, entry, f)
+        # A request of this sequence on the slow path has not reached the engine yet: later ones of the same
+        # sequence follow it there (the sequence lock is FIFO), never overtake it on the fast path.
+        self._slow[key] = self._slow.get(key, 0) + 1
+        task = asyncio.ensure_future(self.step(model, version, ctl, inputs))
+        task.add_done_callback(lambda _t: self._slow_done(key))
+        return task, _task_result
+
+    def _slow_done(self, key: _Key) -> None:
+        left = self._slow[key] - 1
+        if left:
+            self._slow[key] = left
+        else:
+            del self._slow[key]
+
+    def _outcome(self, key: _Key, entry: _Sequence, fut: asyncio.Future[Any]) -> SequenceOutcome:
+        try:
+            result = fut.result()
+        except NotFound as exc:
+            raise self._ended(key, entry, exc) from exc
+        return SequenceOutcome(result.outputs, entry.version)
+
+    def _ended(self, key: _Key, entry: _Sequence, exc: NotFound) -> NotFound:
+        """Retire a sequence whose session is gone; the error says why and how to start again."""
+        self._retire(key, entry, exc.reason)
+        _, model, sequence_id = key
+        return NotFound(
+            f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
+            f"{exc.message}; start it again with sequence_start=true",
+            reason=exc.reason,
+        )
 
     async def step(
         self, model: str, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
@@ -100,7 +174,7 @@ class SequenceTable:
             raise InvalidArgument("a sequence step needs a sequence_id")
         if isinstance(ctl.sequence_id, str):
             limits.check_id(self._engine.settings, ctl.sequence_id, "sequence_id")
-        key: SequenceKey = (model, ctl.sequence_id)
+        key: _Key = (tenant(), model, ctl.sequence_id)
         if ctl.start:
             self._sweep()
         task = asyncio.create_task(self._ordered_step(key, version, ctl, inputs))
@@ -108,7 +182,7 @@ class SequenceTable:
         return await asyncio.shield(task)
 
     async def _ordered_step(
-        self, key: SequenceKey, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+        self, key: _Key, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
     ) -> SequenceOutcome:
         # No await before the lock: tasks start in creation order, reach it in arrival order, and
         # asyncio.Lock is FIFO.
@@ -126,13 +200,15 @@ class SequenceTable:
 
     async def _locked_step(
         self,
-        key: SequenceKey,
+        key: _Key,
         entry: _Sequence,
         version: int | None,
         ctl: SequenceControl,
         inputs: dict[str, np.ndarray],
     ) -> SequenceOutcome:
-        model, sequence_id = key
+        _, model, sequence_id = key
+        if entry.last is not None and not entry.last.done():
+            await asyncio.wait([entry.last])  # the fast-path step before this one lands first
         if ctl.start:
             await self._start(key, entry, version)
         else:
@@ -147,19 +223,15 @@ class SequenceTable:
         if session_id is None:  # unreachable: a start opens the session, a follower found it
             raise self._not_active(key)
         try:
-            result = await self._engine.step(session_id, None, inputs)
+            control = StepControl(True, sequence_id) if ctl.end else entry.control
+            result = await self._engine.step(session_id, None, inputs, control=control)
         except NotFound as exc:
             if self._shared and exc.reason == "moved":
                 raise Unavailable(
                     f"sequence {_describe_id(sequence_id)} of model {model!r} is being served by another "
                     "replica right now; retry"
                 ) from exc
-            self._retire(key, entry, exc.reason)
-            raise NotFound(
-                f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
-                f"{exc.message}; start it again with sequence_start=true",
-                reason=exc.reason,
-            ) from exc
+            raise self._ended(key, entry, exc) from exc
         except ServeError:
             if ctl.start:  # a start whose first request is refused does not start the sequence
                 self._retire(key, entry, None)
@@ -172,9 +244,9 @@ class SequenceTable:
             await self._unmap(key, session_id)
         return SequenceOutcome(result.outputs, entry.version)
 
-    async def _start(self, key: SequenceKey, entry: _Sequence, version: int | None) -> None:
+    async def _start(self, key: _Key, entry: _Sequence, version: int | None) -> None:
         """Open the sequence's session (closing a previous one held here) and publish it in the store."""
-        model, sequence_id = key
+        _, model, sequence_id = key
         previous = {entry.session_id}
         mapped = None
         if self._shared:
@@ -200,8 +272,9 @@ class SequenceTable:
             self._retire(key, entry, None)  # never started: later requests hear "not active"
             raise
         entry.session_id, entry.version = info.session_id, info.version
+        entry.control = StepControl(False, sequence_id)
 
-    async def _follow_store(self, key: SequenceKey, entry: _Sequence) -> None:
+    async def _follow_store(self, key: _Key, entry: _Sequence) -> None:
         """Point the entry at the session the store maps the sequence to (started or moved elsewhere)."""
         session_id = await self._engine.store.sequence_session(store_key(key))
         if session_id is None:
@@ -215,11 +288,11 @@ class SequenceTable:
                 raise self._not_active(key) from exc
             entry.session_id, entry.version = session_id, info.version
 
-    async def _unmap(self, key: SequenceKey, session_id: str) -> None:
+    async def _unmap(self, key: _Key, session_id: str) -> None:
         if self._shared:
             await self._engine.store.unmap_sequence(store_key(key), session_id)
 
-    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str | None) -> None:
+    def _retire(self, key: _Key, entry: _Sequence, reason: str | None) -> None:
         entry.retired = True
         if self._live.get(key) is entry:
             del self._live[key]
@@ -229,8 +302,8 @@ class SequenceTable:
                 while len(self._gone) > self._max_gone:
                     self._gone.popitem(last=False)
 
-    def _not_active(self, key: SequenceKey) -> Exception:
-        model, sequence_id = key
+    def _not_active(self, key: _Key) -> Exception:
+        _, model, sequence_id = key
         reason = self._gone.get(key)
         name = f"sequence {_describe_id(sequence_id)} of model {model!r}"
         if reason is None or reason == ENDED:
@@ -256,10 +329,13 @@ class SequenceTable:
         for key, entry in list(self._live.items()):
             if entry.session_id is None or entry.lock.locked():
                 continue
+            as_owner = CALLER.set(Principal(key[0]))  # the sequence's session is its tenant's
             try:
                 self._engine.describe(entry.session_id)
             except NotFound as exc:
                 self._retire(key, entry, exc.reason)
+            finally:
+                CALLER.reset(as_owner)
 
     async def close_all(self) -> None:
         """End every live sequence (server shutdown).
@@ -270,4 +346,8 @@ class SequenceTable:
         for key, entry in list(self._live.items()):
             self._retire(key, entry, "shutdown")
             if entry.session_id is not None and not self._shared:
-                await self._close_quietly(entry.session_id)
+                as_owner = CALLER.set(Principal(key[0]))
+                try:
+                    await self._close_quietly(entry.session_id)
+                finally:
+                    CALLER.reset(as_owner)

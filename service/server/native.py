@@ -119,7 +119,10 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         specs = self._engine.list_models()
         if self._on_reload is not None:
             self._on_reload(specs)
-        return pb.ReloadRepositoryResponse(models=[self._model_pb(s) for s in specs])
+        refused = [
+            pb.ModelRefusal(name=r.name, version=r.version, reason=r.reason) for r in self._engine.refusals()
+        ]
+        return pb.ReloadRepositoryResponse(models=[self._model_pb(s) for s in specs], refused=refused)
 
     # ---- sessions -----------------------------------------------------------------------------------------
 
@@ -163,9 +166,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
 
     async def Reset(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
         """Put a session back to its initial state and seq 0."""
-        return wire.session_to_pb(
-            await self._engine.reset(wire.require(request.session_id, "session_id"))
-        )
+        return wire.session_to_pb(await self._engine.reset(wire.require(request.session_id, "session_id")))
 
     async def Close(self, request: pb.SessionRequest, context: Any) -> pb.CloseResponse:
         """End a session."""
@@ -174,9 +175,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
 
     async def DescribeSession(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
         """Describe a session (resumed from the shared store if another replica held it)."""
-        return wire.session_to_pb(
-            await self._engine.attach(wire.require(request.session_id, "session_id"))
-        )
+        return wire.session_to_pb(await self._engine.attach(wire.require(request.session_id, "session_id")))
 
     # ---- streams ------------------------------------------------------------------------------------------
 
@@ -201,7 +200,9 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         rec = self.streams.enter()
         session_id = ""
         keep = False
-        engine = self._engine
+        # Bound once per stream: the loop below runs once per message.
+        submit, write, Response = self._engine.submit, context.write, pb.StreamResponse
+        tensors_to_arrays, arrays_to_tensors = wire.tensors_to_arrays, wire.arrays_to_tensors
         try:
             async for req in request_iterator:
                 rec.busy = True
@@ -217,15 +218,16 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                     session = wire.session_to_pb(info)
                 elif req.HasField("open"):
                     raise InvalidArgument("`open` is only allowed in the first Stream message")
-                if req.inputs:
-                    res = await engine.step(
-                        session_id, req.seq, wire.tensors_to_arrays(req.inputs), last_only=req.last_only
+                inputs = req.inputs
+                if inputs:
+                    res = await submit(
+                        session_id, req.seq, tensors_to_arrays(inputs), last_only=req.last_only
                     )
-                    await context.write(
-                        pb.StreamResponse(
+                    await write(
+                        Response(
                             session=session,
                             seq=res.seq,
-                            outputs=wire.arrays_to_tensors(res.outputs),
+                            outputs=arrays_to_tensors(res.outputs),
                             cached=res.cached,
                         )
                     )

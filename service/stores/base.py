@@ -55,6 +55,7 @@ class SessionRecord:
     # gen + 1. A writer passes the gen it read (or last wrote) and the store refuses the write if it moved on.
     gen: int = 0
     steps: int = 0  # timesteps applied since the session was created (survives failover)
+    tenant: str = ""  # the owning tenant; a session resumes only for it
     last_digest: bytes | None = None  # digest of the last applied chunk's inputs (a retry must match it)
 
 
@@ -166,6 +167,7 @@ class InMemoryStore(SessionStore):
             record.owner,
             record.gen + 1,
             record.steps,
+            record.tenant,
             record.last_digest,
         )
         return record.gen + 1

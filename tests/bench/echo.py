@@ -1,13 +1,14 @@
-"""A no-op grpc.aio bidirectional echo server: the floor of the Python gRPC edge.
+"""A no-op grpc.aio echo server: the floor of the Python gRPC edge, for streams and for unary calls.
 
-It answers every request message of a bidi stream with one response of a fixed size and does nothing else, so
-a load generator pointed at it measures what Python grpc.aio alone costs per message on this machine. The
-request and response sizes are set to the serialized sizes of the service's own Step messages, so the
-comparison with the service is like for like. Raw bytes in and out (no protobuf parsing), which favours the
-echo slightly: the service parses and builds its messages.
+``Chat`` (bidi) answers every request message of a stream with one response of a fixed size; ``Call`` (unary)
+answers each call with one response of another fixed size. Neither does anything else, so a load generator
+pointed at it measures what Python grpc.aio alone costs per message on this machine. The sizes are set to the
+serialized sizes of the service's own messages (``Stream`` messages for ``Chat``, KServe ``ModelInfer``
+messages for ``Call``), so the comparison with the service is like for like. Raw bytes in and out (no protobuf
+parsing), which favours the echo slightly: the service parses and builds its messages.
 
-Run as ``python -m tests.bench.echo --response-bytes N``; it prints ``{"port": P, "pid": PID}`` on stdout and
-serves until SIGTERM/SIGINT.
+Run as ``python -m tests.bench.echo --response-bytes N [--unary-response-bytes M]``; it prints
+``{"port": P, "pid": PID}`` on stdout and serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -24,24 +25,33 @@ import grpc
 
 SERVICE = "rnnserve.bench.Echo"
 METHOD = f"/{SERVICE}/Chat"
+UNARY_METHOD = f"/{SERVICE}/Call"
 
 
-def make_handler(response: bytes) -> grpc.GenericRpcHandler:
-    """Build a generic handler whose bidi method answers every message with ``response``."""
+def make_handler(response: bytes, unary_response: bytes = b"") -> grpc.GenericRpcHandler:
+    """Build a generic handler: bidi ``Chat`` answers every message with ``response``, unary ``Call`` with
+    ``unary_response``."""
 
     async def chat(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async for _ in requests:
             yield response
 
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return unary_response
+
     return grpc.method_handlers_generic_handler(
-        SERVICE, {"Chat": grpc.stream_stream_rpc_method_handler(chat)}
+        SERVICE,
+        {
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+            "Call": grpc.unary_unary_rpc_method_handler(call),
+        },
     )
 
 
-async def serve(response_bytes: int, host: str = "127.0.0.1") -> None:
+async def serve(response_bytes: int, unary_response_bytes: int = 0, host: str = "127.0.0.1") -> None:
     """Serve the echo until a signal arrives; report the bound port on stdout."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((make_handler(b"\x00" * response_bytes),))
+    server.add_generic_rpc_handlers((make_handler(b"\x00" * response_bytes, b"\x00" * unary_response_bytes),))
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
     print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
@@ -56,9 +66,10 @@ async def serve(response_bytes: int, host: str = "127.0.0.1") -> None:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--response-bytes", type=int, required=True)
+    parser.add_argument("--response-bytes", type=int, required=True, help="size of each Chat answer")
+    parser.add_argument("--unary-response-bytes", type=int, default=0, help="size of each Call answer")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.response_bytes))
+    asyncio.run(serve(args.response_bytes, args.unary_response_bytes))
     sys.exit(0)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import matplotlib
@@ -17,204 +17,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tests.bench.suite import REF_MODEL, LoadRow, SuiteResult  # noqa: E402
-
-HALF = " (paced, 50% of peak)"
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """One target of issue 5: what was asked, what was measured, met or not."""
-
-    target: str
-    measured: str
-    ratio: float
-    threshold: str
-    met: bool | None  # None: not measured in this run
-
-
-def _row(res: SuiteResult, system: str, sessions: int, steps: int, model: str = REF_MODEL) -> LoadRow | None:
-    return next(
-        (
-            r
-            for r in res.loads
-            if r.model == model
-            and r.system == system
-            and r.sessions == sessions
-            and r.steps_per_message == steps
-        ),
-        None,
-    )
-
-
-def _ratio_verdict(
-    target: str, num: float, den: float, what: str, threshold: float, *, at_least: bool
-) -> Verdict:
-    ratio = num / den if den and num == num and den == den else float("nan")
-    met = None if ratio != ratio else (ratio >= threshold if at_least else ratio <= threshold)
-    return Verdict(target, what, ratio, f"{'>=' if at_least else '<='} {threshold:g}", met)
-
-
-def verdicts(res: SuiteResult) -> list[Verdict]:
-    """Evaluate every target of issue 5 on the reference model (plus the StreamMany alternatives)."""
-    out: list[Verdict] = []
-    echo = _row(res, "echo", 128, 1)
-    svc = _row(res, "service", 128, 1)
-    many = _row(res, "service StreamMany", 128, 1)
-    if echo and svc:
-        out.append(
-            _ratio_verdict(
-                "one-step @128 streams: service / echo",
-                svc.steps_per_s,
-                echo.messages_per_s,
-                f"{svc.steps_per_s:,.0f} steps/s vs echo {echo.messages_per_s:,.0f} msg/s",
-                0.9,
-                at_least=True,
-            )
-        )
-    if echo and many:
-        out.append(
-            _ratio_verdict(
-                "one-step @128 sessions: StreamMany / echo",
-                many.steps_per_s,
-                echo.messages_per_s,
-                f"{many.steps_per_s:,.0f} steps/s ({many.streams} streams x "
-                f"{many.sessions // max(1, many.streams)} sessions/msg) vs echo "
-                f"{echo.messages_per_s:,.0f} msg/s",
-                0.9,
-                at_least=True,
-            )
-        )
-    for system in ("service", "service StreamMany"):
-        chunk = _row(res, system, res.plan.chunk_streams, res.plan.chunk_steps)
-        if chunk and chunk.ceiling_steps_per_s == chunk.ceiling_steps_per_s:
-            label = (
-                f"{res.plan.chunk_steps}-step chunks @{res.plan.chunk_streams} sessions: {system} / raw ORT"
-            )
-            out.append(
-                _ratio_verdict(
-                    f"{label} (1 intra-op thread, as served)",
-                    chunk.steps_per_s,
-                    chunk.ceiling_steps_per_s,
-                    f"{chunk.steps_per_s:,.0f} steps/s vs ORT {chunk.ceiling_steps_per_s:,.0f} at batch "
-                    f"{chunk.ceiling_batch}, measured right after (CPU: {chunk.server_cpu_us_per_step:.1f} "
-                    f"us/step served vs {1e6 / chunk.ceiling_steps_per_cpu_s:.1f} us/step raw)",
-                    0.6,
-                    at_least=True,
-                )
-            )
-            every = next(
-                (
-                    c
-                    for c in res.ceilings
-                    if c["model"] == REF_MODEL
-                    and c["batch"] == max(1, round(chunk.batch_mean))
-                    and c["steps"] == chunk.steps_per_message
-                    and c.get("intra_op_threads") == 0
-                ),
-                None,
-            )
-            if every:
-                out.append(
-                    _ratio_verdict(
-                        f"{label} (every core)",
-                        chunk.steps_per_s,
-                        every["steps_per_s"],
-                        f"{chunk.steps_per_s:,.0f} steps/s vs ORT {every['steps_per_s']:,.0f} at batch "
-                        f"{every['batch']} with ORT's default threads",
-                        0.6,
-                        at_least=True,
-                    )
-                )
-    pos = {p["position"]: p for p in res.positions if p["model"] == REF_MODEL}
-    if 1 in pos and 1000 in pos:
-        out.append(
-            _ratio_verdict(
-                "latency flat in position: pos 1000 / pos 1",
-                pos[1000]["stream_ms"],
-                pos[1]["stream_ms"],
-                f"{pos[1000]['stream_ms']:.2f} ms vs {pos[1]['stream_ms']:.2f} ms",
-                1.1,
-                at_least=False,
-            )
-        )
-        out.append(
-            _ratio_verdict(
-                "stateless recompute / streamed step @ pos 1000",
-                pos[1000]["stateless_ms"],
-                pos[1000]["stream_ms"],
-                f"{pos[1000]['stateless_ms']:.1f} ms vs {pos[1000]['stream_ms']:.2f} ms",
-                100,
-                at_least=True,
-            )
-        )
-        # What a round trip over Python gRPC can reach at all: the echo's own latency plus one raw ORT step.
-        echo1 = _row(res, "echo", 1, 1)
-        ort1 = min(
-            (c for c in res.ceilings if c["model"] == REF_MODEL and c["batch"] == 1 and c["steps"] == 1),
-            key=lambda c: c["ms_per_run"],
-            default=None,
-        )
-        if echo1 and ort1:
-            floor = echo1.p50_ms + ort1["ms_per_run"]
-            out.append(
-                _ratio_verdict(
-                    "(bound) stateless @ pos 1000 / (echo round trip + raw ORT step)",
-                    pos[1000]["stateless_ms"],
-                    floor,
-                    f"best any gRPC step could do here: {echo1.p50_ms:.2f} ms echo p50 + "
-                    f"{ort1['ms_per_run']:.2f} ms ORT = {floor:.2f} ms",
-                    100,
-                    at_least=True,
-                )
-            )
-        batched = [
-            r
-            for r in res.loads
-            if r.model == REF_MODEL
-            and r.system.startswith("service")
-            and r.steps_per_message == 1
-            and r.rate_per_s == 0
-            and r.server_cpu_us_per_step == r.server_cpu_us_per_step
-        ]
-        if batched:
-            best = min(batched, key=lambda r: r.server_cpu_us_per_step)
-            out.append(
-                _ratio_verdict(
-                    "(cost) stateless raw ORT CPU @ pos 1000 / served CPU per step",
-                    pos[1000]["ort_stateless_ms"] * 1e3,
-                    best.server_cpu_us_per_step,
-                    f"{pos[1000]['ort_stateless_ms']:.1f} ms vs {best.server_cpu_us_per_step:.0f} us server "
-                    f"CPU per step ({best.system}, {best.sessions} sessions)",
-                    100,
-                    at_least=True,
-                )
-            )
-    written = next((m for m in res.memory if m["state"] == "written"), None)
-    if written:
-        out.append(
-            Verdict(
-                f"idle memory @ {written['sessions']:,} sessions / raw state bytes",
-                f"{written['rss_per_session_bytes']:,.0f} B/session RSS vs "
-                f"{written['raw_state_bytes_per_session']:,} B raw state",
-                float(written["ratio"]),
-                "<= 1.25",
-                float(written["ratio"]) <= 1.25,
-            )
-        )
-    for half in (r for r in res.loads if r.model == REF_MODEL and r.system.endswith(HALF)):
-        how = half.system.replace(HALF, "")
-        out.append(
-            Verdict(
-                f"p99 at half of peak, {how} ({half.rate_per_s * half.sessions / half.streams:,.0f} steps/s "
-                f"offered, {half.sessions} sessions)",
-                f"p99 {half.p99_ms:.2f} ms (achieved {half.steps_per_s:,.0f} steps/s)",
-                half.p99_ms,
-                "<= 5 ms",
-                half.p99_ms <= 5.0,
-            )
-        )
-    return out
+from tests.bench.suite import (  # noqa: E402
+    BIDI_ECHO,
+    ECHOES,
+    KSERVE_STREAM,
+    NOBATCH,
+    PA_ECHO_STREAM,
+    PA_ECHO_UNARY,
+    PA_STREAM,
+    PA_UNARY,
+    PACED_TARGETS,
+    REF_MODEL,
+    STREAM,
+    STREAM_MANY,
+    UNARY_ECHO,
+    SuiteResult,
+    paced_name,
+)
+from tests.bench.targets import Verdict, row, verdicts  # noqa: E402
 
 
 def _fmt(x: float, digits: int = 0) -> str:
@@ -232,7 +52,7 @@ def load_table(res: SuiteResult) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in res.loads:
-        steps = f"{_fmt(r.messages_per_s)} msg/s" if r.system == "echo" else _fmt(r.steps_per_s)
+        steps = f"{_fmt(r.messages_per_s)} msg/s" if r.system in ECHOES else _fmt(r.steps_per_s)
         lines.append(
             f"| {r.model} | {r.system} | {r.streams} | {r.sessions} | {r.steps_per_message} | {steps} | "
             f"{_fmt(r.p50_ms, 2)} | {_fmt(r.p95_ms, 2)} | {_fmt(r.p99_ms, 2)} | "
@@ -296,16 +116,22 @@ def other_tables(res: SuiteResult) -> str:
 
 # -- plots ---------------------------------------------------------------------------------------------
 _COLORS = {
-    "echo": "tab:gray",
-    "service": "tab:blue",
-    "service (batching off)": "tab:orange",
-    "service StreamMany": "tab:green",
+    BIDI_ECHO: "tab:gray",
+    UNARY_ECHO: "silver",
+    STREAM: "tab:blue",
+    NOBATCH: "tab:orange",
+    STREAM_MANY: "tab:green",
+    KSERVE_STREAM: "tab:purple",
+    PA_STREAM: "tab:pink",
+    PA_UNARY: "tab:brown",
+    PA_ECHO_UNARY: "black",
+    PA_ECHO_STREAM: "darkgray",
     "raw ORT": "tab:red",
 }
 
 
 def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> None:
-    """One-step throughput and latency against concurrency, with the echo floor and the ORT ceiling."""
+    """One-step throughput and latency against concurrency, with the echo floors and the ORT ceiling."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for system, color in _COLORS.items():
         rows = sorted(
@@ -315,12 +141,13 @@ def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> Non
         if not rows:
             continue
         x = [r.sessions for r in rows]
-        y = [r.messages_per_s if system == "echo" else r.steps_per_s for r in rows]
-        label = "echo (msgs/s, gRPC floor)" if system == "echo" else system
-        ax.plot(x, y, "o-", color=color, label=label)
-        ax2.plot(x, [r.p50_ms for r in rows], "o-", color=color, label=f"{system} p50")
-        ax2.plot(x, [r.p99_ms for r in rows], "s--", color=color, alpha=0.6, label=f"{system} p99")
-        if system == "service":
+        y = [r.messages_per_s if system in ECHOES else r.steps_per_s for r in rows]
+        label = f"{system} (msgs/s, gRPC floor)" if system in ECHOES else system
+        style = "o--" if system in ECHOES else "o-"
+        ax.plot(x, y, style, color=color, label=label)
+        ax2.plot(x, [r.p50_ms for r in rows], style, color=color, label=f"{system} p50")
+        ax2.plot(x, [r.p99_ms for r in rows], "s:", color=color, alpha=0.6, label=f"{system} p99")
+        if system == STREAM:
             pts = [
                 (r.sessions, r.ceiling_steps_per_s)
                 for r in rows
@@ -331,7 +158,7 @@ def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> Non
                     *zip(*pts, strict=True),
                     "^:",
                     color=_COLORS["raw ORT"],
-                    label="raw ORT at the batch the service formed",
+                    label="raw ORT at the batch Stream formed",
                 )
     ax.set(
         xscale="log",
@@ -349,8 +176,8 @@ def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> Non
     )
     for a in (ax, ax2):
         a.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax2.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7)
+    ax2.legend(fontsize=6, ncol=2)
     fig.suptitle(
         f"rnnserve bench ({res.environment['mode']}, {res.environment['started_utc']}, "
         f"load avg {res.environment['load_average_1m_at_start']:.1f} at start)",
@@ -362,27 +189,32 @@ def plot_throughput(res: SuiteResult, path: Path, model: str = REF_MODEL) -> Non
 
 
 def plot_latency_load(res: SuiteResult, path: Path) -> None:
-    """Client-observed p50/p99 against achieved throughput: paced runs plus the closed-loop peak."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for system in ("service", "service StreamMany"):
+    """Client-observed p50/p99 against achieved throughput: paced runs plus the closed-loop run, per path."""
+    n = res.plan.reference_streams
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for system in PACED_TARGETS:
         paced = sorted(
             (r for r in res.loads if r.model == REF_MODEL and r.system.startswith(f"{system} (paced")),
-            key=lambda r: r.steps_per_s,
+            key=lambda r: r.rate_per_s,  # in offered order; the x axis shows what was achieved
         )
-        peak = _row(res, system, 128, 1)
-        rows = paced + ([peak] if peak else [])
+        closed = row(res, system, n)
+        rows = paced + ([closed] if closed else [])
         if not rows:
             continue
         color = _COLORS[system]
         x = [r.steps_per_s for r in rows]
         ax.plot(x, [r.p50_ms for r in rows], "o-", color=color, label=f"{system} p50")
         ax.plot(x, [r.p99_ms for r in rows], "s--", color=color, alpha=0.7, label=f"{system} p99")
-    ax.axhline(5.0, color="k", ls=":", lw=1, label="5 ms target (p99 at half of peak)")
+        if closed:  # the closed-loop point: the path's own peak at this concurrency
+            ax.plot([closed.steps_per_s] * 2, [closed.p50_ms, closed.p99_ms], "*", color=color, ms=12)
+    ax.axhline(5.0, color="k", ls=":", lw=1, label="5 ms target (p99 at 50% of peak)")
     ax.set(
+        xscale="log",
         yscale="log",
-        xlabel="achieved steps/s (paced at 25/50/75% of peak; last point: closed loop, 128 sessions)",
+        xlabel=f"achieved steps/s (paced at {', '.join(f'{f:.0%}' for f in res.plan.paced_fractions)} of "
+        f"each path's peak; star: closed loop)",
         ylabel="latency ms",
-        title=f"{REF_MODEL}: latency against load, one-step messages, 128 sessions",
+        title=f"{REF_MODEL}: latency against load, one-step messages, {n} sessions",
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -446,10 +278,7 @@ def plot_batches_and_cpu(res: SuiteResult, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6)
     all_rows = res.loads
-    labels = [
-        f"{r.model[:8]} {r.system.replace('service', 'svc')[:22]} {r.sessions}x{r.steps_per_message}"
-        for r in all_rows
-    ]
+    labels = [f"{r.model[:8]} {r.system[:30]} {r.sessions}x{r.steps_per_message}" for r in all_rows]
     y = range(len(all_rows))
     ax2.barh(list(y), [r.server_cpu_cores for r in all_rows], color="tab:blue", label="server")
     ax2.barh(
@@ -470,7 +299,7 @@ def plot_batches_and_cpu(res: SuiteResult, path: Path) -> None:
 
 
 def write(res: SuiteResult, out: Path, performance_md: Path | None) -> list[Verdict]:
-    """Write results.json, results.md, the PNGs and (optionally) docs/performance.md; return the verdicts."""
+    """Write results.json, results.md, the PNGs and (optionally) the performance page; return the verdicts."""
     out.mkdir(parents=True, exist_ok=True)
     vs = verdicts(res)
     payload = {
@@ -495,56 +324,137 @@ def write(res: SuiteResult, out: Path, performance_md: Path | None) -> list[Verd
         f"ONNX Runtime {env['onnxruntime']}, "
         f"grpcio {env['grpcio']}; load average {env['load_average_1m_at_start']:.1f} at start, "
         f"{env.get('load_average_1m_at_end', float('nan')):.1f} at end. Figures are medians of "
-        f"{res.plan.repeats} run(s) of {res.plan.duration_s:g} s after {res.plan.warmup_s:g} s warm-up.\n"
+        f"{res.plan.repeats} run(s) of {res.plan.duration_s:g} s after {res.plan.warmup_s:g} s warm-up; "
+        f"perf_analyzer rows are one run of three {res.plan.pa_interval_ms / 1e3:g} s windows.\n"
     )
     notes = "".join(f"- {n}\n" for n in res.notes)
     md = (
-        f"# Benchmark results\n\n{header}\n## Targets (issue 5)\n\n{verdict_table(vs)}\n"
+        f"# Benchmark results\n\n{header}\n## Targets\n\n{verdict_table(vs)}\n"
         f"## Load scenarios\n\n{load_table(res)}\n## Reference points\n\n{other_tables(res)}\n"
         + (f"## Notes\n\n{notes}" if notes else "")
     )
     (out / "results.md").write_text(md)
     if performance_md is not None:
-        performance_md.write_text(_performance(res, vs, header, out))
+        performance_md.parent.mkdir(parents=True, exist_ok=True)
+        performance_md.write_text(_performance(res, vs, header, out, performance_md.parent))
     return vs
 
 
-def analysis(res: SuiteResult) -> str:
-    """What the numbers say about each missed or borderline target, with the figures of this run."""
-    notes: list[str] = []
-    echo, svc = _row(res, "echo", 128, 1), _row(res, "service", 128, 1)
-    many = _row(res, "service StreamMany", 128, 1)
-    if echo and svc:
-        text = (
-            f"- **Per-message cost.** At 128 one-step streams the server spends "
-            f"{svc.server_cpu_us_per_step:.0f} us of CPU per step against the echo's "
-            f"{echo.server_cpu_us_per_step:.0f} us per message: the echo is the Python gRPC edge alone (a "
-            "read, "
-            "a write and a `sendmsg` per message, under the GIL), and a service step pays all of that plus "
-            "protobuf decode/encode, validation, the batcher and ONNX Runtime. On two cores shared with the "
-            "load generator, one message per step therefore cannot reach 0.9x the echo's message rate."
+def _busy(res: SuiteResult) -> bool:
+    """Whether the machine was busy (1-minute load above half the cores) at the run's start or end."""
+    env = res.environment
+    load = max(float(env["load_average_1m_at_start"]), float(env.get("load_average_1m_at_end", 0.0)))
+    return load > 0.5 * float(env["cpus"])
+
+
+def _cost_note(res: SuiteResult) -> str:
+    n = res.plan.reference_streams
+    pairs = [
+        (row(res, system, n), row(res, echo_name, n))
+        for system, echo_name in (
+            (PA_UNARY, PA_ECHO_UNARY),
+            (PA_STREAM, PA_ECHO_STREAM),
+            (KSERVE_STREAM, BIDI_ECHO),
+            (STREAM, BIDI_ECHO),
         )
-        if many:
-            text += (
-                f" `StreamMany` carries {many.sessions // max(1, many.streams)} sessions per message and "
-                "reaches "
-                f"{many.steps_per_s:,.0f} steps/s ({many.steps_per_s / echo.messages_per_s:.2f}x the echo) "
-                f"at {many.server_cpu_us_per_step:.0f} us of server CPU per step."
+    ]
+    parts = [
+        f"{svc.system} {svc.server_cpu_us_per_step:.0f} us against the {echo.system}'s "
+        f"{echo.server_cpu_us_per_step:.0f} us "
+        f"({svc.server_cpu_us_per_step / echo.server_cpu_us_per_step:.1f}x)"
+        for svc, echo in pairs
+        if svc and echo
+    ]
+    if not parts:
+        return ""
+    text = (
+        f"- **Per-message cost.** Server CPU per one-step message at {n} concurrent callers: "
+        + "; ".join(parts)
+        + ". The echo is the Python gRPC edge alone (a read, a write and a `sendmsg` per message, under the "
+        "GIL); a service step pays all of that plus protobuf decode/encode, validation, the batcher and "
+        "ONNX Runtime. With the server and the load generator sharing the machine's cores, the message rate "
+        "follows the server's CPU per message."
+    )
+    many = row(res, STREAM_MANY, n)
+    echo = row(res, BIDI_ECHO, n)
+    if many and echo:
+        text += (
+            f" `StreamMany` carries {many.sessions // max(1, many.streams)} sessions per message and reaches "
+            f"{many.steps_per_s:,.0f} steps/s ({many.steps_per_s / echo.messages_per_s:.2f}x the bidi echo's "
+            f"messages/s) at {many.server_cpu_us_per_step:.0f} us of server CPU per step."
+        )
+    return text
+
+
+def _half_load_notes(res: SuiteResult) -> list[str]:
+    halves = [
+        r
+        for r in res.loads
+        if r.model == REF_MODEL and r.system in {paced_name(s, 0.5) for s in PACED_TARGETS}
+    ]
+    if not halves:
+        return []
+    suffix = paced_name("", 0.5)
+    parts = ", ".join(
+        f"{r.system.replace(suffix, '')}: p50 {r.p50_ms:.2f} / p99 {r.p99_ms:.2f} ms at "
+        f"{r.steps_per_s:,.0f} steps/s, of which the engine itself p99 <= {r.server_request_p99_ms:.1f} ms"
+        for r in halves
+    )
+    busy = _busy(res)
+    notes = [
+        f"- **Tail latency at half load** ({parts}). The load average was "
+        f"{res.environment['load_average_1m_at_start']:.1f} at the start of this run and "
+        f"{res.environment.get('load_average_1m_at_end', float('nan')):.1f} at its end, on "
+        f"{res.environment['cpus']} cores. "
+        + (
+            "Every process, the load generator included, is descheduled for milliseconds at a time on a busy "
+            "machine, which is what the p99 sees first."
+            if busy
+            else "The machine was quiet, so the tail is the server's own: compare the engine's request p99."
+        )
+    ]
+    for half in halves:
+        system = half.system.replace(suffix, "")
+        peak = row(res, system, half.sessions)
+        if peak and peak.server_cpu_us_per_step == peak.server_cpu_us_per_step:
+            notes.append(
+                f"  - {system}: mean batch {half.batch_mean:.0f} sessions at half load against "
+                f"{peak.batch_mean:.0f} closed-loop; {half.server_cpu_us_per_step:.0f} us of server CPU per "
+                f"step against {peak.server_cpu_us_per_step:.0f} us, {half.server_cpu_cores:.2f} cores busy "
+                f"against {peak.server_cpu_cores:.2f}."
             )
-        notes.append(text)
+    return notes
+
+
+def analysis(res: SuiteResult) -> str:
+    """What the numbers say, with the figures of this run."""
+    notes: list[str] = []
+    cost = _cost_note(res)
+    if cost:
+        notes.append(cost)
+    pa1, echo1u = row(res, PA_UNARY, 1), row(res, UNARY_ECHO, 1)
+    if pa1 and echo1u:
+        notes.append(
+            f"- **One sequence over KServe unary** (perf_analyzer, concurrency 1): {pa1.steps_per_s:,.0f} "
+            f"steps/s at p50 {pa1.p50_ms:.2f} ms, {pa1.server_cpu_us_per_step:.0f} us of server CPU per "
+            "step; "
+            f"the unary echo answers one caller in {echo1u.p50_ms:.2f} ms p50 "
+            f"({echo1u.messages_per_s:,.0f} calls/s)."
+        )
     pos = {p["position"]: p for p in res.positions if p["model"] == REF_MODEL}
-    echo1 = _row(res, "echo", 1, 1)
-    if 1000 in pos and echo1:
+    echo1 = row(res, BIDI_ECHO, 1)
+    if 1000 in pos and 1 in pos and echo1:
         notes.append(
             f"- **Stream position.** A streamed step costs the same at position 1,000 as at 1 "
             f"({pos[1000]['stream_ms']:.2f} vs {pos[1]['stream_ms']:.2f} ms p50), while recomputing the "
-            f"history costs {pos[1000]['stateless_ms']:.1f} ms served ({pos[1000]['ort_stateless_ms']:.1f} "
-            "ms "
-            f"of it raw ONNX Runtime). The latency ratio is bounded by the round trip itself: the echo alone "
-            f"takes {echo1.p50_ms:.2f} ms at one stream, so the table's bound row is the best any server "
-            "behind Python gRPC could show here; the CPU-cost ratio is the like-for-like cost comparison."
+            f"history costs {pos[1000]['stateless_ms']:.1f} ms served "
+            f"({pos[1000]['ort_stateless_ms']:.1f} ms "
+            f"of it raw ONNX Runtime). The latency ratio is bounded by the round trip itself: the bidi echo "
+            f"alone takes {echo1.p50_ms:.2f} ms at one stream, so the table's bound row is the best any "
+            "server behind Python gRPC could show here; the CPU-cost ratio is the like-for-like cost "
+            "comparison."
         )
-    chunk, chunk_many = _row(res, "service", 64, 16), _row(res, "service StreamMany", 64, 16)
+    chunk, chunk_many = row(res, STREAM, 64, 16), row(res, STREAM_MANY, 64, 16)
     if chunk and chunk_many:
         notes.append(
             "- **16-step chunks.** Over Stream the server spends "
@@ -566,71 +476,44 @@ def analysis(res: SuiteResult) -> str:
             "written). "
             f"A full garbage collection with that many sessions takes "
             f"{written.get('gc_full_collection_ms', float('nan')):,.0f} ms on the event loop "
-            f"({written.get('gc_tracked_objects', 0):,} tracked objects), a latency spike for every stream "
-            "whenever the collector runs a full pass."
+            f"({written.get('gc_tracked_objects', 0):,} tracked objects)."
         )
-    halves = [r for r in res.loads if r.system.endswith(HALF) and r.model == REF_MODEL]
-    if halves:
-        parts = ", ".join(
-            f"{r.system.replace(HALF, '')}: p50 {r.p50_ms:.2f} / p99 {r.p99_ms:.2f} ms "
-            "at "
-            f"{r.steps_per_s:,.0f} steps/s, of which the engine itself p99 <= "
-            f"{r.server_request_p99_ms:.1f} ms"
-            for r in halves
-        )
-        notes.append(
-            f"- **Tail latency at half load** ({parts}). The load average was "
-            f"{res.environment['load_average_1m_at_start']:.1f} at the start of this run on "
-            f"{res.environment['cpus']} cores. "
-            + (
-                "Every process, the load generator included, is descheduled for milliseconds at a time on a "
-                "busy machine, which is what the p99 sees first."
-                if res.environment["load_average_1m_at_start"] > 0.5 * float(res.environment["cpus"])
-                else "The machine was quiet, so the tail is the server's own: the engine's request p99 is "
-                "most of it. With small batches every step carries the per-batch fixed cost, an executor "
-                "thread hand-off per ONNX Runtime run (ORT runs off the event loop by default; the opt-in "
-                "`inline_max_steps` setting runs tiny batches on the loop instead, at the price of blocking "
-                "every stream while it runs)."
-            )
-        )
-        for half in halves:
-            system = half.system.replace(HALF, "")
-            peak = _row(res, system, half.sessions, 1)
-            if peak and peak.server_cpu_us_per_step == peak.server_cpu_us_per_step:
-                notes.append(
-                    f"  - {system}: half of the peak rate is not half of the server's CPU. Batches shrink "
-                    f"from {peak.batch_mean:.0f} to {half.batch_mean:.0f} sessions, so the fixed costs per "
-                    f"message and per batch are shared by fewer steps: {half.server_cpu_us_per_step:.0f} "
-                    "us of "
-                    f"server CPU per step at half load against {peak.server_cpu_us_per_step:.0f} us at the "
-                    f"peak, {half.server_cpu_cores:.2f} cores busy against {peak.server_cpu_cores:.2f}."
-                )
+    notes += _half_load_notes(res)
     return "\n".join(notes) + "\n" if notes else ""
 
 
-def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path) -> str:
-    rel = out.as_posix().rstrip("/")
-    noisy = res.environment["load_average_1m_at_start"] > 0.5 * float(res.environment["cpus"])
+def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path, page_dir: Path) -> str:
+    rel = Path(os.path.relpath(out, page_dir)).as_posix()  # links work from the page's own folder
+    noisy = _busy(res)
     caveat = (
         "\n**This run was made on a shared, busy machine** (load average above half the core count), so "
-        "absolute numbers are low and noisy; the CPU-per-step columns are the steadier figures.\n"
+        "absolute numbers are low and noisy; the ratios, measured side by side in the same run, and the "
+        "CPU-per-step columns are the steadier figures.\n"
         if noisy
         else ""
     )
+    n = res.plan.reference_streams
     return (
-        "Measured by `make bench` (full suite, about 15 minutes on 2 cores; "
-        "`make bench BENCH_ARGS=--quick` for a reduced run in one to two minutes). The load generator runs "
-        "closed-loop bidi streams from separate client processes; the reference model is a 2-layer LSTM with "
-        "hidden size 256 (`tests/bench/refmodel.py`). Reference points are measured in the same run on the "
-        "same model and message sizes: a no-op grpc.aio echo server (the Python gRPC floor), raw ONNX "
+        "Measured by `make bench` (full suite, about 17 minutes on 2 cores; `make bench BENCH_ARGS=--quick` "
+        "for a reduced run in two to three minutes, written to `docs/bench/quick/`, never to the committed "
+        "results). The load generator runs closed-loop (or paced) callers from separate client processes; the"
+        " reference model is a 2-layer LSTM with hidden size 256 (`tests/bench/refmodel.py`), one step per "
+        "message unless said otherwise. Measured in the same run, with the same message sizes: the floors (a "
+        "no-op grpc.aio bidi echo and unary echo: what Python gRPC alone costs per message), native `Stream` "
+        "and `StreamMany`, KServe `ModelStreamInfer` from our own driver (one Triton sequence per stream), "
+        "Triton's `perf_analyzer` (unary and `--streaming`, `--sequence-length 100000`, concurrency 1 and 64)"
+        " against the KServe API and against a no-op KServe server (the same client's floor), raw ONNX "
         "Runtime at the batch sizes the server formed (the compute ceiling), the service with batching off, "
-        "and stateless recompute of the whole history.\n\n"
+        "and stateless recompute of the whole history. Server CPU per step is the server process's CPU "
+        "seconds over the window divided by the steps served in it.\n\n"
         f"{header}{caveat}\n"
+        f"Ratios against the targets (throughput and CPU at {n} concurrent callers; paced load at fractions "
+        "of each path's own closed-loop peak):\n\n"
         f"{verdict_table(vs)}\n"
         f"{analysis(res)}\n"
+        f"![latency against load]({rel}/latency_load.png)\n\n"
         f"![throughput and latency]({rel}/throughput.png)\n\n"
         f"![cost against stream position]({rel}/position.png)\n\n"
-        f"![latency against load]({rel}/latency_load.png)\n\n"
         f"{load_table(res)}\n"
         f"All figures, the reference-point tables and the batch-size / CPU plot: `{rel}/results.md`, "
         f"`{rel}/results.json`, `{rel}/batches_cpu.png`.\n"

@@ -84,10 +84,18 @@ def start_service(repository: Path, *flags: str, timeout_s: float = 60.0) -> Ser
     raise RuntimeError("server did not start:\n" + "\n".join(log[-40:]))
 
 
-def start_echo(response_bytes: int) -> ServerProcess:
-    """Start the no-op echo server answering ``response_bytes``-byte messages."""
+def start_echo(response_bytes: int, unary_response_bytes: int = 0) -> ServerProcess:
+    """Start the no-op echo server: ``response_bytes``-byte stream answers, ``unary_response_bytes`` unary."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.echo", "--response-bytes", str(response_bytes)],
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.echo",
+            "--response-bytes",
+            str(response_bytes),
+            "--unary-response-bytes",
+            str(unary_response_bytes),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -98,6 +106,24 @@ def start_echo(response_bytes: int) -> ServerProcess:
     except (ValueError, KeyError) as exc:
         proc.kill()
         raise RuntimeError(f"echo server did not start: {line!r}") from exc
+
+
+def start_kserve_echo(answers: dict[str, bytes], folder: Path) -> ServerProcess:
+    """Start the no-op KServe server (``tests.bench.kserve_echo``) answering with ``answers``."""
+    from tests.bench.kserve_echo import write_answers
+
+    path = folder / "kserve_echo_answers.json"
+    write_answers(answers, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.kserve_echo", str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        return ServerProcess(proc, int(json.loads(line)["port"]))
+    except (ValueError, KeyError) as exc:
+        proc.kill()
+        raise RuntimeError(f"KServe echo did not start: {line!r}") from exc
 
 
 @dataclass(frozen=True, slots=True)

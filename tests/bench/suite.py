@@ -1,9 +1,21 @@
-"""The benchmark suite: every scenario and reference point of issue 5, run in one go.
+"""The benchmark suite: every scenario and reference point, run in one go.
 
 Each scenario starts its own server process (the real ``python -m service.server``, or the echo) and drives it
-from separate client processes (``loadgen``). Load scenarios are repeated ``repeats`` times and the median of
-each figure kept (the machine is shared; single runs are noisy). Everything measured goes into one
-``SuiteResult`` that ``report`` turns into JSON, a markdown table, PNG plots and the targets verdict.
+from separate client processes (``loadgen``) or with Triton's ``perf_analyzer``. Load scenarios are repeated
+``repeats`` times and the median of each figure kept (the machine is shared; single runs are noisy).
+Everything measured goes into one ``SuiteResult`` that ``report`` turns into JSON, a markdown table, PNG plots
+and the targets verdict.
+
+Paths measured on the reference model, one step per message unless said otherwise:
+
+- the floors: a no-op grpc.aio bidi echo (``Chat``) and unary echo (``Call``), message sizes as the service's;
+- native ``Stream`` (one session per stream), ``StreamMany`` (many sessions per message), ``Stream`` with
+  batching off;
+- KServe ``ModelStreamInfer`` from our own driver (one Triton sequence per stream; it can be paced);
+- KServe ``ModelInfer`` and ``ModelStreamInfer`` from ``perf_analyzer`` at concurrency 1 and 64, against the
+  server and against a no-op KServe server (``kserve_echo``: the floor with the same client);
+- paced (open-loop) load at fractions of each path's own peak for ``Stream``, KServe streaming and
+  ``StreamMany``.
 """
 
 from __future__ import annotations
@@ -25,15 +37,44 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from tests.bench import perf_analyzer
 from tests.bench.ceiling import CeilingPoint, measure_ceiling, stateless_seconds
+from tests.bench.kserve_drivers import infer_request, kserve_message_sizes
+from tests.bench.kserve_echo import capture, served_calls
 from tests.bench.loadgen import LoadResult, LoadSpec, run_load
 from tests.bench.position import PositionPoint, measure_positions
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
-from tests.bench.servers import BatchHistogram, ServerProcess, scrape_histograms, start_echo, start_service
+from tests.bench.servers import (
+    BatchHistogram,
+    ServerProcess,
+    scrape_histograms,
+    start_echo,
+    start_kserve_echo,
+    start_service,
+)
 from tests.bench.service_drivers import stream_message_sizes
 
 REF_MODEL = "ref_lstm"
 DEFAULT_REPOSITORY = Path("models/repository")
+
+# Load-row systems (the ``system`` column of the results).
+BIDI_ECHO = "bidi echo"
+UNARY_ECHO = "unary echo"
+STREAM = "Stream"
+STREAM_MANY = "StreamMany"
+NOBATCH = "Stream (batching off)"
+KSERVE_STREAM = "KServe streaming"
+PA_UNARY = "KServe unary (perf_analyzer)"
+PA_STREAM = "KServe streaming (perf_analyzer)"
+PA_ECHO_UNARY = "KServe echo unary (perf_analyzer)"
+PA_ECHO_STREAM = "KServe echo streaming (perf_analyzer)"
+ECHOES = (BIDI_ECHO, UNARY_ECHO, PA_ECHO_UNARY, PA_ECHO_STREAM)
+PACED_TARGETS = {STREAM: "stream", KSERVE_STREAM: "kserve_stream", STREAM_MANY: "stream_many"}
+
+
+def paced_name(system: str, fraction: float) -> str:
+    """The system name of a paced run of ``system`` at ``fraction`` of its peak."""
+    return f"{system} (paced, {fraction:.0%} of peak)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +96,17 @@ class Plan:
     idle_sessions: int = 1_000_000
     ceiling_seconds: float = 1.5
     paced_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # paced load, as fractions of the closed-loop peak
+    reference_streams: int = 64  # the concurrency the targets compare at; paced runs use it too
+    pa_concurrency: tuple[int, ...] = (1, 64)  # perf_analyzer --concurrency-range (and the unary echo's)
+    pa_interval_ms: int = 2000  # perf_analyzer --measurement-interval (three windows per run)
 
     @staticmethod
     def make(quick: bool, repeats: int | None = None) -> Plan:
-        """The full plan (~15 min on 2 cores) or the quick one (well under a minute or two)."""
+        """The full plan (~17 min on 2 cores) or the quick one (two to three minutes)."""
         if quick:
             return Plan(
                 True,
-                (1, 128),
+                (1, 64),
                 warmup_s=0.5,
                 duration_s=1.5,
                 repeats=repeats or 1,
@@ -70,8 +114,9 @@ class Plan:
                 idle_sessions=20_000,
                 ceiling_seconds=0.5,
                 paced_fractions=(0.5,),
+                pa_interval_ms=1000,
             )
-        return Plan(False, (1, 16, 128, 512), repeats=repeats or 3)
+        return Plan(False, (1, 64, 512), repeats=repeats or 3)
 
 
 @dataclass(slots=True)
@@ -79,7 +124,7 @@ class LoadRow:
     """One load scenario: medians over repeats, plus every run's raw figures."""
 
     model: str
-    system: str  # echo | service | service (batching off) | service StreamMany
+    system: str  # one of the names above (BIDI_ECHO, STREAM, ...), or a paced_name() of one
     streams: int  # concurrent gRPC streams
     sessions: int  # sessions stepped (StreamMany: streams x sessions per message)
     steps_per_message: int
@@ -212,6 +257,8 @@ class Runner:
     """Runs the plan; owns the temporary model repository and the progress bar."""
 
     def __init__(self, plan: Plan, out: Path) -> None:
+        # Before anything is measured: a missing perf_analyzer fails the run at once, not after 15 minutes.
+        perf_analyzer.probe()
         self.plan = plan
         self.out = out
         self.tmp = Path(tempfile.mkdtemp(prefix="rnnserve-bench-"))
@@ -219,6 +266,7 @@ class Runner:
         self.ref_cfg = RefModelConfig()
         self.ref_path = write_reference_repository(self.repo, self.ref_cfg, name=REF_MODEL)
         self.result = SuiteResult(plan, _environment(plan.quick))
+        self.failures: list[str] = []  # measurements that could not be made (the run exits non-zero)
         self.models: dict[str, Path] = {REF_MODEL: self.ref_path}
         default = DEFAULT_REPOSITORY / "default"
         if plan.quick:
@@ -234,17 +282,25 @@ class Runner:
             self.result.notes.append(f"{default} not found: the default model was not benchmarked")
         self.bar = tqdm(total=self._count_steps(), desc="bench", unit="scenario", file=sys.stderr)
 
-    def _count_steps(self) -> int:
-        """Progress-bar units: one per load run, plus positions, ceilings and the two memory runs."""
+    def _many_sizes(self) -> set[int]:
+        """One-step concurrencies that also run over ``StreamMany``."""
         p = self.plan
-        many = len({n for n in (128, max(p.one_step_streams)) if n in p.one_step_streams}) + 1
+        return {n for n in (p.reference_streams, max(p.one_step_streams)) if n in p.one_step_streams}
+
+    def _count_steps(self) -> int:
+        """Progress-bar units: a load run, a perf_analyzer run; positions, ceilings and memory."""
+        p = self.plan
+        many = len(self._many_sizes()) + 1
         scenarios = len(p.one_step_streams) + 1
-        runs = 0
+        pa = [c for c in p.pa_concurrency if c in p.one_step_streams]
+        runs = extra = 0
         for model in self.models:
             runs += 2 * scenarios + many
             if model == REF_MODEL:
-                runs += scenarios + 2 * len(p.paced_fractions)  # batching off; paced Stream and StreamMany
-        return runs * p.repeats + 1 + 1 + 2
+                # batching off; KServe streaming; unary echo; paced Stream, KServe streaming, StreamMany
+                runs += scenarios + len(p.one_step_streams) + len(pa) + 3 * len(p.paced_fractions)
+                extra += 4 * len(pa)  # perf_analyzer, unary and streaming, against the echo and the server
+        return runs * p.repeats + extra + 1 + 1 + 2
 
     def close(self) -> None:
         """Drop the temporary repository."""
@@ -295,6 +351,9 @@ class Runner:
         )
         if target == "echo":
             req, _ = stream_message_sizes(spec, out)
+            spec = dataclasses.replace(spec, request_bytes=req)
+        elif target == "unary_echo":
+            req, _ = kserve_message_sizes(spec, out)
             spec = dataclasses.replace(spec, request_bytes=req)
         return spec
 
@@ -371,31 +430,40 @@ class Runner:
         return rows
 
     def model_suite(self, model: str) -> None:
-        """Every load scenario of one model: echo, service, StreamMany, batching off, paced half-peak."""
+        """Every load scenario of one model: the echo floors, the native and KServe paths, paced load."""
         _, out = self._io(model)
         p = self.plan
+        ref = model == REF_MODEL
         chunk = (p.chunk_streams, p.chunk_steps)
         echo_sizes = {
             steps: stream_message_sizes(self._spec(model, "echo", "", 1, steps), out)[1]
             for steps in (1, p.chunk_steps)
         }
-        echo = {steps: start_echo(size) for steps, size in echo_sizes.items()}
+        unary_size = kserve_message_sizes(self._spec(model, "unary_echo", "", 1, 1), out)[1]
+        echo = {
+            steps: start_echo(size, unary_size if steps == 1 else 0) for steps, size in echo_sizes.items()
+        }
         service = start_service(self.repo)
-        nobatch = start_service(self.repo, "--max-batch-size", "1") if model == REF_MODEL else None
+        nobatch = start_service(self.repo, "--max-batch-size", "1") if ref else None
+        kserve_echo = self._start_kserve_echo(model, service) if ref else None
         try:
-            many_sizes = sorted({n for n in (128, max(p.one_step_streams)) if n in p.one_step_streams})
             k = p.many_sessions_per_message
             one_step_rows: list[LoadRow] = []
             for sessions, steps in [(n, 1) for n in p.one_step_streams] + [chunk]:
+                one = steps == 1
                 items = [
-                    ("echo", echo[steps], self._spec(model, "echo", echo[steps].address, sessions, steps)),
-                    ("service", service, self._spec(model, "stream", service.address, sessions, steps)),
+                    (BIDI_ECHO, echo[steps], self._spec(model, "echo", echo[steps].address, sessions, steps))
                 ]
-                if sessions in many_sizes or (sessions, steps) == chunk:
+                if ref and one and sessions in p.pa_concurrency:
+                    items.append(
+                        (UNARY_ECHO, echo[1], self._spec(model, "unary_echo", echo[1].address, sessions, 1))
+                    )
+                items.append((STREAM, service, self._spec(model, "stream", service.address, sessions, steps)))
+                if sessions in self._many_sizes() or (sessions, steps) == chunk:
                     per = min(k, sessions)
                     items.append(
                         (
-                            "service StreamMany",
+                            STREAM_MANY,
                             service,
                             self._spec(
                                 model,
@@ -407,38 +475,121 @@ class Runner:
                             ),
                         )
                     )
-                if nobatch is not None:
+                if ref and one:
                     items.append(
                         (
-                            "service (batching off)",
-                            nobatch,
-                            self._spec(model, "stream", nobatch.address, sessions, steps),
+                            KSERVE_STREAM,
+                            service,
+                            self._spec(model, "kserve_stream", service.address, sessions, 1),
                         )
                     )
+                if nobatch is not None:
+                    items.append(
+                        (NOBATCH, nobatch, self._spec(model, "stream", nobatch.address, sessions, steps))
+                    )
                 rows = self._loads(model, items)
-                if steps == 1:
+                if kserve_echo is not None and one and sessions in p.pa_concurrency:
+                    # Right after the unary echo it is compared with, on the same server.
+                    rows += self._perf_analyzer(model, service, kserve_echo, sessions)
+                if one:
                     one_step_rows += rows
-            if model == REF_MODEL:
+            if ref:
                 self._paced(model, service, one_step_rows)
                 self._positions(model, service)
         finally:
-            for server in (*echo.values(), service, *([nobatch] if nobatch else [])):
-                server.stop()
+            for server in (*echo.values(), service, nobatch, kserve_echo):
+                if server is not None:
+                    server.stop()
+
+    def _start_kserve_echo(self, model: str, service: ServerProcess) -> ServerProcess:
+        """The no-op KServe server, answering with what ``service`` answers for ``model``."""
+        step = infer_request(self._spec(model, "kserve_stream", "", 1, 1), sequence_id=1)
+        step.parameters["sequence_start"].bool_param = True  # a one-step sequence: opened and ended
+        step.parameters["sequence_end"].bool_param = True
+        return start_kserve_echo(capture(service.address, model, step.SerializeToString()), self.tmp)
+
+    def _perf_analyzer(
+        self, model: str, server: ServerProcess, echo: ServerProcess, concurrency: int
+    ) -> list[LoadRow]:
+        """perf_analyzer, unary and ``--streaming``, at ``concurrency`` sequences: the no-op KServe server,
+        then the service, one after the other."""
+        (iname, _, itail), _ = self._io(model)
+        shape = f"{iname}:{','.join(str(d) for d in (1, *itail))}"  # T=1: one step per request
+        rows = []
+        for system, streaming, target in (
+            (PA_ECHO_UNARY, False, echo),
+            (PA_UNARY, False, server),
+            (PA_ECHO_STREAM, True, echo),
+            (PA_STREAM, True, server),
+        ):
+            before = scrape_histograms(target.metrics_port, model) if target.metrics_port else {}
+            try:
+                run = perf_analyzer.run(
+                    target.address,
+                    model,
+                    concurrency,
+                    target.pid,
+                    streaming=streaming,
+                    shape=shape,
+                    interval_ms=self.plan.pa_interval_ms,
+                    requests=served_calls if target is echo else None,
+                )
+            except RuntimeError as exc:
+                note = f"{system} at concurrency {concurrency} failed: {str(exc)[-1500:]}"
+                self.result.notes.append(note)
+                self.failures.append(note)
+                print(f"error: {note}", file=sys.stderr)
+                self.bar.update()
+                continue
+            after = scrape_histograms(target.metrics_port, model) if target.metrics_port else {}
+            r = run.row
+            row = LoadRow(
+                model=model,
+                system=system,
+                streams=concurrency,
+                sessions=concurrency,
+                steps_per_message=1,
+                steps_per_s=r.throughput,
+                messages_per_s=r.throughput,
+                p50_ms=r.p50_us / 1e3,
+                p95_ms=r.p95_us / 1e3,
+                p99_ms=r.p99_us / 1e3,
+                client_cpu_cores=run.client_cpu_s / run.wall_s,
+                server_cpu_cores=run.server_cpu_s / run.wall_s,
+                server_cpu_us_per_step=run.server_cpu_us_per_step,
+                runs=[{"wall_s": run.wall_s, "server_requests": float(run.server_requests)}],
+            )
+            hist = after.get("rnnserve_batch_size")
+            if hist is not None and "rnnserve_batch_size" in before:
+                delta = hist.minus(before["rnnserve_batch_size"])
+                if delta.count:
+                    row.batch_mean, row.batch_p50, row.batch_p99 = (
+                        delta.mean,
+                        delta.quantile(0.5),
+                        delta.quantile(0.99),
+                    )
+                    row.batch_buckets = list(delta.buckets)
+            self.result.loads.append(row)
+            rows.append(row)
+            self.bar.set_postfix_str(f"{system} {concurrency}: {row.steps_per_s:,.0f} st/s")
+            self.bar.update()
+        return rows
 
     def _paced(self, model: str, server: ServerProcess, rows: list[LoadRow]) -> None:
-        """Paced (open-loop) one-step load at fractions of the peak: over ``Stream`` and over ``StreamMany``.
+        """Paced (open-loop) one-step load at fractions of each path's own closed-loop peak.
 
-        Each is paced at fractions of its own closed-loop peak, on the same streams as its 128-session run;
-        latency counts from each scheduled send time, so a server that falls behind is charged for it.
+        Paths: ``Stream``, KServe streaming and ``StreamMany``, each on the streams of its run at the
+        reference concurrency; latency counts from each scheduled send time, so a server that falls behind
+        is charged for it.
         """
         items = []
         for fraction in self.plan.paced_fractions:
-            for system, target in (("service", "stream"), ("service StreamMany", "stream_many")):
+            for system, target in PACED_TARGETS.items():
                 one_step = [r for r in rows if r.system == system]
                 if not one_step:
                     continue
                 peak = max(one_step, key=lambda r: r.steps_per_s)
-                at = next((r for r in one_step if r.sessions == 128), peak)
+                at = next((r for r in one_step if r.sessions == self.plan.reference_streams), peak)
                 per = at.sessions // at.streams
                 spec = self._spec(
                     model,
@@ -449,7 +600,7 @@ class Runner:
                     sessions_per_message=per,
                     rate=peak.steps_per_s * fraction / per,
                 )
-                items.append((f"{system} (paced, {fraction:.0%} of peak)", server, spec))
+                items.append((paced_name(system, fraction), server, spec))
         self._loads(model, items)
 
     def _positions(self, model: str, server: ServerProcess) -> None:
@@ -475,14 +626,15 @@ class Runner:
         """Raw ONNX Runtime at every (batch formed, T) the service rows saw, plus batch 1."""
         wanted: set[tuple[str, int, int]] = set()
         for r in self.result.loads:
-            if r.system.startswith("service") and r.batch_mean == r.batch_mean:  # not NaN
+            if r.batch_mean == r.batch_mean:  # not NaN: a service row
                 wanted.add((r.model, max(1, round(r.batch_mean)), r.steps_per_message))
         for model in self.models:
             wanted.add((model, 1, 1))
         for model, batch, steps in sorted(wanted):
             # The server runs ORT with one intra-op thread (its other core serves gRPC); the machine's ceiling
-            # is ORT on every core. Both are recorded; the targets are judged against each.
-            for threads in (1, 0):
+            # is ORT on every core. Both are recorded for the chunk rows, whose targets are judged against
+            # each; one-step rows need only the first.
+            for threads in (1, 0) if steps == self.plan.chunk_steps else (1,):
                 c: CeilingPoint = measure_ceiling(
                     self.models[model],
                     batch,

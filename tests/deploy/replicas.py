@@ -61,10 +61,7 @@ class Replica:
 def start_replica(
     name: str, workdir: Path, repository: Path, *, start_timeout_s: float = 30.0, **settings: object
 ) -> Replica:
-    """Start a replica with `RNNSERVE_<KEY>=value` for each keyword; wait until it serves.
-
-    Waits `start_timeout_s` at most.
-    """
+    """Start a replica with `RNNSERVE_<KEY>=value` per keyword; wait until it serves (`start_timeout_s`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
     env.update(
         {

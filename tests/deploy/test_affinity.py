@@ -1,12 +1,11 @@
 """The client's affinity header on the wire, as the real server receives it.
 
-A consistent-hash proxy (deploy/components/envoy: Envoy RING_HASH on `x-rnnserve-affinity`) keeps a session on
+A front proxy (deploy/components/haproxy, or Envoy's RING_HASH in deploy/components/envoy) keeps a session on
 one replica only if every call of that session carries the same key. This starts the real server
 (`service.server.start`, in process) with one extra server interceptor that records each call's method and
 header, and checks that every per-session RPC of the sync and asyncio clients carries one key per session,
 that calls belonging to no session carry none, and that the server's own interceptor serves them normally.
-No proxy runs here (no Envoy binary is available on this machine; tests/deploy/test_manifests.py checks its
-configuration structurally).
+tests/deploy/test_proxy_routing.py then routes sessions by this header through the real HAProxy front proxy.
 """
 
 from __future__ import annotations

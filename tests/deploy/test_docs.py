@@ -55,11 +55,15 @@ def test_deploy_commands_name_what_the_tests_render(doc: Path):
 
 
 def test_deploy_doc_includes_equal_the_generated_files():
-    """docs/deploy.md quotes docs/deploy/failover.md (written by deploy/failover_report.py) verbatim."""
+    """docs/deploy.md quotes docs/deploy/failover.md (deploy/failover_report.py) and docs/deploy/proxy.md
+    (deploy/proxy_report.py, `make proxy-check`) verbatim; the README's Deploy section includes both."""
     sys.path.insert(0, str(ROOT / "docs"))
     import sync_readme
 
     text = (ROOT / "docs" / "deploy.md").read_text()
-    assert "<!-- include: docs/deploy/failover.md -->" in text
-    assert sync_readme.render(text, ROOT) == text, "re-copy docs/deploy/failover.md into docs/deploy.md"
-    assert (ROOT / "docs" / "deploy" / "failover.png").stat().st_size > 10_000
+    readme = (ROOT / "README.md").read_text()
+    for name in ("failover", "proxy"):
+        assert f"<!-- include: docs/deploy/{name}.md -->" in text
+        assert f"<!-- include: docs/deploy/{name}.md -->" in readme
+        assert (ROOT / "docs" / "deploy" / f"{name}.png").stat().st_size > 10_000
+    assert sync_readme.render(text, ROOT) == text, "re-copy docs/deploy/*.md into docs/deploy.md"

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from fixtures import normalised_over, state_passthrough
+from fixtures import reroute as _reroute
 from onnx import helper
 
 from export.contract import read_contract
@@ -26,39 +28,6 @@ def _verdict(model: onnx.ModelProto, **kw) -> Verdict:
 
 def _load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path))
-
-
-def _reroute(model: onnx.ModelProto, output: str, nodes) -> onnx.ModelProto:
-    """Rename the producer of graph output ``output`` to ``<output>_raw``; ``nodes`` compute ``output``."""
-    for node in model.graph.node:
-        for i, name in enumerate(node.output):
-            if name == output:
-                node.output[i] = f"{output}_raw"
-    model.graph.node.extend(nodes)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def state_passthrough(path: Path) -> onnx.ModelProto:
-    """The LSTM fixture with state_out_h/c = state_in_h/c: it runs, but never carries its state."""
-    model = _load(path)
-    for s in ("h", "c"):
-        _reroute(
-            model, f"state_out_{s}", [helper.make_node("Identity", [f"state_in_{s}"], [f"state_out_{s}"])]
-        )
-    return model
-
-
-def normalised_over(path: Path, axis: int) -> onnx.ModelProto:
-    """The GRU fixture with y = y_raw - mean(y_raw over ``axis``): time (1) or batch (0)."""
-    return _reroute(
-        _load(path),
-        "y",
-        [
-            helper.make_node("ReduceMean", ["y_raw"], ["y_mean"], axes=[axis], keepdims=1),
-            helper.make_node("Sub", ["y_raw", "y_mean"], ["y"]),
-        ],
-    )
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,207 @@
+"""What the blocking and the asyncio client share.
+
+Addresses and channel options, the model and session views, input encoding, the retry rule, the routing
+(affinity) header, and the helper that ends a lock-step bidi call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service import wire
+from service.proto import rnnserve_pb2 as pb
+
+# Errors after which the same request may be re-sent (the server's seq check makes a re-send exactly-once).
+# ABORTED: the replica lost the session's lease to another one (shared store); the step went unanswered there.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+ArrayLike = Any
+Inputs = ArrayLike | Mapping[str, ArrayLike]
+
+# The gRPC metadata key a consistent-hash proxy hashes on (deploy/components/envoy/envoy.yaml names it too;
+# tests/deploy/test_manifests.py checks that they are equal). Lower case: gRPC metadata keys are.
+AFFINITY_HEADER = "x-rnnserve-affinity"
+Metadata = tuple[tuple[str, str], ...]
+
+
+def new_affinity_key() -> str:
+    """Return a fresh random affinity key (96 bits, URL-safe base64: a valid metadata value)."""
+    return secrets.token_urlsafe(12)
+
+
+def affinity_metadata(key: str) -> Metadata:
+    """Return the metadata that routes a call by `key` (built once per session, reused for every call).
+
+    A key that is not printable ASCII (metadata values must be) is replaced by its SHA-256, so attaching to a
+    malformed session id still reaches the server, which answers it with a typed status.
+    """
+    if not key.isascii() or not key.isprintable() or not key:
+        key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return ((AFFINITY_HEADER, key),)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A data tensor (shape incl. batch axis; None = dynamic) or a state tensor (shape without batch axis)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model version, as GetModel describes it."""
+
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    description: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    states: tuple[TensorInfo, ...]
+    time_axis: bool
+    vocabulary: tuple[str, ...]
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        """Decode a `ModelInfo` message."""
+
+        def specs(items: Iterable[Any]) -> tuple[TensorInfo, ...]:
+            return tuple(
+                TensorInfo(t.name, wire.dtype_of(t.dtype), tuple(None if d < 0 else d for d in t.shape))
+                for t in items
+            )
+
+        return cls(
+            name=m.name,
+            version=m.version,
+            versions=tuple(m.versions),
+            description=m.description,
+            inputs=specs(m.inputs),
+            outputs=specs(m.outputs),
+            states=specs(m.states),
+            time_axis=m.time_axis,
+            vocabulary=tuple(m.vocabulary),
+            metadata=dict(m.metadata),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session as the server describes it (times are Unix seconds)."""
+
+    session_id: str
+    model: str
+    version: int
+    last_seq: int
+    created_at: float
+    last_used: float
+    idle_ttl_s: float
+    expires_at: float
+    steps: int
+
+    @classmethod
+    def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
+        """Decode a `SessionInfo` message."""
+        return cls(
+            s.session_id,
+            s.model,
+            s.version,
+            s.last_seq,
+            s.created_at,
+            s.last_used,
+            s.idle_ttl_s,
+            s.expires_at,
+            s.steps,
+        )
+
+
+def default_address() -> str:
+    """Return the address(es) to use when none is given: $RNNSERVE_ADDRESS, else localhost:8001."""
+    return os.environ.get("RNNSERVE_ADDRESS", "localhost:8001")
+
+
+def parse_addresses(addresses: str | Sequence[str] | None) -> list[str]:
+    """`"h1:p1,h2:p2"`, a list, or None ($RNNSERVE_ADDRESS, else localhost:8001) -> the failover list."""
+    if addresses is None:
+        addresses = default_address()
+    if isinstance(addresses, str):
+        addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("at least one server address is required")
+    return list(addresses)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """GRPC channel options both clients use."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def encode_inputs(model: ModelInfo, inputs: Inputs) -> list[pb.Tensor]:
+    """Encode one chunk: an array for a single-input model, else a dict by input name (cast to its dtype)."""
+    specs = {t.name: t for t in model.inputs}
+    if not isinstance(inputs, Mapping):
+        if len(specs) != 1:
+            raise ValueError(f"model {model.name!r} has inputs {list(specs)}: pass a dict by name")
+        inputs = {next(iter(specs)): inputs}
+    tensors = []
+    for name, value in inputs.items():
+        spec = specs.get(name)
+        arr = np.asarray(value, dtype=spec.dtype if spec is not None else None)
+        tensors.append(wire.array_to_tensor(name, arr))
+    return tensors
+
+
+def should_retry(
+    err: grpc.RpcError, attempt: int, max_attempts: int, n_addresses: int, session_bound: bool
+) -> bool:
+    """Whether a failed call may be re-sent as is (on the next address) after attempt number `attempt`."""
+    if attempt + 1 >= max_attempts:
+        return False
+    code = err.code()
+    if code in RETRYABLE:
+        return True
+    # A replica that does not know the session may simply not be its owner: try the others once each.
+    return session_bound and code == grpc.StatusCode.NOT_FOUND and attempt + 1 < n_addresses
+
+
+def outputs_of(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
+    """Decode output tensors by name."""
+    return {t.name: wire.tensor_to_array(t, "output") for t in tensors}
+
+
+_END = object()
+
+
+def _end_call(requests: queue.SimpleQueue[Any] | None, call: Any) -> None:
+    """Half-close a lock-step bidi call and drain it to its final status (a broken call changes nothing)."""
+    if requests is not None:
+        requests.put(_END)
+    if call is not None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError:
+            pass

@@ -1,0 +1,119 @@
+"""`Multiplexer`: many sessions stepped with one `StreamMany` message per call (the blocking client)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from service import wire
+from service.client.common import _END, Inputs, _end_call, affinity_metadata, encode_inputs
+from service.proto import rnnserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from service.client.sync import Client, Session
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """A session's chunk that a multiplexed step refused (the other sessions of the message went on)."""
+
+    session_id: str
+    code: grpc.StatusCode
+    message: str
+
+
+class Multiplexer:
+    """Step many sessions (of one model version) with one `StreamMany` message per call, in lock-step.
+
+    For a gateway forwarding many devices: one message carries every session's chunk and one answer carries
+    every session's outputs, which is far cheaper per step than one message per session. After a transport
+    error the same message (same seqs) is re-sent on the next address; rows that were applied are answered
+    from the cache, so every chunk applies exactly once.
+    """
+
+    _CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+    def __init__(self, client: Client, *, affinity_key: str | None = None) -> None:
+        self._client = client
+        self._metadata = affinity_metadata(affinity_key) if affinity_key is not None else None
+        self._call: Any = None
+        self._requests: queue.SimpleQueue[Any] | None = None
+        self._tag = 0
+
+    def _open(self) -> None:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def feed() -> Iterator[pb.StepManyRequest]:
+            while (item := requests.get()) is not _END:
+                yield item
+
+        self._requests = requests
+        self._call = self._client.stub.StreamMany(feed(), metadata=self._metadata)
+
+    def step(
+        self, chunks: Sequence[tuple[Session, Inputs]], *, last_only: bool = False
+    ) -> list[dict[str, np.ndarray] | RowError]:
+        """Apply one chunk per session (equal shapes); returns each session's outputs or its `RowError`."""
+        if not chunks:
+            return []
+        sessions = [s for s, _ in chunks]
+        encoded = [encode_inputs(s.model, x) for s, x in chunks]
+        names = [t.name for t in encoded[0]]
+        stacked = {
+            name: np.stack([wire.tensor_to_array(row[j]) for row in encoded]) for j, name in enumerate(names)
+        }
+        self._tag += 1
+        request = pb.StepManyRequest(
+            tag=self._tag,
+            session_ids=[s.id for s in sessions],
+            seqs=[s.seq + 1 for s in sessions],
+            inputs=wire.arrays_to_tensors(stacked),
+            last_only=last_only,
+        )
+        response = self._send(request)
+        outputs = {t.name: wire.tensor_to_array(t, "output") for t in response.outputs}
+        results: list[dict[str, np.ndarray] | RowError] = []
+        for i, s in enumerate(sessions):
+            if response.codes[i]:
+                code = self._CODES.get(response.codes[i], grpc.StatusCode.UNKNOWN)
+                results.append(RowError(s.id, code, response.messages[i]))
+            else:
+                s.seq = request.seqs[i]
+                results.append({name: arr[i] for name, arr in outputs.items()})
+        return results
+
+    def _send(self, request: pb.StepManyRequest) -> pb.StepManyResponse:
+        client = self._client
+        for attempt in range(client.max_attempts):
+            channel = client._channel
+            try:
+                if self._call is None:
+                    self._open()
+                assert self._requests is not None
+                self._requests.put(request)
+                return next(self._call)
+            except grpc.RpcError as err:
+                self.close()
+                if not client._should_retry(err, attempt, session_bound=False):
+                    raise
+                client.failover(channel)
+                time.sleep(client._backoff_s * min(attempt, 4))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """End the stream (the sessions stay open)."""
+        _end_call(self._requests, self._call)
+        self._call = None
+        self._requests = None
+
+    def __enter__(self) -> Multiplexer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
