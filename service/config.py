@@ -105,20 +105,27 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest response a session keeps for an idempotent retry; longer chunks are refused.",
     )
+    max_stream_buffer_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of answered but unsent replies one KServe stream may hold for a slow reader; past "
+        "it, the stream takes no more requests until the client reads (a larger single reply still goes).",
+    )
     max_id_length: int = Field(
         128, ge=8, description="Longest session id or KServe sequence id (characters) accepted."
     )
     slice_steps: int = Field(
-        256,
+        512,
         ge=1,
-        description="A stateless request longer than this runs in time slices of this many steps, yielding "
-        "between them so other clients' steps interleave.",
+        description="A stateless request of more batch x timesteps than this runs in time slices of at most "
+        "this many batch x timesteps, yielding between them so other clients' steps interleave.",
     )
     trim_after_steps: int = Field(
         16_384,
         ge=0,
-        description="After a stateless request of at least this many batch x timesteps, return freed memory "
-        "to the OS (ONNX Runtime arena shrink and malloc_trim); 0 = never.",
+        description="A stateless request of at least this many batch x timesteps runs on an ONNX Runtime "
+        "session without memory arena, and freed memory goes back to the OS after it (malloc_trim); "
+        "0 = never.",
     )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes."
@@ -137,7 +144,14 @@ class Settings(BaseSettings):
     )
     state_hmac_key: str | None = Field(
         None,
-        description="Secret key: state blobs carry HMAC-SHA-256 instead of plain SHA-256 (forgery-proof).",
+        description="Secret key for HMAC-SHA-256 on GetState blobs (and stored records); give every replica "
+        "the same key so a blob moves between them. Unset: a random key per process (blobs only go back to "
+        "the replica that made them).",
+    )
+    allow_unsigned_state: bool = Field(
+        False,
+        description="SetState also accepts blobs with a plain SHA-256 trailer (anyone can make one: a raw "
+        "state import). Off: only blobs signed with this server's key.",
     )
     store: Literal["memory", "redis"] = Field("memory", description="Session store: 'memory' or 'redis'.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL when store = redis.")
@@ -145,6 +159,17 @@ class Settings(BaseSettings):
         1,
         ge=1,
         description="Write a session to the shared store every N applied steps (1 = after every step).",
+    )
+    store_refused: Literal["refuse", "serve-held"] = Field(
+        "refuse",
+        description="When the store refuses writes (Redis out of memory, read-only): 'refuse' answers steps "
+        "UNAVAILABLE until it takes writes again (nothing unsaved is ever answered); 'serve-held' keeps "
+        "stepping the sessions this replica holds, answering before they are saved (durability lags until "
+        "the store takes writes; a crash meanwhile loses those steps). New sessions and resumes are refused "
+        "either way, and an unreachable store always refuses.",
+    )
+    store_log_interval_s: float = Field(
+        10.0, gt=0, description="Store failures are logged at most once per this many seconds (per kind)."
     )
     lease_s: float = Field(
         30.0, gt=0, description="Ownership lease of a session in the shared store, in seconds."

@@ -186,6 +186,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.undurable_steps = Counter(
+            "rnnserve_undurable_steps",
+            "Steps answered although the store refused to save them (store_refused = serve-held).",
+            registry=r,
+        )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
             "Raw recurrent state bytes held by open sessions.",

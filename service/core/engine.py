@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from service.config import Settings
+from service.core import limits
 from service.core.controls import StepControl
 from service.core.generation import Generator
 from service.core.models import ModelHost
@@ -73,6 +75,7 @@ class Engine:
         store: SessionStore | None = None,
     ) -> None:
         self.settings = settings
+        limits.tune_allocator()
         self.metrics = Metrics(registry)
         self.metrics.max_sessions.set(settings.max_sessions)
         self.store = store if store is not None else self._default_store(settings)
@@ -86,9 +89,13 @@ class Engine:
             settings, self.metrics, self.store, self.models, self.background
         )
         self.stepper = Stepper(settings, self.session_manager, self.models, self.executor)
-        self.state = StateOps(
-            self.session_manager, settings.state_hmac_key.encode() if settings.state_hmac_key else None
-        )
+        # Long stateless requests run their slices on a thread of their own: other clients' batches never
+        # queue behind a slice (on a shared core the OS interleaves them instead).
+        self.burst_executor = ThreadPoolExecutor(1, thread_name_prefix="ort-burst")
+        self.stepper.burst_executor = self.burst_executor
+        # Client-facing blobs are always signed: with the configured key, or one made for this process.
+        blob_key = settings.state_hmac_key.encode() if settings.state_hmac_key else secrets.token_bytes(32)
+        self.state = StateOps(self.session_manager, blob_key, allow_unsigned=settings.allow_unsigned_state)
         self.generator = Generator(settings, self.session_manager)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -164,6 +171,7 @@ class Engine:
         await self.background.wait()
         await self.models.unload_all()
         self.executor.shutdown(wait=True)
+        self.burst_executor.shutdown(wait=True)
         await self.store.close()
 
     def reload(self) -> RepositoryChange:

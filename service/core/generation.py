@@ -214,6 +214,7 @@ class Generator:
                 chunk = np.asarray([tid], dtype=token_in.dtype)
             s.last_seq = seq
             s.last_result = StepResult(seq, {GENERATED: np.asarray(tokens, np.int64)}, False)
+            s.last_inputs = None
             s.steps += len(prime) + n
             self.sessions.table.touch(s, time.monotonic())
             done = True

@@ -7,7 +7,8 @@ expected; nothing here touches any session state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -238,6 +239,18 @@ class InputValidator:
         raise InvalidArgument(
             f"{self.label}: wrong inputs (missing {missing}, unexpected {extra}); expected {self.expected}"
         )
+
+
+def input_digest(spec: ModelSpec, arrays: Sequence[np.ndarray | None]) -> bytes:
+    """Return a short digest of a chunk's inputs in spec order (names, dtypes, shapes, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t, a in zip(spec.inputs, arrays, strict=True):
+        if a is None:
+            h.update(b"missing:" + t.name.encode())
+            continue
+        h.update(f"{t.name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
 
 
 def _item_bytes(t: TensorSpec) -> int:

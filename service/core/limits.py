@@ -8,11 +8,13 @@ Every limit is a setting (service/config.py) with a safe default, and a refusal 
   `core.inputs.InputValidator`);
 - `max_id_length`: session ids and KServe string sequence ids.
 
-A stateless request longer than `slice_steps` runs in time slices, the state carried from one to the next,
-with a return to the event loop between slices: the single ONNX Runtime executor thread takes other clients'
-batches in between, so one maximal request does not hold everyone else for its whole length. After a request
-that moved at least `trim_after_steps` batch x timesteps, ONNX Runtime's arena is shrunk on its last slice and
-glibc's `malloc_trim` returns freed heap to the OS, so a burst does not leave the process at its peak RSS.
+A stateless request of more than `slice_steps` batch x timesteps runs in time slices of at most that much
+work, the state carried from one to the next, with a return to the event loop between slices: the single ONNX
+Runtime executor thread takes other clients' batches in between, so one maximal request does not hold everyone
+else for its whole length. A request of at least `trim_after_steps` batch x timesteps runs on a second ONNX
+Runtime session of the model without the CPU memory arena (`Runtime.for_bursts`) and, once its response is
+sent, glibc's `malloc_trim` returns the freed heap to the OS; large buffers are mmapped (`tune_allocator`). So
+a burst does not leave the process at its peak RSS, and the per-step batches keep their arena.
 """
 
 from __future__ import annotations
@@ -61,59 +63,125 @@ def check_id(settings: Settings, value: str, what: str) -> None:
 
 
 async def run_sliced(
-    settings: Settings, executor: Executor, runtime: Runtime, spec: ModelSpec, feeds: dict[str, np.ndarray]
+    settings: Settings,
+    executor: Executor,
+    burst_executor: Executor,
+    runtime: Runtime,
+    spec: ModelSpec,
+    feeds: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """Run a stateless request, in time slices of `slice_steps` if longer (see the module docstring)."""
+    """Run a stateless request, in time slices when it is large (see the module docstring).
+
+    A request that is sliced runs on `burst_executor`, so the per-step batches in `executor` never wait for a
+    slice; a short one runs in `executor` like any batch.
+    """
     loop = asyncio.get_running_loop()
     data = [t.name for t in spec.inputs]
     first = feeds[data[0]]
     batch = first.shape[0]
     steps = first.shape[1] if spec.time_axis and first.ndim > 1 else 1
     big = 0 < settings.trim_after_steps <= batch * steps
-    n = settings.slice_steps if spec.time_axis else steps
+    if big:  # on the arena-less session, so its memory can go back to the OS afterwards
+        runtime = await loop.run_in_executor(burst_executor, runtime.for_bursts)
+    run = runtime.run
+    n = max(1, settings.slice_steps // batch) if spec.time_axis else steps
+    if steps > n:
+        executor = burst_executor
+    if steps <= n:
+        outs = await loop.run_in_executor(executor, run, feeds)
+        if big:
+            _trim_soon(loop, executor)
+        return {t.name: outs[t.name] for t in spec.outputs}
     timed = {t.name for t in spec.outputs if t.time_axis}
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in timed}
-    outs: dict[str, np.ndarray] = {}
     part = dict(feeds)
     for start in range(0, steps, n):
-        if steps > n:
-            for name in data:
-                part[name] = np.ascontiguousarray(feeds[name][:, start : start + n])
-        last = start + n >= steps
-        run = runtime.run_and_shrink if (big and last) else runtime.run
+        for name in data:
+            part[name] = np.ascontiguousarray(feeds[name][:, start : start + n])
         outs = await loop.run_in_executor(executor, run, part)
-        if steps > n:
-            for name in timed:
-                pieces[name].append(outs[name])
-            for st in spec.states:
-                part["state_in_" + st.name] = outs["state_out_" + st.name]
-    result = {t.name: outs[t.name] for t in spec.outputs}
-    if steps > n:
         for name in timed:
-            result[name] = np.concatenate(pieces[name], axis=1)
+            pieces[name].append(outs[name])
+        for st in spec.states:
+            part["state_in_" + st.name] = outs["state_out_" + st.name]
+        await asyncio.sleep(0)  # let the steps that queued meanwhile reach the executor before the next slice
+    result = {t.name: outs[t.name] for t in spec.outputs}
+    for name in timed:
+        result[name] = np.concatenate(pieces[name], axis=1)
     if big:
-        del outs, pieces, part
-        await loop.run_in_executor(executor, trim_memory)
+        _trim_soon(loop, executor)
     return result
 
 
-def _libc_trim():  # type: ignore[no-untyped-def]
+_TRIM_DELAY_S = 1.0  # after the response (and its buffers) is gone
+_trim_pending = False
+
+
+def _trim_soon(loop: asyncio.AbstractEventLoop, executor: Executor) -> None:
+    """Trim once, shortly after a large request, when its response buffers have been sent and freed."""
+    global _trim_pending
+    if _trim_pending or _MALLOC_TRIM is None:
+        return
+    _trim_pending = True
+
+    def run() -> None:
+        global _trim_pending
+        _trim_pending = False
+        executor.submit(trim_memory)
+
+    loop.call_later(_TRIM_DELAY_S, run)
+
+
+def _libc():  # type: ignore[no-untyped-def]
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        fn = ctypes.CDLL(name).malloc_trim
+        lib = ctypes.CDLL(name)
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
+    return lib
 
 
-_MALLOC_TRIM = _libc_trim()
+_LIBC = _libc()
+_MALLOC_TRIM = _LIBC.malloc_trim if _LIBC is not None else None
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def tune_allocator() -> None:
+    """Serve large buffers (a burst's inputs, outputs, messages) from mmap, so freeing them returns them.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which such
+    blocks come from the heap and stay in the process after a burst. A fixed threshold turns that off.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def trim_memory() -> None:
     """Give freed heap memory back to the OS: `malloc_trim(0)` (glibc; a no-op elsewhere)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+class ByteBudget:
+    """A byte-counting semaphore: `take(n)` waits until `n` more bytes fit under the limit (or none held)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        """Wait for room for `n` bytes, then hold them."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        """Return `n` held bytes."""
+        async with self._changed:
+            self.used -= n
+            self._changed.notify_all()

@@ -31,10 +31,11 @@ ORT_DTYPES: dict[str, np.dtype] = {
 class Runtime:
     """One loaded ONNX model: sequential execution, a fixed number of intra-op threads, CPU provider."""
 
-    __slots__ = ("path", "session", "input_names", "output_names", "metadata", "_shrink")
+    __slots__ = ("path", "session", "input_names", "output_names", "metadata", "_threads", "_burst")
 
-    def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
+    def __init__(self, path: Path, intra_op_threads: int = 1, *, arena: bool = True) -> None:
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = arena
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -44,15 +45,20 @@ class Runtime:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        self._shrink = ort.RunOptions()
-        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._threads = intra_op_threads
+        self._burst: Runtime | None = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a full batch (blocking). Returns every output by name."""
         outs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs, strict=True))
 
-    def run_and_shrink(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`run`, then give the CPU arena's unused chunks back (after a request much larger than usual)."""
-        outs = self.session.run(self.output_names, feeds, self._shrink)
-        return dict(zip(self.output_names, outs, strict=True))
+    def for_bursts(self) -> Runtime:
+        """Return a second session of this model without the CPU memory arena (built on first use, blocking).
+
+        Requests much larger than the usual step run there: their working memory goes back to the allocator
+        when they end, instead of growing the arena the per-step batches keep for the process's life.
+        """
+        if self._burst is None:
+            self._burst = Runtime(self.path, self._threads, arena=False)
+        return self._burst

@@ -25,6 +25,7 @@ import numpy as np
 
 from service.config import Settings
 from service.core.admission import SESSION_OVERHEAD_BYTES, Admission
+from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.registry import ModelVersion
 from service.core.table import PendingOp, Session, SessionTable
@@ -33,7 +34,7 @@ from service.core.tenancy import CALLER
 from service.core.types import ModelSpec, SessionInfo, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from service.metrics import Metrics
-from service.stores.base import SessionRecord, SessionStore
+from service.stores.base import SessionRecord, SessionStore, StoreRefused, StoreUnavailable
 
 _log = logging.getLogger(__name__)
 _caller = CALLER.get
@@ -63,6 +64,7 @@ class SessionManager:
         self.wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock, fixed once
         self.draining = False
         self._resuming: dict[str, asyncio.Future[None]] = {}
+        self._store_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, failures since)
         self.admission = Admission(settings, metrics)
         self._local = self.table.sessions.get  # bound once: `lookup` runs for every step
 
@@ -257,23 +259,66 @@ class SessionManager:
             s.gen,
             s.steps,
             s.tenant,
+            self._digest(s),
         )
+
+    @staticmethod
+    def _digest(s: Session) -> bytes | None:
+        known = s.last_inputs
+        if known is None or isinstance(known, bytes):
+            return known
+        return input_digest(s.mv.spec, known)
 
     # -- the shared store -----------------------------------------------------------------------------------
     async def save(self, s: Session) -> None:
         """Write the session through to the store, fenced by the version its copy holds."""
-        s.gen = await self.store.save(self.record(s))
+        try:
+            s.gen = await self.store.save(self.record(s))
+        except StoreUnavailable as exc:
+            self.store_failed(exc, "save")
+            raise
         s.unsaved = 0
+
+    async def save_step(self, s: Session) -> None:
+        """Save after an applied step.
+
+        With `store_refused` = serve-held, a store that refuses writes leaves the step answered and the
+        session held here, unsaved (the next step's save catches up).
+        """
+        try:
+            await self.save(s)
+        except StoreRefused:
+            if self.settings.store_refused != "serve-held":
+                raise
+            self.metrics.undurable_steps.inc()
+
+    def store_failed(self, exc: StoreUnavailable, what: str) -> None:
+        """Count a store failure; log it at most once per `store_log_interval_s` per kind."""
+        kind = exc.kind
+        self.metrics.store_errors.labels(kind).inc()
+        now = time.monotonic()
+        last, since = self._store_log.get(kind, (-1e18, 0))
+        if now - last < self.settings.store_log_interval_s:
+            self._store_log[kind] = (last, since + 1)
+            return
+        more = f" ({since} more failures of this kind since the last report)" if since else ""
+        _log.error("session store %s during %s: %s%s", kind, what, exc.message, more)
+        self._store_log[kind] = (now, 0)
 
     async def claim_and_save(self, s: Session) -> None:
         """Take the lease of a session opened here and write its first record."""
         # The lease runs from before the request: never believe in more lease than Redis gave.
         asked = time.monotonic()
-        if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
-            self.end(s, "moved", delete=False)
-            raise self.table.not_found(s.session_id)
-        s.lease_until = asked + self.settings.lease_s
-        await self.save(s)
+        try:
+            if not await self.store.claim(s.session_id, self.settings.replica_id, self.settings.lease_s):
+                self.end(s, "moved", delete=False)
+                raise self.table.not_found(s.session_id)
+            s.lease_until = asked + self.settings.lease_s
+            await self.save(s)
+        except StoreUnavailable as exc:
+            self.store_failed(exc, "create")
+            self.end(s, "moved", delete=False)  # never written: nobody can resume it, nothing to keep here
+            raise
 
     async def renew(self, s: Session) -> Session:
         """Extend this replica's lease and revalidate the resident copy; returns the session to use.
@@ -283,7 +328,18 @@ class SessionManager:
         copy is stale: it is dropped and the session reloaded from the store.
         """
         asked = time.monotonic()
-        gen = await self.store.acquire(s.session_id, self.settings.replica_id, self.settings.lease_s)
+        try:
+            gen = await self.store.acquire(s.session_id, self.settings.replica_id, self.settings.lease_s)
+        except StoreRefused as exc:
+            self.store_failed(exc, "lease renewal")
+            # Nobody can write while the store refuses writes, so no other replica can take the session over:
+            # serve-held keeps serving the resident copy (the lease is renewed once writes are taken again).
+            if self.settings.store_refused == "serve-held" and self.table.sessions.get(s.session_id) is s:
+                return s
+            raise
+        except StoreUnavailable as exc:
+            self.store_failed(exc, "lease renewal")
+            raise
         if gen is None:
             if self.table.sessions.get(s.session_id) is s and s.pending is None:
                 self.end(s, "moved", delete=False)
@@ -353,7 +409,12 @@ class SessionManager:
         if self.draining:
             raise Unavailable("server is draining; resume the session on another replica")
         # Claim before load: once the lease is ours nobody else can save, so the next read is the latest.
-        if not await self._claim_waiting(session_id):
+        try:
+            claimed = await self._claim_waiting(session_id)
+        except StoreUnavailable as exc:
+            self.store_failed(exc, "resume")
+            raise
+        if not claimed:
             raise Unavailable(
                 f"session {session_id} is owned by another live replica; retry there, or after its "
                 f"lease ({self.settings.lease_s} s) runs out"
@@ -377,6 +438,7 @@ class SessionManager:
         s.last_seq = rec.last_seq
         s.gen = rec.gen
         s.steps = rec.steps
+        s.last_inputs = rec.last_digest
         s.created_at = rec.created_at - self.wall_offset  # the lifetime counts from the first creation
         s.lease_until = asked + self.settings.lease_s  # claimed (or renewed) before the load
         if rec.last_outputs is not None:

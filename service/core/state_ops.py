@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from service.core.sessions import SessionManager, cached_steps
 from service.core.table import Session
-from service.core.types import SessionInfo, StepResult
+from service.core.types import ModelSpec, SessionInfo, StepResult
 from service.errors import InvalidArgument, Unavailable
 from service.stores import snapshot
 
@@ -18,9 +20,12 @@ from service.stores import snapshot
 class StateOps:
     """Get/set state blobs, fork and reset (see the module docstring)."""
 
-    def __init__(self, sessions: SessionManager, hmac_key: bytes | None) -> None:
+    def __init__(
+        self, sessions: SessionManager, hmac_key: bytes | None, *, allow_unsigned: bool = False
+    ) -> None:
         self.sessions = sessions
         self._hmac_key = hmac_key
+        self._allow_unsigned = allow_unsigned
 
     async def _write_through(self, s: Session) -> None:
         self.sessions.table.touch(s, time.monotonic())
@@ -36,7 +41,9 @@ class StateOps:
         """Replace the session's state, seq and cached result from a GetState blob (same model version)."""
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise InvalidArgument("state must be bytes from GetState")
-        rec = snapshot.decode(bytes(blob), self._hmac_key)
+        rec = snapshot.decode(bytes(blob), self._hmac_key, allow_unsigned=self._allow_unsigned)
+        if not 0 <= rec.last_seq < 2**63:
+            raise InvalidArgument(f"state blob has last_seq {rec.last_seq}; expected 0 <= last_seq < 2**63")
         async with self.sessions.exclusive(session_id) as s:
             if rec.tenant != s.tenant:  # covered by the blob's checksum (unforgeable with state_hmac_key)
                 raise InvalidArgument(
@@ -50,12 +57,14 @@ class StateOps:
                     f"{session_id} runs model {spec.name!r} version {spec.version}"
                 )
             self.sessions.check_state(spec, rec.state, complete=True)
+            _check_outputs(spec, rec.last_outputs)
             self.sessions.charge_outputs(s, cached_steps(spec, rec.last_outputs))  # before anything changes
             s.mv.slab.write(s.slot, rec.state)
             s.last_seq = rec.last_seq
             s.last_result = (
                 None if rec.last_outputs is None else StepResult(rec.last_seq, rec.last_outputs, False)
             )
+            s.last_inputs = rec.last_digest
             await self._write_through(s)
             return self.sessions.info(s)
 
@@ -80,5 +89,26 @@ class StateOps:
             s.mv.slab.reset(s.slot)
             s.last_seq = 0
             s.last_result = None
+            s.last_inputs = None
             await self._write_through(s)
             return self.sessions.info(s)
+
+
+def _check_outputs(spec: ModelSpec, outputs: dict[str, np.ndarray] | None) -> None:
+    """Refuse cached outputs in a blob that this model version could not have produced."""
+    if outputs is None:
+        return
+    names = {t.name for t in spec.outputs}
+    if set(outputs) != names:
+        raise InvalidArgument(
+            f"state blob caches outputs {sorted(outputs)}; the model's outputs are {sorted(names)}"
+        )
+    for t in spec.outputs:
+        a = outputs[t.name]
+        want = t.shape[1:]
+        fits = a.ndim == len(want) and all(w is None or w == d for w, d in zip(want, a.shape, strict=False))
+        if a.dtype != t.dtype or not fits:
+            raise InvalidArgument(
+                f"state blob caches output {t.name!r} as {a.dtype.name} {list(a.shape)}; expected "
+                f"{t.dtype.name} shaped like {list(want)}"
+            )

@@ -22,12 +22,14 @@ import numpy as np
 from service.config import Settings
 from service.core import limits
 from service.core.controls import StepControl
+from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.scheduler import GroupSlot, StepGroup, StepRequest
 from service.core.sessions import SessionManager
 from service.core.table import Session
 from service.core.types import ModelSpec, StepCall, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable
+from service.stores.base import StoreUnavailable
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class Stepper:
         self.sessions = sessions
         self.host = host
         self.executor = executor
+        self.burst_executor: Executor = executor  # the engine gives long stateless requests their own thread
         self.active = 0  # steps inside the core now; a drain waits for them
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -125,7 +128,7 @@ class Stepper:
             if seq is None:
                 seq = s.last_seq + 1
             elif seq != s.last_seq + 1:
-                return out_of_order(sessions, s, seq, last_only)
+                return out_of_order(sessions, s, seq, last_only, inputs)
             result: StepResult = await self._start(s, seq, inputs, self._loop.create_future(), control)  # type: ignore[union-attr]
             if last_only and s.mv.spec.time_axis:
                 return last_step_only(result, s.mv.spec)
@@ -195,6 +198,7 @@ class Stepper:
         result = StepResult(req.seq, outputs, False)  # type: ignore[arg-type]
         s.last_seq = req.seq
         s.last_result = req.row if req.row is not None else result
+        s.last_inputs = req.inputs
         s.steps += req.steps
         if self.sessions.persist:
             s.unsaved += 1
@@ -214,10 +218,11 @@ class Stepper:
             "the session store did not accept the step; retry the same seq"
         )
         try:
-            await sessions.save(s)
+            await sessions.save_step(s)
             outcome = None
         except ServeError as exc:  # Aborted: another replica owns the session now; Unavailable: store down
-            _log.error("saving session %s failed: %s", s.session_id, exc.message)
+            if not isinstance(exc, StoreUnavailable):  # those are counted and logged by the session manager
+                _log.error("saving session %s failed: %s", s.session_id, exc.message)
             outcome = exc
         except Exception as exc:  # noqa: BLE001 - any store failure means: not durable
             _log.error("saving session %s failed: %r", s.session_id, exc)
@@ -261,7 +266,26 @@ class Stepper:
             feeds.update(mv.controls.batch(batch, steps, True, True, [0] * batch))
             outs = await asyncio.get_running_loop().run_in_executor(self.executor, mv.runtime.run, feeds)
             return {t.name: outs[t.name] for t in spec.outputs}
-        return await limits.run_sliced(self.settings, self.executor, mv.runtime, spec, feeds)
+        return await limits.run_sliced(
+            self.settings, self.executor, self.burst_executor, mv.runtime, spec, feeds
+        )
+
+
+def same_inputs(s: Session, inputs: dict[str, np.ndarray]) -> bool:
+    """Tell whether a retried chunk carries the inputs the session applied last (True when unknown)."""
+    known = s.last_inputs
+    if known is None:
+        return True
+    spec = s.mv.spec
+    if set(inputs) != {t.name for t in spec.inputs}:
+        return False
+    got = [inputs[t.name] if isinstance(inputs[t.name], np.ndarray) else None for t in spec.inputs]
+    if isinstance(known, bytes):
+        return input_digest(spec, got) == known
+    return all(
+        g is not None and g.dtype == k.dtype and g.shape == k.shape and np.array_equal(g, k)
+        for g, k in zip(got, known, strict=True)
+    )
 
 
 def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:
@@ -271,11 +295,22 @@ def last_step_only(result: StepResult, spec: ModelSpec) -> StepResult:
     return StepResult(result.seq, outs, result.cached)
 
 
-def out_of_order(sessions: SessionManager, s: Session, seq: int, last_only: bool) -> StepResult:
+def out_of_order(
+    sessions: SessionManager,
+    s: Session,
+    seq: int,
+    last_only: bool,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> StepResult:
     """Answer a chunk whose seq is not last + 1: the cached result of a retried last seq, or the error."""
     last = s.last_seq
     r = sessions.cached(s) if seq == last else None
     if r is not None and r.seq == seq:
+        if inputs is not None and not same_inputs(s, inputs):
+            raise FailedPrecondition(
+                f"seq {seq} of session {s.session_id} was already applied with other inputs (another "
+                f"client's chunk, or a changed retry); its answer is not yours: expected seq {last + 1}"
+            )
         cached = StepResult(r.seq, r.outputs, True)
         return last_step_only(cached, s.mv.spec) if last_only and s.mv.spec.time_axis else cached
     if not isinstance(seq, int) or seq < 1:

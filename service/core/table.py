@@ -73,6 +73,7 @@ class Session:
         "charge",
         "charged_steps",
         "gen",
+        "last_inputs",
     )
 
     def __init__(
@@ -104,6 +105,8 @@ class Session:
         self.charge = 0  # bytes charged to the memory budget (core.admission)
         self.charged_steps = 0  # longest chunk whose cached outputs the charge covers
         self.gen = 0  # the store's version this copy was read at or last written as (the fencing token)
+        # The last applied chunk's inputs (arrays in spec order), or their digest once resumed; None: unknown.
+        self.last_inputs: tuple[np.ndarray, ...] | bytes | None = None
 
 
 class SessionTable:

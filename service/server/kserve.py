@@ -175,9 +175,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         replies: collections.deque[pb.ModelStreamInferResponse] = collections.deque()
         state = _StreamState(asyncio.get_running_loop().create_future())
         limit = self._stream_max_inflight
+        max_bytes = self._engine.settings.max_stream_buffer_bytes
 
         def ready(reply: pb.ModelStreamInferResponse) -> None:
             replies.append(reply)
+            state.buffered += _reply_bytes(reply)
             wake = state.wake
             if not wake.done():
                 wake.set_result(None)
@@ -187,7 +189,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 async for request in request_iterator:
                     state.inflight += 1
                     self._stream_start(request, ready, state)
-                    if state.inflight >= limit:
+                    # A slow reader holds requests back, not memory: count and bytes of unwritten replies.
+                    while state.full(limit, max_bytes):
                         state.room = asyncio.get_running_loop().create_future()
                         await state.room
             finally:
@@ -208,6 +211,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await context.write(reply)
                 # Released only once written: requests running plus replies unwritten stay bounded.
                 state.inflight -= 1
+                state.buffered -= reply.ByteSize()
                 room = state.room
                 if room is not None and not room.done():
                     state.room = None
@@ -318,9 +322,18 @@ class _StreamState:
 
     wake: asyncio.Future[None]
     inflight: int = 0
+    buffered: int = 0  # bytes of replies ready but not yet written (max_stream_buffer_bytes)
     reading: bool = True
     room: asyncio.Future[None] | None = None
     order: dict[SequenceKey, collections.deque[_Slot]] = field(default_factory=dict)
+
+    def full(self, limit: int, max_bytes: int) -> bool:
+        """Tell whether the reader must wait: too many requests or reply bytes not yet written."""
+        return self.inflight >= limit or self.buffered > max_bytes
+
+
+def _reply_bytes(reply: pb.ModelStreamInferResponse) -> int:
+    return 0 if reply is _NO_REPLY else reply.ByteSize()
 
 
 @dataclass(slots=True, eq=False)

@@ -214,7 +214,8 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                             "the first Stream message must carry `open` (model or session_id)"
                         )
                     info = await self._open_stream(req.open)
-                    session_id, keep = info.session_id, req.open.keep
+                    # An attached session belongs to whoever opened it: this stream never closes it.
+                    session_id, keep = info.session_id, req.open.keep or bool(req.open.session_id)
                     request_log.note(model=info.model, version=info.version, session=session_id)
                     session = wire.session_to_pb(info)
                 elif req.HasField("open"):

@@ -11,7 +11,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import Aborted
+from service.errors import Aborted, Unavailable
+
+
+class StoreUnavailable(Unavailable):
+    """The store did not take a request: unreachable (`kind` "unreachable") or refusing writes ("refused")."""
+
+    kind = "unreachable"
+
+
+class StoreRefused(StoreUnavailable):
+    """The store answers but refuses writes (Redis out of memory at maxmemory, a read-only replica)."""
+
+    kind = "refused"
 
 
 class Stale(Aborted):
@@ -44,6 +56,7 @@ class SessionRecord:
     gen: int = 0
     steps: int = 0  # timesteps applied since the session was created (survives failover)
     tenant: str = ""  # the owning tenant; a session resumes only for it
+    last_digest: bytes | None = None  # digest of the last applied chunk's inputs (a retry must match it)
 
 
 class SessionStore(abc.ABC):
@@ -155,6 +168,7 @@ class InMemoryStore(SessionStore):
             record.gen + 1,
             record.steps,
             record.tenant,
+            record.last_digest,
         )
         return record.gen + 1
 

@@ -32,12 +32,15 @@ from __future__ import annotations
 import math
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+
+# Replies that mean "Redis is up but takes no writes" (maxmemory with noeviction, a read-only replica, and
+# MISCONF: a failed RDB save with stop-writes-on-bgsave-error) become StoreRefused, not "unreachable".
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 from service.config import Settings
-from service.errors import Aborted, Unavailable
+from service.errors import Aborted
 from service.stores import snapshot
-from service.stores.base import SessionRecord, SessionStore, stale
+from service.stores.base import SessionRecord, SessionStore, StoreRefused, StoreUnavailable, stale
 
 # KEYS: rec, lease. ARGV: owner, lease_ms, seq, blob, record_ttl_ms, gen (the writer's base version).
 # Returns {1, new gen} when written, {0, holder} when another replica holds the lease, {2, stored gen} when
@@ -147,9 +150,18 @@ class RedisStore(SessionStore):
     def _lease(self, session_id: str) -> str:
         return f"{self.prefix}:{{{session_id}}}:lease"
 
-    def _unreachable(self, exc: Exception) -> Unavailable:
+    def _unreachable(self, exc: Exception) -> StoreUnavailable:
+        why = None
+        if isinstance(exc, OutOfMemoryError):
+            why = "out of memory: Redis reached maxmemory"
+        elif isinstance(exc, ReadOnlyError):
+            why = "read-only: a replica, not the primary"
+        elif isinstance(exc, ResponseError) and str(exc).startswith("MISCONF"):
+            why = "MISCONF: Redis cannot persist and stops writes"
+        if why is not None:
+            return StoreRefused(f"session store at {self.url} refuses writes ({why}); retry later")
         kind = type(exc).__name__
-        return Unavailable(f"session store at {self.url} is unreachable ({kind}); retry shortly")
+        return StoreUnavailable(f"session store at {self.url} is unreachable ({kind}); retry shortly")
 
     async def ping(self) -> None:
         """Raise `Unavailable` unless Redis answers (used at start-up, so a bad URL fails fast)."""

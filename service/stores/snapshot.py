@@ -70,6 +70,7 @@ def encode(record: SessionRecord, key: bytes | None = None) -> bytes:
         "owner": record.owner,
         "tenant": record.tenant,
         "steps": record.steps,
+        "last_digest": record.last_digest.hex() if record.last_digest else None,
         "has_last_outputs": record.last_outputs is not None,
         "mac": "hmac-sha256" if key else "sha256",
         "tensors": table,
@@ -79,8 +80,25 @@ def encode(record: SessionRecord, key: bytes | None = None) -> bytes:
     return body + _mac(body, key)
 
 
-def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
-    """Parse and verify a blob; raises `InvalidArgument` on a wrong magic, version, checksum or layout."""
+def _verifying_key(mac: object, key: bytes | None, allow_unsigned: bool) -> bytes | None:
+    """Return the key that checks the trailer (None: plain SHA-256), or refuse the blob's kind of trailer."""
+    if key and mac == "sha256" and allow_unsigned:
+        return None  # a raw import, allowed by the server's settings
+    if key and mac != "hmac-sha256":
+        raise InvalidArgument(
+            "state blob is not signed with this server's key (expected HMAC-SHA-256; unsigned blobs are "
+            "accepted only with allow_unsigned_state)"
+        )
+    if not key and mac != "sha256":
+        raise InvalidArgument("state blob is HMAC-signed but this server has no state_hmac_key to verify it")
+    return key
+
+
+def decode(blob: bytes, key: bytes | None = None, *, allow_unsigned: bool = False) -> SessionRecord:
+    """Parse and verify a blob; raises `InvalidArgument` on a wrong magic, version, checksum or layout.
+
+    With a `key`, only blobs signed with it are accepted, and SHA-256 ones too if `allow_unsigned`.
+    """
     if len(blob) < _PREFIX.size + _TRAILER:
         raise InvalidArgument(f"state blob too short ({len(blob)} bytes); expected an rnnserve snapshot")
     magic, fmt, head_len = _PREFIX.unpack_from(blob)
@@ -96,11 +114,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
         raise InvalidArgument("state blob header is corrupt") from None
     if not isinstance(header, dict):
         raise InvalidArgument("state blob header is corrupt")
-    mac = header.get("mac")
-    if key and mac != "hmac-sha256":
-        raise InvalidArgument("state blob is not signed with this server's key (expected HMAC-SHA-256)")
-    if not key and mac != "sha256":
-        raise InvalidArgument("state blob is HMAC-signed but this server has no state_hmac_key to verify it")
+    key = _verifying_key(header.get("mac"), key, allow_unsigned)
     if not hmac.compare_digest(_mac(body, key), trailer):
         raise InvalidArgument("state blob failed its integrity check (corrupted or tampered)")
     data = memoryview(body)[start + head_len :]
@@ -125,6 +139,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
             owner=header["owner"],
             tenant=str(header.get("tenant", "")),
             steps=int(header.get("steps", 0)),
+            last_digest=bytes.fromhex(header["last_digest"]) if header.get("last_digest") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgument(f"state blob layout is invalid: {exc}") from None

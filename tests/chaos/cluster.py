@@ -114,16 +114,25 @@ class Cluster:
         self.lock = threading.Lock()
         self.starts = 0
 
-    def start(self, i: int) -> Replica:
-        with self.lock:
-            n = self.starts
-            self.starts += 1
-        r = start_replica(
-            f"r{i}-{n}", self.workdir, self.repository, start_timeout_s=120, grpc_port=self.ports[i],
-            **self.settings,
-        )
-        self.replicas[i] = r
-        return r
+    def start(self, i: int, attempts: int = 5) -> Replica:
+        """Start replica i; like a pod supervisor, start it again if it exits at once (Redis down)."""
+        for attempt in range(attempts):
+            with self.lock:
+                n = self.starts
+                self.starts += 1
+            try:
+                r = start_replica(
+                    f"r{i}-{n}", self.workdir, self.repository, start_timeout_s=120, grpc_port=self.ports[i],
+                    **self.settings,
+                )
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            self.replicas[i] = r
+            return r
+        raise AssertionError("unreachable")
 
     def start_all(self) -> None:
         """Start every replica (in parallel: each takes a few seconds to import and load)."""

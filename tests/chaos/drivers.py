@@ -40,6 +40,11 @@ RETRYABLE = {
 }
 
 
+def backoff(failures: int) -> float:
+    """Seconds to wait before the next retry: jittered, doubling from 20 ms up to 0.5 s."""
+    return min(0.5, 0.02 * 2 ** min(failures, 5)) * (0.5 + random.random())
+
+
 @dataclass
 class Stats:
     """What the drivers saw, beyond the logs."""
@@ -93,6 +98,7 @@ class NativeDriver:
         """Send until answered or a non-retryable status; moves to another replica after a failure."""
         deadline = time.monotonic() + self.give_up_s
         move = False
+        failures = 0
         while True:
             self.stats.requests += 1
             try:
@@ -104,7 +110,8 @@ class NativeDriver:
                 if (code not in RETRYABLE and not moved) or time.monotonic() > deadline:
                     raise
                 move = True
-                time.sleep(0.02 + 0.1 * random.random())
+                failures += 1
+                time.sleep(backoff(failures))
 
     def step(self) -> None:
         if self.done:
@@ -225,6 +232,7 @@ class KServeDriver:
             if err.code() in RETRYABLE:
                 self.log.events.append(Event(tokens, None))
                 self.unknown += 1
+                time.sleep(backoff(self.unknown))
                 if self.unknown >= self.MAX_UNKNOWN:
                     self.log.name += " [restarted after unknown outcomes]"
                     self.log = None
@@ -242,6 +250,7 @@ class KServeDriver:
         self.sequence_id = self._ids()
         deadline = time.monotonic() + self.give_up_s
         move = False
+        failures = 0
         while True:
             try:
                 out = self._infer(_kserve_request(self.sequence_id, tokens, True), move=move)
@@ -252,7 +261,8 @@ class KServeDriver:
                     self.stats.abandoned += 1
                     return
                 move = True
-                time.sleep(0.02 + 0.1 * random.random())
+                failures += 1
+                time.sleep(backoff(failures))
         self.log = SessionLog(f"{self.name} seq-id {self.sequence_id}", self.kind, [Event(tokens, out)])
         self.logs.append(self.log)
         self.unknown = 0

@@ -68,6 +68,7 @@ class ChaosResult:
     stats: Stats = field(default_factory=Stats)
     duration_s: float = 0.0
     replica_starts: int = 0
+    injector_errors: list[str] = field(default_factory=list)
 
     @property
     def faults_injected(self) -> int:
@@ -91,6 +92,7 @@ class ChaosResult:
             "sessions_abandoned": self.stats.abandoned,
             **self.counts.summary(),
             "faults_found": self.counts.faults[:50],
+            "injector_errors": self.injector_errors[:10],
         }
 
 
@@ -242,7 +244,7 @@ def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
             result.stats.errors += s.errors
             result.stats.abandoned += s.abandoned
         result.replica_starts = cluster.starts
-        result.counts.faults.extend(f"injector: {e}" for e in injector.errors[:10])
+        result.injector_errors = injector.errors
     finally:
         cluster.stop_all()
         redis_server.stop()

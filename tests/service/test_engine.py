@@ -19,6 +19,7 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from service.stores import snapshot
 
 RNG = np.random.default_rng(7)
 
@@ -355,9 +356,13 @@ def test_snapshot_round_trip_and_tamper_detection(model_repository):
 
     async def keyed(engine: Engine):
         sid = (await engine.create_session("tiny_lstm")).session_id
-        with pytest.raises(InvalidArgument, match="not signed with this server's key"):
-            await engine.set_state(sid, blob)  # an unsigned blob cannot be forged into a keyed server
+        with pytest.raises(InvalidArgument, match="integrity"):
+            await engine.set_state(sid, blob)  # signed with the first server's own random key
         signed = await engine.get_state(sid)
+        # A blob anyone can make (plain SHA-256) is refused (allow_unsigned_state is off by default).
+        raw = snapshot.encode(snapshot.decode(signed, b"secret"), None)
+        with pytest.raises(InvalidArgument, match="not signed with this server's key"):
+            await engine.set_state(sid, raw)
         await engine.set_state(sid, signed)
         return signed
 
@@ -369,6 +374,27 @@ def test_snapshot_round_trip_and_tamper_detection(model_repository):
             await engine.set_state(sid, signed)
 
     run_engine(model_repository, other_key, state_hmac_key="another secret")
+
+
+def test_raw_state_import_only_when_allowed_and_forged_fields_are_refused(model_repository):
+    async def body(engine: Engine):
+        sid = (await engine.create_session("tiny_lstm")).session_id
+        await engine.step(sid, 1, {"tokens": tokens(4)})
+        rec = snapshot.decode(await engine.get_state(sid), b"k")
+        await engine.set_state(sid, snapshot.encode(rec, None))  # a raw (unsigned) import: allowed here
+        for field, value, msg in [
+            ("last_seq", 2**64, "last_seq"),
+            ("last_seq", -3, "last_seq"),
+            ("last_outputs", {"logits": np.zeros((2, 7), np.float32)}, "caches output 'logits'"),
+            ("last_outputs", {"nope": np.zeros((2, 39), np.float32)}, "caches outputs"),
+        ]:
+            forged = snapshot.decode(snapshot.encode(rec, None))
+            setattr(forged, field, value)
+            with pytest.raises(InvalidArgument, match=msg):
+                await engine.set_state(sid, snapshot.encode(forged, None))
+        assert engine.describe(sid).last_seq == 1  # nothing was applied
+
+    run_engine(model_repository, body, state_hmac_key="k", allow_unsigned_state=True)
 
 
 def test_fork_is_independent_and_reset_restarts(model_repository):

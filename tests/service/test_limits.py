@@ -41,7 +41,7 @@ def server(repo):
         max_rows_per_message=8,
         max_cached_response_bytes=RESPONSE_BYTES,
         max_id_length=64,
-        slice_steps=7,
+        slice_steps=21,
         trim_after_steps=100,
     )
     srv = ServerThread(settings)
@@ -177,3 +177,12 @@ def test_non_ascii_digit_versions_are_invalid_argument(channel, version):
     kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
     err = _status(kstub.ModelInfer, _infer(np.zeros((1, 3), np.int64), version=version))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "positive integer" in err.details()
+
+
+def test_the_readme_limits_table_is_generated_from_the_settings():
+    from tests.bench.burst import limits_table
+
+    root = Path(__file__).resolve().parents[2]
+    assert (root / "docs" / "results" / "limits.md").read_text() == limits_table(), (
+        "docs/results/limits.md is stale: python -m tests.bench.burst --limits-only"
+    )

@@ -23,7 +23,9 @@ def test_resume_on_another_replica_is_for_the_owner_only(model_repository):
             settings(model_repository, replica_id="a", lease_s=0.2), registry=CollectorRegistry(), store=store
         )
         b = Engine(
-            settings(model_repository, replica_id="b", lease_s=0.2), registry=CollectorRegistry(), store=store
+            settings(model_repository, replica_id="b", lease_s=0.2, state_hmac_key="k"),
+            registry=CollectorRegistry(),
+            store=store,
         )
         await a.start()
         await b.start()
@@ -41,7 +43,7 @@ def test_resume_on_another_replica_is_for_the_owner_only(model_repository):
             CALLER.set(Principal("alice"))
             assert (await b.attach(sid)).last_seq == 1  # bob's attempts left it resumable for alice
             blob = await b.get_state(sid)
-            assert snapshot.decode(blob).tenant == "alice"
+            assert snapshot.decode(blob, b"k").tenant == "alice"  # GetState blobs are always signed
         finally:
             await a.stop()
             await b.stop()
