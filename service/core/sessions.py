@@ -113,7 +113,8 @@ class SessionManager:
     def open(self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None) -> Session:
         """Open a local session on `mv` (a slab row, a table entry, the version pinned)."""
         self._make_room(mv)
-        s = Session(session_id or secrets.token_urlsafe(16), mv, mv.slab.alloc(), ttl, protocol)
+        session_id = session_id or self.settings.session_id_prefix + secrets.token_urlsafe(16)
+        s = Session(session_id, mv, mv.slab.alloc(), ttl, protocol)
         self.table.add(s)
         self.host.pin(mv)
         return s

@@ -40,6 +40,8 @@ from service.server import kserve
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
+from service.server.routing import Router
+from service.server.supervisor import default_workers, supervise
 
 _log = logging.getLogger("rnnserve.server")
 
@@ -187,8 +189,15 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
     return httpd, int(httpd.server_address[1])
 
 
-async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
-    """Load the repository, bind the gRPC and metrics ports and start serving."""
+async def start(
+    settings: Settings, *, registry: CollectorRegistry | None = None, router: Router | None = None
+) -> RunningServer:
+    """Load the repository, bind the gRPC and metrics ports and start serving.
+
+    `router`: this process is one of several workers (service.server.supervisor): the port is shared with
+    SO_REUSEPORT, the worker also listens on its Unix socket, and calls for other workers' sessions are
+    forwarded.
+    """
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
     await engine.start()
@@ -201,10 +210,12 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Port 0 must give this process its own port, never one another process shares.
-        ("grpc.so_reuseport", 0),
+        # Port 0 must give this process its own port, never one another process shares; workers share one.
+        ("grpc.so_reuseport", 0 if router is None else 1),
     ]
-    server = aio.server(interceptors=[interceptor], options=options)
+    server = aio.server(
+        interceptors=[interceptor] if router is None else [router, interceptor], options=options
+    )
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}
@@ -222,6 +233,8 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
 
     try:
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        if router is not None:
+            server.add_insecure_port(f"unix:{router.peers.socket(router.peers.index)}")
         httpd, metrics_port = _start_metrics_http(settings, registry)
     except (RuntimeError, OSError) as exc:
         await engine.stop()
@@ -281,11 +294,16 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `rnnserve-server` / `python -m service.server` (flags: see --help)."""
-    settings = load_settings(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    settings = load_settings(args)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    workers = settings.workers or default_workers()
+    if workers > 1:  # worker processes behind the one port (service.server.supervisor)
+        supervise(settings, args, workers)
+        return
     asyncio.run(serve(settings))
 
 
