@@ -54,6 +54,8 @@ _PEER_OPTIONS = (
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
 )
+# How long a call waits for the owner's socket (a restarting worker) before it fails with UNAVAILABLE.
+PEER_WAIT_S = 5.0
 # Client metadata that belongs to the connection, not the call: never copied onto a forwarded call.
 _HOP_HEADERS = ("user-agent", "content-type", "te", "grpc-", ":")
 
@@ -117,6 +119,21 @@ class Router(aio.ServerInterceptor):
                 f"unix:{self.peers.socket(k)}", options=_PEER_OPTIONS
             )
         return ch
+
+    async def ready(self, k: int) -> None:
+        """Wait (up to PEER_WAIT_S) until worker k's socket is connected (a replaced worker is back soon)."""
+        ch = self.channel(k)
+        if ch.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(ch.channel_ready(), timeout=PEER_WAIT_S)
+        except TimeoutError:
+            raise aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                aio.Metadata(),
+                aio.Metadata(),
+                details=f"worker {k}, which owns this session, is not serving (restarting?); retry",
+            ) from None
 
     async def close(self) -> None:
         """Close the peer channels."""
@@ -194,6 +211,14 @@ class Router(aio.ServerInterceptor):
         deser = handler.request_deserializer
         behavior = handler.unary_stream if stream else handler.unary_unary
         me = self.peers.index
+        callers: dict[int, Any] = {}  # peer -> multi-callable for this method (made once)
+
+        def caller(k: int) -> Any:
+            made = callers.get(k)
+            if made is None:
+                ch = self.channel(k)
+                made = callers[k] = ch.unary_stream(method) if stream else ch.unary_unary(method)
+            return made
 
         async def call(raw: bytes, context: Any) -> Any:
             request = deser(raw)
@@ -202,19 +227,16 @@ class Router(aio.ServerInterceptor):
                 return await behavior(request, context)
             self.forwarded += 1
             try:
+                await self.ready(k)
+                rpc = caller(k)(raw, metadata=self._metadata(context), timeout=context.time_remaining())
                 if stream:
-                    rpc = self.channel(k).unary_stream(method)(
-                        raw, metadata=self._metadata(context), timeout=context.time_remaining()
-                    )
                     async for answer in rpc:
                         await context.write(answer)
+                    answer = None
                 else:
-                    rpc = self.channel(k).unary_unary(method)(
-                        raw, metadata=self._metadata(context), timeout=context.time_remaining()
-                    )
                     answer = await rpc
                 context.set_trailing_metadata(tuple(await rpc.trailing_metadata() or ()))
-                return None if stream else answer
+                return answer
             except aio.AioRpcError as exc:
                 await self._fail(context, exc)
 
@@ -308,6 +330,7 @@ class Router(aio.ServerInterceptor):
                     parts = _split(request, owners)
                     for k, part in parts.items():
                         if k not in subs:
+                            await self.ready(k)
                             subs[k] = self.channel(k).stream_stream(method)(metadata=self._metadata(context))
                         await subs[k].write(raw if len(parts) == 1 else part[1].SerializeToString())
                     answers = {k: pb.StepManyResponse.FromString(await subs[k].read()) for k in parts}
@@ -342,6 +365,7 @@ class Router(aio.ServerInterceptor):
                     k = self._sequence_owner(deser(raw))
                     sub = subs.get(k)
                     if sub is None:
+                        await self.ready(k)
                         sub = subs[k] = self.channel(k).stream_stream(method)(
                             metadata=self._metadata(context)
                         )
