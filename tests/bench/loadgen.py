@@ -189,7 +189,7 @@ def _collect(out: mp.Queue, procs: list) -> list[WorkerResult]:  # type: ignore[
 
 
 class _ServerCpu:
-    """CPU seconds of a server process and its worker processes (`--workers N`: a supervisor and N children)."""
+    """CPU seconds of a server process and its workers (`--workers N`: a supervisor and N children)."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)

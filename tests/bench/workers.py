@@ -1,12 +1,13 @@
 """1 vs 2 worker processes (`--workers N`): native `Stream` and KServe unary `ModelInfer` at 64 streams.
 
-`python -m tests.bench.workers [--duration S] [--repeats N] [--out DIR]` starts the real server on the benchmark
-reference LSTM (tests/bench/refmodel.py) once per (workers, protocol), drives it with the load generator's
-client processes (64 sequences in all, closed loop, one step per message) and reads, over the measurement
-window: steps/s, the server's CPU (supervisor and workers) as cores, steps per server core-second, and the
-clients' CPU. Each client process opens 4 connections (the kernel spreads connections, not calls, over
+`python -m tests.bench.workers [--duration S] [--repeats N] [--out DIR]` starts the real server on the
+benchmark reference LSTM (tests/bench/refmodel.py) once per (workers, protocol), drives it with the load
+generator's client processes (64 sequences in all, closed loop, one step per message) and reads, over the
+measurement window: steps/s, the server's CPU (supervisor and workers) as cores, steps per server core-second,
+and the clients' CPU. Each client process opens 4 connections (the kernel spreads connections, not calls, over
 the workers). On a 2-core machine the clients compete with the server for the cores, so both figures matter.
-Writes `docs/bench/workers.{json,md,png}` (the README includes the markdown). `make bench` runs it after the suite.
+Writes `docs/bench/workers.{json,md,png}` (the README includes the markdown). `make bench` runs it after the
+suite.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,7 +70,7 @@ class KServeUnaryDriver(Driver):
 
 @dataclass(slots=True)
 class Row:
-    """One measured configuration (the median run of `repeats` by steps/s)."""
+    """One measured configuration (the median run of `repeats` by steps/s; the upper one of an even count)."""
 
     workers: int
     protocol: str
@@ -98,8 +98,8 @@ def measure(repository: Path, workers: int, protocol: str, duration_s: float, cl
             input_name="x",
             input_dtype="float32",
             input_tail=(RefModelConfig().features,),
-            # Several connections per client process, as a client with several channels has: the kernel spreads
-            # connections (not calls) over the workers, so one connection would pin a client to one worker.
+            # Several connections per client process, as a client with several channels has: the kernel
+            # spreads connections (not calls) over the workers; one connection pins a client to one worker.
             channels_per_worker=4,
         )
         res = run_load(spec, server.pid)
@@ -121,7 +121,8 @@ def render(rows: list[Row], env: dict[str, Any]) -> str:
         f"{env['cpus']} cores shared by server and clients; median of {env['repeats']} runs of "
         f"{env['duration_s']:g} s each ([workers.json](workers.json), `python -m tests.bench.workers`).",
         "",
-        "| API | workers | steps/s | server cores | steps per server core-s | client cores | p50 ms | p99 ms |",
+        "| API | workers | steps/s | server cores | steps per server core-s | client cores | p50 ms | p99 ms"
+        " |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -157,7 +158,10 @@ def plot(rows: list[Row], path: Path) -> None:
         (axes[1], "steps_per_core_s", "steps per server core-second"),
     ):
         for i, w in enumerate((1, 2)):
-            vals = [next((getattr(r, field) for r in rows if r.protocol == p and r.workers == w), 0) for p in protocols]
+            vals = [
+                next((getattr(r, field) for r in rows if r.protocol == p and r.workers == w), 0)
+                for p in protocols
+            ]
             ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=f"{w} worker{'s' if w > 1 else ''}")
         ax.set_xticks(x, protocols)
         ax.set_title(title)
@@ -171,7 +175,9 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write the report files."""
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.workers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.workers", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="measurement window per run, seconds")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median kept)")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
@@ -188,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats):
                     runs.append(measure(tmp, w, p, args.duration, args.clients))
                     bar.update()
-                median = statistics.median(r.steps_per_s for r in runs)
-                rows.append(next(r for r in runs if r.steps_per_s == median))
+                rows.append(sorted(runs, key=lambda r: r.steps_per_s)[len(runs) // 2])  # the (upper) median
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     env = {
@@ -202,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         "streams": STREAMS,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "workers.json").write_text(json.dumps({"env": env, "rows": [asdict(r) for r in rows]}, indent=2))
+    (args.out / "workers.json").write_text(
+        json.dumps({"env": env, "rows": [asdict(r) for r in rows]}, indent=2)
+    )
     (args.out / "workers.md").write_text(render(rows, env))
     plot(rows, args.out / "workers.png")
     print(render(rows, env))
