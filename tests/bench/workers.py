@@ -119,7 +119,9 @@ def render(rows: list[Row], env: dict[str, Any]) -> str:
     lines = [
         f"{STREAMS} closed-loop sequences, one step per message, reference LSTM (H=256, 2 layers); "
         f"{env['cpus']} cores shared by server and clients; median of {env['repeats']} runs of "
-        f"{env['duration_s']:g} s each ([workers.json](workers.json), `python -m tests.bench.workers`).",
+        f"{env['duration_s']:g} s each ([workers.json](workers.json), `python -m tests.bench.workers`); load "
+        f"average {env['load_average_start']:g} at start, {env['load_average_end']:g} at end (other work on "
+        "the machine takes cores from server and clients alike).",
         "",
         "| API | workers | steps/s | server cores | steps per server core-s | client cores | p50 ms | p99 ms"
         " |",
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="rnnserve-bench-workers-"))
     rows: list[Row] = []
+    load_start = os.getloadavg()[0]
     try:
         write_reference_repository(tmp)
         plan = [(w, p) for p in PROTOCOLS for w in (1, 2)]
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "client_processes": args.clients,
         "streams": STREAMS,
+        "load_average_start": round(load_start, 1),
+        "load_average_end": round(os.getloadavg()[0], 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "workers.json").write_text(
