@@ -5,7 +5,8 @@ SO_REUSEPORT). Calls are forced onto a given worker by dialling its Unix socket 
 from the workers' command lines), so a session created on one worker is stepped through the other; outputs are
 compared with one ONNX Runtime pass over the whole sequence. With redis-server as the shared store, the worker
 that owns a streaming session is SIGKILLed mid-stream: the supervisor starts a replacement, the client
-re-attaches through the shared port, and no acknowledged step is lost or applied twice.
+re-attaches through the shared port, and no acknowledged step is lost or applied twice; while the worker is
+down (the supervisor is held with SIGSTOP meanwhile) the other worker reports the server NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -288,6 +289,18 @@ def _step_stream(
         answered.put(reply.seq)
 
 
+def _overall_health(socket_path: Path, want: int, within_s: float) -> bool:
+    """Poll a worker's overall health ("") until it is `want`; False if it never is within `within_s`."""
+    deadline = time.monotonic() + within_s
+    with grpc.insecure_channel(f"unix:{socket_path}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == want:
+                return True
+            time.sleep(0.1)
+    return False
+
+
 def test_sigkill_of_the_owner_mid_stream_loses_no_step(repo, tmp_path):
     (tmp_path / "redis").mkdir()
     redis = start_redis(tmp_path / "redis")
@@ -310,6 +323,7 @@ def test_sigkill_of_the_owner_mid_stream_loses_no_step(repo, tmp_path):
         killed = []
 
         def kill() -> None:
+            os.kill(server.proc.pid, signal.SIGSTOP)  # no replacement yet: the health check sees the gap
             os.kill(victim, signal.SIGKILL)
             killed.append(time.monotonic())
 
@@ -319,6 +333,10 @@ def test_sigkill_of_the_owner_mid_stream_loses_no_step(repo, tmp_path):
                 _step_stream(pb_grpc.RecurrentServiceStub(ch), sid, 1, chunks, outs, kill=kill)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert killed and 1 in outs
+        # While a worker is down the whole server reports NOT_SERVING (its sessions cannot be served) ...
+        survivor = workers[1 - owner][1]
+        assert _overall_health(survivor, want=health_pb2.HealthCheckResponse.NOT_SERVING, within_s=15)
+        os.kill(server.proc.pid, signal.SIGCONT)
         # Re-attach through the shared port until the replacement serves; resume after the last answer seen.
         deadline = time.monotonic() + 60
         while len(outs) < len(chunks):
@@ -332,6 +350,8 @@ def test_sigkill_of_the_owner_mid_stream_loses_no_step(repo, tmp_path):
                 time.sleep(0.2)
         replacement = workers_of(server)[owner][0]
         assert replacement != victim
+        # ... and SERVING again once the supervisor's replacement serves.
+        assert _overall_health(survivor, want=health_pb2.HealthCheckResponse.SERVING, within_s=15)
         with grpc.insecure_channel(server.address) as tcp:
             info = pb_grpc.RecurrentServiceStub(tcp).DescribeSession(
                 pb.SessionRequest(session_id=sid), timeout=10
@@ -340,6 +360,7 @@ def test_sigkill_of_the_owner_mid_stream_loses_no_step(repo, tmp_path):
         text = _metrics(server)
         assert _value(text, rf'rnnserve_worker_restarts_total\{{worker="{owner}"\}}') == 1
     finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(timeout=60)
         server.stop()
