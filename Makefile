@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint data train experiment export models default-model bench bench-workers deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos
+.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench bench-workers deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002),"
@@ -24,6 +24,8 @@ help:
 	@echo "make bench       benchmark suite, ~17 min (not in make test); BENCH_ARGS=--quick: reduced, to docs/bench/quick/"
 	@echo "make bench-workers  --workers 1 vs 2 on Stream and KServe unary (~3 min; also run by make bench)"
 	@echo "make chaos       fault injection against 3 replicas + Redis (>= 1,000 faults, ~15 min); not in make test"
+	@echo "make fuzz        >= 10,000 generated requests over every RPC of both APIs"
+	@echo "make soak        1,000,000 create/step/close cycles; server RSS growth <= 5%"
 	@echo "make deploy-check  render the kustomize overlays, validate them (schemas + policy), check the Dockerfile"
 	@echo "make image-check   build deploy/Dockerfile here (debootstrap base + buildah, cached) and run its checks"
 	@echo "make image-clean   remove the image-check cache (base rootfs tarball) and its local images"
@@ -55,10 +57,14 @@ $(PROTO_OUT): $(PROTO_SRC) | $(VENV)/.serve
 
 protos: $(PROTO_OUT)
 
+# Local development: no authentication, loopback only (the server prints a warning block). A secured server:
+# make serve SERVE_ARGS="--auth api_keys --api-keys-file keys.yaml --tls-cert-file ... --tls-key-file ..."
 # Worker processes: the CPUs this container may use (cgroup quota, else affinity) unless WORKERS=N is given.
+SERVE_ARGS ?=
 WORKERS ?=
 serve: install protos
-	$(PY) -m service.server --model-repository $(REPOSITORY)$(if $(WORKERS), --workers $(WORKERS))
+	@case "$(SERVE_ARGS)" in *api_keys*) ;; *) echo "make serve: OPEN SERVER (auth none) on 127.0.0.1 -- local development only; see README 'Security'" >&2;; esac
+	$(PY) -m service.server --model-repository $(REPOSITORY)$(if $(WORKERS), --workers $(WORKERS)) $(SERVE_ARGS)
 
 # Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer),
 # buildah podman debootstrap (make image-check: build and run the image without a docker engine), prometheus
@@ -83,6 +89,22 @@ lint: install-dev protos
 	$(VENV)/bin/mypy service
 
 readme: install
+	$(PY) docs/sync_readme.py
+
+# --- security: fuzzing and soak ------------------------------------------------------------------------------
+# Property-based fuzzing of every RPC of both APIs (make test runs 8 cases per RPC): >= 10,000 cases here;
+# then the byte-budget test, whose figures go to docs/security/budget.md (README "Security").
+FUZZ_EXAMPLES ?= 400
+fuzz: install-dev protos
+	RNNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RNNSERVE_FUZZ_REPORT=docs/security/fuzz.json $(PY) -m pytest -q tests/fuzz
+	$(PY) -c "import json, sys; n = json.load(open('docs/security/fuzz.json'))['cases']; print(n, 'fuzz cases'); sys.exit(n < 10000)"
+	RNNSERVE_BUDGET_REPORT=docs/security/budget.md $(PY) -m pytest -q tests/service/test_admission.py
+	$(PY) docs/sync_readme.py
+
+# 1,000,000 create/step/close cycles on loopback (~20-30 min on 2 shared cores); RSS growth must stay <= 5%.
+SOAK_ARGS ?=
+soak: install-dev protos
+	$(PY) -m tests.soak $(SOAK_ARGS)
 	$(PY) docs/sync_readme.py
 
 # --- benchmarks -------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RNNSERVE_"
@@ -29,7 +29,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
-    grpc_host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
+    grpc_host: str = Field(
+        "",
+        description=(
+            "Address the gRPC server binds to (default: 0.0.0.0 with authentication on, 127.0.0.1 with"
+            " auth none, so an open server is only reachable from this machine unless told otherwise)."
+        ),
+    )
     grpc_port: int = Field(
         8001, ge=0, le=65535, description="gRPC port (Triton's default 8001; 0 = pick a free one)."
     )
@@ -163,6 +169,66 @@ class Settings(BaseSettings):
         "", max_length=16, description="Prefix of new session ids (set per worker by the supervisor)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    # -- security (docs: README "Security") --
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC port: set (with tls_key_file) = TLS only."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    health_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Plaintext port serving only grpc.health.v1, for the kubelet's gRPC probes (which cannot"
+        " speak TLS) when the gRPC port does (-1 = off, 0 = pick a free one).",
+    )
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle for client certificates: set = mutual TLS (clients without a certificate"
+        " signed by it are refused in the handshake).",
+    )
+    metrics_tls: bool = Field(
+        False, description="Serve /metrics over HTTPS with the gRPC certificate (default: plain HTTP)."
+    )
+    auth: Literal["api_keys", "none"] = Field(
+        "none",
+        description="'api_keys': every RPC but health and reflection needs 'authorization: Bearer <key>'"
+        " (keys from api_keys_file); 'none': open server for local development only.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="YAML file of hashed API keys, each mapped to a tenant and a role (auth api_keys)."
+    )
+    state_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="Session memory budget shared by all models, in bytes; creating or resuming a session"
+        " beyond it is refused (0 = state_budget_fraction of the cgroup memory limit, else of the machine).",
+    )
+    state_budget_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of the memory limit given to sessions if state_budget_bytes=0."
+    )
+    tenant_max_sessions: int = Field(
+        0, ge=0, description="Default per-tenant limit of open sessions (0 = none; keys file overrides)."
+    )
+    tenant_max_state_bytes: int = Field(
+        0, ge=0, description="Default per-tenant session memory in bytes (0 = none; keys file overrides)."
+    )
+    tenant_max_steps_per_s: float = Field(
+        0.0, ge=0, description="Default per-tenant applied chunks per second (0 = none; keys file overrides)."
+    )
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.metrics_tls and self.tls_cert_file is None:
+            raise ValueError("metrics_tls needs tls_cert_file and tls_key_file")
+        if self.auth == "api_keys" and self.api_keys_file is None:
+            raise ValueError("auth = api_keys needs api_keys_file (or auth = none for local development)")
+        if not self.grpc_host:
+            self.grpc_host = "127.0.0.1" if self.auth == "none" else "0.0.0.0"
+        return self
 
 
 def _yaml_values(path: Path) -> dict[str, Any]:

@@ -16,12 +16,14 @@ class Code(enum.Enum):
 
     INVALID_ARGUMENT = 3
     NOT_FOUND = 5
+    PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
     FAILED_PRECONDITION = 9
     ABORTED = 10
     OUT_OF_RANGE = 11
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class ServeError(Exception):
@@ -83,3 +85,15 @@ class Aborted(ServeError):
     """A concurrency conflict (e.g. another replica took the session's lease); retrying may succeed."""
 
     code = Code.ABORTED
+
+
+class Unauthenticated(ServeError):
+    """The call carries no valid credential (missing, malformed or unknown API key)."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(ServeError):
+    """The caller is known but its role may not do this (e.g. an admin RPC without the admin role)."""
+
+    code = Code.PERMISSION_DENIED

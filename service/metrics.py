@@ -215,6 +215,30 @@ class Metrics:
             registry=r,
         )
 
+        self.memory_budget_bytes = Gauge(
+            "rnnserve_session_memory_budget_bytes",
+            "Session memory budget shared by all models and tenants (admission control, in bytes).",
+            registry=r,
+        )
+        self.memory_budget_used_bytes = Gauge(
+            "rnnserve_session_memory_used_bytes",
+            "Session memory charged against the budget (state, cached outputs, per-session overhead).",
+            registry=r,
+        )
+        self.admission_refusals = Counter(
+            "rnnserve_admission_refusals",
+            "Requests refused by admission control, by reason (budget, tenant_sessions, tenant_bytes,"
+            " tenant_rate).",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "rnnserve_auth_failures",
+            "Calls refused before reaching a handler, by reason (missing, malformed, unknown, role).",
+            ["reason"],
+            registry=r,
+        )
+
     def version_loaded(self, model: str, version: str, state_bytes: int, max_sessions: int) -> None:
         """Publish a loaded version's session limit and the state bytes it implies (the capacity budget)."""
         self.model_max_sessions.labels(model, version).set(max_sessions)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -169,17 +168,16 @@ def model_to_pb(spec: Any, versions: Sequence[int] | None = None) -> pb.ModelInf
 
 
 def session_to_pb(info: Any) -> pb.SessionInfo:
-    """Encode an engine `SessionInfo`; the engine keeps monotonic times, the wire carries Unix times."""
-    shift = time.time() - time.monotonic()
+    """Encode an engine `SessionInfo` (its times are already Unix seconds: `SessionManager.info`)."""
     return pb.SessionInfo(
         session_id=info.session_id,
         model=info.model,
         version=info.version,
         last_seq=info.last_seq,
-        created_at=info.created_at + shift,
-        last_used=info.last_used + shift,
+        created_at=info.created_at,
+        last_used=info.last_used,
         idle_ttl_s=_finite_or_zero(info.idle_ttl_s),
-        expires_at=_finite_or_zero(info.expires_at + shift),
+        expires_at=_finite_or_zero(info.expires_at),
         steps=info.steps,
     )
 

@@ -5,6 +5,7 @@ core, ONNX Runtime or the stores.
 """
 
 from service.client.aio import AsyncClient, AsyncSession
+from service.client.security import Credentials
 from service.client.sync import (
     AFFINITY_HEADER,
     Client,
@@ -25,6 +26,7 @@ __all__ = [
     "AsyncClient",
     "AsyncSession",
     "Client",
+    "Credentials",
     "ModelInfo",
     "Multiplexer",
     "RowError",

@@ -36,6 +36,7 @@ from service.client.common import (
     parse_addresses,
     should_retry,
 )
+from service.client.security import Credentials, open_aio_channel
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
@@ -51,8 +52,11 @@ class AsyncClient:
         max_attempts: int = 6,
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: Credentials | None = None,
     ) -> None:
         self.addresses = parse_addresses(addresses)
+        # TLS and API key (service.client.security); default: RNNSERVE_API_KEY / RNNSERVE_TLS_* if set.
+        self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.timeout = timeout
         self.max_attempts = max(max_attempts, len(self.addresses) + 1)
         self.backoff_s = backoff_s
@@ -65,7 +69,7 @@ class AsyncClient:
 
     def _connect(self) -> None:
         self.address = self.addresses[self._index]
-        self.channel = aio.insecure_channel(self.address, options=self._options)
+        self.channel = open_aio_channel(self.address, self._options, self.credentials)
         self.stub = pb_grpc.RecurrentServiceStub(self.channel)
 
     def failover(self, seen_channel: aio.Channel | None = None) -> None:

@@ -7,6 +7,8 @@
     rnnserve session SESSION_ID                       show a session
 
 `--address host:port[,host:port...]` (default localhost:8001) picks the server(s), failing over in order.
+`--api-key` (or $RNNSERVE_API_KEY) authenticates; `--tls`, `--tls-ca`, `--tls-cert`, `--tls-key` (or
+$RNNSERVE_TLS, $RNNSERVE_TLS_CA, ...) connect over TLS, with a client certificate for mutual TLS.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -22,6 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from service.client.security import Credentials
 from service.client.sync import Client, ModelInfo, default_address
 
 
@@ -185,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port[,host:port...] in failover order (default: $RNNSERVE_ADDRESS, else localhost:8001)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    env = os.environ.get
+    parser.add_argument("--api-key", default=env("RNNSERVE_API_KEY"), help="API key ($RNNSERVE_API_KEY)")
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=env("RNNSERVE_TLS", "") not in ("", "0", "false", "no"),
+        help="connect over TLS (implied by --tls-ca/--tls-cert)",
+    )
+    parser.add_argument("--tls-ca", default=env("RNNSERVE_TLS_CA"), help="PEM CA that signed the server cert")
+    parser.add_argument("--tls-cert", default=env("RNNSERVE_TLS_CERT"), help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", default=env("RNNSERVE_TLS_KEY"), help="PEM key of --tls-cert")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list served models")
@@ -222,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rnnserve` console script."""
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.address, timeout=args.timeout) as client:
+        credentials = Credentials.from_files(
+            api_key=args.api_key, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, tls=args.tls
+        )
+        with Client(args.address, timeout=args.timeout, credentials=credentials) as client:
             return int(args.func(client, args))
     except grpc.RpcError as err:
         print(f"rnnserve: {err.code().name}: {err.details()}", file=sys.stderr)

@@ -57,6 +57,7 @@ from service.client.common import (
     should_retry,
 )
 from service.client.multiplex import Multiplexer, RowError
+from service.client.security import Credentials, open_channel
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 
@@ -99,8 +100,11 @@ class Client:
         max_attempts: int = 6,
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: Credentials | None = None,
     ) -> None:
         self.addresses = parse_addresses(addresses)
+        # TLS and API key (service.client.security); default: RNNSERVE_API_KEY / RNNSERVE_TLS_* if set.
+        self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.timeout = timeout
         self.max_attempts = max(max_attempts, len(self.addresses) + 1)
         self._backoff_s = backoff_s
@@ -115,7 +119,7 @@ class Client:
 
     def _connect(self) -> None:
         self.address = self.addresses[self._index]
-        self._channel = grpc.insecure_channel(self.address, options=self._options)
+        self._channel = open_channel(self.address, self._options, self.credentials)
         self.stub = pb_grpc.RecurrentServiceStub(self._channel)
 
     def failover(self, seen_channel: grpc.Channel | None = None) -> None:

@@ -136,6 +136,8 @@ class Generator:
                     out_of_order(self.sessions, s, seq, False)
                     raise FailedPrecondition(f"seq {seq} was not a generation; expected seq {s.last_seq + 1}")
                 prime = self._prime(spec, prime_ids, prime_text)
+                if self.sessions.admission.rate_limited:  # the tenant's timesteps-per-second quota
+                    self.sessions.admission.take_steps(s.tenant, len(prime) + n)
                 sampler = self._sample(s, spec, seq, prime, n, temperature, top_k, seed)
                 # Closing this generator closes the sampler at once, so its rollback runs in time.
                 async with contextlib.aclosing(sampler):

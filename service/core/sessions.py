@@ -24,16 +24,19 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from service.config import Settings
+from service.core.admission import SESSION_OVERHEAD_BYTES, Admission
 from service.core.models import ModelHost
 from service.core.registry import ModelVersion
 from service.core.table import PendingOp, Session, SessionTable
 from service.core.tasks import Background
+from service.core.tenancy import CALLER
 from service.core.types import ModelSpec, SessionInfo, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from service.metrics import Metrics
 from service.stores.base import SessionRecord, SessionStore
 
 _log = logging.getLogger(__name__)
+_caller = CALLER.get
 
 # Reasons after which a session must never be resurrected from the shared store.
 FINAL_REASONS = frozenset({"closed", "idle", "lifetime", "capacity"})
@@ -60,6 +63,8 @@ class SessionManager:
         self.wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock, fixed once
         self.draining = False
         self._resuming: dict[str, asyncio.Future[None]] = {}
+        self.admission = Admission(settings, metrics)
+        self._local = self.table.sessions.get  # bound once: `lookup` runs for every step
 
     # -- opening and ending ---------------------------------------------------------------------------------
     def ttl(self, mv: ModelVersion, idle_ttl_s: float | None) -> float:
@@ -110,20 +115,58 @@ class SessionManager:
             self.end(victim, "capacity")
         raise table.refuse(name, limit)
 
-    def open(self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None) -> Session:
-        """Open a local session on `mv` (a slab row, a table entry, the version pinned)."""
+    def open(
+        self, mv: ModelVersion, ttl: float, protocol: str, session_id: str | None = None, steps: int = 1
+    ) -> Session:
+        """Open a local session on `mv` for the calling tenant (a slab row, a table entry, version pinned).
+
+        The session is charged to the memory budget first (its state, cached outputs of `steps` timesteps,
+        the fixed overhead): RESOURCE_EXHAUSTED if that does not fit, before anything is allocated.
+        """
         self._make_room(mv)
+        tenant = CALLER.get().tenant
+        charge = SESSION_OVERHEAD_BYTES + mv.slab.row_bytes + steps * output_row_bytes(mv.spec)
+        self.admission.open(tenant, charge)
         session_id = session_id or self.settings.session_id_prefix + secrets.token_urlsafe(16)
-        s = Session(session_id, mv, mv.slab.alloc(), ttl, protocol)
+        s = Session(session_id, mv, mv.slab.alloc(), ttl, protocol, tenant)
+        s.charge, s.charged_steps = charge, steps
         self.table.add(s)
         self.host.pin(mv)
         return s
+
+    def lookup(self, session_id: str) -> Session | None:
+        """Return the calling tenant's local session with this id, or None (another tenant's is absent)."""
+        s = self._local(session_id)
+        if s is not None and s.tenant != _caller().tenant:
+            return None
+        return s
+
+    def admit_step(self, s: Session, steps: int) -> None:
+        """Admit a chunk of `steps` timesteps before it is submitted, or refuse it (RESOURCE_EXHAUSTED).
+
+        Checks the tenant's rate quota, and grows the memory charge for its cached outputs when the chunk is
+        longer than any this session applied before.
+        """
+        if self.admission.rate_limited:
+            self.admission.take_steps(s.tenant, steps)
+        if steps > s.charged_steps:
+            self.charge_outputs(s, steps)
+
+    def charge_outputs(self, s: Session, steps: int) -> None:
+        """Grow the session's charge to cover cached outputs of `steps` timesteps (or RESOURCE_EXHAUSTED)."""
+        if steps > s.charged_steps:
+            extra = (steps - s.charged_steps) * output_row_bytes(s.mv.spec)
+            self.admission.grow(s.tenant, extra)
+            s.charge += extra
+            s.charged_steps = steps
 
     def end(self, s: Session, reason: str, *, delete: bool = True) -> None:
         """Forget a session locally (slot freed, tombstone left); nothing may be in flight."""
         if s.session_id not in self.table.sessions:
             return
         self.table.remove(s, reason)
+        self.admission.close(s.tenant, s.charge)
+        s.charge = 0
         mv = s.mv
         if mv.slab is not None:
             mv.slab.free(s.slot)
@@ -214,6 +257,7 @@ class SessionManager:
             self.settings.replica_id,
             s.gen,
             s.steps,
+            s.tenant,
         )
 
     # -- the shared store -----------------------------------------------------------------------------------
@@ -266,6 +310,8 @@ class SessionManager:
         """Return the local session, or resume it from the shared store; NotFound otherwise."""
         s = self.table.sessions.get(session_id)
         if s is not None:
+            if s.tenant != CALLER.get().tenant:  # exactly as for an id that never existed
+                raise self.table.not_found(session_id)
             return s
         if isinstance(session_id, str) and len(session_id) > self.settings.max_id_length:
             raise InvalidArgument(
@@ -315,8 +361,8 @@ class SessionManager:
             )
         asked = time.monotonic()
         rec = await self.store.load(session_id)
-        if rec is None:
-            _log.info("session %s: no record in the shared store", session_id)
+        if rec is None or rec.tenant != CALLER.get().tenant:  # another tenant's: as if it did not exist
+            _log.info("session %s: no record of this tenant in the shared store", session_id)
             await self.store.claim(session_id, self.settings.replica_id, 0.0)  # give the lease back
             raise self.table.not_found(session_id)
         mv = self.host.find(rec.model, rec.version)
@@ -327,7 +373,7 @@ class SessionManager:
                 "which this replica does not serve"
             )
         self.check_state(mv.spec, rec.state, complete=True)
-        s = self.open(mv, rec.idle_ttl_s, "resumed", session_id)
+        s = self.open(mv, rec.idle_ttl_s, "resumed", session_id, cached_steps(mv.spec, rec.last_outputs))
         mv.slab.write(s.slot, rec.state)
         s.last_seq = rec.last_seq
         s.gen = rec.gen
@@ -393,3 +439,24 @@ class SessionManager:
             self.end(s, "closed", delete=False)
             if self.persist:
                 await self.store.delete(session_id, s.gen, self.settings.replica_id)
+
+
+def output_row_bytes(spec: ModelSpec) -> int:
+    """Return the bytes of one timestep of a session's outputs: what a cached result costs per step."""
+    total = 0
+    for t in spec.outputs:
+        n = 1
+        for d in t.shape[2 if t.time_axis else 1 :]:
+            n *= d if d is not None and d > 0 else 1
+        total += n * t.dtype.itemsize
+    return total
+
+
+def cached_steps(spec: ModelSpec, outputs: dict[str, np.ndarray] | None) -> int:
+    """Return how many timesteps a cached result holds (at least 1: what a session is charged for at open)."""
+    steps = 1
+    for t in spec.outputs:
+        arr = (outputs or {}).get(t.name)
+        if t.time_axis and arr is not None and arr.ndim:
+            steps = max(steps, int(arr.shape[0]))
+    return steps

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from service.core.sessions import SessionManager
+from service.core.sessions import SessionManager, cached_steps
 from service.core.table import Session
 from service.core.types import SessionInfo, StepResult
 from service.errors import InvalidArgument, Unavailable
@@ -38,6 +38,11 @@ class StateOps:
             raise InvalidArgument("state must be bytes from GetState")
         rec = snapshot.decode(bytes(blob), self._hmac_key)
         async with self.sessions.exclusive(session_id) as s:
+            if rec.tenant != s.tenant:  # covered by the blob's checksum (unforgeable with state_hmac_key)
+                raise InvalidArgument(
+                    "state blob was exported by another tenant; a blob can only be imported by the tenant "
+                    "that exported it"
+                )
             spec = s.mv.spec
             if rec.model != spec.name or rec.version != spec.version:
                 raise InvalidArgument(
@@ -45,6 +50,7 @@ class StateOps:
                     f"{session_id} runs model {spec.name!r} version {spec.version}"
                 )
             self.sessions.check_state(spec, rec.state, complete=True)
+            self.sessions.charge_outputs(s, cached_steps(spec, rec.last_outputs))  # before anything changes
             s.mv.slab.write(s.slot, rec.state)
             s.last_seq = rec.last_seq
             s.last_result = (

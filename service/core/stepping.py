@@ -65,7 +65,7 @@ class Stepper:
         anything else (a resume, a lease renewal, a busy session, a retry) runs the full `step` as a task.
         Validation errors raise `ServeError` at once.
         """
-        s = self.sessions.table.sessions.get(session_id)
+        s = self.sessions.lookup(session_id)
         if (
             s is None
             or s.pending is not None
@@ -90,6 +90,7 @@ class Stepper:
         """Validate and queue one chunk of an idle session; `finish` completes `fut` (no await in here)."""
         mv = s.mv
         arrays, key, steps = mv.inputs.check(inputs)
+        self.sessions.admit_step(s, steps)
         if mv.controls is not None:  # inputs the server fills (service.core.controls)
             arrays = mv.controls.extend(arrays, steps, seq == 1, control, s.session_id)
         req = StepRequest(s.slot, arrays, key, fut, s, seq, steps)
@@ -112,7 +113,7 @@ class Stepper:
         self.active += 1
         sessions = self.sessions
         try:
-            s = sessions.table.sessions.get(session_id)
+            s = sessions.lookup(session_id)
             if s is None:
                 s = await sessions.get(session_id)
             if sessions.lease_due(s):
@@ -158,7 +159,7 @@ class Stepper:
     def _submit_nowait(self, call: StepCall, slot: GroupSlot, last_only: bool) -> bool:
         """Submit a call now if the session is local and idle (True); else run the full `step` as a task."""
         sessions = self.sessions
-        s = sessions.table.sessions.get(call.session_id)
+        s = sessions.lookup(call.session_id)
         slow = s is None or s.pending is not None or call.seq != s.last_seq + 1 or last_only
         if slow or sessions.lease_due(s):  # type: ignore[arg-type]
             task = asyncio.ensure_future(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.core.tenancy import CALLER
 from service.errors import NotFound, ResourceExhausted
 
 if TYPE_CHECKING:  # annotations only: both modules sit below this one
@@ -68,11 +69,20 @@ class Session:
         "protocol",
         "lease_until",
         "unsaved",
+        "tenant",
+        "charge",
+        "charged_steps",
         "gen",
     )
 
     def __init__(
-        self, session_id: str, mv: ModelVersion, slot: int, idle_ttl_s: float, protocol: str
+        self,
+        session_id: str,
+        mv: ModelVersion,
+        slot: int,
+        idle_ttl_s: float,
+        protocol: str,
+        tenant: str = "",
     ) -> None:
         self.session_id = session_id
         self.mv = mv
@@ -90,6 +100,9 @@ class Session:
         self.protocol = protocol
         self.lease_until = 0.0
         self.unsaved = 0
+        self.tenant = tenant  # the owner: other tenants are told the id does not exist
+        self.charge = 0  # bytes charged to the memory budget (core.admission)
+        self.charged_steps = 0  # longest chunk whose cached outputs the charge covers
         self.gen = 0  # the store's version this copy was read at or last written as (the fencing token)
 
 
@@ -101,7 +114,7 @@ class SessionTable:
         self.sessions: dict[str, Session] = {}  # insertion order = creation order (lifetime sweep)
         self.per_model: dict[str, int] = {}
         self._buckets: dict[float, dict[str, Session]] = {}  # idle TTL -> sessions, least recently used first
-        self._tombstones: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._tombstones: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # reason, until, tenant
         self._max_tombstones = max_tombstones
         self._tombstone_ttl_s = tombstone_ttl_s
 
@@ -120,16 +133,19 @@ class SessionTable:
         self._tombstones.pop(s.session_id, None)
 
     def get(self, session_id: str) -> Session:
-        """Return the open session, or raise NotFound naming why it is gone."""
+        """Return the calling tenant's open session, or raise NotFound naming why it is gone."""
         s = self.sessions.get(session_id)
-        if s is not None:
+        if s is not None and s.tenant == CALLER.get().tenant:
             return s
         raise self.not_found(session_id)
 
     def not_found(self, session_id: str) -> NotFound:
-        """Build the NotFound for an id not open here (with the tombstone's reason if any)."""
+        """Build the NotFound for an id not open here (with the tombstone's reason if any).
+
+        Another tenant's tombstone is not shown: to them the id never existed (no existence oracle).
+        """
         tomb = self._tombstones.get(session_id)
-        if tomb is not None and tomb[1] > time.monotonic():
+        if tomb is not None and tomb[1] > time.monotonic() and tomb[2] == CALLER.get().tenant:
             reason = tomb[0]
             return NotFound(
                 f"session {session_id} {REASON_TEXT.get(reason, reason)} (reason: {reason}); "
@@ -141,9 +157,11 @@ class SessionTable:
         )
 
     def reason_of(self, session_id: str) -> str | None:
-        """Return the tombstone reason of a gone session, if remembered."""
+        """Return the tombstone reason of a gone session of the calling tenant, if remembered."""
         tomb = self._tombstones.get(session_id)
-        return tomb[0] if tomb is not None and tomb[1] > time.monotonic() else None
+        if tomb is None or tomb[1] <= time.monotonic() or tomb[2] != CALLER.get().tenant:
+            return None
+        return tomb[0]
 
     def touch(self, s: Session, now: float) -> None:
         """Mark use: move to the recent end of its TTL bucket."""
@@ -160,7 +178,7 @@ class SessionTable:
         self.per_model[name] -= 1
         self._buckets[s.idle_ttl_s].pop(s.session_id, None)
         if self._max_tombstones > 0:
-            self._tombstones[s.session_id] = (reason, time.monotonic() + self._tombstone_ttl_s)
+            self._tombstones[s.session_id] = (reason, time.monotonic() + self._tombstone_ttl_s, s.tenant)
             while len(self._tombstones) > self._max_tombstones:
                 self._tombstones.popitem(last=False)
 

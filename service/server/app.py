@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from service.config import Settings, load_settings
 from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
-from service.server import kserve
+from service.server import auth, kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
@@ -91,6 +91,8 @@ class RunningServer:
     metrics_port: int | None
     model_names: set[str] = field(default_factory=set)
     kserve: Any = None
+    health_port: int | None = None
+    _health_server: Any = None
     _metrics_http: Any = None
     _stopping: asyncio.Task[None] | None = None
     _serving: bool = True
@@ -162,6 +164,8 @@ class RunningServer:
                     await self.kserve.sequences.close_all()
         finally:
             await self.engine.stop()
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
@@ -185,8 +189,27 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
         return None, None
     from prometheus_client import start_http_server
 
-    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+    tls: dict[str, Any] = {}
+    if settings.metrics_tls:
+        tls = {"certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
+    httpd, _thread = start_http_server(
+        settings.metrics_port, addr=settings.grpc_host, registry=registry, **tls
+    )
     return httpd, int(httpd.server_address[1])
+
+
+def _health_only_server(
+    settings: Settings, health: health_aio.HealthServicer, *, shared: bool = False
+) -> tuple[aio.Server | None, int | None]:
+    """Build a plaintext server with only grpc.health.v1 (same statuses) on `health_port`, for probes.
+
+    `shared`: worker processes bind the one health port together (SO_REUSEPORT), as they do the gRPC port.
+    """
+    if settings.health_port < 0:
+        return None, None
+    server = aio.server(options=[("grpc.so_reuseport", 1 if shared else 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server, server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
 
 
 async def start(
@@ -196,7 +219,7 @@ async def start(
 
     `router`: this process is one of several workers (service.server.supervisor): the port is shared with
     SO_REUSEPORT, the worker also listens on its Unix socket, and calls for other workers' sessions are
-    forwarded.
+    forwarded (the router is outermost; the owner maps errors and authenticates the forwarded call).
     """
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
@@ -207,15 +230,21 @@ async def start(
     gc.freeze()
 
     interceptor = ErrorMappingInterceptor(_call_observer(engine), replica_id=settings.replica_id)
+    try:
+        authenticator = auth.interceptor_for(settings, engine)
+    except SystemExit:
+        await engine.stop()
+        raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port 0 must give this process its own port, never one another process shares; workers share one.
         ("grpc.so_reuseport", 0 if router is None else 1),
     ]
-    server = aio.server(
-        interceptors=[interceptor] if router is None else [router, interceptor], options=options
-    )
+    # The error mapping is outermost: authentication refusals are typed errors, mapped and counted as others.
+    # With auth none there is nothing to check: every call runs as tenancy.LOCAL, the context default.
+    chain = [interceptor] if authenticator is None else [interceptor, authenticator]
+    server = aio.server(interceptors=chain if router is None else [router, *chain], options=options)
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}
@@ -232,9 +261,15 @@ async def start(
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 
     try:
-        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        credentials = tls.server_credentials(settings)
+        target = f"{settings.grpc_host}:{settings.grpc_port}"
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
         if router is not None:
             server.add_insecure_port(f"unix:{router.peers.socket(router.peers.index)}")
+        health_server, health_port = _health_only_server(settings, health, shared=router is not None)
         httpd, metrics_port = _start_metrics_http(settings, registry)
     except (RuntimeError, OSError) as exc:
         await engine.stop()
@@ -252,6 +287,8 @@ async def start(
         port=port,
         metrics_port=metrics_port,
         kserve=kserve_servicer,
+        health_port=health_port,
+        _health_server=health_server,
         _metrics_http=httpd,
     )
     holder["server"] = running
@@ -260,6 +297,8 @@ async def start(
         await health.set(name, SERVING)
     await running.set_models(s.name for s in engine.list_models())
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     if settings.repository_poll_s > 0:
         running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
     return running
@@ -267,8 +306,9 @@ async def start(
 
 def _announce(running: RunningServer) -> None:
     models = ", ".join(f"{s.name}:{s.version}" for s in running.engine.list_models()) or "(none)"
+    scheme = "https" if running.settings.metrics_tls else "http"
     metrics = (
-        f"http://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+        f"{scheme}://{running.address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
         if running.metrics_port
         else "off"
     )
@@ -276,6 +316,26 @@ def _announce(running: RunningServer) -> None:
         f"rnnserve listening: gRPC {running.settings.grpc_host}:{running.port} | metrics {metrics} | "
         f"models {models} | repository {running.settings.model_repository}",
         flush=True,
+    )
+    print(security_banner(running.settings, running.port), flush=True)
+
+
+def security_banner(settings: Settings, port: int) -> str:
+    """One line on transport and authentication; a loud block when the server is open (auth none)."""
+    if settings.tls_cert_file is None:
+        transport = "plaintext"
+    else:
+        transport = "mutual TLS" if settings.tls_client_ca_file is not None else "TLS"
+    if settings.auth != "none":
+        return f"rnnserve security: {transport} | API keys from {settings.api_keys_file}"
+    rule = "!" * 100
+    return (
+        f"{rule}\n"
+        f"!! WARNING: authentication is OFF (auth: none), transport {transport}. Anyone who can reach\n"
+        f"!! {settings.grpc_host}:{port} can create, read, fork and close every session and reload models.\n"
+        "!! For local development only. Production: --auth api_keys --api-keys-file FILE and TLS\n"
+        "!! (README, Security).\n"
+        f"{rule}"
     )
 
 
@@ -302,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     workers = settings.workers or default_workers()
     if workers > 1:  # worker processes behind the one port (service.server.supervisor)
-        supervise(settings, args, workers)
+        supervise(settings, args, workers, banner=security_banner)
         return
     asyncio.run(serve(settings))
 

@@ -150,8 +150,13 @@ def start_metrics(sup: Any) -> FleetMetrics | None:
     registry = CollectorRegistry()
     collector = FleetCollector(sup)
     registry.register(collector)
+    tls: dict[str, Any] = {}
+    if settings.metrics_tls:
+        tls = {"certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
     try:
-        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+        httpd, _thread = start_http_server(
+            settings.metrics_port, addr=settings.grpc_host, registry=registry, **tls
+        )
     except OSError as exc:
         sup.stop()
         raise SystemExit(f"cannot bind port {settings.metrics_port} (metrics): {exc}") from exc

@@ -306,11 +306,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             arrays = decode_inputs(request)
             batch = _batch_of(arrays)
             if ctl.sequence_id is not None and (spec.states or spec.controls) and arrays:
-                if batch != 1:
+                if batch != 1 or any(a.ndim == 0 or a.shape[0] != 1 for a in arrays.values()):
                     raise InvalidArgument(
-                        "a request with a sequence_id carries one sequence: batch dimension must be 1, "
-                        f"got {batch} (send several sequences as separate requests, or drop sequence_id for "
-                        "a stateless batch)"
+                        "a request with a sequence_id carries one sequence: batch dimension must be 1 for "
+                        f"every input, got shapes {[list(a.shape) for a in arrays.values()]} (send several "
+                        "sequences as separate requests, or drop sequence_id for a stateless batch)"
                     )
                 row = {k: v[0] for k, v in arrays.items()}
                 future, read = self.sequences.submit(spec.name, version_arg(request.model_version), ctl, row)

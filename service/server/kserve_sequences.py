@@ -7,7 +7,9 @@ cancelled request can never desynchronise a sequence.
 
 Fast path (`submit`): a plain step of a live sequence (no start or end flag, nobody holding the sequence's
 lock, no shared store) goes straight to `Engine.submit`, with no task or lock. Starts, ends and restarts take
-the slow path, one FIFO lock per sequence. Used by the KServe servicer (`service/server/kserve.py`);
+the slow path, one FIFO lock per sequence. Sequence ids are per tenant: another tenant's sequence with the
+same id is invisible (its requests see "not active", exactly as for an unused id) and untouched. Used by the
+KServe servicer (`service/server/kserve.py`);
 protocol-free apart
 from the typed errors it raises.
 
@@ -32,10 +34,12 @@ import numpy as np
 from service.core import limits
 from service.core.controls import StepControl
 from service.core.engine import Engine
+from service.core.tenancy import CALLER, Principal, tenant
 from service.errors import Aborted, InvalidArgument, NotFound, ServeError, Unavailable
 from service.server.kserve_convert import SequenceControl
 
 SequenceKey = tuple[str, int | str]
+_Key = tuple[str, str, int | str]  # (tenant, model, sequence_id): sequence ids are per tenant
 ENDED = "ended by sequence_end"
 
 
@@ -72,11 +76,11 @@ def _describe_id(sequence_id: int | str) -> str:
     return repr(sequence_id) if isinstance(sequence_id, str) else str(sequence_id)
 
 
-def store_key(key: SequenceKey) -> str:
-    """Return the sequence's key in the shared store (int and string ids kept apart)."""
-    model, sequence_id = key
+def store_key(key: _Key) -> str:
+    """Return the sequence's key in the shared store (per tenant; int and string ids kept apart)."""
+    owner, model, sequence_id = key
     kind = "s" if isinstance(sequence_id, str) else "i"
-    return f"{model}:{kind}:{sequence_id}"
+    return f"{len(owner)}:{owner}:{model}:{kind}:{sequence_id}"
 
 
 class SequenceTable:
@@ -84,10 +88,10 @@ class SequenceTable:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._live: dict[SequenceKey, _Sequence] = {}
-        self._slow: dict[SequenceKey, int] = {}  # requests per sequence on the slow path, not yet done
+        self._live: dict[_Key, _Sequence] = {}
+        self._slow: dict[_Key, int] = {}  # requests per sequence on the slow path, not yet done
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
-        self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
+        self._gone: OrderedDict[_Key, str] = OrderedDict()
         self._max_gone = engine.settings.max_tombstones
         # Sequences whose session the engine expired are forgotten at most this often (on a start request).
         self._sweep_every_s = engine.settings.sweep_interval_s
@@ -99,7 +103,7 @@ class SequenceTable:
 
     def live_version(self, model: str, sequence_id: int | str) -> int | None:
         """Model version a live sequence runs on (it stays pinned there when a newer version loads)."""
-        entry = self._live.get((model, sequence_id))
+        entry = self._live.get((tenant(), model, sequence_id))
         return None if entry is None or entry.session_id is None else entry.version
 
     def submit(
@@ -109,7 +113,7 @@ class SequenceTable:
 
         The fast path queues a plain step directly in the engine; everything else runs `step` as a task.
         """
-        key: SequenceKey = (model, ctl.sequence_id)  # type: ignore[assignment]
+        key: _Key = (tenant(), model, ctl.sequence_id)  # type: ignore[assignment]
         # With a shared store every request checks the store's map first (the slow path): another replica may
         # have restarted or taken over the sequence.
         slow = ctl.start or ctl.end or self._shared or key in self._slow
@@ -129,24 +133,24 @@ class SequenceTable:
         task.add_done_callback(lambda _t: self._slow_done(key))
         return task, _task_result
 
-    def _slow_done(self, key: SequenceKey) -> None:
+    def _slow_done(self, key: _Key) -> None:
         left = self._slow[key] - 1
         if left:
             self._slow[key] = left
         else:
             del self._slow[key]
 
-    def _outcome(self, key: SequenceKey, entry: _Sequence, fut: asyncio.Future[Any]) -> SequenceOutcome:
+    def _outcome(self, key: _Key, entry: _Sequence, fut: asyncio.Future[Any]) -> SequenceOutcome:
         try:
             result = fut.result()
         except NotFound as exc:
             raise self._ended(key, entry, exc) from exc
         return SequenceOutcome(result.outputs, entry.version)
 
-    def _ended(self, key: SequenceKey, entry: _Sequence, exc: NotFound) -> NotFound:
+    def _ended(self, key: _Key, entry: _Sequence, exc: NotFound) -> NotFound:
         """Retire a sequence whose session is gone; the error says why and how to start again."""
         self._retire(key, entry, exc.reason)
-        model, sequence_id = key
+        _, model, sequence_id = key
         return NotFound(
             f"sequence {_describe_id(sequence_id)} of model {model!r} has ended ({exc.reason}): "
             f"{exc.message}; start it again with sequence_start=true",
@@ -166,7 +170,7 @@ class SequenceTable:
             raise InvalidArgument("a sequence step needs a sequence_id")
         if isinstance(ctl.sequence_id, str):
             limits.check_id(self._engine.settings, ctl.sequence_id, "sequence_id")
-        key: SequenceKey = (model, ctl.sequence_id)
+        key: _Key = (tenant(), model, ctl.sequence_id)
         if ctl.start:
             self._sweep()
         task = asyncio.create_task(self._ordered_step(key, version, ctl, inputs))
@@ -174,7 +178,7 @@ class SequenceTable:
         return await asyncio.shield(task)
 
     async def _ordered_step(
-        self, key: SequenceKey, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
+        self, key: _Key, version: int | None, ctl: SequenceControl, inputs: dict[str, np.ndarray]
     ) -> SequenceOutcome:
         # No await before the lock: tasks start in creation order, reach it in arrival order, and
         # asyncio.Lock is FIFO.
@@ -192,13 +196,13 @@ class SequenceTable:
 
     async def _locked_step(
         self,
-        key: SequenceKey,
+        key: _Key,
         entry: _Sequence,
         version: int | None,
         ctl: SequenceControl,
         inputs: dict[str, np.ndarray],
     ) -> SequenceOutcome:
-        model, sequence_id = key
+        _, model, sequence_id = key
         if ctl.start:
             await self._start(key, entry, version)
         else:
@@ -234,9 +238,9 @@ class SequenceTable:
             await self._unmap(key, session_id)
         return SequenceOutcome(result.outputs, entry.version)
 
-    async def _start(self, key: SequenceKey, entry: _Sequence, version: int | None) -> None:
+    async def _start(self, key: _Key, entry: _Sequence, version: int | None) -> None:
         """Open the sequence's session (closing a previous one held here) and publish it in the store."""
-        model, sequence_id = key
+        _, model, sequence_id = key
         previous = {entry.session_id}
         mapped = None
         if self._shared:
@@ -264,7 +268,7 @@ class SequenceTable:
         entry.session_id, entry.version = info.session_id, info.version
         entry.control = StepControl(False, sequence_id)
 
-    async def _follow_store(self, key: SequenceKey, entry: _Sequence) -> None:
+    async def _follow_store(self, key: _Key, entry: _Sequence) -> None:
         """Point the entry at the session the store maps the sequence to (started or moved elsewhere)."""
         session_id = await self._engine.store.sequence_session(store_key(key))
         if session_id is None:
@@ -278,11 +282,11 @@ class SequenceTable:
                 raise self._not_active(key) from exc
             entry.session_id, entry.version = session_id, info.version
 
-    async def _unmap(self, key: SequenceKey, session_id: str) -> None:
+    async def _unmap(self, key: _Key, session_id: str) -> None:
         if self._shared:
             await self._engine.store.unmap_sequence(store_key(key), session_id)
 
-    def _retire(self, key: SequenceKey, entry: _Sequence, reason: str | None) -> None:
+    def _retire(self, key: _Key, entry: _Sequence, reason: str | None) -> None:
         entry.retired = True
         if self._live.get(key) is entry:
             del self._live[key]
@@ -292,8 +296,8 @@ class SequenceTable:
                 while len(self._gone) > self._max_gone:
                     self._gone.popitem(last=False)
 
-    def _not_active(self, key: SequenceKey) -> Exception:
-        model, sequence_id = key
+    def _not_active(self, key: _Key) -> Exception:
+        _, model, sequence_id = key
         reason = self._gone.get(key)
         name = f"sequence {_describe_id(sequence_id)} of model {model!r}"
         if reason is None or reason == ENDED:
@@ -319,10 +323,13 @@ class SequenceTable:
         for key, entry in list(self._live.items()):
             if entry.session_id is None or entry.lock.locked():
                 continue
+            as_owner = CALLER.set(Principal(key[0]))  # the sequence's session is its tenant's
             try:
                 self._engine.describe(entry.session_id)
             except NotFound as exc:
                 self._retire(key, entry, exc.reason)
+            finally:
+                CALLER.reset(as_owner)
 
     async def close_all(self) -> None:
         """End every live sequence (server shutdown).
@@ -333,4 +340,8 @@ class SequenceTable:
         for key, entry in list(self._live.items()):
             self._retire(key, entry, "shutdown")
             if entry.session_id is not None and not self._shared:
-                await self._close_quietly(entry.session_id)
+                as_owner = CALLER.set(Principal(key[0]))
+                try:
+                    await self._close_quietly(entry.session_id)
+                finally:
+                    CALLER.reset(as_owner)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from service.config import Settings
@@ -60,6 +61,8 @@ class Supervisor:
         self.argv = argv
         self.workers = workers
         self.port = settings.grpc_port or _free_port(settings.grpc_host)
+        # The plaintext health port (when on) is shared by the workers too: a concrete one when 0 is asked.
+        self.health_port = settings.health_port or _free_port(settings.grpc_host)
         self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-workers-"))
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * workers
         self.restarts = [0] * workers
@@ -72,6 +75,7 @@ class Supervisor:
             str(self.run_dir), "--", *self.argv,
             "--workers", "1", "--grpc-port", str(self.port), "--metrics-port", "-1",
             "--replica-id", f"{self.settings.replica_id}-w{k}", "--session-id-prefix", f"w{k}.",
+            "--health-port", str(self.health_port),
         ]  # fmt: skip
 
     def spawn(self, k: int) -> None:
@@ -156,7 +160,9 @@ def _models_line(sup: Supervisor) -> str:
     return ", ".join(f"{m.name}:{m.version}" for m in answer.models) or "(none)"
 
 
-def supervise(settings: Settings, argv: list[str], workers: int) -> None:
+def supervise(
+    settings: Settings, argv: list[str], workers: int, banner: Callable[[Settings, int], str] | None = None
+) -> None:
     """Run `workers` worker processes until SIGTERM/SIGINT (the `--workers N` > 1 path of `main()`)."""
     from service.server.fleet import start_metrics
 
@@ -175,12 +181,15 @@ def supervise(settings: Settings, argv: list[str], workers: int) -> None:
         sup.wait_ready(timeout_s=300)
         metrics = start_metrics(sup)
         host = settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1"
-        metrics_text = f"http://{host}:{metrics.port}/metrics" if metrics is not None else "off"
+        scheme = "https" if settings.metrics_tls else "http"
+        metrics_text = f"{scheme}://{host}:{metrics.port}/metrics" if metrics is not None else "off"
         print(
             f"rnnserve listening: gRPC {settings.grpc_host}:{sup.port} | metrics {metrics_text} | "
             f"models {_models_line(sup)} | repository {settings.model_repository} | workers {workers}",
             flush=True,
         )
+        if banner is not None:
+            print(banner(settings, sup.port), flush=True)
         sup.watch(on_restart=metrics.retire if metrics is not None else None)
         print(f"rnnserve draining (grace {settings.drain_grace_s:g}s, {workers} workers)", flush=True)
     finally:

@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
@@ -76,16 +77,21 @@ def worker_main(args: list[str]) -> None:
 async def watch_peers(running: RunningServer, router: Router) -> None:
     """Keep this worker's overall health "" SERVING only while every peer worker serves too."""
     peers = [k for k in range(router.peers.workers) if k != router.peers.index]
+    seen_up: set[int] = set()  # a peer still starting up (never seen serving) is not a peer that went down
     shown = SERVING
     while running.is_serving():
         status = SERVING
         for k in peers:
             stub = health_pb2_grpc.HealthStub(router.channel(k))
             try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(service=NATIVE_SERVICE), timeout=1.0)
-                if answer.status != SERVING:
-                    status = NOT_SERVING
-            except aio.AioRpcError:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(service=NATIVE_SERVICE), timeout=2.0)
+                up = answer.status == SERVING
+            except aio.AioRpcError as exc:
+                # A dead peer refuses the connection at once; a slow answer is a busy peer, not a down one.
+                up = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if up:
+                seen_up.add(k)
+            elif k in seen_up:
                 status = NOT_SERVING
         if status != shown and running.is_serving():
             with contextlib.suppress(Exception):

@@ -43,6 +43,7 @@ class SessionRecord:
     # gen + 1. A writer passes the gen it read (or last wrote) and the store refuses the write if it moved on.
     gen: int = 0
     steps: int = 0  # timesteps applied since the session was created (survives failover)
+    tenant: str = ""  # the owning tenant; a session resumes only for it
 
 
 class SessionStore(abc.ABC):
@@ -153,6 +154,7 @@ class InMemoryStore(SessionStore):
             record.owner,
             record.gen + 1,
             record.steps,
+            record.tenant,
         )
         return record.gen + 1
 

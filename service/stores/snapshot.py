@@ -4,10 +4,10 @@ Layout (all integers little-endian):
 
     b"RNNS" | u16 format version | u32 header length | header (UTF-8 JSON) | tensor bytes | 32-byte trailer
 
-The header names the session, model, version, seq, TTL and every tensor (group, name, dtype, shape, offset,
-length); tensors are raw little-endian C-order bytes. The trailer is SHA-256 of everything before it, or
-HMAC-SHA-256 when the server has a `state_hmac_key` (then a blob cannot be forged without the key, and a blob
-made without the key is refused). Any defect raises `InvalidArgument` saying what is wrong.
+The header names the session, its tenant, model, version, seq, TTL and every tensor (group, name, dtype,
+shape, offset, length); tensors are raw little-endian C-order bytes. The trailer is SHA-256 of everything
+before it, or HMAC-SHA-256 when the server has a `state_hmac_key` (then a blob cannot be forged without the
+key, and a blob made without the key is refused). Any defect raises `InvalidArgument` saying what is wrong.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def encode(record: SessionRecord, key: bytes | None = None) -> bytes:
         "idle_ttl_s": record.idle_ttl_s,
         "created_at": record.created_at,
         "owner": record.owner,
+        "tenant": record.tenant,
         "steps": record.steps,
         "has_last_outputs": record.last_outputs is not None,
         "mac": "hmac-sha256" if key else "sha256",
@@ -122,6 +123,7 @@ def decode(blob: bytes, key: bytes | None = None) -> SessionRecord:
             idle_ttl_s=float(header["idle_ttl_s"]),
             created_at=float(header["created_at"]),
             owner=header["owner"],
+            tenant=str(header.get("tenant", "")),
             steps=int(header.get("steps", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:

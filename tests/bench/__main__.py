@@ -40,9 +40,10 @@ def outputs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the suite; exit status 0 whether or not targets are met (the verdict is in the report)."""
+    """Run the suite and write the report; exit status 0 whether or not targets are met (the verdict is in the
+    report), 1 when a measurement could not be made (a perf_analyzer run failed)."""
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced run (one to two minutes)")
+    parser.add_argument("--quick", action="store_true", help="reduced run (two to three minutes)")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"results folder (default {FULL_OUT}; --quick: {QUICK_OUT})"
     )
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.out, args.performance_md = outputs(args.quick, args.out, args.performance_md, args.render)
+    failures: list[str] = []
     if args.render is not None:
         result = load_result(args.render)
     else:
@@ -71,13 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             result = runner.run()
         finally:
             runner.close()
+        failures = runner.failures
     perf = None if str(args.performance_md) == "-" else args.performance_md
     verdicts = report.write(result, args.out, perf)
     print(report.verdict_table(verdicts))
     for note in result.notes:
         print("note:", note, file=sys.stderr)
     print(f"results: {args.out / 'results.md'}", file=sys.stderr)
-    return 0
+    for failure in failures:
+        print("FAILED:", failure.splitlines()[0], file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def plot_latency_load(res: SuiteResult, path: Path) -> None:
     for system in PACED_TARGETS:
         paced = sorted(
             (r for r in res.loads if r.model == REF_MODEL and r.system.startswith(f"{system} (paced")),
-            key=lambda r: r.steps_per_s,
+            key=lambda r: r.rate_per_s,  # in offered order; the x axis shows what was achieved
         )
         closed = row(res, system, n)
         rows = paced + ([closed] if closed else [])
@@ -340,6 +340,13 @@ def write(res: SuiteResult, out: Path, performance_md: Path | None) -> list[Verd
     return vs
 
 
+def _busy(res: SuiteResult) -> bool:
+    """Whether the machine was busy (1-minute load above half the cores) at the run's start or end."""
+    env = res.environment
+    load = max(float(env["load_average_1m_at_start"]), float(env.get("load_average_1m_at_end", 0.0)))
+    return load > 0.5 * float(env["cpus"])
+
+
 def _cost_note(res: SuiteResult) -> str:
     n = res.plan.reference_streams
     pairs = [
@@ -393,10 +400,11 @@ def _half_load_notes(res: SuiteResult) -> list[str]:
         f"{r.steps_per_s:,.0f} steps/s, of which the engine itself p99 <= {r.server_request_p99_ms:.1f} ms"
         for r in halves
     )
-    busy = res.environment["load_average_1m_at_start"] > 0.5 * float(res.environment["cpus"])
+    busy = _busy(res)
     notes = [
         f"- **Tail latency at half load** ({parts}). The load average was "
-        f"{res.environment['load_average_1m_at_start']:.1f} at the start of this run on "
+        f"{res.environment['load_average_1m_at_start']:.1f} at the start of this run and "
+        f"{res.environment.get('load_average_1m_at_end', float('nan')):.1f} at its end, on "
         f"{res.environment['cpus']} cores. "
         + (
             "Every process, the load generator included, is descheduled for milliseconds at a time on a busy "
@@ -476,7 +484,7 @@ def analysis(res: SuiteResult) -> str:
 
 def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path, page_dir: Path) -> str:
     rel = Path(os.path.relpath(out, page_dir)).as_posix()  # links work from the page's own folder
-    noisy = res.environment["load_average_1m_at_start"] > 0.5 * float(res.environment["cpus"])
+    noisy = _busy(res)
     caveat = (
         "\n**This run was made on a shared, busy machine** (load average above half the core count), so "
         "absolute numbers are low and noisy; the ratios, measured side by side in the same run, and the "

@@ -266,6 +266,7 @@ class Runner:
         self.ref_cfg = RefModelConfig()
         self.ref_path = write_reference_repository(self.repo, self.ref_cfg, name=REF_MODEL)
         self.result = SuiteResult(plan, _environment(plan.quick))
+        self.failures: list[str] = []  # measurements that could not be made (the run exits non-zero)
         self.models: dict[str, Path] = {REF_MODEL: self.ref_path}
         default = DEFAULT_REPOSITORY / "default"
         if plan.quick:
@@ -536,6 +537,7 @@ class Runner:
             except RuntimeError as exc:
                 note = f"{system} at concurrency {concurrency} failed: {str(exc)[-1500:]}"
                 self.result.notes.append(note)
+                self.failures.append(note)
                 print(f"error: {note}", file=sys.stderr)
                 self.bar.update()
                 continue

@@ -118,6 +118,8 @@ def test_perf_analyzer_command_drives_one_step_sequences(tmp_path):
     assert flags["-i"] == "grpc" and flags["-u"] == "127.0.0.1:1234" and flags["-m"] == "ref_lstm"
     assert flags["--sequence-length"] == "100000" and flags["--concurrency-range"] == "64"
     assert flags["--shape"] == "x:1,32" and flags["-f"] == str(tmp_path / "o.csv")
+    # Three windows, never failed for instability (a shared machine's windows differ a lot).
+    assert flags["--max-trials"] == "3" and float(flags["--stability-percentage"]) >= 100_000
     assert args[-1] == "--streaming"
     unary = command(
         tmp_path / "pa", "a:1", "m", 1, streaming=False, shape="x:1,32", interval_ms=1000, csv_path=tmp_path

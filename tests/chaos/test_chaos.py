@@ -21,7 +21,7 @@ def test_short_chaos_run_loses_doubles_and_diverges_nothing(tmp_path: Path):
         kserve_sequences=4,
         client_threads=4,
         target_faults=10_000,  # bounded by time here
-        max_duration_s=25.0,
+        max_duration_s=35.0,  # replicas take seconds to start on a loaded machine
         replica_gap_s=(0.4, 1.0),
         redis_gap_s=(4.0, 6.0),
         give_up_s=20.0,

@@ -178,7 +178,12 @@ def haproxy_env(upstream_port: int, nameserver: str, port: int, probes_port: int
 
 
 def start_haproxy(
-    workdir: Path, upstream_port: int, dns: ClusterDNS, name: str = "haproxy", config: Path = HAPROXY_CFG
+    workdir: Path,
+    upstream_port: int,
+    dns: ClusterDNS,
+    name: str = "haproxy",
+    config: Path = HAPROXY_CFG,
+    extra_env: dict[str, str] | None = None,
 ) -> HAProxy:
     """Run `haproxy -db -f deploy/components/haproxy/haproxy.cfg` (or a variant, for comparisons only) in the
     component's directory, as the pod does; wait until its probe port answers."""
@@ -190,6 +195,7 @@ def start_haproxy(
         port, probes = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
         env.update(haproxy_env(upstream_port, dns.nameserver, port, probes))
+        env.update(extra_env or {})  # e.g. RNNSERVE_TLS_DIR, as deploy/components/tls sets it
         log = workdir / f"{name}.log"
         out = log.open("w")
         proc = subprocess.Popen(

@@ -40,13 +40,32 @@ def cfg() -> str:
     return HAPROXY_CFG.read_text()
 
 
-def directives(cfg: str, section: str) -> list[str]:
-    """The lines of one section (`backend rnnserve`, `frontend grpc`, ...), comments and blanks dropped."""
+def directives(cfg: str, section: str, defined: frozenset[str] = frozenset()) -> list[str]:
+    """The lines of one section (`backend rnnserve`, `frontend grpc`, ...), comments and blanks dropped.
+
+    `.if defined(NAME)` / `.else` / `.endif` blocks are resolved as HAProxy does with the variables `defined`
+    set (none: as the tests run the file in cleartext; `{"RNNSERVE_TLS_DIR"}`: as the TLS pods run it).
+    """
     out: list[str] = []
     inside = False
+    active: list[bool] = []
     for raw in cfg.splitlines():
         line = raw.split("#", 1)[0].rstrip() if not raw.lstrip().startswith("tcp-check") else raw.rstrip()
         if not line.strip():
+            continue
+        cond = line.strip()
+        if cond.startswith(".if "):
+            name = re.fullmatch(r"\.if defined\(([A-Z_]+)\)", cond)
+            assert name, cond
+            active.append(name.group(1) in defined)
+            continue
+        if cond == ".else":
+            active[-1] = not active[-1]
+            continue
+        if cond == ".endif":
+            active.pop()
+            continue
+        if not all(active):
             continue
         if not line.startswith((" ", "\t")):
             inside = line.strip() == section
@@ -93,8 +112,17 @@ def test_the_configmap_ships_the_tested_file_unchanged(prod: Rendered, cfg: str)
     assert container["workingDir"] == str(path.parent)
     # The pod sets no variable but, at most, the upstream (an overlay in another namespace): every other
     # templated address takes its Kubernetes default.
-    set_vars = {e["name"] for e in container.get("env", []) if e["name"].startswith("RNNSERVE_")}
-    assert set_vars <= {"RNNSERVE_UPSTREAM"}, set_vars
+    env = {e["name"]: e.get("value") for e in container.get("env", []) if e["name"].startswith("RNNSERVE_")}
+    assert set(env) <= {"RNNSERVE_UPSTREAM", "RNNSERVE_TLS_DIR"}, env
+    if "RNNSERVE_TLS_DIR" in env:  # deploy/components/tls: the Secret, its key named as HAProxy expects
+        (tls,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["RNNSERVE_TLS_DIR"]]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == tls["name"]]
+        items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
+        assert items == {"tls.crt": "tls.crt", "tls.key": "tls.crt.key", "ca.crt": "ca.crt"}
+        assert (
+            tls.get("readOnly") is True
+            and pod["securityContext"]["fsGroup"] == container["securityContext"]["runAsGroup"]
+        ), "the key (mode 0440) is readable by HAProxy's group"
 
 
 def test_haproxy_accepts_the_file_as_the_pod_and_as_the_tests_run_it(tmp_path: Path):
@@ -122,12 +150,14 @@ def test_haproxy_accepts_the_file_as_the_pod_and_as_the_tests_run_it(tmp_path: P
 def test_only_addresses_are_templated(cfg: str):
     cfg = "\n".join(line for line in cfg.splitlines() if not line.lstrip().startswith("#"))
     names = set(re.findall(r"\$\{([A-Z_]+)", cfg)) | set(re.findall(r"defined\(([A-Z_]+)\)", cfg))
-    assert names == set(haproxy_env(1, "127.0.0.1:1", 2, 3)), names
+    # Addresses, and the directory of the TLS Secret (deploy/components/tls sets it; unset = cleartext).
+    assert names == set(haproxy_env(1, "127.0.0.1:1", 2, 3)) | {"RNNSERVE_TLS_DIR"}, names
     assert names == {
         "RNNSERVE_UPSTREAM",
         "RNNSERVE_NAMESERVER",
         "RNNSERVE_PROXY_BIND",
         "RNNSERVE_PROBES_BIND",
+        "RNNSERVE_TLS_DIR",
     }
 
 
@@ -174,7 +204,8 @@ def test_ports_probe_and_image_agree_with_the_manifests(prod: Rendered, cfg: str
     assert probe["port"] == "probes" and one(probes, "monitor-uri").split()[1] == probe["path"]
     svc = prod.one("Service", "rnnserve-haproxy")
     (port,) = svc["spec"]["ports"]
-    assert port["targetPort"] == "grpc" and port["appProtocol"] == "kubernetes.io/h2c"
+    tls = any(e["name"] == "RNNSERVE_TLS_DIR" for e in container.get("env", []))
+    assert port["targetPort"] == "grpc" and port.get("appProtocol") == (None if tls else "kubernetes.io/h2c")
     assert selects(
         svc["spec"]["selector"],
         prod.one("Deployment", "rnnserve-haproxy")["spec"]["template"]["metadata"]["labels"],
@@ -242,3 +273,31 @@ def test_haproxy_may_reach_the_servers_and_dns_only(prod: Rendered):
         )
         ports["servers" if to_servers else "other"] = {p["port"] for p in rule["ports"]}
     assert ports == {"servers": {Settings().grpc_port}, "other": {53}}
+
+
+TLS = frozenset({"RNNSERVE_TLS_DIR"})
+
+
+def test_with_tls_the_proxy_speaks_tls_both_ways(cfg: str):
+    """As the prod pods run it (RNNSERVE_TLS_DIR set): TLS to clients, mutual TLS to the servers, checks too.
+
+    tests/deploy/test_proxy_tls.py runs exactly this against a real server with mutual TLS."""
+    bind = one(directives(cfg, "frontend grpc", TLS), "bind").split()
+    assert bind[2:] == ["ssl", "crt", '"${RNNSERVE_TLS_DIR}/tls.crt"', "alpn", "h2"], bind
+    backend = directives(cfg, "backend rnnserve", TLS)
+    server = one(backend, "default-server").split()
+    for word, value in [
+        ("verify", "required"),
+        ("ca-file", '"${RNNSERVE_TLS_DIR}/ca.crt"'),
+        ("crt", '"${RNNSERVE_TLS_DIR}/tls.crt"'),
+        ("alpn", "h2"),
+        ("verifyhost", "rnnserve-headless.rnnserve.svc.cluster.local"),
+    ]:
+        assert server[server.index(word) + 1] == value, word
+    assert "ssl" in server
+    assert [x for x in backend if x.startswith("tcp-check connect")] == ["tcp-check connect ssl alpn h2"]
+    # Everything else is the same file in both modes.
+    plain = directives(cfg, "backend rnnserve")
+    assert [x for x in backend if not x.startswith(("default-server", "tcp-check connect"))] == [
+        x for x in plain if not x.startswith(("default-server", "tcp-check connect"))
+    ]

@@ -42,7 +42,8 @@ REPORT = ROOT / "docs" / "deploy" / "image.md"
 TAG = "localhost/rnnserve:check"
 # The image is the whole serving stack; torch alone would add ~800 MB. Generous, but it catches that.
 MAX_IMAGE_BYTES = 800e6
-pytestmark = pytest.mark.slow
+# The module fixture builds the image: a cold build (debootstrap + pip) takes minutes on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _tools() -> None:

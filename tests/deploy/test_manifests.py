@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
 import shutil
 import subprocess
@@ -190,16 +191,21 @@ def test_ports_equal_the_settings_defaults(rendered: Rendered):
     deployment = rendered.one("Deployment", "rnnserve")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    tls = "RNNSERVE_TLS_CERT_FILE" in rendered.settings_env()
+    health_port = int(rendered.settings_env().get("RNNSERVE_HEALTH_PORT", -1))
+    want = {"grpc": grpc_port, "metrics": metrics_port} | ({"health": health_port} if tls else {})
+    assert ports == want
+    # The kubelet's gRPC probes cannot speak TLS: with TLS on they ask the plaintext health-only port.
+    probe_port = health_port if tls else grpc_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, (
-            f"{probe} is not a native gRPC probe on {grpc_port}"
+        assert container[probe]["grpc"]["port"] == probe_port, (
+            f"{probe} is not a native gRPC probe on {probe_port}"
         )
     for name in ("rnnserve", "rnnserve-headless"):
         svc = rendered.one("Service", name)
         grpc = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
         assert grpc and grpc[0]["port"] == grpc_port and grpc[0]["targetPort"] == "grpc"
-        assert grpc[0]["appProtocol"] == "kubernetes.io/h2c"
+        assert grpc[0].get("appProtocol") == (None if tls else "kubernetes.io/h2c")
     metrics = [p for p in rendered.one("Service", "rnnserve")["spec"]["ports"] if p["name"] == "metrics"]
     assert metrics and metrics[0]["port"] == metrics_port
     assert rendered.one("Service", "rnnserve-headless")["spec"]["clusterIP"] == "None"
@@ -482,7 +488,7 @@ def test_envoy_api_check_catches_a_typo(envoy: dict[str, Any]):
 
 def test_envoy_hashes_sessions_by_the_client_affinity_header(prod_envoy: Rendered, envoy: dict[str, Any]):
     hcm = http_connection_manager(listener(envoy, "grpc"))
-    assert hcm["codec_type"] == "HTTP2", "gRPC clients speak cleartext HTTP/2 with prior knowledge"
+    assert hcm["codec_type"] == "HTTP2", "gRPC clients speak HTTP/2"
     assert [f["name"] for f in hcm["http_filters"]][-1] == "envoy.filters.http.router"
     (cluster,) = envoy["static_resources"]["clusters"]
     (vhost,) = hcm["route_config"]["virtual_hosts"]
@@ -531,7 +537,7 @@ def test_envoy_ports_probes_and_admin_agree_with_the_manifests(prod_envoy: Rende
     }
     svc = prod_envoy.one("Service", "rnnserve-envoy")
     (port,) = svc["spec"]["ports"]
-    assert port["targetPort"] == "grpc" and port["appProtocol"] == "kubernetes.io/h2c"
+    assert port["targetPort"] == "grpc" and "appProtocol" not in port  # TLS, not cleartext h2c
     envoy_pods = prod_envoy.one("Deployment", "rnnserve-envoy")["spec"]["template"]["metadata"]["labels"]
     assert selects(svc["spec"]["selector"], envoy_pods)
     # The readiness probe asks the health-check filter of the probe listener.
@@ -573,3 +579,132 @@ def test_envoy_may_reach_the_servers_and_nothing_else(prod_envoy: Rendered):
         "from" not in rule and Settings().grpc_port in {p["port"] for p in rule["ports"]}
         for rule in server_ingress
     )
+
+
+# --- security (README "Security"): TLS, API keys, probes, cert-manager ------------------------------------
+
+TLS_SECRET = "rnnserve-tls"
+KEYS_SECRET = "rnnserve-api-keys"
+
+
+def secret_mounts(r: Rendered, deployment: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Secret name -> (mount path, mount) of a Deployment's first container."""
+    pod = r.one("Deployment", deployment)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mounts = pod["containers"][0]["volumeMounts"]
+    return {volumes[m["name"]]: (m["mountPath"], m) for m in mounts if m["name"] in volumes}
+
+
+def _secret_volumes_fail_closed(r: Rendered) -> None:
+    pod = r.one("Deployment", "rnnserve")["spec"]["template"]["spec"]
+    for v in pod["volumes"]:
+        if "secret" in v:
+            assert not v["secret"].get("optional"), f"{r.overlay} must not start without its Secrets"
+            assert v["secret"]["defaultMode"] & 0o007 == 0, "secret files are not world-readable"
+    for secret in (TLS_SECRET, KEYS_SECRET):
+        assert not [o for o in r.of_kind("Secret") if o["metadata"]["name"] == secret], "no secrets in git"
+
+
+def _settings_of(r: Rendered, monkeypatch) -> Settings:
+    """The settings the pod gets, built as the server builds them (a mismatch would stop it at start)."""
+    for key, value in r.settings_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RNNSERVE_REPLICA_ID", "pod-0")
+    return Settings()
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-envoy"])
+def test_prod_requires_api_keys_from_a_secret(
+    overlay: str, prod: Rendered, prod_envoy: Rendered, monkeypatch
+):
+    r = prod if overlay == "prod" else prod_envoy
+    env = r.settings_env()
+    keys_dir, keys_mount = secret_mounts(r, "rnnserve")[KEYS_SECRET]
+    assert keys_mount.get("readOnly") is True
+    assert env["RNNSERVE_AUTH"] == "api_keys"
+    assert Path(env["RNNSERVE_API_KEYS_FILE"]).parent == Path(keys_dir)
+    _secret_volumes_fail_closed(r)
+    assert _settings_of(r, monkeypatch).grpc_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-envoy"])
+def test_prod_serves_mutual_tls_from_a_secret(
+    overlay: str, prod: Rendered, prod_envoy: Rendered, monkeypatch
+):
+    r = prod if overlay == "prod" else prod_envoy
+    env = r.settings_env()
+    tls_dir, tls_mount = secret_mounts(r, "rnnserve")[TLS_SECRET]
+    assert tls_mount.get("readOnly") is True
+    for key, name in [
+        ("RNNSERVE_TLS_CERT_FILE", "tls.crt"),
+        ("RNNSERVE_TLS_KEY_FILE", "tls.key"),
+        ("RNNSERVE_TLS_CLIENT_CA_FILE", "ca.crt"),
+    ]:
+        assert Path(env[key]) == Path(tls_dir) / name, key
+    _secret_volumes_fail_closed(r)
+    settings = _settings_of(r, monkeypatch)
+    assert settings.tls_client_ca_file is not None and settings.health_port > 0
+
+
+def test_an_open_server_is_development_only_and_binds_explicitly(rendered: Rendered, monkeypatch):
+    env = rendered.settings_env()
+    if env.get("RNNSERVE_AUTH", "none") == "none":
+        assert rendered.overlay == "dev", f"{rendered.overlay} serves without authentication"
+        # With auth none the server binds loopback unless told otherwise: in a pod it must be told.
+        assert env["RNNSERVE_GRPC_HOST"] == "0.0.0.0"
+
+
+def test_envoy_speaks_tls_both_ways_with_the_mounted_certificate(prod_envoy: Rendered, envoy: dict[str, Any]):
+    tls_dir = Path(secret_mounts(prod_envoy, "rnnserve-envoy")[TLS_SECRET][0])
+    (chain,) = listener(envoy, "grpc")["filter_chains"]
+    down = chain["transport_socket"]["typed_config"]
+    assert down["@type"].endswith("DownstreamTlsContext")
+    assert down["common_tls_context"]["alpn_protocols"] == ["h2"]
+    (cert,) = down["common_tls_context"]["tls_certificates"]
+    assert Path(cert["certificate_chain"]["filename"]) == tls_dir / "tls.crt"
+    assert Path(cert["private_key"]["filename"]) == tls_dir / "tls.key"
+    assert Path(cert["watched_directory"]["path"]) == tls_dir, "a rotated certificate must be picked up"
+    (cluster,) = envoy["static_resources"]["clusters"]
+    up = cluster["transport_socket"]["typed_config"]
+    assert up["@type"].endswith("UpstreamTlsContext")
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    host = address["socket_address"]["address"]
+    assert up["sni"] == host
+    ctx = up["common_tls_context"]
+    assert Path(ctx["validation_context"]["trusted_ca"]["filename"]) == tls_dir / "ca.crt"
+    sans = ctx["validation_context"]["match_typed_subject_alt_names"]
+    assert {"san_type": "DNS", "matcher": {"exact": host}} in sans
+    # The servers require a client certificate (RNNSERVE_TLS_CLIENT_CA_FILE): Envoy presents one.
+    assert "RNNSERVE_TLS_CLIENT_CA_FILE" in prod_envoy.settings_env() and ctx["tls_certificates"]
+
+
+def test_cert_manager_component_issues_the_secret_everyone_mounts(tmp_path: Path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": "rnnserve",
+                "resources": [os.path.relpath(ROOT / "deploy" / "overlays" / "prod-envoy", overlay)],
+                "components": [os.path.relpath(ROOT / "deploy" / "components" / "cert-manager", overlay)],
+            }
+        )
+    )
+    out = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    r = Rendered("prod-envoy+cert-manager", [o for o in yaml.safe_load_all(out.stdout) if o])
+    cert = r.one("Certificate", TLS_SECRET)
+    assert cert["apiVersion"] == "cert-manager.io/v1" and cert["metadata"]["namespace"] == "rnnserve"
+    spec = cert["spec"]
+    assert spec["secretName"] == TLS_SECRET
+    assert {"server auth", "client auth"} <= set(spec["usages"]), "Envoy uses it as a client certificate too"
+    assert spec["issuerRef"]["name"] and spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer")
+    envoy = envoy_config(r)
+    (cluster,) = envoy["static_resources"]["clusters"]
+    upstream_host = cluster["transport_socket"]["typed_config"]["sni"]
+    svc_ns = r.one("Service", "rnnserve-envoy")["metadata"]["namespace"]
+    assert upstream_host in spec["dnsNames"]
+    assert f"rnnserve-envoy.{svc_ns}.svc" in spec["dnsNames"], "clients dial the Envoy Service by name"
+    assert TLS_SECRET in secret_mounts(r, "rnnserve") and TLS_SECRET in secret_mounts(r, "rnnserve-envoy")
