@@ -121,6 +121,8 @@ class Router(aio.ServerInterceptor):
         return ch
 
     async def ready(self, k: int) -> None:
+        # Calls then go out with wait_for_ready: a connection that drops between this check and the call
+        # (the channel reports a connect failure of its last attempt) is retried instead of failing the call.
         """Wait (up to PEER_WAIT_S) until worker k's socket is connected (a replaced worker is back soon)."""
         ch = self.channel(k)
         if ch.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
@@ -228,7 +230,12 @@ class Router(aio.ServerInterceptor):
             self.forwarded += 1
             try:
                 await self.ready(k)
-                rpc = caller(k)(raw, metadata=self._metadata(context), timeout=context.time_remaining())
+                rpc = caller(k)(
+                    raw,
+                    metadata=self._metadata(context),
+                    timeout=context.time_remaining(),
+                    wait_for_ready=True,
+                )
                 if stream:
                     async for answer in rpc:
                         await context.write(answer)
@@ -292,7 +299,7 @@ class Router(aio.ServerInterceptor):
         self, method: str, k: int, context: Any, first: bytes, rest: AsyncIterator[bytes]
     ) -> None:
         rpc = self.channel(k).stream_stream(method)(
-            metadata=self._metadata(context), timeout=context.time_remaining()
+            metadata=self._metadata(context), timeout=context.time_remaining(), wait_for_ready=True
         )
 
         async def pump() -> None:
@@ -331,7 +338,9 @@ class Router(aio.ServerInterceptor):
                     for k, part in parts.items():
                         if k not in subs:
                             await self.ready(k)
-                            subs[k] = self.channel(k).stream_stream(method)(metadata=self._metadata(context))
+                            subs[k] = self.channel(k).stream_stream(method)(
+                                metadata=self._metadata(context), wait_for_ready=True
+                            )
                         await subs[k].write(raw if len(parts) == 1 else part[1].SerializeToString())
                     answers = {k: pb.StepManyResponse.FromString(await subs[k].read()) for k in parts}
                     await context.write(_merge(request, parts, answers))
@@ -367,7 +376,7 @@ class Router(aio.ServerInterceptor):
                     if sub is None:
                         await self.ready(k)
                         sub = subs[k] = self.channel(k).stream_stream(method)(
-                            metadata=self._metadata(context)
+                            metadata=self._metadata(context), wait_for_ready=True
                         )
                         readers.append(asyncio.ensure_future(relay(sub)))
                     await sub.write(raw)

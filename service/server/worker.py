@@ -84,14 +84,16 @@ async def watch_peers(running: RunningServer, router: Router) -> None:
         for k in peers:
             stub = health_pb2_grpc.HealthStub(router.channel(k))
             try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(service=NATIVE_SERVICE), timeout=2.0)
+                answer = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=NATIVE_SERVICE), timeout=2.0, wait_for_ready=True
+                )
                 up = answer.status == SERVING
-            except aio.AioRpcError as exc:
-                # A dead peer refuses the connection at once; a slow answer is a busy peer, not a down one.
-                up = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            if up:
+            except aio.AioRpcError:
+                # No answer in time: a busy peer if connected, else a down one (no socket to connect to).
+                up = router.channel(k).get_state() is grpc.ChannelConnectivity.READY
+            if up or (router.peers.run_dir / f"w{k}.json").exists():  # serving, or announced it serves
                 seen_up.add(k)
-            elif k in seen_up:
+            if not up and k in seen_up:
                 status = NOT_SERVING
         if status != shown and running.is_serving():
             with contextlib.suppress(Exception):

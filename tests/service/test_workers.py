@@ -332,7 +332,7 @@ def test_sigkill_of_the_owner_mid_stream_loses_no_step(repo, tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 _step_stream(pb_grpc.RecurrentServiceStub(ch), sid, 1, chunks, outs, kill=kill)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert killed and 1 in outs
+        assert killed and 1 in outs, err.value.details()
         # While a worker is down the whole server reports NOT_SERVING (its sessions cannot be served) ...
         survivor = workers[1 - owner][1]
         assert _overall_health(survivor, want=health_pb2.HealthCheckResponse.NOT_SERVING, within_s=15)
