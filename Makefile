@@ -9,10 +9,11 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos
+.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench bench-workers deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos
 
 help:
-	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002)"
+	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002),"
+	@echo "                 one worker process per available CPU (WORKERS=N to choose)"
 	@echo "                 host/port: make serve SERVE_ARGS='--grpc-host 127.0.0.1 --grpc-port 9001' (or RNNSERVE_GRPC_PORT)"
 	@echo "make test        install everything and run the test suite"
 	@echo "make lint        ruff on service, models, export, tests; mypy on service"
@@ -29,6 +30,7 @@ help:
 	@echo "make default-model  retrain and re-export the small committed default model (a few minutes)"
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite, ~17 min (not in make test); BENCH_ARGS=--quick: reduced, to docs/bench/quick/"
+	@echo "make bench-workers  --workers 1 vs 2 on Stream and KServe unary (~3 min; also run by make bench)"
 	@echo "make chaos       fault injection against 3 replicas + Redis (>= 1,000 faults, ~15 min); not in make test"
 	@echo "make fuzz        >= 10,000 generated requests over every RPC of both APIs"
 	@echo "make soak        1,000,000 create/step/close cycles; server RSS growth <= 5%"
@@ -67,10 +69,12 @@ protos: $(PROTO_OUT)
 
 # Local development: no authentication, loopback only (the server prints a warning block). A secured server:
 # make serve SERVE_ARGS="--auth api_keys --api-keys-file keys.yaml --tls-cert-file ... --tls-key-file ..."
+# Worker processes: the CPUs this container may use (cgroup quota, else affinity) unless WORKERS=N is given.
 SERVE_ARGS ?=
+WORKERS ?=
 serve: install protos
 	@case "$(SERVE_ARGS)" in *api_keys*) ;; *) echo "make serve: OPEN SERVER (auth none) on 127.0.0.1 -- local development only; see README 'Security'" >&2;; esac
-	$(PY) -m service.server --model-repository $(REPOSITORY) $(SERVE_ARGS)
+	$(PY) -m service.server --model-repository $(REPOSITORY)$(if $(WORKERS), --workers $(WORKERS)) $(SERVE_ARGS)
 
 # Debian packages the tests use: redis-server (shared session store), libb64-0d (Triton's perf_analyzer),
 # buildah podman debootstrap (make image-check: build and run the image without a docker engine), prometheus
@@ -127,7 +131,13 @@ clean:
 BENCH_ARGS ?=
 bench: system-deps install-dev protos
 	$(PY) -m tests.bench $(BENCH_ARGS)
+	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) -m tests.bench.workers ;; esac
 	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) docs/sync_readme.py ;; esac
+
+# --workers 1 vs 2 on Stream and KServe unary at 64 sequences (about 3 min): docs/bench/workers.{json,md,png}.
+bench-workers: system-deps install-dev protos
+	$(PY) -m tests.bench.workers
+	$(PY) docs/sync_readme.py
 
 # Chaos run (tests/chaos): a redis-server with AOF, three replicas, native and KServe clients moving sessions
 # between replicas, SIGKILL/SIGSTOP/SIGTERM of replicas and Redis; every acknowledged output replayed in ONNX

@@ -184,6 +184,15 @@ class Settings(BaseSettings):
         100_000, ge=0, description="Most remembered gone sessions (oldest forgotten first)."
     )
     sweep_interval_s: float = Field(1.0, gt=0, description="Seconds between idle/lifetime expiry sweeps.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Worker processes serving the one gRPC port (0 = the CPUs this container may use: the"
+        " cgroup CPU quota, else the CPU affinity count; 1 = a single process, no supervisor).",
+    )
+    session_id_prefix: str = Field(
+        "", max_length=16, description="Prefix of new session ids (set per worker by the supervisor)."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     request_log: Literal["json", "logfmt", "off"] = Field(
         "json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,11 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import fixtures  # noqa: E402
+
+# Server subprocesses the tests start (`python -m service.server`, replicas, chaos, benchmarks) run one
+# process unless a test asks for workers itself (`--workers N`, tests/service/test_workers.py): their checks
+# (one pid per replica, one log, one registry) are about a single server process.
+os.environ.setdefault("RNNSERVE_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,8 @@ class SessionManager:
         tenant = CALLER.get().tenant
         charge = SESSION_OVERHEAD_BYTES + mv.slab.row_bytes + steps * output_row_bytes(mv.spec)
         self.admission.open(tenant, charge)
-        s = Session(session_id or secrets.token_urlsafe(16), mv, mv.slab.alloc(), ttl, protocol, tenant)
+        session_id = session_id or self.settings.session_id_prefix + secrets.token_urlsafe(16)
+        s = Session(session_id, mv, mv.slab.alloc(), ttl, protocol, tenant)
         s.charge, s.charged_steps = charge, steps
         self.table.add(s)
         self.host.pin(mv)

@@ -43,6 +43,8 @@ from service.server.interceptors import CallObserver, ErrorMappingInterceptor
 from service.server.native import RecurrentServicer, StreamRegistry
 from service.server.native import add_to_server as add_native
 from service.server.request_log import Lookup, RequestLog
+from service.server.routing import Router
+from service.server.supervisor import default_workers, supervise
 
 _log = logging.getLogger("rnnserve.server")
 
@@ -220,12 +222,15 @@ def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tupl
 
 
 def _health_only_server(
-    settings: Settings, health: health_aio.HealthServicer
+    settings: Settings, health: health_aio.HealthServicer, *, shared: bool = False
 ) -> tuple[aio.Server | None, int | None]:
-    """Build a plaintext server with only grpc.health.v1 (same statuses) on `health_port`, for probes."""
+    """Build a plaintext server with only grpc.health.v1 (same statuses) on `health_port`, for probes.
+
+    `shared`: worker processes bind the one health port together (SO_REUSEPORT), as they do the gRPC port.
+    """
     if settings.health_port < 0:
         return None, None
-    server = aio.server(options=[("grpc.so_reuseport", 0)])
+    server = aio.server(options=[("grpc.so_reuseport", 1 if shared else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     return server, server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
 
@@ -256,12 +261,20 @@ def _check_port(host: str, port: int, what: str, flag: str) -> None:
                 ) from None
 
 
-async def start(settings: Settings, *, registry: CollectorRegistry | None = None) -> RunningServer:
-    """Load the repository, bind the gRPC and metrics ports and start serving."""
-    _check_port(settings.grpc_host, settings.grpc_port, "gRPC", "--grpc-port / RNNSERVE_GRPC_PORT")
-    _check_port(
-        settings.grpc_host, settings.metrics_port, "metrics", "--metrics-port / RNNSERVE_METRICS_PORT"
-    )
+async def start(
+    settings: Settings, *, registry: CollectorRegistry | None = None, router: Router | None = None
+) -> RunningServer:
+    """Load the repository, bind the gRPC and metrics ports and start serving.
+
+    `router`: this process is one of several workers (service.server.supervisor): the port is shared with
+    SO_REUSEPORT, the worker also listens on its Unix socket, and calls for other workers' sessions are
+    forwarded (the router is outermost; the owner maps errors and authenticates the forwarded call).
+    """
+    if router is None:  # a worker shares a port the supervisor already bound and checked
+        _check_port(settings.grpc_host, settings.grpc_port, "gRPC", "--grpc-port / RNNSERVE_GRPC_PORT")
+        _check_port(
+            settings.grpc_host, settings.metrics_port, "metrics", "--metrics-port / RNNSERVE_METRICS_PORT"
+        )
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
     await engine.start()
@@ -283,13 +296,13 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Port 0 must give this process its own port, never one another process shares.
-        ("grpc.so_reuseport", 0),
+        # Port 0 must give this process its own port, never one another process shares; workers share one.
+        ("grpc.so_reuseport", 0 if router is None else 1),
     ]
     # The error mapping is outermost: authentication refusals are typed errors, mapped and counted as others.
     # With auth none there is nothing to check: every call runs as tenancy.LOCAL, the context default.
     chain = [interceptor] if authenticator is None else [interceptor, authenticator]
-    server = aio.server(interceptors=chain, options=options)
+    server = aio.server(interceptors=chain if router is None else [router, *chain], options=options)
     streams = StreamRegistry()
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}
@@ -312,7 +325,9 @@ async def start(settings: Settings, *, registry: CollectorRegistry | None = None
             port = server.add_insecure_port(target)
         else:
             port = server.add_secure_port(target, credentials)
-        health_server, health_port = _health_only_server(settings, health)
+        if router is not None:
+            server.add_insecure_port(f"unix:{router.peers.socket(router.peers.index)}")
+        health_server, health_port = _health_only_server(settings, health, shared=router is not None)
         httpd, metrics_port = _start_metrics_http(settings, registry)
     except (RuntimeError, OSError) as exc:
         await engine.stop()
@@ -397,11 +412,16 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `rnnserve-server` / `python -m service.server` (flags: see --help)."""
-    settings = load_settings(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    settings = load_settings(args)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    workers = settings.workers or default_workers()
+    if workers > 1:  # worker processes behind the one port (service.server.supervisor)
+        supervise(settings, args, workers, banner=security_banner)
+        return
     asyncio.run(serve(settings))
 
 

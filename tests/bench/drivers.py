@@ -79,7 +79,7 @@ class UnaryEchoDriver(Driver):
         pass
 
 
-TARGETS = ("echo", "unary_echo", "stream", "stream_many", "kserve_stream")
+TARGETS = ("echo", "unary_echo", "stream", "stream_many", "kserve_stream", "kserve_unary")
 
 
 def make_driver(spec: LoadSpec, channel: grpc.aio.Channel) -> Driver:
@@ -92,6 +92,10 @@ def make_driver(spec: LoadSpec, channel: grpc.aio.Channel) -> Driver:
         from tests.bench import service_drivers
 
         return service_drivers.make(spec, channel)
+    if spec.target == "kserve_unary":
+        from tests.bench.workers import KServeUnaryDriver
+
+        return KServeUnaryDriver(spec, channel)
     if spec.target == "kserve_stream":
         from tests.bench.kserve_drivers import KServeStreamDriver
 

@@ -188,6 +188,27 @@ def _collect(out: mp.Queue, procs: list) -> list[WorkerResult]:  # type: ignore[
     return results
 
 
+class _ServerCpu:
+    """CPU seconds of a server process and its workers (`--workers N`: a supervisor and N children)."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.procs: list[psutil.Process] = []
+
+    def seconds(self) -> float:
+        """User + system seconds so far of the server and the children it had at the first reading."""
+        if not self.procs:
+            self.procs = [self.root, *self.root.children(recursive=True)]
+        total = 0.0
+        for proc in self.procs:
+            try:
+                ct = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += ct.user + ct.system
+        return total
+
+
 def _split(total: int, parts: int) -> list[int]:
     base, rest = divmod(total, parts)
     return [base + (1 if i < rest else 0) for i in range(parts)]
@@ -212,7 +233,7 @@ def run_load(
     ]
     for p in procs:
         p.start()
-    server = psutil.Process(server_pid)
+    server = _ServerCpu(server_pid)
     try:
         barrier.wait(timeout=120 + spec.streams * 0.05)
     except Exception:  # noqa: BLE001 - a worker failed to open its streams; its result says why
@@ -220,11 +241,11 @@ def run_load(
     released = time.monotonic()
     t0, t1 = released + spec.warmup_s, released + spec.warmup_s + spec.duration_s
     time.sleep(max(0.0, t0 - time.monotonic()))
-    c0 = server.cpu_times()
+    c0 = server.seconds()
     if on_window:
         on_window("start")
     time.sleep(max(0.0, t1 - time.monotonic()))
-    c1 = server.cpu_times()
+    c1 = server.seconds()
     if on_window:
         on_window("end")
     results = _collect(out, procs)
@@ -247,7 +268,7 @@ def run_load(
         p99_ms=float(pct[2]),
         mean_ms=float(lat.mean() * 1e3) if lat.size else float("nan"),
         client_cpu_cores=sum(r.cpu_s for r in results) / dur,
-        server_cpu_cores=((c1.user + c1.system) - (c0.user + c0.system)) / dur,
+        server_cpu_cores=(c1 - c0) / dur,
         errors=errors,
         first_error=first_error,
     )

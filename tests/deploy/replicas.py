@@ -70,6 +70,7 @@ def start_replica(
             "RNNSERVE_METRICS_PORT": "-1",
             "RNNSERVE_MODEL_REPOSITORY": str(repository),
             "RNNSERVE_REPLICA_ID": name,
+            "RNNSERVE_WORKERS": "1",  # one process per replica: its pid is what faults hit
             "PYTHONUNBUFFERED": "1",
         }
     )
