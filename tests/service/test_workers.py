@@ -249,7 +249,7 @@ def _value(text: str, pattern: str, default: float | None = None) -> float:
 def test_one_metrics_endpoint_sums_the_workers(server):
     workers = workers_of(server)
     before = _value(
-        _metrics(server), r'rnnserve_sessions_created_total\{model="tiny_lstm",protocol="native"\}', 0.0
+        _metrics(server), r'rnnserve_sessions_opened_total\{model="tiny_lstm",protocol="native"\}', 0.0
     )
     for k in (0, 1):
         with grpc.insecure_channel(f"unix:{workers[k][1]}") as ch:
@@ -257,7 +257,7 @@ def test_one_metrics_endpoint_sums_the_workers(server):
             for _ in range(3):
                 stub.CreateSession(pb.CreateSessionRequest(model="tiny_lstm"), timeout=10)
     text = _metrics(server)
-    after = _value(text, r'rnnserve_sessions_created_total\{model="tiny_lstm",protocol="native"\}')
+    after = _value(text, r'rnnserve_sessions_opened_total\{model="tiny_lstm",protocol="native"\}')
     assert after - before == 6
     assert _value(text, "rnnserve_workers") == 2
     assert _value(text, r'rnnserve_worker_up\{worker="1"\}') == 1
