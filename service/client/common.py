@@ -10,7 +10,8 @@ import hashlib
 import os
 import queue
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,16 +229,64 @@ def outputs_of(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
     return {t.name: wire.tensor_to_array(t, "output") for t in tensors}
 
 
-_END = object()
+_END = object()  # half-closes the request iterator of a lock-step call
 
 
-def _end_call(requests: queue.SimpleQueue[Any] | None, call: Any) -> None:
-    """Half-close a lock-step bidi call and drain it to its final status (a broken call changes nothing)."""
-    if requests is not None:
-        requests.put(_END)
-    if call is not None:
-        try:
-            for _ in call:
+class LockStepCall:
+    """A bidi call driven one message at a time: the blocking client's attached `Stream` and `StreamMany`.
+
+    Lock-step (one message in flight) is what makes resuming exact: after a break, the only message whose fate
+    is unknown is the one in flight, and re-sending it with its seqs is answered from the server's cache if it
+    was applied. Subclasses open the call in `_open` through `_start`.
+    """
+
+    def __init__(self) -> None:
+        self._call: Any = None
+        self._requests: queue.SimpleQueue[Any] | None = None
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _start(self, method: Any, metadata: Any, first: Any = None) -> None:
+        """Open the bidi call `method` with a request queue (`first`, if given, is its first message)."""
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        if first is not None:
+            requests.put(first)
+
+        def feed() -> Iterator[Any]:
+            while (item := requests.get()) is not _END:
+                yield item
+
+        self._requests = requests
+        self._call = method(feed(), metadata=metadata)
+
+    def _exchange(self, client: Any, request: Any, *, session_bound: bool) -> Any:
+        """Send one message and return its answer; after a retryable error, fail over and re-send it."""
+        for attempt in range(client.max_attempts):
+            channel = client._channel
+            try:
+                if self._call is None:
+                    self._open()
+                assert self._requests is not None
+                self._requests.put(request)
+                return next(self._call)
+            except grpc.RpcError as err:
+                self._end()
+                if not client._should_retry(err, attempt, session_bound=session_bound):
+                    raise
+                client.failover(channel)
+                time.sleep(client._backoff_s * min(attempt, 4))
+        raise AssertionError("unreachable")
+
+    def _end(self) -> None:
+        """Half-close the call and drain it to its final status (a broken call changes nothing)."""
+        if self._requests is not None:
+            self._requests.put(_END)
+        if self._call is not None:
+            try:
+                for _ in self._call:
+                    pass
+            except grpc.RpcError:
                 pass
-        except grpc.RpcError:
-            pass
+        self._call = None
+        self._requests = None

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import queue
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from service import wire
-from service.client.common import _END, Inputs, _end_call, affinity_metadata, encode_inputs
+from service.client.common import Inputs, LockStepCall, affinity_metadata, encode_inputs
 from service.proto import rnnserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -28,7 +26,7 @@ class RowError:
     message: str
 
 
-class Multiplexer:
+class Multiplexer(LockStepCall):
     """Step many sessions (of one model version) with one `StreamMany` message per call, in lock-step.
 
     For a gateway forwarding many devices: one message carries every session's chunk and one answer carries
@@ -40,21 +38,13 @@ class Multiplexer:
     _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
     def __init__(self, client: Client, *, affinity_key: str | None = None) -> None:
+        super().__init__()
         self._client = client
         self._metadata = affinity_metadata(affinity_key) if affinity_key is not None else None
-        self._call: Any = None
-        self._requests: queue.SimpleQueue[Any] | None = None
         self._tag = 0
 
     def _open(self) -> None:
-        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-        def feed() -> Iterator[pb.StepManyRequest]:
-            while (item := requests.get()) is not _END:
-                yield item
-
-        self._requests = requests
-        self._call = self._client.stub.StreamMany(feed(), metadata=self._metadata)
+        self._start(self._client.stub.StreamMany, self._metadata)
 
     def step(
         self, chunks: Sequence[tuple[Session, Inputs]], *, last_only: bool = False
@@ -89,28 +79,11 @@ class Multiplexer:
         return results
 
     def _send(self, request: pb.StepManyRequest) -> pb.StepManyResponse:
-        client = self._client
-        for attempt in range(client.max_attempts):
-            channel = client._channel
-            try:
-                if self._call is None:
-                    self._open()
-                assert self._requests is not None
-                self._requests.put(request)
-                return next(self._call)
-            except grpc.RpcError as err:
-                self.close()
-                if not client._should_retry(err, attempt, session_bound=False):
-                    raise
-                client.failover(channel)
-                time.sleep(client._backoff_s * min(attempt, 4))
-        raise AssertionError("unreachable")
+        return self._exchange(self._client, request, session_bound=False)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """End the stream (the sessions stay open)."""
-        _end_call(self._requests, self._call)
-        self._call = None
-        self._requests = None
+        self._end()
 
     def __enter__(self) -> Multiplexer:
         return self

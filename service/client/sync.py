@@ -26,7 +26,6 @@ The server ignores the header.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,16 +36,15 @@ import numpy as np
 
 from service import wire
 from service.client.common import (
-    _END,
     AFFINITY_HEADER,
     RETRYABLE,
     ArrayLike,
     Inputs,
+    LockStepCall,
     Metadata,
     ModelInfo,
     SessionInfo,
     TensorInfo,
-    _end_call,
     affinity_metadata,
     channel_options,
     default_address,
@@ -406,52 +404,24 @@ class Session:
         self.close()
 
 
-class _AttachedStream:
-    """A lock-step bidi Stream attached to a session with keep=True; re-attaches after transport errors.
-
-    Lock-step (one chunk in flight) is what makes resuming exact: after a break, the only chunk whose fate is
-    unknown is the one in flight, and re-sending it with its seq is answered from the cache if it was applied.
-    """
+class _AttachedStream(LockStepCall):
+    """A lock-step bidi Stream attached to a session with keep=True; re-attaches after transport errors."""
 
     def __init__(self, session: Session) -> None:
+        super().__init__()
         self._session = session
-        self._call: Any = None
-        self._requests: queue.SimpleQueue[Any] | None = None
 
     def _open(self) -> None:
-        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        requests.put(pb.StreamRequest(open=pb.StreamOpen(session_id=self._session.id, keep=True)))
-
-        def feed() -> Iterator[pb.StreamRequest]:
-            while (item := requests.get()) is not _END:
-                yield item
-
-        self._requests = requests
-        self._call = self._session.client.stub.Stream(feed(), metadata=self._session.metadata)
-        first = next(self._call)
-        self._session.info = SessionInfo.from_pb(first.session)
+        session = self._session
+        first = pb.StreamRequest(open=pb.StreamOpen(session_id=session.id, keep=True))
+        self._start(session.client.stub.Stream, session.metadata, first)
+        session.info = SessionInfo.from_pb(next(self._call).session)
 
     def send(self, request: pb.StreamRequest) -> dict[str, np.ndarray]:
-        client = self._session.client
-        for attempt in range(client.max_attempts):
-            channel = client._channel
-            try:
-                if self._call is None:
-                    self._open()
-                assert self._requests is not None
-                self._requests.put(request)
-                response = next(self._call)
-                self._session.seq = response.seq
-                return outputs_of(response.outputs)
-            except grpc.RpcError as err:
-                self.end()
-                if not client._should_retry(err, attempt, session_bound=True):
-                    raise
-                client.failover(channel)
-                time.sleep(client._backoff_s * min(attempt, 4))
-        raise AssertionError("unreachable")
+        response = self._exchange(self._session.client, request, session_bound=True)
+        self._session.seq = response.seq
+        return outputs_of(response.outputs)
 
     def end(self) -> None:
-        _end_call(self._requests, self._call)
-        self._call = None
-        self._requests = None
+        """End the stream (the session stays open)."""
+        self._end()
