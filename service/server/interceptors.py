@@ -74,24 +74,17 @@ async def _abort(context: Any, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
-class ErrorMappingInterceptor(aio.ServerInterceptor):
-    """Map exceptions to statuses and observe every call (see module docstring)."""
+class HandlerWrapper(aio.ServerInterceptor):
+    """An interceptor that replaces a method's handler by a wrapped one, built once per method and cached.
 
-    def __init__(
-        self,
-        observe: CallObserver | None = None,
-        *,
-        replica_id: str | None = None,
-        request_log: RequestLog | None = None,
-    ) -> None:
-        self._observe = observe
-        self._request_log = request_log if request_log is not None and request_log.enabled else None
-        self._trailer = ((REPLICA_HEADER, replica_id),) if replica_id else None
+    Subclasses give `_wrap(method, handler)`; the per-call cost is a dict lookup.
+    """
+
+    def __init__(self) -> None:
         self._cache: dict[str, tuple[Any, Any]] = {}
-        # Draining: new work calls are refused with UNAVAILABLE; `in_flight` counts unary-request work calls
-        # (streams of requests are tracked by their servicers) so shutdown can wait for exactly those.
-        self.draining = False
-        self.in_flight = 0
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -109,6 +102,26 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         wrapped = self._wrap(method, handler)
         self._cache[method] = (handler, wrapped)
         return wrapped
+
+
+class ErrorMappingInterceptor(HandlerWrapper):
+    """Map exceptions to statuses and observe every call (see module docstring)."""
+
+    def __init__(
+        self,
+        observe: CallObserver | None = None,
+        *,
+        replica_id: str | None = None,
+        request_log: RequestLog | None = None,
+    ) -> None:
+        self._observe = observe
+        self._request_log = request_log if request_log is not None and request_log.enabled else None
+        self._trailer = ((REPLICA_HEADER, replica_id),) if replica_id else None
+        super().__init__()
+        # Draining: new work calls are refused with UNAVAILABLE; `in_flight` counts unary-request work calls
+        # (streams of requests are tracked by their servicers) so shutdown can wait for exactly those.
+        self.draining = False
+        self.in_flight = 0
 
     def _wrap(self, method: str, handler: Any) -> Any:
         work = not method.startswith(_INFRA_PREFIXES)

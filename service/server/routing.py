@@ -32,6 +32,7 @@ from grpc import aio
 
 from service import wire
 from service.proto import rnnserve_pb2 as pb
+from service.server.interceptors import HandlerWrapper
 
 FORWARDED_HEADER = "x-rnnserve-forwarded"
 NATIVE = "/" + pb.DESCRIPTOR.services_by_name["RecurrentService"].full_name + "/"
@@ -102,13 +103,13 @@ def _serialize(message: Any) -> bytes:
     return message if type(message) is bytes else message.SerializeToString()
 
 
-class Router(aio.ServerInterceptor):
+class Router(HandlerWrapper):
     """Outermost interceptor of a worker: serve owned calls here, forward the others (module docstring)."""
 
     def __init__(self, peers: Peers) -> None:
+        super().__init__()
         self.peers = peers
         self._channels: dict[int, aio.Channel] = {}
-        self._cache: dict[str, tuple[Any, Any]] = {}
         self.forwarded = 0
 
     def channel(self, k: int) -> aio.Channel:
@@ -141,19 +142,6 @@ class Router(aio.ServerInterceptor):
         """Close the peer channels."""
         for ch in self._channels.values():
             await ch.close()
-
-    async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
-        """Return the method's handler, routed when the method carries a session (cached per method)."""
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
 
     # -- which calls are routed, and how ---------------------------------------------------------------------
 
