@@ -43,6 +43,17 @@ _caller = CALLER.get
 FINAL_REASONS = frozenset({"closed", "idle", "lifetime", "capacity"})
 
 
+def new_session_id(prefix: str = "") -> str:
+    """Return an unguessable session id (128 random bits) that never starts with "-".
+
+    URL-safe base64 may begin with "-", and then a command line (argparse, grpcurl) reads the id as an
+    option: `rnnserve session -Xy...` fails. Redrawing costs 1/64 of the ids one more draw.
+    """
+    while (token := secrets.token_urlsafe(16))[0] == "-":
+        pass
+    return prefix + token
+
+
 class SessionManager:
     """The open sessions of this replica, their lifecycle and their leases (see the module docstring)."""
 
@@ -129,7 +140,7 @@ class SessionManager:
         tenant = CALLER.get().tenant
         charge = SESSION_OVERHEAD_BYTES + mv.slab.row_bytes + steps * output_row_bytes(mv.spec)
         self.admission.open(tenant, charge)
-        session_id = session_id or self.settings.session_id_prefix + secrets.token_urlsafe(16)
+        session_id = session_id or new_session_id(self.settings.session_id_prefix)
         s = Session(session_id, mv, mv.slab.alloc(), ttl, protocol, tenant)
         s.charge, s.charged_steps = charge, steps
         self.table.add(s)
