@@ -237,6 +237,33 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.spilled_sessions = Gauge(
+            "rnnserve_spilled_sessions", "Open sessions in the spill tier on local disk.", registry=r
+        )
+        self.spill_disk_bytes = Gauge(
+            "rnnserve_spill_disk_bytes",
+            "Bytes of the spill files (records ever needed at once x record size).",
+            registry=r,
+        )
+        self.spill_budget_bytes = Gauge(
+            "rnnserve_spill_budget_bytes", "Disk budget of the spill tier (spill_max_bytes).", registry=r
+        )
+        self.spills = Counter(
+            "rnnserve_spills",
+            "Sessions moved out of memory: to the spill tier (disk) or left to the shared store (store).",
+            ["tier"],
+            registry=r,
+        )
+        self.unspills = Counter(
+            "rnnserve_unspills", "Sessions brought back from the spill tier on their next call.", registry=r
+        )
+        self.spill_refusals = Counter(
+            "rnnserve_spill_refusals",
+            "Idle sessions kept resident by the spiller, by reason (disk_full: spill_max_bytes reached;"
+            " too_large: cached result or id longer than a record holds).",
+            ["reason"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "rnnserve_auth_failures",
             "Calls refused before reaching a handler, by reason (missing, malformed, unknown, role).",

@@ -1,15 +1,15 @@
 """`StateSlab`: the recurrent state of every session of one model version, one row per session slot.
 
-Each state tensor lives in fixed-size blocks of `block_rows` rows that are never copied or moved: growing adds a
-block, so memory stays ~ rows x state bytes (plus partly used blocks), and `np.zeros` pages untouched rows
+Each state tensor lives in fixed-size blocks of `block_rows` rows that are never copied or moved: growing adds
+a block, so memory stays ~ rows x state bytes (plus partly used blocks), and `np.zeros` pages untouched rows
 lazily. A batch is a gather of its rows (`np.take`) and a scatter back, with a vectorised fast path when every
 slot sits in one block (the common case).
 
 Memory comes back as sessions end: a slot is always taken from the lowest block that has a free row, so live
-rows gather in the low blocks, and a block whose last row is freed is dropped (its arrays are mmapped by glibc,
-so dropping them unmaps the pages at once). One empty block is kept as a spare so that a session count swinging
-around a block boundary does not map and unmap a block on every open and close. A dropped block's slots stay
-addressable: the next slot taken there maps a fresh block of zeros.
+rows gather in the low blocks, and a block whose last row is freed is dropped (its arrays are mmapped by
+glibc, so dropping them unmaps the pages at once). One empty block is kept as a spare so that a session count
+swinging around a block boundary does not map and unmap a block on every open and close. A dropped block's
+slots stay addressable: the next slot taken there maps a fresh block of zeros.
 """
 
 from __future__ import annotations
