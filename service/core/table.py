@@ -150,6 +150,13 @@ class SessionTable:
         self.per_model[model] -= 1
         self._tombstone(session_id, reason, tenant)
 
+    def compact(self) -> None:
+        """Rebuild the dicts after a mass departure (a CPython dict never shrinks as entries go)."""
+        for d in (self.sessions, *self._buckets.values()):
+            live = dict(d)  # same order: creation order, least recently used first
+            d.clear()
+            d.update(live)
+
     def idle(self, cutoff: float) -> Iterator[Session]:
         """Resident sessions last used before `cutoff` with nothing in flight, least recently used first.
 

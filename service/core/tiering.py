@@ -7,8 +7,8 @@ Two tiers below the slab (docs/DESIGN.md, "Spill tier"):
   dropping the resident copy of a session with nothing unsaved, and the next call resumes it from the store
   exactly as a failover does (`SessionManager.get`).
 
-A spilled session keeps no Python object: its only trace in memory is one entry of `Tiering.where` (id ->
-file number and record number, a str and an int, neither tracked by the garbage collector) and its expiry
+A spilled session keeps no Python object: its only trace in memory is one slot of `Tiering.where` (a
+`spill_index.SpillIndex`: 64-bit key of its id -> file and record number, in flat arrays) and its expiry
 deadline in a float64 array. Everything else (state, seq, cached outputs, tenant, times) is in its record,
 read back by `resume`, `describe` and the expiry scan. Spilled sessions still count as open (max_sessions,
 tenant session quotas) but not against the memory budget, which counts resident bytes only; the spill tier
@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
+from service.core import limits
 from service.core.admission import SESSION_OVERHEAD_BYTES, Admission
 from service.core.inputs import input_digest
 from service.core.registry import ModelVersion
 from service.core.spill import SpilledSession, SpillFile, cached_steps, output_row_bytes, step_class
+from service.core.spill_index import SpillIndex
 from service.core.table import SPILLED, Session, SessionTable
 from service.core.tenancy import CALLER
 from service.core.types import SessionInfo, StepResult
@@ -64,7 +66,7 @@ class Tiering:
         self.unpin = unpin
         self.versions = versions  # the loaded model versions (their configs say when to spill)
         self.persist = persist
-        self.where: dict[str, int] = {}  # spilled session id -> (record << 12) | file number
+        self.where = SpillIndex()  # spilled session id -> (record << 12) | file number
         self.files: list[SpillFile] = []
         self._versions: list[ModelVersion] = []  # by file number
         self._file_of: dict[tuple[int, int], int] = {}  # (id(model version), step class) -> file number
@@ -74,6 +76,7 @@ class Tiering:
         self._refused = {r: metrics.spill_refusals.labels(r) for r in ("disk_full", "too_large")}
         self._spilled_disk = metrics.spills.labels("disk")
         self._spilled_store = metrics.spills.labels("store")
+        self._peak = 0  # most resident sessions since the table's dicts were last compacted
         metrics.spill_budget_bytes.set(settings.spill_max_bytes)
 
     # -- spilling --------------------------------------------------------------------------------------------
@@ -138,6 +141,8 @@ class Tiering:
             if self.disk_bytes + grows > self.settings.spill_max_bytes:
                 self._refused["disk_full"].inc()
                 break
+            if s.session_id in self.where:  # another spilled id with the same 64-bit key: stay resident
+                continue
             known = s.last_inputs
             digest = input_digest(mv.spec, known) if isinstance(known, tuple) else known
             rec = SpilledSession(
@@ -156,7 +161,7 @@ class Tiering:
             )
             n = file.write(rec, min(s.last_used + s.idle_ttl_s, s.created_at + lifetime))
             self.disk_bytes += grows
-            self.where[s.session_id] = (n << _FILE_BITS) | file.number
+            self.where.put(s.session_id, (n << _FILE_BITS) | file.number)
             self.table.detach(s)
             self.admission.release(s.tenant, s.charge)
             s.charge = 0
@@ -190,22 +195,49 @@ class Tiering:
         idle_wait = max(0.05, min(1.0, settings.spill_after_s / 10 if settings.spill_after_s else 1.0))
         while True:
             await asyncio.sleep(idle_wait)
+            wave = 0
             while True:
+                self._peak = max(self._peak, len(self.table.sessions))
                 t0 = time.perf_counter()
                 batch = self.candidates(time.monotonic(), settings.spill_batch)
                 moved = self.spill(batch, time.monotonic()) if batch else 0
                 if not moved:
                     break
+                wave += moved
                 work = time.perf_counter() - t0
                 await asyncio.sleep(work * (1 / settings.spill_duty - 1))
+            if wave:
+                await self._give_back()
+
+    async def _give_back(self) -> None:
+        """After a wave of spills, hand the memory the spilled sessions held back to the OS.
+
+        The table's dicts keep their peak size until rebuilt; freed small objects go back to glibc's heap,
+        which keeps them until `malloc_trim` (run off the loop: it walks the heap).
+        """
+        resident = len(self.table.sessions)
+        if self._peak > 4 * max(resident, 1024):
+            self.table.compact()
+            self._peak = resident
+        await asyncio.to_thread(limits.trim_memory)
 
     # -- coming back -----------------------------------------------------------------------------------------
     def locate(self, session_id: str) -> tuple[SpillFile, int] | None:
         """Return the file and record number of a spilled session, or None."""
-        code = self.where.get(session_id)
+        code = self.where.get(session_id) if isinstance(session_id, str) else None
         if code is None:
             return None
         return self.files[code & ((1 << _FILE_BITS) - 1)], code >> _FILE_BITS
+
+    def _read(self, session_id: str, *, state: bool) -> tuple[SpillFile, int, SpilledSession] | None:
+        found = self.locate(session_id)
+        if found is None:
+            return None
+        file, n = found
+        rec = file.read(n, state=state)
+        if rec.session_id != session_id:  # another id with the same key: not this one
+            return None
+        return file, n, rec
 
     def resume(self, session_id: str) -> Session | None:
         """Bring a spilled session of the calling tenant back into the slab; None if it is not spilled here.
@@ -213,11 +245,10 @@ class Tiering:
         Charged to the memory budget like any resident session: RESOURCE_EXHAUSTED (the session stays
         spilled) when it does not fit.
         """
-        found = self.locate(session_id)
+        found = self._read(session_id, state=True)
         if found is None:
             return None
-        file, n = found
-        rec = file.read(n)
+        file, n, rec = found
         if rec.tenant != CALLER.get().tenant:
             return None
         mv = self._versions[file.number]
@@ -233,7 +264,7 @@ class Tiering:
         s.last_inputs = rec.digest
         if rec.outputs is not None:
             s.last_result = StepResult(rec.last_seq, rec.outputs, False)
-        del self.where[session_id]
+        self.where.pop(session_id)
         file.free(n)
         self.table.attach(s)
         self.metrics.unspills.inc()
@@ -242,11 +273,10 @@ class Tiering:
 
     def describe(self, session_id: str, wall_offset: float) -> SessionInfo | None:
         """Return the client's view of a spilled session of the calling tenant (from its record), or None."""
-        found = self.locate(session_id)
+        found = self._read(session_id, state=False)
         if found is None:
             return None
-        file, n = found
-        rec = file.read(n, state=False)
+        file, n, rec = found
         if rec.tenant != CALLER.get().tenant:
             return None
         spec = file.spec
@@ -268,13 +298,12 @@ class Tiering:
     # -- ending ----------------------------------------------------------------------------------------------
     def drop(self, session_id: str, reason: str) -> bool:
         """End a spilled session (closed, expired): free its record, uncount it; False if not spilled."""
-        found = self.locate(session_id)
+        found = self._read(session_id, state=False)
         if found is None:
             return False
-        file, n = found
-        rec = file.read(n, state=False)
+        file, n, rec = found
         mv = self._versions[file.number]
-        del self.where[session_id]
+        self.where.pop(session_id)
         file.free(n)
         self.table.drop_spilled(session_id, mv.spec.name, rec.tenant, reason)
         self.admission.close(rec.tenant, 0)
@@ -296,7 +325,7 @@ class Tiering:
 
     def drop_all(self, reason: str) -> None:
         """End every spilled session (shutdown) and release the files."""
-        for session_id in list(self.where):
-            self.drop(session_id, reason)
         for file in self.files:
+            for n in np.flatnonzero(np.isfinite(file.deadlines[: file.records])):
+                self.drop(file.read(int(n), state=False).session_id, reason)
             file.close()
