@@ -203,7 +203,7 @@ class Settings(BaseSettings):
     )
     spill_batch: int = Field(512, ge=1, description="Most sessions the spiller moves per turn.")
     spill_duty: float = Field(
-        0.05,
+        0.1,
         gt=0,
         le=1,
         description="Share of the event loop's time the spiller may take while it has work (it sleeps the"

@@ -16,7 +16,6 @@ in memory are the id -> record entry of `Tiering.where` and one float64 (the exp
 from __future__ import annotations
 
 import os
-import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,24 @@ from service.core.types import ModelSpec
 ID_BYTES = 64
 TENANT_BYTES = 48
 DIGEST_BYTES = 16
-# id, tenant, last_seq, steps, gen, created_at, last_used, idle_ttl_s, charged_steps, digest flag, digest,
-# cached-output timesteps (-1: no cached result)
-_HEADER = struct.Struct(f"<B{ID_BYTES}sB{TENANT_BYTES}sqqqdddiB{DIGEST_BYTES}si")
-HEADER_BYTES = _HEADER.size
+# The record header (packed, little-endian); a record is the header, the state rows, then room for the cached
+# outputs of `steps` timesteps. Built and parsed as numpy structured arrays: a turn of the spiller fills the
+# records of hundreds of sessions column by column and writes them with one `pwrite`.
+_HEADER_FIELDS = [
+    ("id", f"S{ID_BYTES}"),
+    ("tenant", f"S{TENANT_BYTES}"),
+    ("last_seq", "<i8"),
+    ("steps", "<i8"),
+    ("gen", "<i8"),
+    ("created_at", "<f8"),
+    ("last_used", "<f8"),
+    ("idle_ttl_s", "<f8"),
+    ("charged_steps", "<i4"),
+    ("has_digest", "u1"),
+    ("digest", f"S{DIGEST_BYTES}"),
+    ("out_steps", "<i4"),  # timesteps of the cached result; -1: none
+]
+HEADER_BYTES = np.dtype(_HEADER_FIELDS).itemsize
 STEP_CLASSES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)  # cached-result timesteps a record has room for
 
 
@@ -62,20 +75,25 @@ class SpilledSession:
 
 
 class SpillFile:
-    """The spill records of one model version (see the module docstring)."""
+    """The spill records of one model version and step class (see the module docstring)."""
 
     def __init__(self, directory: Path, spec: ModelSpec, number: int, steps: int = 1) -> None:
         self.spec = spec
         self.number = number
         self.steps = steps  # cached-result timesteps a record has room for (a STEP_CLASSES entry)
-        self.state_bytes = sum(s.row_bytes for s in spec.states)
         # Outputs with a dynamic dim (beyond batch and time) have no fixed size: such sessions stay resident.
         self.fixed_outputs = all(
             all(d is not None and d > 0 for d in t.shape[2 if t.time_axis else 1 :]) for t in spec.outputs
         )
-        time_bytes = sum(_row_bytes(t.shape, t.dtype, True) for t in spec.outputs if t.time_axis)
-        self.output_bytes = output_row_bytes(spec) + (steps - 1) * time_bytes
-        self.record_bytes = HEADER_BYTES + self.state_bytes + self.output_bytes
+        fields: list[tuple] = list(_HEADER_FIELDS)
+        fields += [("s_" + st.name, st.dtype.newbyteorder("<"), st.shape) for st in spec.states]
+        if self.fixed_outputs:
+            for t in spec.outputs:
+                dims = tuple(int(d or 0) for d in t.shape[2 if t.time_axis else 1 :])
+                room = ((steps,) if t.time_axis else ()) + dims
+                fields.append(("o_" + t.name, t.dtype.newbyteorder("<"), room))
+        self.dtype = np.dtype(fields)
+        self.record_bytes = self.dtype.itemsize
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"spill-{os.getpid()}-{number}-{spec.name}-v{spec.version}-{steps}.bin"
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -90,6 +108,8 @@ class SpillFile:
         """Tell whether a session fits one record (id, tenant and its cached outputs within their room)."""
         if len(session_id.encode()) > ID_BYTES or len(tenant.encode()) > TENANT_BYTES:
             return False
+        if "\0" in session_id or "\0" in tenant:
+            return False  # fixed-width text fields end at the first NUL
         if outputs is None:
             return True
         if not self.fixed_outputs:
@@ -102,80 +122,72 @@ class SpillFile:
             want = ((steps,) if t.time_axis else ()) + tuple(t.shape[2 if t.time_axis else 1 :])
             if a is None or a.dtype != t.dtype or a.shape != want:
                 return False
-        return sum(a.nbytes for a in outputs.values()) <= self.output_bytes
+        return True
 
-    def grows(self) -> int:
-        """Bytes the file grows by if one more record is written now (0 when a freed record is reused)."""
-        return 0 if self._free else self.record_bytes
+    def room(self, k: int, bytes_left: int) -> int:
+        """How many of `k` new records fit when the file may grow by at most `bytes_left`."""
+        grow = max(0, bytes_left) // self.record_bytes
+        return min(k, len(self._free) + grow)
 
-    def write(self, rec: SpilledSession, deadline: float) -> int:
-        """Write a record (into a freed one if any); return its number."""
-        if self._free:
-            n = self._free.pop()
-        else:
-            n = self.records
-            self.records += 1
-            if n >= len(self.deadlines):
-                self.deadlines = np.concatenate([self.deadlines, np.full(len(self.deadlines), np.inf)])
-        steps = -1 if rec.outputs is None else cached_steps(self.spec, rec.outputs)
-        header = _HEADER.pack(
-            *_text(rec.session_id, ID_BYTES),
-            *_text(rec.tenant, TENANT_BYTES),
-            rec.last_seq,
-            rec.steps,
-            rec.gen,
-            rec.created_at,
-            rec.last_used,
-            rec.idle_ttl_s,
-            rec.charged_steps,
-            rec.digest is not None,
-            rec.digest or b"",
-            steps,
-        )
-        parts = [header]
-        parts += [np.ascontiguousarray(rec.state[s.name]).tobytes() for s in self.spec.states]
-        if rec.outputs is not None:
-            parts += [np.ascontiguousarray(rec.outputs[t.name]).tobytes() for t in self.spec.outputs]
-        os.pwrite(self._fd, b"".join(parts), n * self.record_bytes)
-        self.deadlines[n] = deadline
-        self.count += 1
-        return n
+    def growth(self, k: int) -> int:
+        """Bytes the file grows by when `k` records are stored now (freed records are reused first)."""
+        return max(0, k - len(self._free)) * self.record_bytes
+
+    def blank(self, k: int) -> np.ndarray:
+        """Return `k` zeroed records to fill (structured array of this file's record type)."""
+        return np.zeros(k, self.dtype)
+
+    def store(self, recs: np.ndarray, deadlines: np.ndarray) -> np.ndarray:
+        """Write filled records (freed ones reused first, the rest appended with one write); their numbers."""
+        k = len(recs)
+        reuse = min(k, len(self._free))
+        numbers = np.empty(k, np.int64)
+        for i in range(reuse):
+            n = numbers[i] = self._free.pop()
+            os.pwrite(self._fd, recs[i : i + 1].tobytes(), n * self.record_bytes)
+        if reuse < k:
+            first = self.records
+            numbers[reuse:] = np.arange(first, first + k - reuse)
+            self.records += k - reuse
+            if self.records > len(self.deadlines):
+                grown = np.full(max(self.records, 2 * len(self.deadlines)), np.inf)
+                grown[: len(self.deadlines)] = self.deadlines
+                self.deadlines = grown
+            os.pwrite(self._fd, recs[reuse:].tobytes(), first * self.record_bytes)
+        self.deadlines[numbers] = deadlines
+        self.count += k
+        return numbers
 
     def read(self, n: int, *, state: bool = True) -> SpilledSession:
         """Read record `n` back (the header only when `state` is False)."""
         size = self.record_bytes if state else HEADER_BYTES
         buf = os.pread(self._fd, size, n * self.record_bytes)
-        (
-            id_len, sid, t_len, tenant, last_seq, steps, gen, created, used, ttl, charged, has_digest, digest,
-            out_steps,
-        ) = _HEADER.unpack_from(buf)  # fmt: skip
+        if state:
+            rec = np.frombuffer(buf, self.dtype, 1)[0]
+        else:
+            rec = np.frombuffer(buf, np.dtype(_HEADER_FIELDS), 1)[0]
         rows: dict[str, np.ndarray] = {}
         outputs: dict[str, np.ndarray] | None = None
+        out_steps = int(rec["out_steps"])
         if state:
-            off = HEADER_BYTES
-            for s in self.spec.states:
-                count = int(np.prod(s.shape))
-                rows[s.name] = np.frombuffer(buf, s.dtype, count, off).reshape(s.shape).copy()
-                off += s.row_bytes
+            for st in self.spec.states:
+                rows[st.name] = np.array(rec["s_" + st.name], dtype=st.dtype)
             if out_steps >= 0:
                 outputs = {}
                 for t in self.spec.outputs:
-                    dims = [int(d or 0) for d in t.shape[2 if t.time_axis else 1 :]]  # all fixed (`fits`)
-                    shape = tuple([out_steps] + dims if t.time_axis else dims)
-                    count = int(np.prod(shape))
-                    outputs[t.name] = np.frombuffer(buf, t.dtype, count, off).reshape(shape).copy()
-                    off += count * t.dtype.itemsize
+                    room = rec["o_" + t.name]
+                    outputs[t.name] = np.array(room[:out_steps] if t.time_axis else room, dtype=t.dtype)
         return SpilledSession(
-            sid[:id_len].decode(),
-            tenant[:t_len].decode(),
-            last_seq,
-            steps,
-            gen,
-            created,
-            used,
-            ttl,
-            charged,
-            digest if has_digest else None,
+            rec["id"].decode(),
+            rec["tenant"].decode(),
+            int(rec["last_seq"]),
+            int(rec["steps"]),
+            int(rec["gen"]),
+            float(rec["created_at"]),
+            float(rec["last_used"]),
+            float(rec["idle_ttl_s"]),
+            int(rec["charged_steps"]),
+            bytes(rec["digest"]).ljust(DIGEST_BYTES, b"\0") if rec["has_digest"] else None,
             rows,
             outputs,
         )
@@ -210,11 +222,6 @@ class SpillFile:
 def output_row_bytes(spec: ModelSpec) -> int:
     """Return the bytes of one timestep of a session's outputs: what a cached result costs per step."""
     return sum(_row_bytes(t.shape, t.dtype, t.time_axis) for t in spec.outputs)
-
-
-def _text(value: str, room: int) -> tuple[int, bytes]:
-    data = value.encode()
-    return len(data), data.ljust(room, b"\0")
 
 
 def _row_bytes(shape: tuple, dtype: np.dtype, time_axis: bool) -> int:

@@ -3,9 +3,9 @@
 An open-addressing hash table (linear probing) of 64-bit keys: the key is the process's own string hash of the
 session id (SipHash, salted per process), the value the record's code (`tiering`). A dict of a million str
 keys would cost ~190 bytes per session and keep a million small objects alive; this costs 16 bytes per slot
-at a load factor of at most one half. Keys are not ids: two ids with the same 64-bit hash cannot both be in
-the index (`put` refuses the second, which simply stays resident), and every hit is confirmed against the id
-stored in the record it points to, so a lookup never returns another session's record.
+at a load factor between one quarter and one half. Keys are not ids: two ids with the same 64-bit hash cannot
+both be in the index (`put` refuses the second, which simply stays resident), and every hit is confirmed
+against the id stored in the record it points to, so a lookup never returns another session's record.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class SpillIndex:
         if self._count and self._find(key) >= 0:
             return False
         if (self._filled + 1) * 2 > len(self._keys):
-            self._resize(max(1024, 4 * (self._count + 1)))
+            self._resize(max(1024, 2 * (self._count + 1)))  # load factor 1/4 to 1/2
         keys, i, mask = self._keys, key & self._mask, self._mask
         while keys[i] > _DELETED:
             i = (i + 1) & mask

@@ -119,11 +119,10 @@ class Tiering:
         return moved
 
     def _spill_disk(self, group: list[Session], now: float) -> int:
+        """Spill sessions of one model version: records built column-wise, one write per file and turn."""
         mv = group[0].mv
-        rows = mv.slab.gather(np.fromiter((s.slot for s in group), np.int64, len(group)))
-        lifetime = self.settings.max_lifetime_s
-        moved = 0
-        for i, s in enumerate(group):
+        by_file: dict[int, tuple[SpillFile, list[Session], list[dict[str, np.ndarray] | None]]] = {}
+        for s in group:
             last = s.last_result
             if last is None:
                 outputs = None
@@ -134,42 +133,71 @@ class Tiering:
                 outputs = {t.name: a[row] for t, a in zip(mv.spec.outputs, arrays, strict=True)}
             steps = step_class(cached_steps(mv.spec, outputs) if outputs is not None else 1)
             file = self._file(mv, steps) if steps is not None else None
-            if file is None or not file.fits(s.session_id, s.tenant, outputs):
-                self._refused["too_large"].inc()
+            if file is None or not file.fits(s.session_id, s.tenant, outputs) or s.session_id in self.where:
+                self._refused["too_large"].inc()  # (or another spilled id has the same 64-bit key)
                 continue
-            grows = file.grows()
-            if self.disk_bytes + grows > self.settings.spill_max_bytes:
-                self._refused["disk_full"].inc()
-                break
-            if s.session_id in self.where:  # another spilled id with the same 64-bit key: stay resident
-                continue
-            known = s.last_inputs
-            digest = input_digest(mv.spec, known) if isinstance(known, tuple) else known
-            rec = SpilledSession(
-                s.session_id,
-                s.tenant,
-                s.last_seq,
-                s.steps,
-                s.gen,
-                s.created_at,
-                s.last_used,
-                s.idle_ttl_s,
-                s.charged_steps,
-                digest,
-                {name: rows[name][i] for name in mv.slab.names},
-                outputs,
-            )
-            n = file.write(rec, min(s.last_used + s.idle_ttl_s, s.created_at + lifetime))
-            self.disk_bytes += grows
-            self.where.put(s.session_id, (n << _FILE_BITS) | file.number)
-            self.table.detach(s)
-            self.admission.release(s.tenant, s.charge)
-            s.charge = 0
-            mv.slab.free(s.slot)
-            moved += 1
+            entry = by_file.setdefault(file.number, (file, [], []))
+            entry[1].append(s)
+            entry[2].append(outputs)
+        moved = 0
+        for file, sessions, outs in by_file.values():
+            k = file.room(len(sessions), self.settings.spill_max_bytes - self.disk_bytes)
+            if k < len(sessions):
+                self._refused["disk_full"].inc(len(sessions) - k)
+                del sessions[k:], outs[k:]
+            if k:
+                self._write(file, mv, sessions, outs)
+                moved += k
         self._spilled_disk.inc(moved)
         self._publish()
         return moved
+
+    def _write(
+        self,
+        file: SpillFile,
+        mv: ModelVersion,
+        sessions: list[Session],
+        outputs: list[dict[str, np.ndarray] | None],
+    ) -> None:
+        spec, k = mv.spec, len(sessions)
+        recs = file.blank(k)
+        recs["id"] = [s.session_id.encode() for s in sessions]
+        recs["tenant"] = [s.tenant.encode() for s in sessions]
+        for field in ("last_seq", "steps", "gen", "created_at", "last_used", "idle_ttl_s", "charged_steps"):
+            recs[field] = [getattr(s, field) for s in sessions]
+        digests = [
+            input_digest(spec, seen) if isinstance(seen := s.last_inputs, tuple) else seen for s in sessions
+        ]
+        recs["has_digest"] = [d is not None for d in digests]
+        recs["digest"] = [d or b"" for d in digests]
+        rows = mv.slab.gather(np.fromiter((s.slot for s in sessions), np.int64, k))
+        for st in spec.states:
+            recs["s_" + st.name] = rows[st.name]
+        out_steps = recs["out_steps"]
+        out_steps[:] = -1
+        for i, out in enumerate(outputs):
+            if out is not None:
+                n = cached_steps(spec, out)
+                out_steps[i] = n
+                for t in spec.outputs:
+                    if t.time_axis:
+                        recs["o_" + t.name][i, :n] = out[t.name]
+                    else:
+                        recs["o_" + t.name][i] = out[t.name]
+        created = recs["created_at"]
+        deadlines = np.minimum(recs["last_used"] + recs["idle_ttl_s"], created + self.settings.max_lifetime_s)
+        self.disk_bytes += file.growth(k)
+        numbers = file.store(recs, deadlines)
+        where, table, slab, release = self.where, self.table, mv.slab, self.admission.release
+        charges: dict[str, int] = {}
+        for s, n in zip(sessions, numbers.tolist(), strict=True):
+            where.put(s.session_id, (n << _FILE_BITS) | file.number)
+            table.detach(s)
+            charges[s.tenant] = charges.get(s.tenant, 0) + s.charge
+            s.charge = 0
+            slab.free(s.slot)
+        for tenant, nbytes in charges.items():
+            release(tenant, nbytes)
 
     def _file(self, mv: ModelVersion, steps: int) -> SpillFile | None:
         number = self._file_of.get((id(mv), steps))
