@@ -202,3 +202,40 @@ def test_slab_memory_comes_back_after_a_burst_closes(tmp_path):
     grown = rss1 - rss0
     assert grown > 20_000 * 4096 * 0.9, (rss0, rss1)  # the burst really held its state in memory
     assert rss2 <= rss0 * 1.2, f"RSS {rss2 >> 20} MiB after close, {rss0 >> 20} MiB before the burst"
+
+
+def test_store_mode_spill_drops_the_resident_copy_and_resumes_from_the_store(model_repository):
+    """With a persistent store, spilling is dropping a saved session's resident copy; the store resumes it."""
+    import asyncio
+
+    from engine_harness import eventually, metric, run_engine
+
+    from service.stores.base import InMemoryStore
+
+    async def body(engine):
+        info = await engine.create_session(MODEL)
+        sid = info.session_id
+        first = await engine.step(sid, 1, {"tokens": np.array([1, 2], np.int64)})
+        await eventually(lambda: sid not in engine.sessions.sessions)
+        assert metric(engine, "rnnserve_spills_total", {"tier": "store"}) >= 1
+        assert not engine.session_manager.tiering.files  # nothing on local disk: the store holds it
+        again = await engine.step(sid, 1, {"tokens": np.array([1, 2], np.int64)})  # a retry: the cached answer
+        assert again.cached and again.outputs["logits"].tobytes() == first.outputs["logits"].tobytes()
+        nxt = await engine.step(sid, 2, {"tokens": np.array([3], np.int64)})
+        await asyncio.sleep(0)
+        return nxt.seq
+
+    assert run_engine(model_repository, body, InMemoryStore(persistent=True), spill_after_s=0.1) == 2
+
+
+def test_model_config_overrides_spill_after_s(tmp_path):
+    from service.config import Settings
+    from service.core.types import ContractError, ModelConfig
+
+    settings = Settings(model_repository=tmp_path, spill_after_s=60)
+    assert ModelConfig.from_settings(settings).spill_after_s == 60
+    assert ModelConfig.from_settings(settings, {"spill_after_s": 0}).spill_after_s == 0
+    assert ModelConfig.from_settings(settings, {"spill_after_s": 2.5}).spill_after_s == 2.5
+    for bad in (-1, "soon", True):
+        with pytest.raises(ContractError, match="spill_after_s must be a number of seconds"):
+            ModelConfig.from_settings(settings, {"spill_after_s": bad})
