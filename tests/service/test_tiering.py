@@ -219,7 +219,7 @@ def test_store_mode_spill_drops_the_resident_copy_and_resumes_from_the_store(mod
         await eventually(lambda: sid not in engine.sessions.sessions)
         assert metric(engine, "rnnserve_spills_total", {"tier": "store"}) >= 1
         assert not engine.session_manager.tiering.files  # nothing on local disk: the store holds it
-        again = await engine.step(sid, 1, {"tokens": np.array([1, 2], np.int64)})  # a retry: the cached answer
+        again = await engine.step(sid, 1, {"tokens": np.array([1, 2], np.int64)})  # a retry: cached answer
         assert again.cached and again.outputs["logits"].tobytes() == first.outputs["logits"].tobytes()
         nxt = await engine.step(sid, 2, {"tokens": np.array([3], np.int64)})
         await asyncio.sleep(0)
