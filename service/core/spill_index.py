@@ -2,8 +2,8 @@
 
 An open-addressing hash table (linear probing) of 64-bit keys: the key is the process's own string hash of the
 session id (SipHash, salted per process), the value the record's code (`tiering`). A dict of a million str
-keys would cost ~190 bytes per session and keep a million small objects alive; this costs 16 bytes per slot
-at a load factor between one quarter and one half. Keys are not ids: two ids with the same 64-bit hash cannot
+keys would keep a million str objects alive (and the slots of the dict); this costs 16 bytes per slot at a
+load factor between one quarter and one half. Keys are not ids: two ids with the same 64-bit hash cannot
 both be in the index (`put` refuses the second, which simply stays resident), and every hit is confirmed
 against the id stored in the record it points to, so a lookup never returns another session's record.
 """
