@@ -66,6 +66,15 @@ class Settings(BaseSettings):
             " light load then skip the thread hand-off, which costs as much as the run."
         ),
     )
+    inline_idle_max_us: int = Field(
+        1000,
+        ge=0,
+        description=(
+            "As inline_max_us, for a batch that leaves no other step of its model waiting (one sequence at a"
+            " time, light load): the hand-off would only add its CPU and latency to those steps. Never below"
+            " inline_max_us; inline_max_us 0 turns both off."
+        ),
+    )
     batch_hold_us: int = Field(
         1000,
         ge=0,

@@ -8,6 +8,7 @@ Naming follows Prometheus conventions: base units in the name, counters end in `
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -92,16 +93,17 @@ class BulkHistogram(Collector):
 class BulkHistogramChild:
     """Bucket counts of one label set; updated from the event loop thread only."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum", "_edges")
 
     def __init__(self, bounds: np.ndarray) -> None:
         self.bounds = bounds
         self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last bucket is +Inf
         self.sum = 0.0
+        self._edges = tuple(float(b) for b in bounds)  # for one value, bisect beats a numpy call tenfold
 
     def observe(self, value: float) -> None:
         """Record one value."""
-        self.counts[int(np.searchsorted(self.bounds, value, side="left"))] += 1
+        self.counts[bisect_left(self._edges, value)] += 1
         self.sum += value
 
     def observe_many(self, values: np.ndarray) -> None:
