@@ -45,6 +45,7 @@ from service.server.kserve_models import (
     version_arg,
 )
 from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
+from service.server.streams import END_REASON_HEADER, StreamRegistry, add_end_trailer, end_error
 
 SERVER_NAME = "rnnserve"
 # Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
@@ -73,8 +74,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         version: str | None = None,
         ready: Callable[[], bool] = lambda: True,
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+        streams: StreamRegistry | None = None,
     ) -> None:
         self._engine = engine
+        self._streams = streams if streams is not None else StreamRegistry(engine.settings, engine.metrics)
         self._version = version or package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
@@ -162,7 +165,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             pass
         return call.finish()
 
-    async def ModelStreamInfer(  # noqa: N802
+    async def ModelStreamInfer(  # noqa: N802, C901 - the writer loop stays in one frame on purpose (hot path)
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> None:
         """Answer each request of a bidirectional stream with one response (matched by `id`).
@@ -171,7 +174,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         per request): interleaved sequences batch together, and the engine's per-session FIFO keeps each
         sequence in arrival order, so replies are written as their steps complete. At most
         `stream_max_inflight` requests run or wait to be written; the reader pauses beyond that.
+
+        A drain stops the reading, writes the replies of the requests already read, then one error response
+        naming the reason (`_end_reply`) and ends the stream UNAVAILABLE with the reason trailer.
         """
+        rec = self._streams.enter(context, "ModelStreamInfer")
         replies: collections.deque[pb.ModelStreamInferResponse] = collections.deque()
         state = _StreamState(asyncio.get_running_loop().create_future())
         limit = self._stream_max_inflight
@@ -197,7 +204,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 state.reading = False
                 ready(_NO_REPLY)
 
-        reader = asyncio.create_task(read())
+        reader = rec.task = asyncio.create_task(read())
+        outcome = "error"
         try:
             while True:
                 while not replies:
@@ -218,9 +226,16 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     room.set_result(None)
                 if not state.reading and state.inflight == 0:
                     break
+            if rec.ended is not None:  # the server ends the stream (a drain): the reader was stopped
+                await _tell_end(context, rec.ended)
             await reader  # surfaces a broken request stream
+            outcome = "client"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             reader.cancel()
+            self._streams.leave(rec, outcome)
 
     def _stream_start(
         self,
@@ -398,6 +413,21 @@ def _error_reply(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelS
     return reply
 
 
+async def _tell_end(context: Any, reason: str) -> None:
+    """End a stream for `reason`: the error response, the reason trailer, then the status."""
+    add_end_trailer(context, reason)
+    error = end_error(reason)
+    await context.write(_end_reply(reason, error.message))
+    raise error
+
+
+def _end_reply(reason: str, message: str) -> pb.ModelStreamInferResponse:
+    """Build the last response of a stream the server ends: an error, which Triton clients pass on."""
+    reply = pb.ModelStreamInferResponse(error_message=f"{message} ({END_REASON_HEADER}: {reason})")
+    reply.infer_response.parameters["rnnserve_end_reason"].string_value = reason
+    return reply
+
+
 def _final_response_wanted(request: pb.ModelInferRequest) -> bool:
     param = request.parameters.get("triton_enable_empty_final_response")
     return param is not None and param.WhichOneof("parameter_choice") == "bool_param" and param.bool_param
@@ -441,8 +471,11 @@ def add_to_server(
     ready: Callable[[], bool] = lambda: True,
     version: str | None = None,
     stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+    streams: StreamRegistry | None = None,
 ) -> KServeServicer:
     """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer."""
-    servicer = KServeServicer(engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight)
+    servicer = KServeServicer(
+        engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight, streams=streams
+    )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer
