@@ -8,7 +8,8 @@
 
 Semantics are those of the blocking client (see its module docstring): every chunk carries seq = last applied
 + 1; after a transport error the same chunk is re-sent with the same seq on the next address; every call of a
-session carries its affinity header (`service.client.AFFINITY_HEADER`), keyed the same way.
+session carries its affinity header (`service.client.AFFINITY_HEADER`), keyed the same way. A session the
+server ends raises `SessionEnded` with its reason; a stream told "draining" or "moved" resumes by itself.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from service.client.common import (
     Inputs,
     Metadata,
     ModelInfo,
+    Retrier,
     SessionInfo,
     affinity_metadata,
     channel_options,
     encode_inputs,
+    ended_from_pb,
+    ended_of,
     new_affinity_key,
     outputs_of,
     parse_addresses,
@@ -53,8 +57,10 @@ class AsyncClient:
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
         credentials: Credentials | None = None,
+        resume_timeout_s: float = 30.0,
     ) -> None:
         self.addresses = parse_addresses(addresses)
+        self.resume_timeout_s = resume_timeout_s  # see `service.client.Client`
         # TLS and API key (service.client.security); default: RNNSERVE_API_KEY / RNNSERVE_TLS_* if set.
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.timeout = timeout
@@ -94,6 +100,9 @@ class AsyncClient:
             try:
                 return await getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as err:
+                ended = ended_of(err, getattr(request, "session_id", ""))
+                if ended is not None and not ended.resumable:
+                    raise ended from err
                 if not self.retry(err, attempt, session_bound):
                     raise
                 self.failover(channel)
@@ -241,27 +250,25 @@ class AsyncSession:
                 request = pb.StreamRequest(
                     seq=self.seq + 1, inputs=encode_inputs(self.model, chunk), last_only=last_only
                 )
-                for attempt in range(self.client.max_attempts):
+                retrier = Retrier(self.client, self.id)
+                while True:
                     channel = self.client.channel
                     try:
                         if call is None:
                             call = self.client.stub.Stream(metadata=self.metadata)
-                            opening = pb.StreamOpen(session_id=self.id, keep=True)
+                            opening = pb.StreamOpen(session_id=self.id, keep=True, lifecycle_events=True)
                             await call.write(pb.StreamRequest(open=opening))
-                            self.info = SessionInfo.from_pb((await call.read()).session)
+                            self.info = SessionInfo.from_pb(_answer(await call.read()).session)
                         await call.write(request)
-                        response = await call.read()
-                        if response is aio.EOF:
-                            raise _eof()
+                        response = _answer(await call.read())
                         break
                     except grpc.RpcError as err:
                         if call is not None:
                             call.cancel()
                         call = None
-                        if not self.client.retry(err, attempt, session_bound=True):
-                            raise
+                        wait = retrier.delay(err)  # raises SessionEnded, or the error, when it gives up
                         self.client.failover(channel)
-                        await asyncio.sleep(self.client.backoff_s * min(attempt, 4))
+                        await asyncio.sleep(wait)
                 self.seq = response.seq
                 yield outputs_of(response.outputs)
         finally:
@@ -333,6 +340,15 @@ async def _aiter(chunks: Iterable[Inputs] | AsyncIterable[Inputs]) -> AsyncItera
     else:
         for chunk in chunks:
             yield chunk
+
+
+def _answer(response: Any) -> pb.StreamResponse:
+    """Return a stream's answer; raise for a final `ended` message or an end without an answer."""
+    if response is aio.EOF:
+        raise _eof()
+    if response.HasField("ended"):  # the server's last word: the request was not applied
+        raise ended_from_pb(response.ended)
+    return response  # type: ignore[no-any-return]
 
 
 def _eof() -> grpc.RpcError:
