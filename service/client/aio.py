@@ -69,6 +69,7 @@ class AsyncClient:
         self._options = channel_options(max_message_bytes)
         self._index = 0
         self.failovers = 0  # how many times a call was re-sent after a transport error (or moved address)
+        self.resumed: dict[str, int] = {}  # streams told "draining" or "moved" and resumed, by reason
         self._models: dict[tuple[str, int], ModelInfo] = {}
         self._old: list[aio.Channel] = []
         self._connect()

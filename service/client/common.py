@@ -306,6 +306,7 @@ class Retrier:
                 raise ended
             if self._resume_until is None:
                 self._resume_until = time.monotonic() + client.resume_timeout_s
+            client.resumed[ended.reason] = client.resumed.get(ended.reason, 0) + 1
         attempt, self._attempt = self._attempt, self._attempt + 1
         if self._resume_until is not None:
             code = err.code()

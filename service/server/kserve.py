@@ -424,7 +424,7 @@ async def _tell_end(context: Any, reason: str) -> None:
 def _end_reply(reason: str, message: str) -> pb.ModelStreamInferResponse:
     """Build the last response of a stream the server ends: an error, which Triton clients pass on."""
     reply = pb.ModelStreamInferResponse(error_message=f"{message} ({END_REASON_HEADER}: {reason})")
-    reply.infer_response.parameters["rnnserve_end_reason"].string_value = reason
+    reply.infer_response.parameters["rnnserve_end_reason"].string_param = reason
     return reply
 
 
