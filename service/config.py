@@ -226,7 +226,7 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="Shortest interval between client pings the server accepts; a client pinging more often"
-        " is sent GOAWAY after max_ping_strikes (grpc.http2.min_recv_ping_interval_without_data_ms).",
+        " is sent GOAWAY after max_ping_strikes (grpc.http2.min_ping_interval_without_data_ms).",
     )
     keepalive_max_ping_strikes: int = Field(
         2,

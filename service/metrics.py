@@ -252,9 +252,10 @@ class Metrics:
         )
         self.streams_ended = Counter(
             "rnnserve_streams_ended",
-            "Streams ended, by method and reason: the client's end (client), a cancelled call or a lost"
-            " connection (cancelled), an error (error), or what the server told the stream (idle, lifetime,"
-            " capacity, draining, moved, closed, unloaded).",
+            "Streams ended, by method and reason: the client's requests ended (client: a half-close, or"
+            " a connection that closed or failed its keepalive), a cancelled call (cancelled), an error"
+            " (error), or what the server told the stream (idle, lifetime, capacity, draining, moved, closed,"
+            " unloaded).",
             ["method", "reason"],
             registry=r,
         )

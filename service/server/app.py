@@ -213,11 +213,13 @@ def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", round(settings.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout_s * 1000)),
+        # gRPC core times the ping's ack with its own ping timeout (one minute unless set): the same bound.
+        ("grpc.http2.ping_timeout_ms", round(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
         # A silent stream sends no data: without this, the server stops pinging it after two pings.
         ("grpc.http2.max_pings_without_data", 0),
         (
-            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            "grpc.http2.min_ping_interval_without_data_ms",
             round(settings.keepalive_min_client_ping_s * 1000),
         ),
         ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
