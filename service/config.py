@@ -215,7 +215,7 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="A ping not answered within this many seconds closes the connection: its streams end and"
-        " their sessions are released (grpc.keepalive_timeout_ms).",
+        " their sessions are released (grpc.keepalive_timeout_ms, grpc.http2.ping_timeout_ms).",
     )
     keepalive_permit_without_calls: bool = Field(
         True,

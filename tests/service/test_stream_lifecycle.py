@@ -275,3 +275,16 @@ def test_a_drain_is_told_to_native_and_kserve_streams(repo):
     assert results[0][1] is None  # the request was answered before the drain
     errors = [str(e) for _, e in results[1:] if e is not None]
     assert any("draining" in e and END in e for e in errors), errors  # Triton's callback got the reason
+
+
+def test_the_readme_settings_table_is_generated_from_the_settings():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("stream_settings", root / "tests" / "stream_settings.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "results" / "streams.md").read_text() == module.table(), (
+        "docs/results/streams.md is stale: python tests/stream_settings.py, then make readme"
+    )
