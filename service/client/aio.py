@@ -15,6 +15,7 @@ server ends raises `SessionEnded` with its reason; a stream told "draining" or "
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -244,8 +245,14 @@ class AsyncSession:
     async def stream(
         self, chunks: Iterable[Inputs] | AsyncIterable[Inputs], *, last_only: bool = False
     ) -> AsyncIterator[dict[str, np.ndarray]]:
-        """Send chunks over one lock-step bidi stream (re-attached after transport errors); yield outputs."""
+        """Send chunks over one lock-step bidi stream (re-attached after transport errors); yield outputs.
+
+        Between chunks a read is already waiting, so a final message the server sends while the stream is idle
+        (a drain, a move, an expiry) is seen before the next chunk is written: a write into a call the server
+        has ended fails with an anonymous INTERNAL in grpc.aio.
+        """
         call: Any = None
+        ahead: asyncio.Future[Any] | None = None  # the read of the next message, started after each answer
         try:
             async for chunk in _aiter(chunks):
                 request = pb.StreamRequest(
@@ -260,13 +267,23 @@ class AsyncSession:
                             opening = pb.StreamOpen(session_id=self.id, keep=True, lifecycle_events=True)
                             await call.write(pb.StreamRequest(open=opening))
                             self.info = SessionInfo.from_pb(_answer(await call.read()).session)
-                        await call.write(request)
-                        response = _answer(await call.read())
+                            ahead = None
+                        if ahead is not None and ahead.done():
+                            _answer(ahead.result())  # the server spoke unasked: its last word (raises)
+                        try:
+                            await call.write(request)
+                        except grpc.RpcError:
+                            if ahead is not None:  # the server ended the call: its last message says why
+                                _answer(await ahead)
+                            raise
+                        response = _answer(await (ahead if ahead is not None else call.read()))
+                        ahead = asyncio.ensure_future(call.read())
                         break
                     except grpc.RpcError as err:
                         if call is not None:
                             call.cancel()
-                        call = None
+                        _dropped(ahead)
+                        call = ahead = None
                         wait = retrier.delay(err)  # raises SessionEnded, or the error, when it gives up
                         self.client.failover(channel)
                         await asyncio.sleep(wait)
@@ -274,9 +291,13 @@ class AsyncSession:
                 yield outputs_of(response.outputs)
         finally:
             if call is not None:
-                await call.done_writing()
-                while await call.read() is not aio.EOF:  # the server answers nothing more; drain to the end
-                    pass
+                with contextlib.suppress(grpc.RpcError):
+                    await call.done_writing()
+                    if ahead is not None:
+                        await ahead
+                    while await call.read() is not aio.EOF:  # nothing more comes; drain to the end
+                        pass
+            _dropped(ahead)
 
     async def describe(self) -> SessionInfo:
         """Fetch the server's view of this session."""
@@ -341,6 +362,13 @@ async def _aiter(chunks: Iterable[Inputs] | AsyncIterable[Inputs]) -> AsyncItera
     else:
         for chunk in chunks:
             yield chunk
+
+
+def _dropped(read: asyncio.Future[Any] | None) -> None:
+    """Forget a read-ahead of a call that is gone (its outcome is retrieved, so nothing logs it)."""
+    if read is not None:
+        read.cancel()
+        read.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _answer(response: Any) -> pb.StreamResponse:

@@ -8,6 +8,7 @@ its session as documented (README, "Long-lived streams").
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from server_thread import ServerThread, make_settings
 from test_stream_lifecycle import MODEL, RawStream, sample, tokens, trailer, wait_for
 
-from service.client import Client
+from service.client import AsyncClient, Client
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 from tests.deploy.redis_server import start_redis, stop_redis
@@ -150,6 +151,51 @@ def test_moved_is_told_when_another_replica_takes_the_session_and_the_client_fol
             h.close()
         a.stop()
         b.stop()
+
+
+def test_the_asyncio_client_and_the_multiplexer_resume_after_a_drain(tmp_path, repo, redis_url):
+    a = replica("a", tmp_path, repo, redis_url)
+    b = replica("b", tmp_path, repo, redis_url)
+    c = replica("c", tmp_path, repo, redis_url)
+    try:
+        data = tokens(40, 8)
+
+        async def stream_async() -> tuple[np.ndarray, dict[str, int]]:
+            async with AsyncClient([a.address, b.address], backoff_s=0.02) as client:
+                session = await client.session(MODEL)
+
+                async def chunks():
+                    for i, chunk in enumerate(np.split(data, CUTS)):
+                        if i == 3:
+                            a.terminate()
+                            await asyncio.to_thread(a.process.wait, 30)
+                        yield chunk
+
+                got = [out["logits"] async for out in session.stream(chunks())]
+                return np.concatenate(got), client.resumed
+
+        got, resumed = asyncio.run(stream_async())
+        assert resumed == {"draining": 1}
+        np.testing.assert_allclose(got, one_pass(repo, data), atol=1e-5)
+
+        # Two sessions stepped together over StreamMany on b; b drains midway; c takes over.
+        rows = np.stack([tokens(12, 9), tokens(12, 10)])
+        with Client([b.address, c.address], backoff_s=0.02) as client:
+            sessions = [client.session(MODEL), client.session(MODEL)]
+            outs = []
+            with client.multiplexer() as mux:
+                for t in range(0, 12, 2):
+                    if t == 6:
+                        b.terminate()
+                        b.process.wait(30)
+                    answers = mux.step([(s, rows[i, t : t + 2]) for i, s in enumerate(sessions)])
+                    outs.append(np.stack([answer["logits"] for answer in answers]))
+            assert client.resumed == {"draining": 1}
+        np.testing.assert_allclose(np.concatenate(outs, axis=1)[0], one_pass(repo, rows[0]), atol=1e-5)
+        np.testing.assert_allclose(np.concatenate(outs, axis=1)[1], one_pass(repo, rows[1]), atol=1e-5)
+    finally:
+        for r in (a, b, c):
+            r.stop()
 
 
 # -- dead peers ---------------------------------------------------------------------------------------------
