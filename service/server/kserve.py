@@ -45,7 +45,7 @@ from service.server.kserve_models import (
     version_arg,
 )
 from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
-from service.server.streams import END_REASON_HEADER, StreamRegistry, add_end_trailer, end_error
+from service.server.streams import StreamRegistry, tell_kserve_end
 
 SERVER_NAME = "rnnserve"
 # Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
@@ -174,9 +174,6 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         per request): interleaved sequences batch together, and the engine's per-session FIFO keeps each
         sequence in arrival order, so replies are written as their steps complete. At most
         `stream_max_inflight` requests run or wait to be written; the reader pauses beyond that.
-
-        A drain stops the reading, writes the replies of the requests already read, then one error response
-        naming the reason (`_end_reply`) and ends the stream UNAVAILABLE with the reason trailer.
         """
         rec = self._streams.enter(context, "ModelStreamInfer")
         replies: collections.deque[pb.ModelStreamInferResponse] = collections.deque()
@@ -205,7 +202,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 ready(_NO_REPLY)
 
         reader = rec.task = asyncio.create_task(read())
-        outcome = "error"
+        outcome = "cancelled"  # unless the requests end (or the server ends the stream, rec.ended)
         try:
             while True:
                 while not replies:
@@ -226,13 +223,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     room.set_result(None)
                 if not state.reading and state.inflight == 0:
                     break
-            if rec.ended is not None:  # the server ends the stream (a drain): the reader was stopped
-                await _tell_end(context, rec.ended)
+            if rec.ended is not None:  # a drain stopped the reader: answered what it read, now say why
+                await tell_kserve_end(context, rec.ended)
             await reader  # surfaces a broken request stream
             outcome = "client"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
         finally:
             reader.cancel()
             self._streams.leave(rec, outcome)
@@ -410,21 +404,6 @@ def _error_reply(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelS
     reply.infer_response.id = request.id
     reply.infer_response.model_name = request.model_name
     reply.infer_response.model_version = request.model_version
-    return reply
-
-
-async def _tell_end(context: Any, reason: str) -> None:
-    """End a stream for `reason`: the error response, the reason trailer, then the status."""
-    add_end_trailer(context, reason)
-    error = end_error(reason)
-    await context.write(_end_reply(reason, error.message))
-    raise error
-
-
-def _end_reply(reason: str, message: str) -> pb.ModelStreamInferResponse:
-    """Build the last response of a stream the server ends: an error, which Triton clients pass on."""
-    reply = pb.ModelStreamInferResponse(error_message=f"{message} ({END_REASON_HEADER}: {reason})")
-    reply.infer_response.parameters["rnnserve_end_reason"].string_param = reason
     return reply
 
 

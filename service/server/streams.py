@@ -21,9 +21,12 @@ this address once it is back) and attaches to it with the seq it holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tritonclient.grpc import service_pb2 as kserve_pb
 
 from service.config import Settings
 from service.core.table import REASON_TEXT
@@ -161,3 +164,22 @@ class StreamRegistry:
 
 def _forwarded(context: Any) -> bool:
     return any(k == FORWARDED_HEADER for k, _ in context.invocation_metadata() or ())
+
+
+async def tell_kserve_end(context: Any, reason: str) -> None:
+    """End a KServe stream for `reason`: an error response naming it, the reason trailer, then the status.
+
+    tritonclient hands the error response to the stream's callback like any other (docs/triton.md, "Errors").
+    """
+    add_end_trailer(context, reason)
+    error = end_error(reason)
+    with contextlib.suppress(Exception):  # the client may be gone already: the status is what is left
+        await context.write(_end_reply(reason, error.message))
+    raise error
+
+
+def _end_reply(reason: str, message: str) -> kserve_pb.ModelStreamInferResponse:
+    """Build the last response of a stream the server ends: an error, which Triton clients pass on."""
+    reply = kserve_pb.ModelStreamInferResponse(error_message=f"{message} ({END_REASON_HEADER}: {reason})")
+    reply.infer_response.parameters["rnnserve_end_reason"].string_param = reason
+    return reply
