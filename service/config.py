@@ -218,6 +218,56 @@ class Settings(BaseSettings):
         description="Share of the event loop's time the spiller may take while it has work (it sleeps the"
         " rest, so hot sessions keep their step rate).",
     )
+    # -- long-lived streams (README "Long-lived streams") --
+    stream_holds_sessions: bool = Field(
+        True,
+        description="An open Stream keeps its session alive: no idle expiry while it is open (and, with the"
+        " shared store, its lease and stored record are kept fresh); the idle TTL counts from the stream's"
+        " end."
+        " Off: the idle TTL runs while a stream is silent, and the stream is told 'idle' when it expires.",
+    )
+    max_open_streams: int = Field(
+        50_000,
+        ge=1,
+        description="Most open streams (Stream, StreamMany, ModelStreamInfer) on this server; more are"
+        " refused with RESOURCE_EXHAUSTED.",
+    )
+    max_streams_per_connection: int = Field(
+        10_000,
+        ge=1,
+        description="Most open streams on one client connection; more are refused with RESOURCE_EXHAUSTED"
+        " (open another connection).",
+    )
+    keepalive_time_s: float = Field(
+        30.0,
+        gt=0,
+        description="The server pings each client connection after this many seconds without activity, so a"
+        " peer that is gone (crashed, unplugged, paused) is noticed on a silent stream"
+        " (grpc.keepalive_time_ms).",
+    )
+    keepalive_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A ping not answered within this many seconds closes the connection: its streams end and"
+        " their sessions are released (grpc.keepalive_timeout_ms, grpc.http2.ping_timeout_ms).",
+    )
+    keepalive_permit_without_calls: bool = Field(
+        True,
+        description="Ping connections with no open call too, and accept client pings on them"
+        " (grpc.keepalive_permit_without_calls).",
+    )
+    keepalive_min_client_ping_s: float = Field(
+        10.0,
+        ge=0,
+        description="Shortest interval between client pings the server accepts; a client pinging more often"
+        " is sent GOAWAY after max_ping_strikes (grpc.http2.min_ping_interval_without_data_ms).",
+    )
+    keepalive_max_ping_strikes: int = Field(
+        2,
+        ge=0,
+        description="Too-frequent client pings tolerated before GOAWAY (grpc.http2.max_ping_strikes; 0 = no"
+        " limit).",
+    )
     workers: int = Field(
         0,
         ge=0,

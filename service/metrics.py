@@ -266,6 +266,28 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.open_streams = Gauge(
+            "rnnserve_open_streams",
+            "Open streaming calls, by method (Stream, StreamMany, ModelStreamInfer).",
+            ["method"],
+            registry=r,
+        )
+        self.stream_refusals = Counter(
+            "rnnserve_stream_refusals",
+            "Streams refused at opening, by the limit that refused them (max_open_streams,"
+            " max_streams_per_connection).",
+            ["limit"],
+            registry=r,
+        )
+        self.streams_ended = Counter(
+            "rnnserve_streams_ended",
+            "Streams ended, by method and reason: the client's requests ended (client: a half-close, or"
+            " a connection that closed or failed its keepalive), a cancelled call (cancelled), an error"
+            " (error), or what the server told the stream (idle, lifetime, capacity, draining, moved, closed,"
+            " unloaded).",
+            ["method", "reason"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "rnnserve_auth_failures",
             "Calls refused before reaching a handler, by reason (missing, malformed, unknown, role).",

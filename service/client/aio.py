@@ -8,12 +8,14 @@
 
 Semantics are those of the blocking client (see its module docstring): every chunk carries seq = last applied
 + 1; after a transport error the same chunk is re-sent with the same seq on the next address; every call of a
-session carries its affinity header (`service.client.AFFINITY_HEADER`), keyed the same way.
+session carries its affinity header (`service.client.AFFINITY_HEADER`), keyed the same way. A session the
+server ends raises `SessionEnded` with its reason; a stream told "draining" or "moved" resumes by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,10 +29,13 @@ from service.client.common import (
     Inputs,
     Metadata,
     ModelInfo,
+    Retrier,
     SessionInfo,
     affinity_metadata,
     channel_options,
     encode_inputs,
+    ended_from_pb,
+    ended_of,
     new_affinity_key,
     outputs_of,
     parse_addresses,
@@ -53,8 +58,10 @@ class AsyncClient:
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
         credentials: Credentials | None = None,
+        resume_timeout_s: float = 30.0,
     ) -> None:
         self.addresses = parse_addresses(addresses)
+        self.resume_timeout_s = resume_timeout_s  # see `service.client.Client`
         # TLS and API key (service.client.security); default: RNNSERVE_API_KEY / RNNSERVE_TLS_* if set.
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.timeout = timeout
@@ -63,6 +70,7 @@ class AsyncClient:
         self._options = channel_options(max_message_bytes)
         self._index = 0
         self.failovers = 0  # how many times a call was re-sent after a transport error (or moved address)
+        self.resumed: dict[str, int] = {}  # streams told "draining" or "moved" and resumed, by reason
         self._models: dict[tuple[str, int], ModelInfo] = {}
         self._old: list[aio.Channel] = []
         self._connect()
@@ -94,6 +102,9 @@ class AsyncClient:
             try:
                 return await getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as err:
+                ended = ended_of(err, getattr(request, "session_id", ""))
+                if ended is not None and not ended.resumable:
+                    raise ended from err
                 if not self.retry(err, attempt, session_bound):
                     raise
                 self.failover(channel)
@@ -234,41 +245,59 @@ class AsyncSession:
     async def stream(
         self, chunks: Iterable[Inputs] | AsyncIterable[Inputs], *, last_only: bool = False
     ) -> AsyncIterator[dict[str, np.ndarray]]:
-        """Send chunks over one lock-step bidi stream (re-attached after transport errors); yield outputs."""
+        """Send chunks over one lock-step bidi stream (re-attached after transport errors); yield outputs.
+
+        Between chunks a read is already waiting, so a final message the server sends while the stream is idle
+        (a drain, a move, an expiry) is seen before the next chunk is written: a write into a call the server
+        has ended fails with an anonymous INTERNAL in grpc.aio.
+        """
         call: Any = None
+        ahead: asyncio.Future[Any] | None = None  # the read of the next message, started after each answer
         try:
             async for chunk in _aiter(chunks):
                 request = pb.StreamRequest(
                     seq=self.seq + 1, inputs=encode_inputs(self.model, chunk), last_only=last_only
                 )
-                for attempt in range(self.client.max_attempts):
+                retrier = Retrier(self.client, self.id)
+                while True:
                     channel = self.client.channel
                     try:
                         if call is None:
                             call = self.client.stub.Stream(metadata=self.metadata)
-                            opening = pb.StreamOpen(session_id=self.id, keep=True)
+                            opening = pb.StreamOpen(session_id=self.id, keep=True, lifecycle_events=True)
                             await call.write(pb.StreamRequest(open=opening))
-                            self.info = SessionInfo.from_pb((await call.read()).session)
-                        await call.write(request)
-                        response = await call.read()
-                        if response is aio.EOF:
-                            raise _eof()
+                            self.info = SessionInfo.from_pb(_answer(await call.read()).session)
+                            ahead = None
+                        if ahead is not None and ahead.done():
+                            _answer(ahead.result())  # the server spoke unasked: its last word (raises)
+                        try:
+                            await call.write(request)
+                        except grpc.RpcError:
+                            if ahead is not None:  # the server ended the call: its last message says why
+                                _answer(await ahead)
+                            raise
+                        response = _answer(await (ahead if ahead is not None else call.read()))
+                        ahead = asyncio.ensure_future(call.read())
                         break
                     except grpc.RpcError as err:
                         if call is not None:
                             call.cancel()
-                        call = None
-                        if not self.client.retry(err, attempt, session_bound=True):
-                            raise
+                        _dropped(ahead)
+                        call = ahead = None
+                        wait = retrier.delay(err)  # raises SessionEnded, or the error, when it gives up
                         self.client.failover(channel)
-                        await asyncio.sleep(self.client.backoff_s * min(attempt, 4))
+                        await asyncio.sleep(wait)
                 self.seq = response.seq
                 yield outputs_of(response.outputs)
         finally:
             if call is not None:
-                await call.done_writing()
-                while await call.read() is not aio.EOF:  # the server answers nothing more; drain to the end
-                    pass
+                with contextlib.suppress(grpc.RpcError):
+                    await call.done_writing()
+                    if ahead is not None:
+                        await ahead
+                    while await call.read() is not aio.EOF:  # nothing more comes; drain to the end
+                        pass
+            _dropped(ahead)
 
     async def describe(self) -> SessionInfo:
         """Fetch the server's view of this session."""
@@ -333,6 +362,22 @@ async def _aiter(chunks: Iterable[Inputs] | AsyncIterable[Inputs]) -> AsyncItera
     else:
         for chunk in chunks:
             yield chunk
+
+
+def _dropped(read: asyncio.Future[Any] | None) -> None:
+    """Forget a read-ahead of a call that is gone (its outcome is retrieved, so nothing logs it)."""
+    if read is not None:
+        read.cancel()
+        read.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def _answer(response: Any) -> pb.StreamResponse:
+    """Return a stream's answer; raise for a final `ended` message or an end without an answer."""
+    if response is aio.EOF:
+        raise _eof()
+    if response.HasField("ended"):  # the server's last word: the request was not applied
+        raise ended_from_pb(response.ended)
+    return response  # type: ignore[no-any-return]
 
 
 def _eof() -> grpc.RpcError:

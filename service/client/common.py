@@ -1,7 +1,7 @@
 """What the blocking and the asyncio client share.
 
 Addresses and channel options, the model and session views, input encoding, the retry rule, the routing
-(affinity) header, and the helper that ends a lock-step bidi call.
+(affinity) header, the end of a session told by the server (`SessionEnded`), and the lock-step bidi call.
 """
 
 from __future__ import annotations
@@ -228,6 +228,101 @@ def should_retry(
     return session_bound and code == grpc.StatusCode.NOT_FOUND and attempt + 1 < n_addresses
 
 
+# Trailing metadata naming why the server ended a session or a stream (service/server/streams.py).
+END_REASON_HEADER = "x-rnnserve-end-reason"
+# Ends after which the session lives on (on another replica, or this one once back): the client resumes it.
+RESUMABLE_REASONS = frozenset({"draining", "moved"})
+
+
+class SessionEnded(grpc.RpcError):
+    """The server ended a session, or the stream carrying it, and said why.
+
+    `reason` is the proto's `EndReason` name in lower case: idle, lifetime, capacity, closed, unloaded (the
+    session is gone: open a new one) or draining, moved (`resumable`: the session lives on; the client
+    re-attaches by itself, and raises this only when it could not within `resume_timeout_s`). A subclass of
+    `grpc.RpcError` with `code()` and `details()`, so code that checks status codes keeps working.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        session_id: str = "",
+        code: grpc.StatusCode = grpc.StatusCode.NOT_FOUND,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.session_id = session_id
+        self.resumable = reason in RESUMABLE_REASONS
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        """Return the status the stream or call ended with (NOT_FOUND; UNAVAILABLE for draining)."""
+        return self._code
+
+    def details(self) -> str:
+        """Return the server's message."""
+        return self.message
+
+
+def ended_from_pb(end: pb.StreamEnd) -> SessionEnded:
+    """Decode a stream's final `StreamEnd` message."""
+    reason = pb.EndReason.Name(end.reason)[len("END_REASON_") :].lower()
+    code = grpc.StatusCode.UNAVAILABLE if reason == "draining" else grpc.StatusCode.NOT_FOUND
+    return SessionEnded(reason, end.message, end.session_id, code)
+
+
+def ended_of(err: grpc.RpcError, session_id: str = "") -> SessionEnded | None:
+    """Return the `SessionEnded` an error means (its `x-rnnserve-end-reason` trailer), or None."""
+    if isinstance(err, SessionEnded):
+        return err
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == END_REASON_HEADER:
+            reason = value.decode() if isinstance(value, bytes) else str(value)
+            return SessionEnded(reason, err.details() or "", session_id, err.code())
+    return None
+
+
+class Retrier:
+    """When to re-send a session's request after an error, and how long to wait first.
+
+    Ordinary errors get the client's attempts (`should_retry`). A resumable end (draining, moved) starts a
+    resume instead: the request is re-sent (after a reconnect) until `resume_timeout_s` has passed, riding out
+    a replica that restarts or one that is still waiting for the old owner's lease. A final end raises
+    `SessionEnded`.
+    """
+
+    def __init__(self, client: Any, session_id: str = "", *, session_bound: bool = True) -> None:
+        self._client = client
+        self._session_id = session_id
+        self._session_bound = session_bound
+        self._attempt = 0
+        self._resume_until: float | None = None
+
+    def delay(self, err: grpc.RpcError) -> float:
+        """Return the seconds to wait before re-sending, or raise the error to give up with."""
+        client = self._client
+        ended = ended_of(err, self._session_id)
+        if ended is not None:
+            if not ended.resumable:
+                raise ended
+            if self._resume_until is None:
+                self._resume_until = time.monotonic() + client.resume_timeout_s
+            client.resumed[ended.reason] = client.resumed.get(ended.reason, 0) + 1
+        attempt, self._attempt = self._attempt, self._attempt + 1
+        if self._resume_until is not None:
+            code = err.code()
+            again = ended is not None or code in RETRYABLE or code == grpc.StatusCode.NOT_FOUND
+            if again and time.monotonic() < self._resume_until:
+                return float(min(1.0, client.backoff_s * 2 ** min(attempt, 6)))
+            raise ended if ended is not None else err
+        if should_retry(err, attempt, client.max_attempts, len(client.addresses), self._session_bound):
+            return float(client.backoff_s * min(attempt, 4))
+        raise err
+
+
 def outputs_of(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
     """Decode output tensors by name."""
     return {t.name: wire.tensor_to_array(t, "output") for t in tensors}
@@ -264,23 +359,29 @@ class LockStepCall:
         self._requests = requests
         self._call = method(feed(), metadata=metadata)
 
-    def _exchange(self, client: Any, request: Any, *, session_bound: bool) -> Any:
-        """Send one message and return its answer; after a retryable error, fail over and re-send it."""
-        for attempt in range(client.max_attempts):
+    def _exchange(self, client: Any, request: Any, *, session_bound: bool, session_id: str = "") -> Any:
+        """Send one message and return its answer.
+
+        After a retryable error or a resumable end (draining, moved) it reconnects and re-sends the message
+        (`Retrier`); a final end raises `SessionEnded`.
+        """
+        retrier = Retrier(client, session_id, session_bound=session_bound)
+        while True:
             channel = client._channel
             try:
                 if self._call is None:
                     self._open()
                 assert self._requests is not None
                 self._requests.put(request)
-                return next(self._call)
+                response = next(self._call)
+                if response.HasField("ended"):  # the server's last word: this request was not applied
+                    raise ended_from_pb(response.ended)
+                return response
             except grpc.RpcError as err:
                 self._end()
-                if not client._should_retry(err, attempt, session_bound=session_bound):
-                    raise
+                wait = retrier.delay(err)
                 client.failover(channel)
-                time.sleep(client._backoff_s * min(attempt, 4))
-        raise AssertionError("unreachable")
+                time.sleep(wait)
 
     def _end(self) -> None:
         """Half-close the call and drain it to its final status (a broken call changes nothing)."""

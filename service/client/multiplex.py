@@ -24,6 +24,8 @@ class RowError:
     session_id: str
     code: grpc.StatusCode
     message: str
+    # Why the row's session is gone (idle, lifetime, capacity, closed, moved, ...), "" if it is not.
+    reason: str = ""
 
 
 class Multiplexer(LockStepCall):
@@ -65,6 +67,7 @@ class Multiplexer(LockStepCall):
             seqs=[s.seq + 1 for s in sessions],
             inputs=wire.arrays_to_tensors(stacked),
             last_only=last_only,
+            lifecycle_events=True,  # read from the stream's first message: a drain is told, then resumed
         )
         response = self._send(request)
         outputs = {t.name: wire.tensor_to_array(t, "output") for t in response.outputs}
@@ -72,7 +75,8 @@ class Multiplexer(LockStepCall):
         for i, s in enumerate(sessions):
             if response.codes[i]:
                 code = self._CODES.get(response.codes[i], grpc.StatusCode.UNKNOWN)
-                results.append(RowError(s.id, code, response.messages[i]))
+                reason = _reason_name(response.reasons[i]) if response.reasons else ""
+                results.append(RowError(s.id, code, response.messages[i], reason))
             else:
                 s.seq = request.seqs[i]
                 results.append({name: arr[i] for name, arr in outputs.items()})
@@ -90,3 +94,7 @@ class Multiplexer(LockStepCall):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reason_name(value: int) -> str:
+    return "" if not value else pb.EndReason.Name(value)[len("END_REASON_") :].lower()  # type: ignore[arg-type]

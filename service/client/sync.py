@@ -15,6 +15,11 @@ dead server, a deadline) the client re-sends the same chunk with the same seq, r
 address of its list first; a NOT_FOUND from a replica that does not hold the session is also tried on the
 other addresses (with a shared session store, any replica can resume it from the seq it holds).
 
+When the server ends a session, or the stream carrying it, it says why (`SessionEnded.reason`): a final
+reason (idle, lifetime, capacity, closed, unloaded) raises `SessionEnded`; a resumable one (draining: the
+server shuts down; moved: another replica owns the session now) makes a stream reconnect and re-attach by
+itself, for up to `resume_timeout_s`, and go on from the seq it holds: no chunk lost or applied twice.
+
 Affinity: every call that belongs to one session (CreateSession, Step, Stream, Generate, GetState,
 SetState, Fork, Reset, Close, DescribeSession) carries the gRPC metadata `x-rnnserve-affinity: <key>`
 (`AFFINITY_HEADER`), so a consistent-hash proxy (deploy/components/envoy: Envoy's RING_HASH on that header)
@@ -43,12 +48,15 @@ from service.client.common import (
     LockStepCall,
     Metadata,
     ModelInfo,
+    SessionEnded,
     SessionInfo,
     TensorInfo,
     affinity_metadata,
     channel_options,
     default_address,
     encode_inputs,
+    ended_from_pb,
+    ended_of,
     new_affinity_key,
     outputs_of,
     parse_addresses,
@@ -70,6 +78,7 @@ __all__ = [
     "Metadata",
     "ModelInfo",
     "Session",
+    "SessionEnded",
     "SessionInfo",
     "TensorInfo",
     "affinity_metadata",
@@ -88,6 +97,7 @@ class Client:
 
     `addresses`: "host:port", "h1:p1,h2:p2" or a list (default: $RNNSERVE_ADDRESS, else localhost:8001).
     `timeout`: seconds per call. `max_attempts`: tries of one request across transport errors and failovers.
+    `resume_timeout_s`: how long a stream told "draining" or "moved" keeps reconnecting to resume its session.
     """
 
     def __init__(
@@ -99,17 +109,20 @@ class Client:
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
         credentials: Credentials | None = None,
+        resume_timeout_s: float = 30.0,
     ) -> None:
         self.addresses = parse_addresses(addresses)
+        self.resume_timeout_s = resume_timeout_s
         # TLS and API key (service.client.security); default: RNNSERVE_API_KEY / RNNSERVE_TLS_* if set.
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.timeout = timeout
         self.max_attempts = max(max_attempts, len(self.addresses) + 1)
-        self._backoff_s = backoff_s
+        self._backoff_s = self.backoff_s = backoff_s
         self._options = channel_options(max_message_bytes)
         self._lock = threading.Lock()
         self._index = 0
         self.failovers = 0  # how many times a call was re-sent after a transport error (or moved address)
+        self.resumed: dict[str, int] = {}  # streams told "draining" or "moved" and resumed, by reason
         self._models: dict[tuple[str, int], ModelInfo] = {}
         self._connect()
 
@@ -145,6 +158,9 @@ class Client:
             try:
                 return getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as err:
+                ended = ended_of(err, getattr(request, "session_id", ""))
+                if ended is not None and not ended.resumable:
+                    raise ended from err
                 if not self._should_retry(err, attempt, session_bound):
                     raise
                 self.failover(channel)
@@ -413,12 +429,16 @@ class _AttachedStream(LockStepCall):
 
     def _open(self) -> None:
         session = self._session
-        first = pb.StreamRequest(open=pb.StreamOpen(session_id=session.id, keep=True))
-        self._start(session.client.stub.Stream, session.metadata, first)
-        session.info = SessionInfo.from_pb(next(self._call).session)
+        opening = pb.StreamOpen(session_id=session.id, keep=True, lifecycle_events=True)
+        self._start(session.client.stub.Stream, session.metadata, pb.StreamRequest(open=opening))
+        first = next(self._call)
+        if first.HasField("ended"):
+            raise ended_from_pb(first.ended)
+        session.info = SessionInfo.from_pb(first.session)
 
     def send(self, request: pb.StreamRequest) -> dict[str, np.ndarray]:
-        response = self._exchange(self._session.client, request, session_bound=True)
+        session = self._session
+        response = self._exchange(session.client, request, session_bound=True, session_id=session.id)
         self._session.seq = response.seq
         return outputs_of(response.outputs)
 

@@ -30,6 +30,7 @@ from service.config import Settings
 from service.core import limits
 from service.core.controls import StepControl
 from service.core.generation import Generator
+from service.core.holds import OnEnd, keep_held
 from service.core.models import ModelHost
 from service.core.registry import Refusal, RepositoryChange
 from service.core.sessions import SessionManager
@@ -138,6 +139,8 @@ class Engine:
         self._tasks.append(loop.create_task(self.session_manager.tiering.run(), name="session spiller"))
         if self.settings.repository_poll_s > 0:
             self._tasks.append(loop.create_task(self.models.watch(), name="repository watcher"))
+        if self.session_manager.persist and self.settings.stream_holds_sessions:
+            self._tasks.append(loop.create_task(keep_held(self.session_manager), name="held sessions"))
 
     async def drain(self) -> None:
         """Refuse new sessions, let in-flight steps finish, and flush every session to the store."""
@@ -241,6 +244,21 @@ class Engine:
             if info is not None:
                 return info
         return await self.attach(session_id)
+
+    def hold(self, session_id: str, on_end: OnEnd) -> None:
+        """Hold an open session for a stream: `on_end(reason)` tells it if the session ends (`core.holds`).
+
+        With `stream_holds_sessions` the session does not expire for idleness while held.
+        """
+        self.session_manager.holds.add(session_id, on_end)
+
+    def release(self, session_id: str, on_end: OnEnd) -> None:
+        """Drop a stream's hold; the session's idle TTL counts from now."""
+        sessions = self.session_manager
+        if sessions.holds.remove(session_id, on_end):
+            s = sessions.table.sessions.get(session_id)
+            if s is not None:
+                sessions.table.touch(s, time.monotonic())
 
     async def attach(self, session_id: str) -> SessionInfo:
         """Describe a session, resuming it from the shared store when this replica does not hold it."""

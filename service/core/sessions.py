@@ -25,6 +25,7 @@ import numpy as np
 
 from service.config import Settings
 from service.core.admission import SESSION_OVERHEAD_BYTES, Admission
+from service.core.holds import Holds
 from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.registry import ModelVersion
@@ -79,6 +80,7 @@ class SessionManager:
         self._resuming: dict[str, asyncio.Future[None]] = {}
         self._store_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, failures since)
         self.admission = Admission(settings, metrics)
+        self.holds = Holds(settings.stream_holds_sessions)  # sessions open streams hold (core.holds)
         self._local = self.table.sessions.get  # bound once: `lookup` runs for every step
         self.tiering = Tiering(
             settings, metrics, self.table, self.admission, host.unpin, host.repository.loaded, self.persist
@@ -179,10 +181,15 @@ class SessionManager:
             s.charge += extra
             s.charged_steps = steps
 
-    def end(self, s: Session, reason: str, *, delete: bool = True) -> None:
-        """Forget a session locally (slot freed, tombstone left); nothing may be in flight."""
+    def end(self, s: Session, reason: str, *, delete: bool = True, notify: bool = True) -> None:
+        """Forget a session locally (slot freed, tombstone left); nothing may be in flight.
+
+        A stream holding the session is told the reason first (`notify`; not when the copy is only reloaded).
+        """
         if s.session_id not in self.table.sessions:
             return
+        if notify and s.session_id in self.holds:
+            self.holds.ended(s.session_id, reason)
         self.table.remove(s, reason)
         self.admission.close(s.tenant, s.charge)
         s.charge = 0
@@ -224,10 +231,14 @@ class SessionManager:
     def expire(self) -> None:
         """End every session past its idle TTL or the maximum lifetime (nothing in flight)."""
         now = time.monotonic()
+        holds = self.holds
         for s, reason in self.table.expired(now, self.settings.max_lifetime_s):
-            self.end(s, reason)
+            if reason == "idle" and holds.keep_alive and s.session_id in holds:
+                self.table.touch(s, now)  # an open stream is use: its idle TTL counts from the stream's end
+            else:
+                self.end(s, reason)
         if self.tiering.where:
-            self.tiering.expire(now)
+            self.tiering.expire(now, holds.__contains__ if holds.keep_alive else None)
 
     async def sweep(self) -> None:
         """Expire sessions every `sweep_interval_s` (a task)."""
@@ -379,7 +390,7 @@ class SessionManager:
         with contextlib.suppress(NotFound):
             await self.wait_idle(s)
         if self.table.sessions.get(s.session_id) is s:
-            self.end(s, "moved", delete=False)
+            self.end(s, "moved", delete=False, notify=False)  # reloaded below: nothing ends for a holder
         return await self.get(s.session_id)
 
     def lease_due(self, s: Session) -> bool:

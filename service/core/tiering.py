@@ -340,14 +340,21 @@ class Tiering:
         self._publish()
         return True
 
-    def expire(self, now: float) -> int:
-        """End spilled sessions past their idle TTL or the maximum lifetime; return how many."""
+    def expire(self, now: float, held: Callable[[str], bool] | None = None) -> int:
+        """End spilled sessions past their idle TTL or the maximum lifetime; return how many.
+
+        `held(session_id)` true: an open stream holds the session, so its idle TTL restarts instead (the
+        lifetime still ends it).
+        """
         ended = 0
         for file in self.files:
             for n in file.expired(now):
                 rec = file.read(int(n), state=False)
-                idle_end = rec.last_used + rec.idle_ttl_s
-                self.drop(rec.session_id, "idle" if idle_end <= now else "lifetime")
+                idle = rec.last_used + rec.idle_ttl_s <= now
+                if idle and held is not None and held(rec.session_id):
+                    file.deadlines[n] = now + rec.idle_ttl_s
+                    continue
+                self.drop(rec.session_id, "idle" if idle else "lifetime")
                 ended += 1
         return ended
 

@@ -40,10 +40,11 @@ from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
 from service.server import auth, kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
-from service.server.native import RecurrentServicer, StreamRegistry
+from service.server.native import RecurrentServicer
 from service.server.native import add_to_server as add_native
 from service.server.request_log import Lookup, RequestLog
 from service.server.routing import Router
+from service.server.streams import StreamRegistry
 from service.server.supervisor import default_workers, supervise
 
 _log = logging.getLogger("rnnserve.server")
@@ -207,6 +208,24 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """Return the gRPC server's keepalive and HTTP/2 ping options (README, "Long-lived streams")."""
+    return [
+        ("grpc.keepalive_time_ms", round(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout_s * 1000)),
+        # gRPC core times the ping's ack with its own ping timeout (one minute unless set): the same bound.
+        ("grpc.http2.ping_timeout_ms", round(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        # A silent stream sends no data: without this, the server stops pinging it after two pings.
+        ("grpc.http2.max_pings_without_data", 0),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(settings.keepalive_min_client_ping_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+    ]
+
+
 def _start_metrics_http(settings: Settings, registry: CollectorRegistry) -> tuple[Any, int | None]:
     if settings.metrics_port < 0:
         return None, None
@@ -298,12 +317,13 @@ async def start(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port 0 must give this process its own port, never one another process shares; workers share one.
         ("grpc.so_reuseport", 0 if router is None else 1),
+        *keepalive_options(settings),
     ]
     # The error mapping is outermost: authentication refusals are typed errors, mapped and counted as others.
     # With auth none there is nothing to check: every call runs as tenancy.LOCAL, the context default.
     chain = [interceptor] if authenticator is None else [interceptor, authenticator]
     server = aio.server(interceptors=chain if router is None else [router, *chain], options=options)
-    streams = StreamRegistry()
+    streams = StreamRegistry(settings, engine.metrics)
     health = health_aio.HealthServicer()
     holder: dict[str, RunningServer] = {}
 
@@ -314,7 +334,9 @@ async def start(
 
     add_native(RecurrentServicer(engine, streams, on_reload=on_reload), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    kserve_servicer = kserve.add_to_server(server, engine, ready=lambda: holder["server"].is_serving())
+    kserve_servicer = kserve.add_to_server(
+        server, engine, ready=lambda: holder["server"].is_serving(), streams=streams
+    )
     services = [NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 

@@ -36,6 +36,9 @@ CallObserver = Callable[[str, str, float], None]
 DRAINING_MESSAGE = "server draining; reconnect"
 # Trailing metadata key naming the replica that answered (settings.replica_id).
 REPLICA_HEADER = "x-rnnserve-replica"
+# Trailing metadata key naming why a session (or a stream) ended: a NOT_FOUND for a gone session carries it,
+# and so does every stream the server ends (service.server.streams).
+END_REASON_HEADER = "x-rnnserve-end-reason"
 # Infrastructure services stay callable while draining (probes must see NOT_SERVING) and never count as work.
 _INFRA_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
@@ -71,6 +74,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 async def _abort(context: Any, exc: BaseException) -> None:
     code, message = status_of(exc)
+    reason = getattr(exc, "reason", "unknown")
+    if reason != "unknown" and isinstance(exc, ServeError):
+        kept = tuple((k, v) for k, v in (context.trailing_metadata() or ()) if k != END_REASON_HEADER)
+        context.set_trailing_metadata((*kept, (END_REASON_HEADER, reason)))
     await context.abort(code, message)
 
 

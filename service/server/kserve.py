@@ -45,6 +45,7 @@ from service.server.kserve_models import (
     version_arg,
 )
 from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
+from service.server.streams import StreamRegistry, tell_kserve_end
 
 SERVER_NAME = "rnnserve"
 # Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
@@ -73,8 +74,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         version: str | None = None,
         ready: Callable[[], bool] = lambda: True,
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+        streams: StreamRegistry | None = None,
     ) -> None:
         self._engine = engine
+        self._streams = streams if streams is not None else StreamRegistry(engine.settings, engine.metrics)
         self._version = version or package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
@@ -162,7 +165,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             pass
         return call.finish()
 
-    async def ModelStreamInfer(  # noqa: N802
+    async def ModelStreamInfer(  # noqa: N802, C901 - the writer loop stays in one frame on purpose (hot path)
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> None:
         """Answer each request of a bidirectional stream with one response (matched by `id`).
@@ -172,6 +175,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         sequence in arrival order, so replies are written as their steps complete. At most
         `stream_max_inflight` requests run or wait to be written; the reader pauses beyond that.
         """
+        rec = self._streams.enter(context, "ModelStreamInfer")
         replies: collections.deque[pb.ModelStreamInferResponse] = collections.deque()
         state = _StreamState(asyncio.get_running_loop().create_future())
         limit = self._stream_max_inflight
@@ -197,7 +201,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 state.reading = False
                 ready(_NO_REPLY)
 
-        reader = asyncio.create_task(read())
+        reader = rec.task = asyncio.create_task(read())
+        outcome = "cancelled"  # unless the requests end (or the server ends the stream, rec.ended)
         try:
             while True:
                 while not replies:
@@ -218,9 +223,13 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     room.set_result(None)
                 if not state.reading and state.inflight == 0:
                     break
+            if rec.ended is not None:  # a drain stopped the reader: answered what it read, now say why
+                await tell_kserve_end(context, rec.ended)
             await reader  # surfaces a broken request stream
+            outcome = "client"
         finally:
             reader.cancel()
+            self._streams.leave(rec, outcome)
 
     def _stream_start(
         self,
@@ -441,8 +450,11 @@ def add_to_server(
     ready: Callable[[], bool] = lambda: True,
     version: str | None = None,
     stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+    streams: StreamRegistry | None = None,
 ) -> KServeServicer:
     """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer."""
-    servicer = KServeServicer(engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight)
+    servicer = KServeServicer(
+        engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight, streams=streams
+    )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer

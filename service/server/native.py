@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -27,52 +26,9 @@ from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
 from service.server import request_log
 from service.server.interceptors import DRAINING_MESSAGE, status_of
+from service.server.streams import RESUMABLE, OpenStream, StreamRegistry, add_end_trailer, end_error
 
 MAX_GENERATE_TOKENS = 1 << 20
-
-
-@dataclass(eq=False, slots=True)
-class _OpenStream:
-    task: asyncio.Task[Any] | None
-    busy: bool = False
-
-
-@dataclass(slots=True)
-class StreamRegistry:
-    """The open bidi streams of this server, so a drain can end them with UNAVAILABLE.
-
-    A stream that is idle (waiting for the client's next message) is cancelled at once; a stream that is busy
-    with a step finishes that step, writes its answer, and then ends. Either way the client sees UNAVAILABLE
-    with `DRAINING_MESSAGE` and reconnects elsewhere; its session is not closed (the store keeps it).
-    """
-
-    draining: bool = False
-    _open: set[_OpenStream] = field(default_factory=set)
-
-    def enter(self) -> _OpenStream:
-        """Register the current task's stream."""
-        if self.draining:
-            raise Unavailable(DRAINING_MESSAGE)
-        rec = _OpenStream(asyncio.current_task())
-        self._open.add(rec)
-        return rec
-
-    def leave(self, rec: _OpenStream) -> None:
-        """Forget a stream that ended."""
-        self._open.discard(rec)
-
-    def drain(self) -> int:
-        """Refuse new streams, end idle ones now (busy ones after their step); returns how many are open."""
-        self.draining = True
-        for rec in list(self._open):
-            if not rec.busy and rec.task is not None:
-                rec.task.cancel()
-        return len(self._open)
-
-    @property
-    def open_count(self) -> int:
-        """How many streams are open."""
-        return len(self._open)
 
 
 def _versions_of(spec: Any) -> list[int]:
@@ -197,57 +153,95 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         with contextlib.suppress(NotFound, Unavailable):
             await self._engine.close(session_id)
 
-    async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any) -> None:
-        """Bidi: the first message opens or attaches; one answer per message, in order; closes unless keep."""
-        rec = self.streams.enter()
+    async def Stream(  # noqa: C901 - the per-message loop stays in one frame on purpose (hot path)
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
+    ) -> None:
+        """Bidi: the first message opens or attaches; one answer per message, in order; closes unless keep.
+
+        The stream holds its session (`Engine.hold`): the session does not expire for idleness while the
+        stream is open, and if the server ends it anyway (lifetime, capacity, moved, closed, a drain) the
+        stream tells its client why before it ends (`service.server.streams`).
+        """
+        rec = self.streams.enter(context, "Stream")
         session_id = ""
-        keep = False
+        keep = events = False
+        outcome = "error"
+        error: ServeError | None = None
+        told = ""
         # Bound once per stream: the loop below runs once per message.
         submit, write, Response = self._engine.submit, context.write, pb.StreamResponse
         tensors_to_arrays, arrays_to_tensors = wire.tensors_to_arrays, wire.arrays_to_tensors
         try:
-            async for req in request_iterator:
-                rec.busy = True
-                session = None
-                if not session_id:
-                    if not req.HasField("open"):
-                        raise InvalidArgument(
-                            "the first Stream message must carry `open` (model or session_id)"
+            try:
+                async for req in request_iterator:
+                    rec.busy = True
+                    session = None
+                    if not session_id:
+                        if not req.HasField("open"):
+                            raise InvalidArgument(
+                                "the first Stream message must carry `open` (model or session_id)"
+                            )
+                        events = req.open.lifecycle_events
+                        told = req.open.session_id  # an attach that fails names the id it asked for
+                        info = await self._open_stream(req.open)
+                        # An attached session belongs to whoever opened it: this stream never closes it.
+                        session_id, keep = info.session_id, req.open.keep or bool(req.open.session_id)
+                        self._engine.hold(session_id, rec.on_end)
+                        request_log.note(model=info.model, version=info.version, session=session_id)
+                        session = wire.session_to_pb(info)
+                    elif req.HasField("open"):
+                        raise InvalidArgument("`open` is only allowed in the first Stream message")
+                    inputs = req.inputs
+                    if inputs:
+                        res = await submit(
+                            session_id, req.seq, tensors_to_arrays(inputs), last_only=req.last_only
                         )
-                    info = await self._open_stream(req.open)
-                    # An attached session belongs to whoever opened it: this stream never closes it.
-                    session_id, keep = info.session_id, req.open.keep or bool(req.open.session_id)
-                    request_log.note(model=info.model, version=info.version, session=session_id)
-                    session = wire.session_to_pb(info)
-                elif req.HasField("open"):
-                    raise InvalidArgument("`open` is only allowed in the first Stream message")
-                inputs = req.inputs
-                if inputs:
-                    res = await submit(
-                        session_id, req.seq, tensors_to_arrays(inputs), last_only=req.last_only
-                    )
-                    await write(
-                        Response(
-                            session=session,
-                            seq=res.seq,
-                            outputs=arrays_to_tensors(res.outputs),
-                            cached=res.cached,
+                        await write(
+                            Response(
+                                session=session,
+                                seq=res.seq,
+                                outputs=arrays_to_tensors(res.outputs),
+                                cached=res.cached,
+                            )
                         )
-                    )
-                else:
-                    await context.write(pb.StreamResponse(session=session))
-                rec.busy = False
-                if self.streams.draining:
-                    raise Unavailable(DRAINING_MESSAGE)
-        except asyncio.CancelledError:
-            if self.streams.draining:
-                raise Unavailable(DRAINING_MESSAGE) from None
-            raise
+                    else:
+                        await context.write(pb.StreamResponse(session=session))
+                    rec.busy = False
+                    if rec.ended is not None:
+                        break
+                outcome = "client"
+            except asyncio.CancelledError:
+                if rec.ended is None:  # the client cancelled, or its connection is gone
+                    outcome = "cancelled"
+                    raise
+            except NotFound as exc:  # the stream's own session is gone: say why, as for any end
+                if exc.reason == "unknown":
+                    raise
+                rec.ended = rec.ended or exc.reason
+                error = exc
+            if rec.ended is not None:
+                await self._tell_end(context, rec, session_id or told, events, error)
         finally:
-            self.streams.leave(rec)
+            if session_id:  # first: once released, nothing interrupts this task any more but a drain
+                self._engine.release(session_id, rec.on_end)
+            self.streams.leave(rec, outcome)
             # A drain keeps the session (it is flushed to the store so another replica can resume it).
-            if session_id and not keep and not self.streams.draining:
+            if session_id and not keep and not self.streams.draining and rec.ended is None:
                 await self._close_quietly(session_id)
+
+    async def _tell_end(
+        self, context: Any, rec: OpenStream, session_id: str, events: bool, error: ServeError | None
+    ) -> None:
+        """End a stream the server ends: final message (if asked for), reason trailer, then its status."""
+        reason = rec.ended or "draining"
+        if error is None or getattr(error, "reason", None) != reason:
+            error = end_error(reason, session_id)
+        add_end_trailer(context, reason)
+        if events:
+            ended = _stream_end(reason, error.message, session_id)
+            with contextlib.suppress(Exception):  # the client may be gone already: the status is what is left
+                await context.write(pb.StreamResponse(ended=ended))
+        raise error
 
     async def _step_many(self, req: pb.StepManyRequest) -> pb.StepManyResponse:
         n = len(req.session_ids)
@@ -271,20 +265,34 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
 
     async def StreamMany(self, request_iterator: AsyncIterator[pb.StepManyRequest], context: Any) -> None:
         """Multiplexed bidi: each message steps many sessions at once; per-session errors travel in-band."""
-        rec = self.streams.enter()
+        rec = self.streams.enter(context, "StreamMany")
+        outcome = "error"
+        events: bool | None = None
         try:
-            async for req in request_iterator:
-                rec.busy = True
-                await context.write(await self._step_many(req))
-                rec.busy = False
-                if self.streams.draining:
-                    raise Unavailable(DRAINING_MESSAGE)
-        except asyncio.CancelledError:
-            if self.streams.draining:
-                raise Unavailable(DRAINING_MESSAGE) from None
-            raise
+            try:
+                async for req in request_iterator:
+                    rec.busy = True
+                    if events is None:
+                        events = req.lifecycle_events
+                    await context.write(await self._step_many(req))
+                    rec.busy = False
+                    if rec.ended is not None:
+                        break
+                outcome = "client"
+            except asyncio.CancelledError:
+                if rec.ended is None:
+                    outcome = "cancelled"
+                    raise
+            if rec.ended is not None:  # only a drain ends a StreamMany; its sessions live on
+                reason = rec.ended
+                add_end_trailer(context, reason)
+                if events:
+                    ended = _stream_end(reason, DRAINING_MESSAGE, "")
+                    with contextlib.suppress(Exception):
+                        await context.write(pb.StepManyResponse(ended=ended))
+                raise end_error(reason)
         finally:
-            self.streams.leave(rec)
+            self.streams.leave(rec, outcome)
 
     # ---- generation ---------------------------------------------------------------------------------------
 
@@ -340,10 +348,16 @@ def _many_response(req: pb.StepManyRequest, results: list[StepResult | ServeErro
     messages = [""] * n
     cached = [False] * n
     first: StepResult | None = None
+    reasons: list[Any] = []  # EndReason values
     for i, r in enumerate(results):
         if isinstance(r, ServeError):
             code, messages[i] = status_of(r)
             codes[i] = code.value[0]
+            reason = getattr(r, "reason", "unknown")
+            if reason != "unknown" and reason in _REASON_VALUES:
+                if not reasons:
+                    reasons = [0] * n
+                reasons[i] = _REASON_VALUES[reason]
         elif first is None:
             first = r
     outputs: list[pb.Tensor] = []
@@ -367,7 +381,27 @@ def _many_response(req: pb.StepManyRequest, results: list[StepResult | ServeErro
             for k, arr in r.outputs.items():
                 stacked[k][i] = arr
         outputs = wire.arrays_to_tensors(stacked)
-    return pb.StepManyResponse(tag=req.tag, outputs=outputs, cached=cached, codes=codes, messages=messages)
+    return pb.StepManyResponse(
+        tag=req.tag, outputs=outputs, cached=cached, codes=codes, messages=messages, reasons=reasons
+    )
+
+
+# "idle" -> EndReason.END_REASON_IDLE, ... (the core's reason names, as the trailer spells them)
+_REASON_VALUES = {
+    name[len("END_REASON_") :].lower(): value
+    for name, value in pb.EndReason.items()
+    if name != "END_REASON_UNSPECIFIED"
+}
+_REASON_VALUES["shutdown"] = pb.END_REASON_DRAINING
+
+
+def _stream_end(reason: str, message: str, session_id: str) -> pb.StreamEnd:
+    return pb.StreamEnd(
+        reason=_REASON_VALUES.get(reason, pb.END_REASON_UNSPECIFIED),
+        message=message,
+        resumable=reason in RESUMABLE or reason == "shutdown",
+        session_id=session_id,
+    )
 
 
 def add_to_server(servicer: RecurrentServicer, server: grpc.aio.Server) -> None:
