@@ -228,8 +228,11 @@ class Engine:
         return self.session_manager.info(self.session_manager.table.get(session_id))
 
     async def attach(self, session_id: str) -> SessionInfo:
-        """Describe a session, resuming it from the shared store when this replica does not hold it."""
-        return self.session_manager.info(await self.session_manager.get(session_id))
+        """Describe a session, resuming it from the shared store when this replica does not hold it.
+
+        A resident copy whose lease is due is revalidated against the store first (never described stale).
+        """
+        return self.session_manager.info(await self.session_manager.current(session_id))
 
     # == steps ==============================================================================================
     async def step(
