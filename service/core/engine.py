@@ -89,9 +89,14 @@ class Engine:
             settings, self.metrics, self.store, self.models, self.background
         )
         self.stepper = Stepper(settings, self.session_manager, self.models, self.executor)
-        # Long stateless requests run their slices on a thread of their own: other clients' batches never
-        # queue behind a slice (on a shared core the OS interleaves them instead).
-        self.burst_executor = ThreadPoolExecutor(1, thread_name_prefix="ort-burst")
+        # Long stateless requests run their slices on a thread of their own, at a lower CPU priority: other
+        # clients' batches never queue behind a slice, and on a shared core the OS runs them first.
+        self.burst_executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="ort-burst",
+            initializer=limits.lower_thread_priority,
+            initargs=(settings.burst_nice,),
+        )
         self.stepper.burst_executor = self.burst_executor
         # Client-facing blobs are always signed: with the configured key, or one made for this process.
         blob_key = settings.state_hmac_key.encode() if settings.state_hmac_key else secrets.token_bytes(32)

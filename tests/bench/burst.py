@@ -183,8 +183,8 @@ def markdown(results: list[dict]) -> str:
 
 LIMITS = (
     "max_request_steps", "max_rows_per_message", "max_chunk_steps", "max_cached_response_bytes",
-    "max_message_bytes", "max_id_length", "max_stream_buffer_bytes", "slice_steps", "trim_after_steps",
-    "store_refused",
+    "max_message_bytes", "max_id_length", "max_stream_buffer_bytes", "slice_steps", "burst_nice",
+    "trim_after_steps", "store_refused",
 )
 
 

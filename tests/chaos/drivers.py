@@ -61,6 +61,7 @@ class Stats:
 
     requests: int = 0
     errors: int = 0
+    acks: int = 0  # acknowledged steps (the short run goes on until it has enough of them)
     abandoned: int = 0  # sessions given up (no answer for `give_up_s`), not a correctness failure
 
 
@@ -155,6 +156,7 @@ class NativeDriver:
             return
         outs = wire.tensors_to_arrays(resp.outputs)  # type: ignore[attr-defined]
         self.seq += 1
+        self.stats.acks += 1
         self.log.events.append(Event(tokens, outs["logits"], self.replica, time.monotonic()))
 
     def _refused(self, err: grpc.RpcError, rpc: str) -> None:
@@ -290,6 +292,7 @@ class KServeDriver:
             self.log = None
             return
         self.unknown = 0
+        self.stats.acks += 1
         self.log.events.append(Event(tokens, out, self.replica, time.monotonic()))
 
     def _start(self, tokens: np.ndarray) -> None:

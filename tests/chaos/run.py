@@ -51,6 +51,11 @@ class ChaosConfig:
     p_move: float = 0.2
     target_faults: int = 1000
     max_duration_s: float = 1800.0
+    # The short run ends at max_duration_s only once this many steps and faults are in (on a loaded machine
+    # replicas restart slowly and clients get fewer steps through); never later than max_duration_s + extra.
+    min_acks: int = 0
+    min_faults: int = 0
+    extra_s: float = 0.0
     replica_gap_s: tuple[float, float] = (0.3, 1.0)
     redis_gap_s: tuple[float, float] = (3.0, 6.0)
     call_timeout_s: float = 6.0
@@ -191,7 +196,9 @@ def make_drivers(cfg: ChaosConfig, cluster: Cluster, stats: list[Stats]) -> list
     return drivers
 
 
-def drive(cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]]) -> tuple[Injector, float]:
+def drive(
+    cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]], stats: list[Stats]
+) -> tuple[Injector, float]:
     """Run the clients and the fault injector until enough faults (or time); returns the injector, seconds."""
     stop = threading.Event()
 
@@ -212,7 +219,9 @@ def drive(cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]]) -> tu
                 time.sleep(0.5)
                 n = sum(injector.faults.values())
                 bar.update(n - bar.n)
-                if n >= cfg.target_faults or time.monotonic() - started > cfg.max_duration_s:
+                elapsed = time.monotonic() - started
+                enough = sum(s.acks for s in stats) >= cfg.min_acks and n >= cfg.min_faults
+                if n >= cfg.target_faults or elapsed > cfg.max_duration_s + (0 if enough else cfg.extra_s):
                     break
     finally:
         stop.set()
@@ -278,7 +287,7 @@ def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
         stats = [Stats() for _ in range(cfg.client_threads)]
         drivers = make_drivers(cfg, cluster, stats)
         t0 = time.monotonic()
-        injector, result.duration_s = drive(cfg, cluster, drivers)
+        injector, result.duration_s = drive(cfg, cluster, drivers, stats)
         result.faults = injector.faults
         # Everything back up and resumed, then the final reads.
         for i in range(cfg.replicas):
@@ -298,6 +307,7 @@ def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
             result.stats.requests += s.requests
             result.stats.errors += s.errors
             result.stats.abandoned += s.abandoned
+            result.stats.acks += s.acks
         result.replica_starts = cluster.starts
         result.injector_errors = injector.errors
     finally:
