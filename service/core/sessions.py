@@ -335,7 +335,8 @@ class SessionManager:
     async def renew(self, s: Session) -> Session:
         """Extend this replica's lease and revalidate the resident copy; returns the session to use.
 
-        A lost lease ends the local copy (NOT_FOUND reason moved). A store at another version than the copy
+        A lost lease ends the local copy (NOT_FOUND reason moved, also while an operation of the copy is in
+        flight). A store at another version than the copy
         (another replica advanced, reset or closed the session while this one's lease had lapsed) means the
         copy is stale: it is dropped and the session reloaded from the store.
         """
@@ -355,7 +356,9 @@ class SessionManager:
         if gen is None:
             if self.table.sessions.get(s.session_id) is s and s.pending is None:
                 self.end(s, "moved", delete=False)
-            raise self.table.not_found(s.session_id)
+            # Moved even while the copy is still busy (it cannot be ended yet, so it leaves no tombstone):
+            # "unknown session id" would tell the client its session is gone for good.
+            raise self.table.moved(s.session_id)
         s.lease_until = asked + self.settings.lease_s
         if gen == s.gen:
             return s
@@ -404,7 +407,9 @@ class SessionManager:
         waiting = self._resuming.get(session_id)
         if waiting is not None:
             await asyncio.shield(waiting)
-            return self.table.get(session_id)
+            # Resumed: the copy is local now. Failed (owned elsewhere, store down): this call tries itself and
+            # gets its own answer, never "unknown session id" for a session that exists.
+            return await self.get(session_id)
         fut = asyncio.get_running_loop().create_future()
         self._resuming[session_id] = fut
         try:

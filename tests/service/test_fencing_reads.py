@@ -16,7 +16,7 @@ from engine_harness import settings
 from prometheus_client import CollectorRegistry
 
 from service.core.engine import Engine
-from service.errors import NotFound, Unavailable
+from service.errors import Aborted, NotFound, Unavailable
 from service.stores.base import InMemoryStore
 
 X = "x"
@@ -130,6 +130,81 @@ def test_a_lease_claimed_slowly_is_not_believed_longer_than_the_store_gave_it(mo
                 await a.step(sid, 3, _x(1))
             r = await _step_eventually(a, sid, 3, 1)  # after b's lease lapses, a resumes from the store
             assert int(r.outputs["y"][0]) == 7
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+class SlowSaveStore(InMemoryStore):
+    """The shared store; replica `slow_owner`'s saves take `delay_s` (Redis restarting, a slow disk)."""
+
+    def __init__(self) -> None:
+        super().__init__(persistent=True)
+        self.delay_s = 0.0
+        self.slow_owner = ""
+
+    async def save(self, record):
+        if record.owner == self.slow_owner:
+            await asyncio.sleep(self.delay_s)
+        return await super().save(record)
+
+
+def test_a_replica_that_lost_the_lease_during_an_operation_says_moved_not_unknown(model_repository):
+    """A's save of seq 2 hangs past its lease; B takes the session and applies seq 2; a call reaches A.
+
+    A cannot end its copy yet (its step is still in flight), but the answer must still say the session moved
+    (a client retries elsewhere), never "unknown session id", which tells a client its session is gone.
+    """
+
+    async def main():
+        store = SlowSaveStore()
+        a, b = _engines(model_repository, store, 0.3)
+        await a.start()
+        await b.start()
+        try:
+            sid = (await a.create_session("accumulator")).session_id
+            await a.step(sid, 1, _x(5))
+            store.slow_owner, store.delay_s = "a", 1.0
+            first = asyncio.ensure_future(a.step(sid, 2, _x(1)))  # applied on a, its save hangs
+            await asyncio.sleep(0.1)
+            r = await _step_eventually(b, sid, 2, 1)  # the client's retry elsewhere, after a's lease lapsed
+            assert int(r.outputs["y"][0]) == 6
+            with pytest.raises(NotFound) as info:
+                await a.step(sid, 3, _x(1))  # while a's step 2 is still saving
+            assert info.value.reason == "moved", info.value.message
+            with pytest.raises(Aborted):  # a's own save is refused: b wrote version 3 meanwhile
+                await first
+            r = await _step_eventually(b, sid, 3, 1)
+            assert int(r.outputs["y"][0]) == 7
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def test_calls_that_wait_for_another_call_s_resume_get_their_own_answer(model_repository):
+    """Two calls reach A at once for a session B holds: both hear "owned by another live replica" (retry),
+    the one that waited for the other's resume included (it used to hear "unknown session id")."""
+
+    async def main():
+        store = InMemoryStore(persistent=True)
+        a = Engine(
+            settings(model_repository, replica_id="a", lease_s=0.3), registry=CollectorRegistry(), store=store
+        )
+        b = Engine(
+            settings(model_repository, replica_id="b", lease_s=30), registry=CollectorRegistry(), store=store
+        )
+        await a.start()
+        await b.start()
+        try:
+            sid = (await b.create_session("accumulator")).session_id
+            await b.step(sid, 1, _x(5))
+            calls = [a.step(sid, 2, _x(1)), a.step(sid, 2, _x(1))]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, Unavailable) for r in results), results
         finally:
             await a.stop()
             await b.stop()
