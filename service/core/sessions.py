@@ -336,9 +336,9 @@ class SessionManager:
         """Extend this replica's lease and revalidate the resident copy; returns the session to use.
 
         A lost lease ends the local copy (NOT_FOUND reason moved, also while an operation of the copy is in
-        flight). A store at another version than the copy
-        (another replica advanced, reset or closed the session while this one's lease had lapsed) means the
-        copy is stale: it is dropped and the session reloaded from the store.
+        flight). A store at another version than the copy (another replica advanced, reset or closed the
+        session while this one's lease had lapsed) means the copy is stale: it is dropped and the session
+        reloaded from the store.
         """
         asked = time.monotonic()
         try:
