@@ -38,9 +38,9 @@ def short_config(seed: int) -> ChaosConfig:
         client_threads=4,
         target_faults=10_000,  # bounded by time here
         max_duration_s=35.0,  # replicas take seconds to start on a loaded machine
-        min_acks=80,  # ... and then fewer steps get through: go on (at most 40 s more) until these are in
+        min_acks=80,  # ... and then fewer steps get through: go on (at most 100 s more) until these are in
         min_faults=20,
-        extra_s=40.0,
+        extra_s=100.0,
         replica_gap_s=(0.4, 1.0),
         redis_gap_s=(4.0, 6.0),
         give_up_s=20.0,
