@@ -127,7 +127,16 @@ class Settings(BaseSettings):
         512,
         ge=1,
         description="A stateless request of more batch x timesteps than this runs in time slices of at most "
-        "this many batch x timesteps, yielding between them so other clients' steps interleave.",
+        "this many batch x timesteps, on a thread of its own (see burst_nice), so that other clients' steps "
+        "interleave and its working memory stays one slice's.",
+    )
+    burst_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness added to the thread that runs sliced stateless requests (Linux), so that "
+        "on a busy core the per-step batches and the event loop run before a maximal request's next slice; "
+        "0 = the same priority as the rest of the server.",
     )
     trim_after_steps: int = Field(
         16_384,

@@ -90,9 +90,14 @@ class Engine:
             settings, self.metrics, self.store, self.models, self.background
         )
         self.stepper = Stepper(settings, self.session_manager, self.models, self.executor)
-        # Long stateless requests run their slices on a thread of their own: other clients' batches never
-        # queue behind a slice (on a shared core the OS interleaves them instead).
-        self.burst_executor = ThreadPoolExecutor(1, thread_name_prefix="ort-burst")
+        # Long stateless requests run their slices on a thread of their own, at a lower CPU priority: other
+        # clients' batches never queue behind a slice, and on a shared core the OS runs them first.
+        self.burst_executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="ort-burst",
+            initializer=limits.lower_thread_priority,
+            initargs=(settings.burst_nice,),
+        )
         self.stepper.burst_executor = self.burst_executor
         # Client-facing blobs are always signed: with the configured key, or one made for this process.
         blob_key = settings.state_hmac_key.encode() if settings.state_hmac_key else secrets.token_bytes(32)
@@ -261,8 +266,11 @@ class Engine:
                 sessions.table.touch(s, time.monotonic())
 
     async def attach(self, session_id: str) -> SessionInfo:
-        """Describe a session, resuming it from the shared store when this replica does not hold it."""
-        return self.session_manager.info(await self.session_manager.get(session_id))
+        """Describe a session, resuming it from the shared store when this replica does not hold it.
+
+        A resident copy whose lease is due is revalidated against the store first (never described stale).
+        """
+        return self.session_manager.info(await self.session_manager.current(session_id))
 
     # == steps ==============================================================================================
     async def step(

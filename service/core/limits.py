@@ -9,12 +9,14 @@ Every limit is a setting (service/config.py) with a safe default, and a refusal 
 - `max_id_length`: session ids and KServe string sequence ids.
 
 A stateless request of more than `slice_steps` batch x timesteps runs in time slices of at most that much
-work, the state carried from one to the next, with a return to the event loop between slices: the single ONNX
-Runtime executor thread takes other clients' batches in between, so one maximal request does not hold everyone
-else for its whole length. A request of at least `trim_after_steps` batch x timesteps runs on a second ONNX
-Runtime session of the model without the CPU memory arena (`Runtime.for_bursts`) and, once its response is
-sent, glibc's `malloc_trim` returns the freed heap to the OS; large buffers are mmapped (`tune_allocator`). So
-a burst does not leave the process at its peak RSS, and the per-step batches keep their arena.
+work, the state carried from one to the next, on a thread of its own (the burst executor) at a lower CPU
+priority (`burst_nice`): the per-step batches keep their executor thread, and on a busy core the OS runs them
+and the event loop before the next slice, so one maximal request does not hold everyone else for its whole
+length. Slicing also bounds ONNX Runtime's working memory to one slice. A request of at least
+`trim_after_steps` batch x timesteps runs on a second ONNX Runtime session of the model without the CPU
+memory arena (`Runtime.for_bursts`) and, once its response is sent, glibc's `malloc_trim` returns the freed
+heap to the OS; large buffers are mmapped (`tune_allocator`). So a burst does not leave the process at its
+peak RSS, and the per-step batches keep their arena.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
+import sys
+import threading
 from concurrent.futures import Executor
 
 import numpy as np
@@ -83,33 +88,83 @@ async def run_sliced(
     big = 0 < settings.trim_after_steps <= batch * steps
     if big:  # on the arena-less session, so its memory can go back to the OS afterwards
         runtime = await loop.run_in_executor(burst_executor, runtime.for_bursts)
-    run = runtime.run
     n = max(1, settings.slice_steps // batch) if spec.time_axis else steps
-    if steps > n:
-        executor = burst_executor
     if steps <= n:
-        outs = await loop.run_in_executor(executor, run, feeds)
-        if big:
-            _trim_soon(loop, executor)
-        return {t.name: outs[t.name] for t in spec.outputs}
+        outs = await loop.run_in_executor(executor, runtime.run, feeds)
+        result = {t.name: outs[t.name] for t in spec.outputs}
+    else:
+        # All slices in one call on the burst thread: no event-loop round trip per slice (the loop only
+        # serves the other clients), and a cancelled request stops at the next slice boundary.
+        cancelled = threading.Event()
+        try:
+            result = await loop.run_in_executor(
+                burst_executor, _run_slices, runtime, spec, feeds, steps, n, cancelled
+            )
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+    if big:
+        _trim_soon(loop, executor if steps <= n else burst_executor)
+    return result
+
+
+class _Cancelled(Exception):
+    """The request was cancelled while its slices ran: the rest are skipped."""
+
+
+def _run_slices(
+    runtime: Runtime,
+    spec: ModelSpec,
+    feeds: dict[str, np.ndarray],
+    steps: int,
+    n: int,
+    cancelled: threading.Event,
+) -> dict[str, np.ndarray]:
+    """Run `feeds` in slices of `n` timesteps, the state carried from one to the next (blocking).
+
+    Time-axis outputs are written into arrays allocated once for the whole request (no list of pieces and
+    no concatenated copy: half the peak memory of a burst's outputs).
+    """
+    data = [t.name for t in spec.inputs]
     timed = {t.name for t in spec.outputs if t.time_axis}
-    pieces: dict[str, list[np.ndarray]] = {name: [] for name in timed}
+    result: dict[str, np.ndarray] = {}
     part = dict(feeds)
+    outs: dict[str, np.ndarray] = {}
     for start in range(0, steps, n):
+        if cancelled.is_set():
+            raise _Cancelled
+        stop = min(steps, start + n)
         for name in data:
-            part[name] = np.ascontiguousarray(feeds[name][:, start : start + n])
-        outs = await loop.run_in_executor(executor, run, part)
+            part[name] = np.ascontiguousarray(feeds[name][:, start:stop])
+        outs = runtime.run(part)
         for name in timed:
-            pieces[name].append(outs[name])
+            piece = outs[name]
+            whole = result.get(name)
+            if whole is None:
+                whole = result[name] = np.empty((piece.shape[0], steps, *piece.shape[2:]), piece.dtype)
+            whole[:, start:stop] = piece
         for st in spec.states:
             part["state_in_" + st.name] = outs["state_out_" + st.name]
-        await asyncio.sleep(0)  # let the steps that queued meanwhile reach the executor before the next slice
-    result = {t.name: outs[t.name] for t in spec.outputs}
-    for name in timed:
-        result[name] = np.concatenate(pieces[name], axis=1)
-    if big:
-        _trim_soon(loop, executor)
-    return result
+    for t in spec.outputs:
+        if t.name not in timed:
+            result[t.name] = outs[t.name]
+    return {t.name: result[t.name] for t in spec.outputs}
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by `nice` (Linux: per thread; elsewhere nothing).
+
+    The burst executor's thread runs with it, so that on a busy CPU the event loop and the per-step batches
+    preempt a long request's slices instead of sharing the core with them equally. ONNX Runtime runs a
+    session with one intra-op thread in the calling thread, so the slices' compute inherits it.
+    """
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # not allowed here (a seccomp profile): run at the normal priority
+        _log.warning("could not lower the burst thread's CPU priority: %s", exc)
 
 
 _TRIM_DELAY_S = 1.0  # after the response (and its buffers) is gone

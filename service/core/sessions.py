@@ -359,9 +359,10 @@ class SessionManager:
     async def renew(self, s: Session) -> Session:
         """Extend this replica's lease and revalidate the resident copy; returns the session to use.
 
-        A lost lease ends the local copy (NOT_FOUND reason moved). A store at another version than the copy
-        (another replica advanced, reset or closed the session while this one's lease had lapsed) means the
-        copy is stale: it is dropped and the session reloaded from the store.
+        A lost lease ends the local copy (NOT_FOUND reason moved, also while an operation of the copy is in
+        flight). A store at another version than the copy (another replica advanced, reset or closed the
+        session while this one's lease had lapsed) means the copy is stale: it is dropped and the session
+        reloaded from the store.
         """
         asked = time.monotonic()
         try:
@@ -379,7 +380,9 @@ class SessionManager:
         if gen is None:
             if self.table.sessions.get(s.session_id) is s and s.pending is None:
                 self.end(s, "moved", delete=False)
-            raise self.table.not_found(s.session_id)
+            # Moved even while the copy is still busy (it cannot be ended yet, so it leaves no tombstone):
+            # "unknown session id" would tell the client its session is gone for good.
+            raise self.table.moved(s.session_id)
         s.lease_until = asked + self.settings.lease_s
         if gen == s.gen:
             return s
@@ -396,6 +399,18 @@ class SessionManager:
     def lease_due(self, s: Session) -> bool:
         """Tell whether the session's lease should be renewed before its next step."""
         return self.persist and time.monotonic() > s.lease_until - self.settings.lease_s / 3
+
+    async def current(self, session_id: str) -> Session:
+        """Return the session as the store knows it: `get`, then a lease renewal when it is due.
+
+        What answers from a resident copy without stepping it (a describe, an attach) goes through here: a
+        copy whose lease lapsed may be behind the store (another replica advanced the session meanwhile), so
+        it is revalidated first, reloaded when stale, or refused (moved) when another replica holds the lease.
+        """
+        s = await self.get(session_id)
+        if self.lease_due(s):
+            s = await self.renew(s)
+        return s
 
     async def get(self, session_id: str) -> Session:
         """Return the local session, or resume it from the shared store; NotFound otherwise."""
@@ -418,7 +433,9 @@ class SessionManager:
         waiting = self._resuming.get(session_id)
         if waiting is not None:
             await asyncio.shield(waiting)
-            return self.table.get(session_id)
+            # Resumed: the copy is local now. Failed (owned elsewhere, store down): this call tries itself and
+            # gets its own answer, never "unknown session id" for a session that exists.
+            return await self.get(session_id)
         fut = asyncio.get_running_loop().create_future()
         self._resuming[session_id] = fut
         try:
@@ -427,37 +444,43 @@ class SessionManager:
             del self._resuming[session_id]
             fut.set_result(None)
 
-    async def _claim_waiting(self, session_id: str) -> bool:
+    async def _claim_waiting(self, session_id: str) -> float | None:
         """Claim the session's lease, waiting up to one lease for another holder's lease to lapse.
 
-        A crashed owner's lease runs out by itself within `lease_s`: waiting here lets a failed-over client
-        resume without seeing an error. A live owner renews its lease with every step, so the wait ends in a
-        refusal (and an idle owner that stays idle for a whole lease hands the session over, which is safe:
-        its next save is refused by the store's compare-and-set).
+        Returns when the successful claim was sent (monotonic; the lease runs from no earlier than that), or
+        None if the lease stayed another replica's. A crashed owner's lease runs out by itself within
+        `lease_s`: waiting here lets a failed-over client resume without seeing an error. A live owner renews
+        its lease with every step, so the wait ends in a refusal (and an idle owner that stays idle for a
+        whole lease hands the session over, which is safe: its next save is refused by the store's
+        compare-and-set).
         """
         deadline = time.monotonic() + self.settings.lease_s
         poll = min(0.1, self.settings.lease_s / 10)
-        while not await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
+        while True:
+            asked = time.monotonic()
+            if await self.store.claim(session_id, self.settings.replica_id, self.settings.lease_s):
+                return asked
             if self.draining or time.monotonic() + poll > deadline:
-                return False
+                return None
             await asyncio.sleep(poll)
-        return True
 
     async def _resume(self, session_id: str) -> Session:
         if self.draining:
             raise Unavailable("server is draining; resume the session on another replica")
         # Claim before load: once the lease is ours nobody else can save, so the next read is the latest.
         try:
-            claimed = await self._claim_waiting(session_id)
+            asked = await self._claim_waiting(session_id)
         except StoreUnavailable as exc:
             self.store_failed(exc, "resume")
             raise
-        if not claimed:
+        if asked is None:
             raise Unavailable(
                 f"session {session_id} is owned by another live replica; retry there, or after its "
                 f"lease ({self.settings.lease_s} s) runs out"
             )
-        asked = time.monotonic()
+        # The lease counts from when the claim was sent, not from when its answer was read: a replica paused
+        # (or its loop busy) in between must not believe in more lease than the store gave, or it would answer
+        # from its copy after another replica took the session over and advanced it.
         rec = await self.store.load(session_id)
         if rec is None or rec.tenant != CALLER.get().tenant:  # another tenant's: as if it did not exist
             _log.info("session %s: no record of this tenant in the shared store", session_id)
@@ -478,7 +501,7 @@ class SessionManager:
         s.steps = rec.steps
         s.last_inputs = rec.last_digest
         s.created_at = rec.created_at - self.wall_offset  # the lifetime counts from the first creation
-        s.lease_until = asked + self.settings.lease_s  # claimed (or renewed) before the load
+        s.lease_until = asked + self.settings.lease_s  # the claim, sent before the load
         if rec.last_outputs is not None:
             s.last_result = StepResult(rec.last_seq, rec.last_outputs, False)
         _log.info("resumed session %s at seq %d from the shared store", session_id, rec.last_seq)

@@ -204,6 +204,15 @@ class SessionTable:
             f"unknown session id {session_id!r}; expected an id returned by CreateSession", reason="unknown"
         )
 
+    @staticmethod
+    def moved(session_id: str) -> NotFound:
+        """Build the NotFound of a session another replica holds now (retryable there, never "unknown")."""
+        return NotFound(
+            f"session {session_id} {REASON_TEXT['moved']} (reason: moved); retry the call: it resumes on "
+            "the replica that holds the session",
+            reason="moved",
+        )
+
     def reason_of(self, session_id: str) -> str | None:
         """Return the tombstone reason of a gone session of the calling tenant, if remembered."""
         tomb = self._tombstones.get(session_id)

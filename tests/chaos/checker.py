@@ -29,10 +29,24 @@ ATOL = 1e-4
 
 @dataclass(slots=True)
 class Event:
-    """One chunk sent: its tokens `(T,)` and the acknowledged logits `(T, V)`, or None (outcome unknown)."""
+    """One chunk sent: its tokens `(T,)` and the acknowledged logits `(T, V)`, or None (outcome unknown).
+
+    `replica` and `t` (monotonic seconds) say who answered and when: evidence for a fault's report.
+    """
 
     tokens: np.ndarray
     output: np.ndarray | None
+    replica: str = ""
+    t: float = 0.0
+
+
+@dataclass(slots=True)
+class Note:
+    """A final answer worth reporting (a refusal, a describe that denies acknowledged steps)."""
+
+    t: float
+    replica: str
+    text: str
 
 
 @dataclass
@@ -43,6 +57,7 @@ class SessionLog:
     kind: str  # "native" or "kserve"
     events: list[Event] = field(default_factory=list)
     missing: int = 0  # acknowledged steps the server later denied (set by the driver)
+    notes: list[Note] = field(default_factory=list)
 
 
 @dataclass

@@ -25,9 +25,10 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.proto import rnnserve_pb2_grpc as pb_grpc
-from tests.chaos.checker import Event, SessionLog
+from tests.chaos.checker import Event, Note, SessionLog
 
 MODEL = "tiny_lstm"
+REPLICA_HEADER = "x-rnnserve-replica"
 _EXPECTED = re.compile(r"expected seq (\d+)")
 # Answers after which the same request may be sent again (to the same or another replica).
 RETRYABLE = {
@@ -38,6 +39,15 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNKNOWN,
 }
+
+
+def _replica(call_or_err: object) -> str:
+    """The replica named by a reply's trailing metadata (`x-rnnserve-replica`), or "?" when absent."""
+    try:
+        meta = call_or_err.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a call that never reached a server has no metadata
+        return "?"
+    return next((v for k, v in meta if k == REPLICA_HEADER), "?")
 
 
 def backoff(failures: int) -> float:
@@ -51,6 +61,7 @@ class Stats:
 
     requests: int = 0
     errors: int = 0
+    acks: int = 0  # acknowledged steps (the short run goes on until it has enough of them)
     abandoned: int = 0  # sessions given up (no answer for `give_up_s`), not a correctness failure
 
 
@@ -93,17 +104,24 @@ class NativeDriver:
         self.session_id: str | None = None
         self.seq = 0  # last acknowledged seq
         self.done = False
+        self.replica = ""  # the replica that gave the last answer (trailing metadata)
 
-    def _call(self, fn: Callable[[pb_grpc.RecurrentServiceStub], object]) -> object:
-        """Send until answered or a non-retryable status; moves to another replica after a failure."""
+    def _call(self, fn: Callable[[pb_grpc.RecurrentServiceStub], tuple[object, object]]) -> object:
+        """Send until answered or a non-retryable status; moves to another replica after a failure.
+
+        `fn` makes the call `with_call`; the replica that answered (or refused) is kept in `self.replica`.
+        """
         deadline = time.monotonic() + self.give_up_s
         move = False
         failures = 0
         while True:
             self.stats.requests += 1
             try:
-                return fn(pb_grpc.RecurrentServiceStub(self.router.pick(move=move)))
+                resp, call = fn(pb_grpc.RecurrentServiceStub(self.router.pick(move=move)))
+                self.replica = _replica(call)
+                return resp
             except grpc.RpcError as err:
+                self.replica = _replica(err)
                 self.stats.errors += 1
                 code = err.code()
                 moved = code == grpc.StatusCode.NOT_FOUND and "reason: moved" in (err.details() or "")
@@ -119,28 +137,39 @@ class NativeDriver:
         try:
             if self.session_id is None:
                 info = self._call(
-                    lambda s: s.CreateSession(
+                    lambda s: s.CreateSession.with_call(
                         pb.CreateSessionRequest(model=MODEL, idle_ttl_s=3600), timeout=self.call_timeout_s
                     )
                 )
                 self.session_id = info.session_id  # type: ignore[attr-defined]
+                self.log.notes.append(
+                    Note(time.monotonic(), self.replica, f"created session={self.session_id}")
+                )
                 return
             tokens = self.rng.integers(0, self.vocab, self.chunk_t, dtype=np.int64)
             req = pb.StepRequest(
                 session_id=self.session_id, seq=self.seq + 1, inputs=[wire.array_to_tensor("tokens", tokens)]
             )
-            resp = self._call(lambda s: s.Step(req, timeout=self.call_timeout_s))
+            resp = self._call(lambda s: s.Step.with_call(req, timeout=self.call_timeout_s))
         except grpc.RpcError as err:
-            self._refused(err)
+            self._refused(err, "Step")
             return
         outs = wire.tensors_to_arrays(resp.outputs)  # type: ignore[attr-defined]
         self.seq += 1
-        self.log.events.append(Event(tokens, outs["logits"]))
+        self.stats.acks += 1
+        self.log.events.append(Event(tokens, outs["logits"], self.replica, time.monotonic()))
 
-    def _refused(self, err: grpc.RpcError) -> None:
+    def _refused(self, err: grpc.RpcError, rpc: str) -> None:
         """A final answer that is not an acknowledgement: record what it says about acknowledged steps."""
         self.done = True
         details = err.details() or ""
+        self.log.notes.append(
+            Note(
+                time.monotonic(),
+                self.replica,
+                f"{rpc} seq {self.seq + 1}: {err.code().name}: {details[:200]}",
+            )
+        )
         m = _EXPECTED.search(details)
         if err.code() == grpc.StatusCode.FAILED_PRECONDITION and m and int(m.group(1)) <= self.seq:
             self.log.missing += self.seq - int(m.group(1)) + 1
@@ -159,15 +188,22 @@ class NativeDriver:
             return
         try:
             info = self._call(
-                lambda s: s.DescribeSession(
+                lambda s: s.DescribeSession.with_call(
                     pb.SessionRequest(session_id=self.session_id), timeout=self.call_timeout_s
                 )
             )
         except grpc.RpcError as err:
-            self._refused(err)
+            self._refused(err, "DescribeSession")
             return
         if info.last_seq < self.seq:  # type: ignore[attr-defined]
             self.log.missing += self.seq - info.last_seq  # type: ignore[attr-defined]
+            self.log.notes.append(
+                Note(
+                    time.monotonic(),
+                    self.replica,
+                    f"DescribeSession: last_seq {info.last_seq}, acknowledged {self.seq}",  # type: ignore[attr-defined]
+                )
+            )
 
 
 def _kserve_request(sequence_id: int, tokens: np.ndarray, start: bool) -> kpb.ModelInferRequest:
@@ -212,11 +248,17 @@ class KServeDriver:
         self.log: SessionLog | None = None
         self.unknown = 0
         self.done = False
+        self.replica = ""
 
     def _infer(self, req: kpb.ModelInferRequest, move: bool) -> np.ndarray:
         self.stats.requests += 1
         stub = kpb_grpc.GRPCInferenceServiceStub(self.router.pick(move=move))
-        resp = stub.ModelInfer(req, timeout=self.call_timeout_s)
+        try:
+            resp, call = stub.ModelInfer.with_call(req, timeout=self.call_timeout_s)
+        except grpc.RpcError as err:
+            self.replica = _replica(err)
+            raise
+        self.replica = _replica(call)
         shape = list(resp.outputs[0].shape)
         return np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(shape)[0]
 
@@ -230,7 +272,7 @@ class KServeDriver:
         except grpc.RpcError as err:
             self.stats.errors += 1
             if err.code() in RETRYABLE:
-                self.log.events.append(Event(tokens, None))
+                self.log.events.append(Event(tokens, None, self.replica, time.monotonic()))
                 self.unknown += 1
                 time.sleep(backoff(self.unknown))
                 if self.unknown >= self.MAX_UNKNOWN:
@@ -239,11 +281,19 @@ class KServeDriver:
                 return
             # The sequence is gone although it was never ended: every acknowledged step is missing.
             self.log.missing += sum(e.output is not None for e in self.log.events)
+            self.log.notes.append(
+                Note(
+                    time.monotonic(),
+                    self.replica,
+                    f"ModelInfer: {err.code().name}: {(err.details() or '')[:200]}",
+                )
+            )
             self.log.name += f" [{err.code().name}: {(err.details() or '')[:120]}]"
             self.log = None
             return
         self.unknown = 0
-        self.log.events.append(Event(tokens, out))
+        self.stats.acks += 1
+        self.log.events.append(Event(tokens, out, self.replica, time.monotonic()))
 
     def _start(self, tokens: np.ndarray) -> None:
         """Start a new sequence; a start is re-sent until acknowledged (a start restarts from zero anyway)."""
@@ -263,7 +313,11 @@ class KServeDriver:
                 move = True
                 failures += 1
                 time.sleep(backoff(failures))
-        self.log = SessionLog(f"{self.name} seq-id {self.sequence_id}", self.kind, [Event(tokens, out)])
+        self.log = SessionLog(
+            f"{self.name} seq-id {self.sequence_id}",
+            self.kind,
+            [Event(tokens, out, self.replica, time.monotonic())],
+        )
         self.logs.append(self.log)
         self.unknown = 0
 

@@ -29,7 +29,7 @@ import fixtures
 import numpy as np
 from tqdm import tqdm
 
-from tests.chaos.checker import Counts, Reference, check
+from tests.chaos.checker import Counts, Reference, SessionLog, check_session
 from tests.chaos.cluster import ChaosRedis, Cluster
 from tests.chaos.drivers import MODEL, KServeDriver, NativeDriver, Router, Stats
 
@@ -51,6 +51,11 @@ class ChaosConfig:
     p_move: float = 0.2
     target_faults: int = 1000
     max_duration_s: float = 1800.0
+    # The short run ends at max_duration_s only once this many steps and faults are in (on a loaded machine
+    # replicas restart slowly and clients get fewer steps through); never later than max_duration_s + extra.
+    min_acks: int = 0
+    min_faults: int = 0
+    extra_s: float = 0.0
     replica_gap_s: tuple[float, float] = (0.3, 1.0)
     redis_gap_s: tuple[float, float] = (3.0, 6.0)
     call_timeout_s: float = 6.0
@@ -69,6 +74,7 @@ class ChaosResult:
     duration_s: float = 0.0
     replica_starts: int = 0
     injector_errors: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # per faulty session: answers, faults, replica logs
 
     @property
     def faults_injected(self) -> int:
@@ -93,6 +99,7 @@ class ChaosResult:
             **self.counts.summary(),
             "faults_found": self.counts.faults[:50],
             "injector_errors": self.injector_errors[:10],
+            "evidence": self.evidence[:200],
         }
 
 
@@ -107,6 +114,8 @@ class Injector:
         self.cluster, self.cfg, self.stop = cluster, cfg, stop
         self.faults: Counter = Counter()
         self.errors: list[str] = []
+        # (monotonic start, monotonic end, kind, target): what was broken when, for a fault's evidence
+        self.timeline: list[tuple[float, float, str, str]] = []
         self._lock = threading.Lock()
         self.threads = [
             threading.Thread(
@@ -123,6 +132,8 @@ class Injector:
         lease = self.cfg.lease_s
         while not self.stop.wait(rng.uniform(*self.cfg.replica_gap_s)):
             kind = _pick(rng, REPLICA_FAULTS)
+            r = self.cluster.replicas[i]
+            target, began = (r.name if r is not None else f"r{i}"), time.monotonic()
             try:
                 if kind == "kill":
                     self.cluster.kill(i)
@@ -136,16 +147,19 @@ class Injector:
                 self.errors.append(f"{kind} r{i}: {exc!r}"[:300])
                 continue
             self._count(kind)
+            self.timeline.append((began, time.monotonic(), kind, target))
 
     def _redis_loop(self, rng: random.Random) -> None:
         while not self.stop.wait(rng.uniform(*self.cfg.redis_gap_s)):
             kind = _pick(rng, REDIS_FAULTS)
+            began = time.monotonic()
             try:
                 self.cluster.redis.restart(signal.SIGKILL if kind == "redis_kill" else signal.SIGTERM)
             except Exception as exc:  # noqa: BLE001
                 self.errors.append(f"{kind}: {exc!r}"[:300])
                 continue
             self._count(kind)
+            self.timeline.append((began, time.monotonic(), kind, "redis"))
 
     def start(self) -> None:
         for t in self.threads:
@@ -182,7 +196,9 @@ def make_drivers(cfg: ChaosConfig, cluster: Cluster, stats: list[Stats]) -> list
     return drivers
 
 
-def drive(cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]]) -> tuple[Injector, float]:
+def drive(
+    cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]], stats: list[Stats]
+) -> tuple[Injector, float]:
     """Run the clients and the fault injector until enough faults (or time); returns the injector, seconds."""
     stop = threading.Event()
 
@@ -203,7 +219,9 @@ def drive(cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]]) -> tu
                 time.sleep(0.5)
                 n = sum(injector.faults.values())
                 bar.update(n - bar.n)
-                if n >= cfg.target_faults or time.monotonic() - started > cfg.max_duration_s:
+                elapsed = time.monotonic() - started
+                enough = sum(s.acks for s in stats) >= cfg.min_acks and n >= cfg.min_faults
+                if n >= cfg.target_faults or elapsed > cfg.max_duration_s + (0 if enough else cfg.extra_s):
                     break
     finally:
         stop.set()
@@ -213,6 +231,41 @@ def drive(cfg: ChaosConfig, cluster: Cluster, drivers: list[list[Driver]]) -> tu
     return injector, time.monotonic() - started
 
 
+def evidence(
+    log: SessionLog,
+    counts: Counts,
+    timeline: list[tuple[float, float, str, str]],
+    t0: float,
+    workdir: Path,
+    window_s: float = 4.0,
+) -> list[str]:
+    """What one faulty session's report needs: its last answers, the faults around them, the replicas' logs.
+
+    Times are seconds since the clients started.
+    """
+    out = [f"== {log.name}: " + "; ".join(counts.faults)]
+    acked = [(k, e) for k, e in enumerate(log.events) if e.t]
+    times = [e.t for _, e in acked[-6:]] + [n.t for n in log.notes]
+    for k, e in acked[-6:]:
+        what = "acknowledged" if e.output is not None else "unknown outcome"
+        out.append(f"  t={e.t - t0:7.2f} event {k} (seq {k + 1}) {what} by {e.replica}")
+    for n in log.notes:
+        out.append(f"  t={n.t - t0:7.2f} {n.replica}: {n.text}")
+    if times:
+        lo, hi = min(times) - window_s, max(times) + 1.0
+        for began, ended, kind, target in timeline:
+            if ended >= lo and began <= hi:
+                out.append(f"  fault {kind} {target}: t={began - t0:.2f}..{ended - t0:.2f}")
+    sid = next((w for n in log.notes for w in n.text.split() if w.startswith("session=")), "")
+    if sid:
+        key = sid.split("=", 1)[1]
+        for path in sorted(workdir.glob("replica-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if key in line:
+                    out.append(f"  {path.stem}: {line[:240]}")
+    return out
+
+
 def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
     """Build a repository, start Redis and the replicas, drive and break them, check. Returns the result."""
     repository = workdir / "repository"
@@ -220,7 +273,12 @@ def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
     redis_server = ChaosRedis(workdir / "redis")
     redis_server.start()
     cluster = Cluster(
-        workdir, repository, redis_server, cfg.replicas, lease_s=cfg.lease_s, drain_grace_s=1.0,
+        workdir,
+        repository,
+        redis_server,
+        cfg.replicas,
+        lease_s=cfg.lease_s,
+        drain_grace_s=1.0,
         idle_ttl_s=3600,
     )
     result = ChaosResult(cfg)
@@ -228,7 +286,8 @@ def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
         cluster.start_all()
         stats = [Stats() for _ in range(cfg.client_threads)]
         drivers = make_drivers(cfg, cluster, stats)
-        injector, result.duration_s = drive(cfg, cluster, drivers)
+        t0 = time.monotonic()
+        injector, result.duration_s = drive(cfg, cluster, drivers, stats)
         result.faults = injector.faults
         # Everything back up and resumed, then the final reads.
         for i in range(cfg.replicas):
@@ -238,11 +297,17 @@ def run_chaos(workdir: Path, cfg: ChaosConfig) -> ChaosResult:
         for d in every:
             d.finish()
         logs = [log for d in every for log in ([d.log] if isinstance(d, NativeDriver) else d.logs)]
-        result.counts = check(Reference(repository / MODEL / "1" / "model.onnx"), logs)
+        ref = Reference(repository / MODEL / "1" / "model.onnx")
+        for log in logs:
+            counts = check_session(ref, log)
+            result.counts.add(counts)
+            if not counts.clean:
+                result.evidence += evidence(log, counts, injector.timeline, t0, workdir)
         for s in stats:
             result.stats.requests += s.requests
             result.stats.errors += s.errors
             result.stats.abandoned += s.abandoned
+            result.stats.acks += s.acks
         result.replica_starts = cluster.starts
         result.injector_errors = injector.errors
     finally:

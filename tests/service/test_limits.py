@@ -186,3 +186,50 @@ def test_the_readme_limits_table_is_generated_from_the_settings():
     assert (root / "docs" / "results" / "limits.md").read_text() == limits_table(), (
         "docs/results/limits.md is stale: python -m tests.bench.burst --limits-only"
     )
+
+
+def test_sliced_requests_run_on_a_burst_thread_of_lower_cpu_priority(channel):
+    """The slices' thread is `burst_nice` (default 10) nicer than the server: busy cores serve steps first."""
+    import os
+    import sys
+    import threading
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread niceness is Linux only")
+    tokens = np.zeros((2, 40), np.int64)  # 4 slices of 10 steps: runs on the burst thread
+    kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_infer(tokens), timeout=30)
+    burst = [t for t in threading.enumerate() if t.name.startswith("ort-burst")]
+    assert burst, [t.name for t in threading.enumerate()]
+    base = os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id)
+    assert os.getpriority(os.PRIO_PROCESS, burst[0].native_id) == min(19, base + Settings().burst_nice)
+
+
+def test_a_cancelled_sliced_request_stops_at_the_next_slice(repo):
+    """Slices run in one call on the burst thread; a cancelled request runs no slice after the cancel."""
+    import threading
+
+    from service.core import limits
+    from service.core.contract import describe
+    from service.core.intake import read_config
+    from service.core.runtime import Runtime
+
+    path = repo / "tiny_lstm" / "1" / "model.onnx"
+    cancelled = threading.Event()
+
+    class CancelAfterFirst(Runtime):
+        __slots__ = ("calls",)
+
+        def run(self, feeds):
+            self.calls += 1
+            cancelled.set()  # the client goes away while the first slice runs
+            return super().run(feeds)
+
+    runtime = CancelAfterFirst(path)
+    runtime.calls = 0
+    spec = describe(runtime, "tiny_lstm", 1, read_config(repo / "tiny_lstm", Settings()))
+    feeds = {"tokens": np.zeros((1, 50), np.int64)}
+    for st in spec.states:
+        feeds["state_in_" + st.name] = np.zeros((1, *st.shape), st.dtype)
+    with pytest.raises(limits._Cancelled):
+        limits._run_slices(runtime, spec, feeds, 50, 7, cancelled)
+    assert runtime.calls == 1
