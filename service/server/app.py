@@ -314,7 +314,12 @@ async def start(
 
     add_native(RecurrentServicer(engine, streams, on_reload=on_reload), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    kserve_servicer = kserve.add_to_server(server, engine, ready=lambda: holder["server"].is_serving())
+    kserve_servicer = kserve.add_to_server(
+        server,
+        engine,
+        ready=lambda: holder["server"].is_serving(),
+        owners=None if router is None else router.owners,
+    )
     services = [NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 

@@ -45,6 +45,7 @@ from service.server.kserve_models import (
     version_arg,
 )
 from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
+from service.server.ownership import OwnerTable
 
 SERVER_NAME = "rnnserve"
 # Extension names exactly as Triton spells them in ServerMetadata; only the ones this server implements.
@@ -73,12 +74,13 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         version: str | None = None,
         ready: Callable[[], bool] = lambda: True,
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+        owners: OwnerTable | None = None,
     ) -> None:
         self._engine = engine
         self._version = version or package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
-        self.sequences = SequenceTable(engine)
+        self.sequences = SequenceTable(engine, owners)
         self._stats: dict[tuple[str, int], ModelStats] = {}
 
     # ---- health and metadata
@@ -441,8 +443,14 @@ def add_to_server(
     ready: Callable[[], bool] = lambda: True,
     version: str | None = None,
     stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
+    owners: OwnerTable | None = None,
 ) -> KServeServicer:
-    """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer."""
-    servicer = KServeServicer(engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight)
+    """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer.
+
+    `owners`: this process is one worker of several (the table of which worker owns which sequence).
+    """
+    servicer = KServeServicer(
+        engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight, owners=owners
+    )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer
