@@ -277,6 +277,8 @@ async def start(
         )
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
+    if router is not None:
+        router.forwarded = engine.metrics.forwarded
     await engine.start()
     # What start-up built (modules, models, runtimes) lives as long as the process: move it out of the
     # collector's reach, so full collections under load only walk what serving allocates.

@@ -146,6 +146,7 @@ class StreamSplitter:
                 metadata=self.router.forwarded_metadata(self._context), wait_for_ready=True
             )
             self._relays.append(asyncio.ensure_future(self._relay(k, sub)))
+        self.router.count_forward(self._method)
         await sub.write(raw)
 
     async def _relay(self, k: int, sub: Any) -> None:

@@ -103,7 +103,12 @@ class Router(HandlerWrapper):
         self.peers = peers
         self.owners = owners
         self._channels: dict[int, aio.Channel] = {}
-        self.forwarded = 0
+        self.forwarded: Any = None  # Metrics.forwarded (rnnserve_forwarded_total{method}), set by app.start
+
+    def count_forward(self, method: str) -> None:
+        """Count one call or stream request passed to another worker."""
+        if self.forwarded is not None:
+            self.forwarded.labels(method.rpartition("/")[2]).inc()
 
     def channel(self, k: int) -> aio.Channel:
         """Return the channel to worker k's Unix socket (made once)."""
@@ -209,7 +214,7 @@ class Router(HandlerWrapper):
             k = me if self._is_forwarded(context) else owner(request)
             if k == me:
                 return await behavior(request, context)
-            self.forwarded += 1
+            self.count_forward(method)
             try:
                 await self.ready(k)
                 rpc = caller(k)(
@@ -274,7 +279,7 @@ class Router(HandlerWrapper):
                         yield deser(raw)
 
                 return await behavior(local(), context)
-            self.forwarded += 1
+            self.count_forward(method)
             await self._pipe(method, k, context, first, it)
 
         return grpc.stream_stream_rpc_method_handler(call, None, _serialize)

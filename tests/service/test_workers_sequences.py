@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 from service.server.interceptors import REPLICA_HEADER
 from tests.deploy.redis_server import start_redis, stop_redis
 from tests.service.server_thread import ServerProcess
-from tests.service.test_workers import _kserve, _logits, tokens, workers_of
+from tests.service.test_workers import _kserve, _logits, _metrics, _value, tokens, workers_of
 
 MODEL = "tiny_lstm"
 
@@ -173,6 +173,9 @@ def test_a_stream_serves_its_own_sequences_and_forwards_the_others(server, repo)
         assert [o for o in order if o[0] == 601] == [(601, 1)] * 4 + [(601, 2)] * 3
         for key, parts in chunks.items():
             np.testing.assert_allclose(np.concatenate(got[key]), _want(repo, parts), rtol=1e-5, atol=1e-5)
+        # Exactly the 8 requests of sequences owned by worker 0 went there; the other 10 were served in place.
+        forwarded = _value(_metrics(server), r'rnnserve_forwarded_total\{method="ModelStreamInfer"\}')
+        assert forwarded == 8
     finally:
         ch.close()
 
