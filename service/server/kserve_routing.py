@@ -26,7 +26,7 @@ from grpc import aio
 from service.core.tenancy import tenant
 from service.errors import InvalidArgument
 from service.server.kserve_convert import parse_sequence
-from service.server.ownership import OwnerTable, sequence_hash
+from service.server.ownership import OwnerTable
 
 if TYPE_CHECKING:
     from service.server.routing import Router
@@ -43,7 +43,7 @@ def route_of(request: Any, owners: OwnerTable) -> tuple[int, int]:
         return me, 0  # refused where it landed
     if ctl.sequence_id is None:
         return me, 0
-    fp = sequence_hash(tenant(), request.model_name, ctl.sequence_id)
+    fp = owners.fingerprint(tenant(), request.model_name, ctl.sequence_id)
     if ctl.start:
         return me, fp
     owner = owners.owner(fp)

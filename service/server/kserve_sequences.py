@@ -37,7 +37,7 @@ from service.core.engine import Engine
 from service.core.tenancy import CALLER, Principal, tenant
 from service.errors import Aborted, InvalidArgument, NotFound, ServeError, Unavailable
 from service.server.kserve_convert import SequenceControl
-from service.server.ownership import OwnerTable, sequence_hash
+from service.server.ownership import OwnerTable
 
 SequenceKey = tuple[str, int | str]
 _Key = tuple[str, str, int | str]  # (tenant, model, sequence_id): sequence ids are per tenant
@@ -139,7 +139,7 @@ class SequenceTable:
         if ctl.start and self._owners is not None:
             # Claimed as the START is read: a request of this sequence read next on the same stream (and any
             # other worker from now on) finds this worker as the owner.
-            self._owners.claim(sequence_hash(*key))
+            self._owners.claim(self._owners.fingerprint(*key))
         if (
             entry is not None
             and entry.session_id is not None
@@ -328,7 +328,7 @@ class SequenceTable:
 
     def _claim(self, key: _Key, entry: _Sequence) -> None:
         if self._owners is not None:
-            entry.fp = sequence_hash(*key)
+            entry.fp = self._owners.fingerprint(*key)
             _previous, entry.slot = self._owners.claim(entry.fp)
 
     def _holds(self, entry: _Sequence) -> bool:

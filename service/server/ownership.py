@@ -36,6 +36,7 @@ OWNER_TABLE = "owners"  # its file in the workers' run directory (made by the su
 MAX_WORKERS = 255  # the owner is one byte (owner + 1; 0 marks an empty slot)
 _HEADER = 8
 _MAX_LOAD = 0.75  # linear probing stays short below this; claims beyond it are refused
+_MAX_REMEMBERED = 65_536  # fingerprints kept per worker (then forgotten all at once and computed again)
 
 
 def sequence_hash(tenant: str, model: str, sequence_id: int | str) -> int:
@@ -68,6 +69,17 @@ class OwnerTable:
         self._mask = self.slots - 1
         self._limit = int(self.slots * _MAX_LOAD)
         self._mine = self.me + 1
+        self._fps: dict[tuple[str, str, int | str], int] = {}  # fingerprints of recent sequences
+
+    def fingerprint(self, tenant: str, model: str, sequence_id: int | str) -> int:
+        """`sequence_hash`, remembered for the sequences seen lately (a step's routing pays a dict lookup)."""
+        key = (tenant, model, sequence_id)
+        fp = self._fps.get(key)
+        if fp is None:
+            if len(self._fps) >= _MAX_REMEMBERED:
+                self._fps.clear()
+            fp = self._fps[key] = sequence_hash(tenant, model, sequence_id)
+        return fp
 
     def close(self) -> None:
         """Unmap the table (views first: an mmap with exported buffers cannot close)."""
