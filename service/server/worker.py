@@ -64,8 +64,7 @@ async def _serve_worker(settings: Settings, index: int, workers: int, run_dir: P
     await stop.wait()
     peers_task.cancel()
     await running.stop()
-    await router.close()
-    owners.close()
+    await router.close()  # the owner table stays mapped until the process exits (late releases are harmless)
     httpd.shutdown()
 
 
