@@ -280,11 +280,18 @@ class Settings(BaseSettings):
     workers: int = Field(
         0,
         ge=0,
+        le=255,
         description="Worker processes serving the one gRPC port (0 = the CPUs this container may use: the"
         " cgroup CPU quota, else the CPU affinity count; 1 = a single process, no supervisor).",
     )
     session_id_prefix: str = Field(
         "", max_length=16, description="Prefix of new session ids (set per worker by the supervisor)."
+    )
+    owner_table_slots: int = Field(
+        1 << 20,
+        ge=2,
+        description="Slots of the workers' shared KServe sequence owner table (8 bytes each, rounded up to a"
+        " power of two; up to 3/4 of them hold live sequences; used with workers > 1).",
     )
     log_level: str = Field("INFO", description="Python logging level.")
     request_log: Literal["json", "logfmt", "off"] = Field(

@@ -294,6 +294,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.forwarded = Counter(
+            "rnnserve_forwarded",
+            "Calls (and requests of KServe streams) a worker passed to the worker that owns their session or"
+            " sequence, by method (several workers only).",
+            ["method"],
+            registry=r,
+        )
 
     def version_loaded(self, model: str, version: str, state_bytes: int, max_sessions: int) -> None:
         """Publish a loaded version's session limit and the state bytes it implies (the capacity budget)."""

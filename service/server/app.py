@@ -296,6 +296,8 @@ async def start(
         )
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(settings, registry=registry)
+    if router is not None:
+        router.forwarded = engine.metrics.forwarded
     await engine.start()
     # What start-up built (modules, models, runtimes) lives as long as the process: move it out of the
     # collector's reach, so full collections under load only walk what serving allocates.
@@ -335,7 +337,11 @@ async def start(
     add_native(RecurrentServicer(engine, streams, on_reload=on_reload), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     kserve_servicer = kserve.add_to_server(
-        server, engine, ready=lambda: holder["server"].is_serving(), streams=streams
+        server,
+        engine,
+        ready=lambda: holder["server"].is_serving(),
+        streams=streams,
+        owners=None if router is None else router.owners,
     )
     services = [NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)

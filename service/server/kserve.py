@@ -45,6 +45,7 @@ from service.server.kserve_models import (
     version_arg,
 )
 from service.server.kserve_sequences import SequenceKey, SequenceOutcome, SequenceTable
+from service.server.ownership import OwnerTable
 from service.server.streams import StreamRegistry, tell_kserve_end
 
 SERVER_NAME = "rnnserve"
@@ -75,13 +76,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         ready: Callable[[], bool] = lambda: True,
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
         streams: StreamRegistry | None = None,
+        owners: OwnerTable | None = None,
     ) -> None:
         self._engine = engine
         self._streams = streams if streams is not None else StreamRegistry(engine.settings, engine.metrics)
         self._version = version or package_version()
         self._ready = ready
         self._stream_max_inflight = stream_max_inflight
-        self.sequences = SequenceTable(engine)
+        self.sequences = SequenceTable(engine, owners)
         self._stats: dict[tuple[str, int], ModelStats] = {}
 
     # ---- health and metadata
@@ -451,10 +453,19 @@ def add_to_server(
     version: str | None = None,
     stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
     streams: StreamRegistry | None = None,
+    owners: OwnerTable | None = None,
 ) -> KServeServicer:
-    """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer."""
+    """Register `inference.GRPCInferenceService` on `server` (the native API's port); returns the servicer.
+
+    `owners`: this process is one worker of several (the table of which worker owns which sequence).
+    """
     servicer = KServeServicer(
-        engine, version=version, ready=ready, stream_max_inflight=stream_max_inflight, streams=streams
+        engine,
+        version=version,
+        ready=ready,
+        stream_max_inflight=stream_max_inflight,
+        streams=streams,
+        owners=owners,
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer

@@ -37,6 +37,7 @@ from service.core.engine import Engine
 from service.core.tenancy import CALLER, Principal, tenant
 from service.errors import Aborted, InvalidArgument, NotFound, ServeError, Unavailable
 from service.server.kserve_convert import SequenceControl
+from service.server.ownership import OwnerTable
 
 SequenceKey = tuple[str, int | str]
 _Key = tuple[str, str, int | str]  # (tenant, model, sequence_id): sequence ids are per tenant
@@ -53,6 +54,8 @@ class _Sequence:
     retired: bool = False  # ended or expired; a waiter that finds this looks the key up again
     control: StepControl | None = None  # fills a model's control inputs (correlation id; not the end)
     last: asyncio.Future[Any] | None = None  # the latest fast-path step; later steps wait until it is done
+    fp: int = 0  # with several workers: the sequence's fingerprint and slot in the owner table
+    slot: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +103,9 @@ def store_key(key: _Key) -> str:
 class SequenceTable:
     """Map (model, sequence_id) to an engine session; apply the requests of one sequence in arrival order."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, owners: OwnerTable | None = None) -> None:
         self._engine = engine
+        self._owners = owners  # several workers: who owns which sequence (service.server.ownership)
         self._live: dict[_Key, _Sequence] = {}
         self._slow: dict[_Key, int] = {}  # requests per sequence on the slow path, not yet done
         # Why recently gone sequences went (ended, idle, ...), so a late request hears the reason; bounded.
@@ -132,9 +136,14 @@ class SequenceTable:
         # have restarted or taken over the sequence.
         slow = ctl.start or ctl.end or self._shared or key in self._slow
         entry = None if slow else self._live.get(key)
+        if ctl.start and self._owners is not None:
+            # Claimed as the START is read: a request of this sequence read next on the same stream (and any
+            # other worker from now on) finds this worker as the owner.
+            self._owners.claim(self._owners.fingerprint(*key))
         if (
             entry is not None
             and entry.session_id is not None
+            and (self._owners is None or self._holds(entry))
             and not entry.lock.locked()
             and (entry.last is None or entry.last.done())
             and (version is None or version == entry.version)
@@ -234,6 +243,9 @@ class SequenceTable:
         else:
             if self._shared:
                 await self._follow_store(key, entry)
+            elif self._owners is not None and not self._holds(entry):
+                await self._drop_stale(key, entry)
+                raise self._not_active(key)
             if version is not None and version != entry.version:
                 raise InvalidArgument(
                     f"sequence {_describe_id(sequence_id)} of model {model!r} runs on version "
@@ -278,6 +290,7 @@ class SequenceTable:
                 await self._close_quietly(old)  # type: ignore[arg-type]
         entry.session_id = None
         try:
+            self._claim(key, entry)  # again: an END of the previous incarnation may have released it
             info = await self._engine.create_session(model, version, protocol="kserve")
             ttl = self._engine.settings.max_lifetime_s
             if self._shared and not await self._engine.store.map_sequence(
@@ -308,13 +321,36 @@ class SequenceTable:
                 self._retire(key, entry, exc.reason)
                 raise self._not_active(key) from exc
             entry.session_id, entry.version = session_id, info.version
+            self._claim(key, entry)  # resumed from the store: calls on other channels now come here
 
     async def _unmap(self, key: _Key, session_id: str) -> None:
         if self._shared:
             await self._engine.store.unmap_sequence(store_key(key), session_id)
 
+    def _claim(self, key: _Key, entry: _Sequence) -> None:
+        if self._owners is not None:
+            entry.fp = self._owners.fingerprint(*key)
+            _previous, entry.slot = self._owners.claim(entry.fp)
+
+    def _holds(self, entry: _Sequence) -> bool:
+        """Tell whether this worker still owns the entry's sequence (no START of it reached another since)."""
+        if not entry.fp:
+            return True  # not claimed yet (its start is under way)
+        held, entry.slot = self._owners.holds(entry.fp, entry.slot)  # type: ignore[union-attr]
+        return held
+
+    async def _drop_stale(self, key: _Key, entry: _Sequence) -> None:
+        """Forget a sequence another worker restarted since: its session here is an old incarnation."""
+        entry.fp = 0  # the table names the new owner: nothing of it to release
+        self._retire(key, entry, None)
+        if entry.session_id is not None:
+            await self._close_quietly(entry.session_id)
+
     def _retire(self, key: _Key, entry: _Sequence, reason: str | None) -> None:
         entry.retired = True
+        if entry.fp and self._owners is not None:
+            self._owners.release(entry.fp)  # only while this worker is the owner
+            entry.fp = 0
         if self._live.get(key) is entry:
             del self._live[key]
             self._gone.pop(key, None)
@@ -343,7 +379,10 @@ class SequenceTable:
             pass  # already expired or evicted: nothing left to release
 
     def _sweep(self) -> None:
-        """Forget sequences whose engine session expired (clients that never sent sequence_end)."""
+        """Forget sequences whose engine session expired (clients that never sent sequence_end).
+
+        With several workers, also those that another worker has restarted since.
+        """
         now = time.monotonic()
         if now - self._last_sweep < self._sweep_every_s:
             return
@@ -353,7 +392,14 @@ class SequenceTable:
                 continue
             as_owner = CALLER.set(Principal(key[0]))  # the sequence's session is its tenant's
             try:
-                self._engine.describe(entry.session_id)
+                if self._owners is not None and not self._holds(entry):
+                    entry.fp = 0
+                    self._retire(key, entry, None)
+                    if not self._shared:  # with the store an old incarnation just expires
+                        task = asyncio.ensure_future(self._close_quietly(entry.session_id))
+                        task.add_done_callback(_consume_result)
+                else:
+                    self._engine.describe(entry.session_id)
             except NotFound as exc:
                 self._retire(key, entry, exc.reason)
             finally:

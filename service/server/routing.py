@@ -1,17 +1,18 @@
 """Worker routing: with several worker processes behind one port, every call reaches the session's owner.
 
-Ownership is by id. Worker k creates session ids that start with `w<k>.`; a KServe sequence id (and any id
-without such a prefix, e.g. one created by another pod) belongs to worker `crc32(id) % workers`. Every worker
-listens on the shared TCP port and on its own Unix socket (`<run dir>/w<k>.sock`). A call that lands on a
-worker that does not own its session is forwarded, as the raw request bytes, to the owner's Unix socket (one
-`grpc.aio` channel per peer) and the owner's answer, status and trailing metadata (`x-rnnserve-replica`) go
-back unchanged. A forwarded call carries `x-rnnserve-forwarded`, so the owner serves it locally and never
-forwards again.
+Native sessions are owned by id: worker k creates session ids that start with `w<k>.`; an id without such a
+prefix (e.g. one created by another pod) belongs to worker `crc32(id) % workers`. A KServe sequence belongs to
+the worker that received its START (or resumed it from the shared store), as the shared owner table says
+(`service.server.ownership`, `service.server.kserve_routing`). Every worker listens on the shared TCP port and
+on its own Unix socket (`<run dir>/w<k>.sock`). A call that lands on a worker that does not own its session
+is forwarded, as the raw request bytes, to the owner's Unix socket (one `grpc.aio` channel per peer) and the
+owner's answer, status and trailing metadata (`x-rnnserve-replica`) go back unchanged. A forwarded call
+carries `x-rnnserve-forwarded`, so the owner serves it locally and never forwards again.
 
 Routed: the native unary session calls (Step, GetState, SetState, Fork, Reset, Close, DescribeSession),
 Generate on an existing session, Stream attaching to an existing session (the whole stream is piped),
 StreamMany (rows split by owner, answers merged in order), KServe ModelInfer with a `sequence_id`, and
-ModelStreamInfer (each request goes to its sequence's owner; replies keep per-sequence order).
+ModelStreamInfer (requests of sequences owned here served here, the others sent to their owners).
 ReloadRepository runs on every worker. Everything else (CreateSession, a new Stream, stateless KServe,
 metadata, health) is served where it lands. A single worker process (`workers = 1`) installs none of this.
 """
@@ -33,6 +34,8 @@ from grpc import aio
 from service import wire
 from service.proto import rnnserve_pb2 as pb
 from service.server.interceptors import HandlerWrapper
+from service.server.kserve_routing import StreamSplitter, route_of
+from service.server.ownership import OwnerTable
 
 FORWARDED_HEADER = "x-rnnserve-forwarded"
 NATIVE = "/" + pb.DESCRIPTOR.services_by_name["RecurrentService"].full_name + "/"
@@ -75,17 +78,6 @@ def owner_of(session_id: str, workers: int) -> int:
     return zlib.crc32(session_id.encode("utf-8", "replace")) % workers
 
 
-def sequence_of(request: Any) -> str | None:
-    """Return a KServe request's `sequence_id` as text (None: none; the owner checks the value)."""
-    params = request.parameters
-    if "sequence_id" not in params:
-        return None
-    param = params["sequence_id"]
-    which = param.WhichOneof("parameter_choice")
-    value = getattr(param, which) if which else None
-    return str(value) if value not in (None, 0, "") else None
-
-
 @dataclass(frozen=True, slots=True)
 class Peers:
     """Where the workers of this server are: `workers` processes, Unix sockets under `run_dir`."""
@@ -106,11 +98,17 @@ def _serialize(message: Any) -> bytes:
 class Router(HandlerWrapper):
     """Outermost interceptor of a worker: serve owned calls here, forward the others (module docstring)."""
 
-    def __init__(self, peers: Peers) -> None:
+    def __init__(self, peers: Peers, owners: OwnerTable) -> None:
         super().__init__()
         self.peers = peers
+        self.owners = owners
         self._channels: dict[int, aio.Channel] = {}
-        self.forwarded = 0
+        self.forwarded: Any = None  # Metrics.forwarded (rnnserve_forwarded_total{method}), set by app.start
+
+    def count_forward(self, method: str) -> None:
+        """Count one call or stream request passed to another worker."""
+        if self.forwarded is not None:
+            self.forwarded.labels(method.rpartition("/")[2]).inc()
 
     def channel(self, k: int) -> aio.Channel:
         """Return the channel to worker k's Unix socket (made once)."""
@@ -169,8 +167,7 @@ class Router(HandlerWrapper):
         return owner_of(session_id, self.peers.workers) if session_id else self.peers.index
 
     def _sequence_owner(self, request: Any) -> int:
-        seq = sequence_of(request)
-        return self.peers.index if seq is None else zlib.crc32(seq.encode()) % self.peers.workers
+        return route_of(request, self.owners)[0]
 
     # -- forwarding helpers ----------------------------------------------------------------------------------
 
@@ -179,14 +176,16 @@ class Router(HandlerWrapper):
         return any(k == FORWARDED_HEADER for k, _ in context.invocation_metadata() or ())
 
     @staticmethod
-    def _metadata(context: Any) -> tuple[tuple[str, Any], ...]:
+    def forwarded_metadata(context: Any) -> tuple[tuple[str, Any], ...]:
+        """Return the caller's metadata for a forwarded call (hop headers dropped, the forward marked)."""
         kept = tuple(
             (k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_HEADERS)
         )
         return (*kept, (FORWARDED_HEADER, "1"))
 
     @staticmethod
-    async def _fail(context: Any, exc: aio.AioRpcError) -> None:
+    async def fail(context: Any, exc: aio.AioRpcError) -> None:
+        """End the call with a forwarded call's failure (status, message, trailers)."""
         trailing = exc.trailing_metadata()
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
@@ -215,12 +214,12 @@ class Router(HandlerWrapper):
             k = me if self._is_forwarded(context) else owner(request)
             if k == me:
                 return await behavior(request, context)
-            self.forwarded += 1
+            self.count_forward(method)
             try:
                 await self.ready(k)
                 rpc = caller(k)(
                     raw,
-                    metadata=self._metadata(context),
+                    metadata=self.forwarded_metadata(context),
                     timeout=context.time_remaining(),
                     wait_for_ready=True,
                 )
@@ -233,7 +232,7 @@ class Router(HandlerWrapper):
                 context.set_trailing_metadata(tuple(await rpc.trailing_metadata() or ()))
                 return answer
             except aio.AioRpcError as exc:
-                await self._fail(context, exc)
+                await self.fail(context, exc)
 
         if stream:
             return grpc.unary_stream_rpc_method_handler(call, None, _serialize)
@@ -248,7 +247,9 @@ class Router(HandlerWrapper):
                     if k != self.peers.index:
                         with contextlib.suppress(aio.AioRpcError):  # a restarting worker loads at start-up
                             await self.channel(k).unary_unary(method)(
-                                raw, metadata=self._metadata(context), timeout=context.time_remaining()
+                                raw,
+                                metadata=self.forwarded_metadata(context),
+                                timeout=context.time_remaining(),
                             )
             return await behavior(deser(raw), context)
 
@@ -278,7 +279,7 @@ class Router(HandlerWrapper):
                         yield deser(raw)
 
                 return await behavior(local(), context)
-            self.forwarded += 1
+            self.count_forward(method)
             await self._pipe(method, k, context, first, it)
 
         return grpc.stream_stream_rpc_method_handler(call, None, _serialize)
@@ -287,7 +288,7 @@ class Router(HandlerWrapper):
         self, method: str, k: int, context: Any, first: bytes, rest: AsyncIterator[bytes]
     ) -> None:
         rpc = self.channel(k).stream_stream(method)(
-            metadata=self._metadata(context), timeout=context.time_remaining(), wait_for_ready=True
+            metadata=self.forwarded_metadata(context), timeout=context.time_remaining(), wait_for_ready=True
         )
 
         async def pump() -> None:
@@ -302,7 +303,7 @@ class Router(HandlerWrapper):
                 await context.write(answer)
             context.set_trailing_metadata(tuple(await rpc.trailing_metadata() or ()))
         except aio.AioRpcError as exc:
-            await self._fail(context, exc)
+            await self.fail(context, exc)
         finally:
             task.cancel()
             rpc.cancel()
@@ -327,20 +328,20 @@ class Router(HandlerWrapper):
                         if k not in subs:
                             await self.ready(k)
                             subs[k] = self.channel(k).stream_stream(method)(
-                                metadata=self._metadata(context), wait_for_ready=True
+                                metadata=self.forwarded_metadata(context), wait_for_ready=True
                             )
                         await subs[k].write(raw if len(parts) == 1 else part[1].SerializeToString())
                     answers = {k: pb.StepManyResponse.FromString(await subs[k].read()) for k in parts}
                     await context.write(_merge(request, parts, answers))
             except aio.AioRpcError as exc:
-                await self._fail(context, exc)
+                await self.fail(context, exc)
             finally:
                 for sub in subs.values():
                     sub.cancel()
 
         return grpc.stream_stream_rpc_method_handler(call, None, _serialize)
 
-    # -- KServe stream: each request to its sequence's owner -------------------------------------------------
+    # -- KServe stream: sequences owned here served here, the others' requests sent to their owners -------
 
     def _kserve_stream(self, method: str, handler: Any) -> Any:
         deser, behavior = handler.request_deserializer, handler.stream_stream
@@ -348,36 +349,7 @@ class Router(HandlerWrapper):
         async def call(requests: AsyncIterator[bytes], context: Any) -> Any:
             if self._is_forwarded(context):
                 return await behavior(_parsed(deser, requests), context)
-            subs: dict[int, Any] = {}
-            readers: list[asyncio.Task[None]] = []
-            lock = asyncio.Lock()
-
-            async def relay(sub: Any) -> None:
-                async for answer in sub:
-                    async with lock:
-                        await context.write(answer)
-
-            try:
-                async for raw in requests:
-                    k = self._sequence_owner(deser(raw))
-                    sub = subs.get(k)
-                    if sub is None:
-                        await self.ready(k)
-                        sub = subs[k] = self.channel(k).stream_stream(method)(
-                            metadata=self._metadata(context), wait_for_ready=True
-                        )
-                        readers.append(asyncio.ensure_future(relay(sub)))
-                    await sub.write(raw)
-                for sub in subs.values():
-                    await sub.done_writing()
-                await asyncio.gather(*readers)
-            except aio.AioRpcError as exc:
-                await self._fail(context, exc)
-            finally:
-                for task in readers:
-                    task.cancel()
-                for sub in subs.values():
-                    sub.cancel()
+            await StreamSplitter(self, method, context, deser).run(behavior, requests)
 
         return grpc.stream_stream_rpc_method_handler(call, None, _serialize)
 

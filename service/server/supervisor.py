@@ -8,9 +8,10 @@ worker that owns the call's session (`service.server.routing`). Worker k has rep
 and session ids `w<k>.<random>`; a replacement for worker k gets the same identity, so with the shared store
 on it takes over k's leases at once and resumes k's sessions on their next call.
 
-The supervisor binds nothing but /metrics (the workers' registries summed, `service.server.fleet`), prints the
-listen line once every worker serves, restarts a worker that exits, and on SIGTERM/SIGINT sends SIGTERM to
-every worker (each drains as a single server does) and waits for them.
+The supervisor creates the run directory's KServe sequence owner table (`service.server.ownership`), which
+every worker maps, binds nothing but /metrics (the workers' registries summed, `service.server.fleet`),
+prints the listen line once every worker serves, restarts a worker that exits, and on SIGTERM/SIGINT sends
+SIGTERM to every worker (each drains as a single server does) and waits for them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.config import Settings
+from service.server.ownership import MAX_WORKERS, OWNER_TABLE, create_table
 
 _log = logging.getLogger("rnnserve.supervisor")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -43,7 +45,7 @@ def default_workers(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
         quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    return max(1, cpus)
+    return max(1, min(cpus, MAX_WORKERS))
 
 
 def _free_port(host: str) -> int:
@@ -64,6 +66,8 @@ class Supervisor:
         # The plaintext health port (when on) is shared by the workers too: a concrete one when 0 is asked.
         self.health_port = settings.health_port or _free_port(settings.grpc_host)
         self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-workers-"))
+        slots = 1 << max(settings.owner_table_slots - 1, 1).bit_length()  # a power of two, rounded up
+        create_table(self.run_dir / OWNER_TABLE, slots)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * workers
         self.restarts = [0] * workers
         self.stopping = False

@@ -1,11 +1,12 @@
 """One worker process of a multi-worker server (started by `service.server.supervisor`, never by hand).
 
 `python -m service.server.worker K N RUN_DIR -- <server flags>`: the ordinary server (`app.start`) with a
-`Router` (port shared through SO_REUSEPORT, its own Unix socket, calls forwarded to their session's owner),
-its registry on a loopback metrics port that it announces in `RUN_DIR/wK.json` (the supervisor's readiness
-signal), and `watch_peers`: the overall health "" is SERVING only while every peer serves too, since a session
-owned by a peer that is down cannot be served until its replacement is up. Peers are probed on their native
-service's status, which reflects the peer itself (not its own view of the others).
+`Router` (port shared through SO_REUSEPORT, its own Unix socket, calls forwarded to their session's owner,
+KServe sequence owners in the shared table `RUN_DIR/owners`), its registry on a loopback metrics port that it
+announces in `RUN_DIR/wK.json` (the supervisor's readiness signal), and `watch_peers`: the overall health ""
+is SERVING only while every peer serves too, since a session owned by a peer that is down cannot be served
+until its replacement is up. Peers are probed on their native service's status, which reflects the peer
+itself (not its own view of the others).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service.config import Settings, load_settings
 from service.server.app import NATIVE_SERVICE, NOT_SERVING, SERVING, RunningServer, start
+from service.server.ownership import OWNER_TABLE, OwnerTable
 from service.server.routing import Peers, Router
 
 PROBE_INTERVAL_S = 1.0
@@ -39,7 +41,12 @@ def _die_with_parent() -> None:
 
 
 async def _serve_worker(settings: Settings, index: int, workers: int, run_dir: Path) -> None:
-    router = Router(Peers(index, workers, run_dir))
+    owners = OwnerTable(run_dir / OWNER_TABLE, index)
+    if settings.store != "redis":
+        # A predecessor's sequences died with it; with the shared store they stay this worker's, which resumes
+        # them from the store on their next call (same replica id: no lease to wait out).
+        owners.release_all(index)
+    router = Router(Peers(index, workers, run_dir), owners)
     registry = CollectorRegistry()
     with contextlib.suppress(FileNotFoundError):
         router.peers.socket(index).unlink()
@@ -57,7 +64,7 @@ async def _serve_worker(settings: Settings, index: int, workers: int, run_dir: P
     await stop.wait()
     peers_task.cancel()
     await running.stop()
-    await router.close()
+    await router.close()  # the owner table stays mapped until the process exits (late releases are harmless)
     httpd.shutdown()
 
 

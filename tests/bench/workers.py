@@ -4,10 +4,11 @@
 benchmark reference LSTM (tests/bench/refmodel.py) once per (workers, protocol), drives it with the load
 generator's client processes (64 sequences in all, closed loop, one step per message) and reads, over the
 measurement window: steps/s, the server's CPU (supervisor and workers) as cores, steps per server core-second,
-and the clients' CPU. Each client process opens 4 connections (the kernel spreads connections, not calls, over
-the workers). On a 2-core machine the clients compete with the server for the cores, so both figures matter.
-Writes `docs/bench/workers.{json,md,png}` (the README includes the markdown). `make bench` runs it after the
-suite.
+the clients' CPU, and the share of calls a worker forwarded to another (`rnnserve_forwarded_total`). Each
+client process opens 4 connections and keeps each sequence on one of them, as a Triton client keeps a
+sequence on its channel (the kernel spreads connections, not calls, over the workers). On a 2-core machine
+the clients compete with the server for the cores, so both figures matter. Writes
+`docs/bench/workers.{json,md,png}` (the README includes the markdown). `make bench` runs it after the suite.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +84,16 @@ class Row:
     p50_ms: float
     p99_ms: float
     errors: int
+    forwarded: float = 0.0  # calls (or stream messages) forwarded to another worker, per step served
+
+
+def forwarded_total(metrics_port: int | None) -> float:
+    """Sum of `rnnserve_forwarded_total` over methods on the server's /metrics (0 when it has none)."""
+    if not metrics_port:
+        return 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(float(v) for v in re.findall(r"^rnnserve_forwarded_total\{[^}]*\} (\S+)$", text, re.M))
 
 
 def measure(repository: Path, workers: int, protocol: str, duration_s: float, client_procs: int) -> Row:
@@ -102,15 +115,22 @@ def measure(repository: Path, workers: int, protocol: str, duration_s: float, cl
             # spreads connections (not calls) over the workers; one connection pins a client to one worker.
             channels_per_worker=4,
         )
-        res = run_load(spec, server.pid)
+        marks: dict[str, float] = {}
+
+        def on_window(edge: str) -> None:
+            marks[edge] = forwarded_total(server.metrics_port)
+
+        res = run_load(spec, server.pid, on_window)
     finally:
         server.stop()
     per_core = res.steps_per_s / res.server_cpu_cores if res.server_cpu_cores > 0 else float("nan")
     if res.errors:
         print(f"{protocol}, {workers} workers: {res.errors} errors, first: {res.first_error}")
+    steps = res.steps_per_s * duration_s
+    forwarded = (marks.get("end", 0.0) - marks.get("start", 0.0)) / steps if steps else 0.0
     return Row(
         workers, protocol, res.steps_per_s, res.server_cpu_cores, per_core, res.client_cpu_cores,
-        res.p50_ms, res.p99_ms, res.errors,
+        res.p50_ms, res.p99_ms, res.errors, forwarded,
     )  # fmt: skip
 
 
@@ -124,13 +144,14 @@ def render(rows: list[Row], env: dict[str, Any]) -> str:
         "the machine takes cores from server and clients alike).",
         "",
         "| API | workers | steps/s | server cores | steps per server core-s | client cores | p50 ms | p99 ms"
-        " |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        " | forwarded |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.protocol} | {r.workers} | {r.steps_per_s:,.0f} | {r.server_cores:.2f} | "
-            f"{r.steps_per_core_s:,.0f} | {r.client_cores:.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |"
+            f"{r.steps_per_core_s:,.0f} | {r.client_cores:.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"{r.forwarded:.0%} |"
         )
     lines.append("")
     for protocol in PROTOCOLS:

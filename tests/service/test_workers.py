@@ -198,7 +198,13 @@ def test_kserve_sequences_over_several_channels(server, repo):
     chunks = {s: [tokens(rng, 2) for _ in range(n_steps)] for s in range(1, n_seq + 1)}
     got: dict[int, list[np.ndarray]] = {s: [] for s in chunks}
     served_by: set[str] = set()
-    channels = [grpc.insecure_channel(server.address) for _ in range(4)]
+    # A sequence belongs to the worker its START reached: two channels on each worker's own socket make sure
+    # that both own some, two on the shared port land wherever the kernel puts them.
+    workers = workers_of(server)
+    channels = [
+        grpc.insecure_channel(address)
+        for address in (server.address, f"unix:{workers[0][1]}", f"unix:{workers[1][1]}", server.address)
+    ]
     try:
         stubs = [kpb_grpc.GRPCInferenceServiceStub(c) for c in channels]
         for step in range(n_steps):
@@ -208,14 +214,14 @@ def test_kserve_sequences_over_several_channels(server, repo):
                 reply, call = stub.ModelInfer.with_call(request, timeout=10)
                 served_by.add(replica(call))
                 got[s].append(_logits(reply))
-        # one stream carrying several sequences at once: each request to its sequence's owner
+        # one stream carrying several sequences at once, started on it: served by the worker it reached
         stream_chunks = {s: [tokens(rng, 3) for _ in range(3)] for s in (101, 102, 103, 104)}
         requests = [
             _kserve("tiny_lstm", s, stream_chunks[s][i], start=i == 0, end=i == 2)
             for i in range(3)
             for s in stream_chunks
         ]
-        replies = list(stubs[0].ModelStreamInfer(iter(requests), timeout=20))
+        replies = list(stubs[1].ModelStreamInfer(iter(requests), timeout=20))
         assert len(replies) == len(requests) and not any(r.error_message for r in replies)
     finally:
         for c in channels:
