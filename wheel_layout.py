@@ -18,10 +18,11 @@ An editable install (``pip install -e .``) and an sdist never apply it: they kee
 ``export`` as the checkout has them. The classes are named in pyproject.toml ([tool.setuptools.cmdclass]).
 
 The rewrite works on the parsed source: ``ast`` finds the import statements and ``tokenize`` gives the exact
-place of each module name, so only the names in import statements change, plus two kinds of string: a
-literal that is exactly a shipped module's name (``"service.server.worker"``, run with ``-m``) and
-``-m <shipped module>`` inside a string or docstring (usage lines, ``argparse`` ``prog``). An import of
-anything the wheel does not ship (``models``, ``torch``, a torch module of ``export``) fails the build.
+place of each module name, so only the names in import statements change, plus shipped modules named in
+strings in three shapes: a literal that is exactly a dotted module name (``"service.server.worker"``, run
+with ``-m``), ``-m <module>`` (usage lines, ``argparse`` ``prog``) and ``from <module> import`` (usage
+examples in docstrings). Other prose and comments stay as written. An import of anything the wheel does not
+ship (``models``, ``torch``, a torch module of ``export``) fails the build.
 """
 
 from __future__ import annotations
@@ -93,11 +94,14 @@ def renamed(module: str) -> str | None:
     return RENAME[top] + dot + rest
 
 
+def _generated(path: Path) -> bool:
+    """Stubs a `make protos` left in the checkout (the build generates its own), or a bytecode cache."""
+    return (path.parent.name == "proto" and "_pb2" in path.name) or "__pycache__" in path.parts
+
+
 def plan(root: Path) -> dict[str, Path]:
     """Every shipped source module by its source name (``service.core.engine``) -> its file."""
-    files = [p for p in sorted((root / "service").rglob("*.py")) if "__pycache__" not in p.parts]
-    # Stubs a `make protos` left in the checkout are not shipped: the build generates its own.
-    files = [p for p in files if not (p.parent.name == "proto" and "_pb2" in p.name)]
+    files = [p for p in sorted((root / "service").rglob("*.py")) if not _generated(p)]
     files += [root / "export" / f"{name}.py" for name in EXPORT_MODULES]
     out = {}
     for path in files:
@@ -111,13 +115,19 @@ def plan(root: Path) -> dict[str, Path]:
 
 def source_modules(root: Path) -> set[str]:
     """Every module of the mapped source packages, shipped or not (to tell 'not shipped' from 'not ours')."""
-    return {_module_name(p.relative_to(root)) for top in RENAME for p in (root / top).rglob("*.py")}
+    paths = [p for top in RENAME for p in (root / top).rglob("*.py") if not _generated(p)]
+    return {_module_name(p.relative_to(root)) for p in paths}
 
 
 # ---------------------------------------------------------------------------------------------- rewrite
 
 
-_DASH_M = re.compile(r"(?<![\w-])(-m\s+)((?:" + "|".join(RENAME) + r")(?:\.\w+)*)")
+# Inside strings: `-m <module>` (how to run it) and `from <module> import` (how to use it, in usage examples).
+_MODULE = r"((?:" + "|".join(RENAME) + r")(?:\.\w+)*)"
+_MENTIONS = (
+    re.compile(r"(?<![\w-])(-m\s+)" + _MODULE),
+    re.compile(r"(?<![\w.])(from\s+)" + _MODULE + r"(?=\s+import\b)"),
+)
 
 
 def _check_import(module: str, names: Iterable[str], shipped: set[str], known: set[str], where: str) -> None:
@@ -158,14 +168,16 @@ def _import_sites(tree: ast.AST, shipped: set[str], known: set[str], path: str) 
 
 
 def _rewrite_string(token: str, shipped: set[str]) -> str:
-    """Rename a shipped module named in a string token (the whole literal, or after ``-m``)."""
+    """Rename a shipped module named in a string token (the whole literal, ``-m X``, ``from X import``)."""
     try:
         value = ast.literal_eval(token)
     except (ValueError, SyntaxError):  # an f-string (or a part of one): only its `-m` mentions
         value = None
-    if isinstance(value, str) and value in shipped and value in token:
+    if isinstance(value, str) and "." in value and value in shipped and value in token:
         return token.replace(value, str(renamed(value)), 1)
-    return _DASH_M.sub(lambda m: m[1] + str(renamed(m[2])) if m[2] in shipped else m[0], token)
+    for pattern in _MENTIONS:
+        token = pattern.sub(lambda m: m[1] + str(renamed(m[2])) if m[2] in shipped else m[0], token)
+    return token
 
 
 def rewrite(text: str, shipped: set[str], known: set[str], path: str = "<source>") -> str:

@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import pytest
 import tritonclient.grpc as triton
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from wheel.wheelfile import WheelFile
 
 import service
 import wheel_layout
@@ -97,6 +100,7 @@ def test_the_wheel_has_one_top_level_package_and_its_stubs(wheel):
         top = z.read(f"{info}/top_level.txt").decode().split()
         scripts = z.read(f"{info}/entry_points.txt").decode()
         stub = z.read("rnnserve/proto/rnnserve_pb2_grpc.py").decode()
+        pb2 = z.read("rnnserve/proto/rnnserve_pb2.py").decode()
     assert {n.split("/")[0] for n in names} == {"rnnserve", info}
     assert top == ["rnnserve"]
     assert {"rnnserve/proto/rnnserve_pb2.py", "rnnserve/proto/rnnserve_pb2.pyi"} <= set(names)
@@ -113,10 +117,12 @@ def test_the_wheel_has_one_top_level_package_and_its_stubs(wheel):
     requires = [
         Requirement(line.split(": ", 1)[1]) for line in meta.splitlines() if line.startswith("Requires-Dist")
     ]
-    (grpcio,) = [r for r in requires if r.name == "grpcio"]
-    assert not grpcio.specifier.contains(_below(grpc_floor)), (
-        f"{grpcio} admits a grpcio older than {grpc_floor}"
+    pb_floor = ".".join(
+        re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+)", pb2).groups()
     )
+    for name, floor in (("grpcio", grpc_floor), ("protobuf", pb_floor)):
+        (req,) = [r for r in requires if r.name == name and not r.marker]
+        assert req.specifier.contains(floor) and not req.specifier.contains(_below(floor)), (req, floor)
 
 
 def _below(version: str) -> str:
@@ -155,25 +161,33 @@ def _closure(wheel: Path, extras: set[str]) -> list[metadata.Distribution]:
 
 
 def _repack(dist: metadata.Distribution, into: Path, scratch: Path) -> None:
-    """An installed distribution as a wheel again: its files under site-packages and its dist-info."""
+    """An installed distribution as a wheel again: its files under site-packages and its dist-info.
+
+    Stored, not deflated: the wheelhouse lives for one test run, and deflating ~250 MB of shared libraries
+    would take most of it. `wheel`'s own WheelFile writes the RECORD.
+    """
     root = scratch / canonicalize_name(dist.metadata["Name"])
+    info = ""
     for f in dist.files or []:
         parts = Path(f).parts
         if (
             parts[0] == ".."
             or "__pycache__" in parts
-            or Path(f).name in ("INSTALLER", "REQUESTED", "direct_url.json")
+            or parts[-1] in ("INSTALLER", "REQUESTED", "direct_url.json")
         ):
-            continue  # scripts are made again from entry_points.txt at install
-        target = root / f
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(dist.locate_file(f), target)
-    run(sys.executable, "-m", "wheel", "pack", "-d", into, root, cwd=scratch)
+            continue  # scripts (outside site-packages) are made again from entry_points.txt at install
+        info = parts[0] if parts[0].endswith(".dist-info") else info
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(dist.locate_file(f), root / f)
+    wheel_file = (root / info / "WHEEL").read_text().splitlines()
+    tags = [line.split(": ", 1)[1] for line in wheel_file if line.startswith("Tag: ")]
+    triple = "-".join(".".join(sorted({t.split("-")[i] for t in tags})) for i in range(3))
+    with WheelFile(into / f"{info.removesuffix('.dist-info')}-{triple}.whl", "w", zipfile.ZIP_STORED) as whl:
+        whl.write_files(str(root))
 
 
 @pytest.fixture(scope="module")
 def wheelhouse(wheel, tmp_path_factory) -> Path:
-    _tool("wheel", "wheel")
     house, scratch = tmp_path_factory.mktemp("wheelhouse"), tmp_path_factory.mktemp("unpacked")
     for dist in _closure(wheel, {"server", "export"}):
         _repack(dist, house, scratch)
@@ -181,61 +195,72 @@ def wheelhouse(wheel, tmp_path_factory) -> Path:
     return house
 
 
+@dataclass(frozen=True)
+class Venv:
+    """A fresh venv (no pip of its own, no system site-packages); commands run from an empty folder."""
+
+    root: Path
+    cwd: Path
+    house: Path
+
+    @property
+    def python(self) -> Path:
+        return self.root / "bin" / "python"
+
+    def install(self, *requirements: str | Path) -> None:
+        """Install from the wheelhouse only (this venv's pip, aimed at the fresh one with --python)."""
+        pip = (sys.executable, "-m", "pip", "--python", self.python, "install", "-q", "--no-compile")
+        run(*pip, "--no-index", "--find-links", self.house, *requirements, cwd=self.cwd)
+
+    def run(self, script: str, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run one of the venv's console scripts (`rnnserve`, `rnnserve-server`, `python`)."""
+        return run(self.root / "bin" / script, *args, cwd=self.cwd, check=check)
+
+    def py(self, code: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("python", "-c", code, *args, check=check)
+
+
 @pytest.fixture(scope="module")
-def venv(wheel, wheelhouse, tmp_path_factory) -> dict[str, Path]:
-    """A fresh venv with the wheel installed client-only; the `server` step upgrades it to [server,export]."""
+def venv(wheel, wheelhouse, tmp_path_factory) -> Venv:
+    """The wheel installed client-only (the `served` fixture adds [server,export])."""
     where = tmp_path_factory.mktemp("venv")
     run(sys.executable, "-m", "venv", "--without-pip", where / "env", cwd=where)
-    empty = where / "cwd"
-    empty.mkdir()
-    python = where / "env" / "bin" / "python"
-    install = (sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-index", "--find-links")
-    run(*install, wheelhouse, wheel, cwd=empty)
-    return {"python": python, "bin": python.parent, "cwd": empty, "house": wheelhouse, "install": install}
-
-
-def py(venv: dict, code: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(venv["python"], "-c", code, *args, cwd=venv["cwd"], check=check)
+    (where / "cwd").mkdir()
+    env = Venv(where / "env", where / "cwd", wheelhouse)
+    env.install(wheel)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------- the tests
 
 
 def test_client_install_has_no_server_dependencies(venv):
-    found = py(
-        venv, "import rnnserve, rnnserve.client; print(rnnserve.__version__, rnnserve.__file__)"
-    ).stdout
+    found = venv.py("import rnnserve, rnnserve.client; print(rnnserve.__version__, rnnserve.__file__)").stdout
     version, where = found.split()
     assert version == service.__version__
-    assert Path(where).is_relative_to(venv["python"].parents[1]), f"rnnserve imported from {where}"
+    assert Path(where).is_relative_to(venv.root), f"rnnserve imported from {where}"
     for absent in ("onnxruntime", "pydantic", "service", "export", "models"):
-        done = py(venv, f"import {absent}", check=False)
+        done = venv.py(f"import {absent}", check=False)
         assert done.returncode and "ModuleNotFoundError" in done.stderr, (
             f"{absent} importable in a client install"
         )
-    assert run(venv["bin"] / "rnnserve", "--version", cwd=venv["cwd"]).stdout.split() == [
-        "rnnserve",
-        service.__version__,
-    ]
+    assert venv.run("rnnserve", "--version").stdout.split() == ["rnnserve", service.__version__]
 
 
 @pytest.fixture(scope="module")
-def served(venv, tmp_path_factory):
-    """[server,export] installed; the installed server (2 workers) on the committed default model."""
-    run(
-        *venv["install"],
-        venv["house"],
-        f"{next(venv['house'].glob('rnnserve-*.whl'))}[server,export]",
-        cwd=venv["cwd"],
-    )
+def served(wheel, venv, tmp_path_factory) -> Iterator[tuple[ServerProcess, ServerThread, Path]]:
+    """[server,export] installed; the installed server (2 workers) and the checkout's, on one model."""
+    venv.install(f"{wheel}[server,export]")
     repo = tmp_path_factory.mktemp("repository")
-    shutil.copytree(ROOT / "models" / "repository" / "default", repo / "default")
+    # The committed default model, version 1 only (the LSTM; version 2 adds attention and load time).
+    shutil.copytree(ROOT / "models" / "repository" / "default" / "1", repo / "default" / "1")
+    shutil.copy2(ROOT / "models" / "repository" / "default" / "config.yaml", repo / "default")
     server = ServerProcess(
         repo,
         "--workers",
         "2",
-        server=[str(venv["bin"] / "rnnserve-server")],
-        cwd=venv["cwd"],
+        server=[str(venv.root / "bin" / "rnnserve-server")],
+        cwd=venv.cwd,
         env={"PYTHONPATH": ""},
     )
     reference = ServerThread(make_settings(repo))
@@ -287,39 +312,37 @@ def test_installed_server_client_and_cli_work_alone(venv, served):
     server, reference, _ = served
     workers = [c.cmdline() for c in psutil.Process(server.proc.pid).children()]
     assert len(workers) == 2 and all(
-        w[:3] == [str(venv["python"]), "-m", "rnnserve.server.worker"] for w in workers
+        w[:3] == [str(venv.python), "-m", "rnnserve.server.worker"] for w in workers
     )
-    got = json.loads(py(venv, CLIENT, server.address, TEXT, PRIME, str(TOKENS), str(SEED)).stdout)
+    got = json.loads(venv.py(CLIENT, server.address, TEXT, PRIME, str(TOKENS), str(SEED)).stdout)
     want = _expected(reference.address)
     assert got["models"] == want["models"] == ["default"]
     assert got["steps"] == want["steps"] == len(TEXT.replace("|", ""))
     np.testing.assert_allclose(np.array(got["logits"]), np.array(want["logits"]), rtol=1e-5, atol=1e-5)
     assert got["tune"] == want["tune"] and len(got["tune"]) == TOKENS
 
-    cli = (venv["bin"] / "rnnserve", "--address", server.address)
-    models = json.loads(run(*cli, "models", "--json", cwd=venv["cwd"]).stdout)
+    cli = ("rnnserve", "--address", server.address)
+    models = json.loads(venv.run(*cli, "models", "--json").stdout)
     assert [m["name"] for m in models] == ["default"]
-    generated = run(
-        *cli, "generate", "--prime", PRIME, "--tokens", str(TOKENS), "--seed", str(SEED), cwd=venv["cwd"]
-    )
+    generated = venv.run(*cli, "generate", "--prime", PRIME, "--tokens", str(TOKENS), "--seed", str(SEED))
     assert generated.stdout == PRIME + want["tune"] + "\n"
-    tune = venv["cwd"] / "tune.abc"
+    tune = venv.cwd / "tune.abc"
     tune.write_text(TEXT.replace("|", ""))
-    streamed = run(*cli, "stream", "--model", "default", "--text", tune, "--chunk", "8", cwd=venv["cwd"])
+    streamed = venv.run(*cli, "stream", "--model", "default", "--text", tune, "--chunk", "8")
     assert len(streamed.stdout.splitlines()) == 1 + len(TEXT.replace("|", ""))  # a header, then one per step
-    assert run(*cli, "health", "default", cwd=venv["cwd"]).stdout.split() == ["default:", "SERVING"]
+    assert venv.run(*cli, "health", "default").stdout.split() == ["default:", "SERVING"]
 
     # The installed version where the server reports one (KServe ServerMetadata), and by the server's flag.
     meta = triton.InferenceServerClient(url=server.address).get_server_metadata()
     assert meta.version == service.__version__
-    shown = run(venv["bin"] / "rnnserve-server", "--version", cwd=venv["cwd"]).stdout.split()
+    shown = venv.run("rnnserve-server", "--version").stdout.split()
     assert shown == ["rnnserve-server", service.__version__]
 
 
 def test_installed_contract_checker_passes_the_served_model(venv, served):
     _, _, repo = served
-    newest = max((repo / "default").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    done = run(
-        venv["python"], "-m", "rnnserve.export.contract", newest / "model.onnx", cwd=venv["cwd"], check=False
+    done = venv.run(
+        "python", "-m", "rnnserve.export.contract", repo / "default" / "1" / "model.onnx", check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "rnnserve.export.contract" in venv.run("python", "-m", "rnnserve.export.contract", "--help").stdout
