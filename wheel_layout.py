@@ -223,14 +223,14 @@ def leftover_imports(text: str, path: str = "<built>") -> list[str]:
     """List the imports in a built module of anything outside the wheel (``service``, ``models``, ...)."""
     wrong = []
     for node in ast.walk(ast.parse(text, path)):
-        names = []
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        wrong += [
-            f"{path}:{node.lineno}: {n}" for n in names if n.partition(".")[0] in (*RENAME, *NOT_SHIPPED)
-        ]
+        else:
+            continue
+        outside = [n for n in names if n.partition(".")[0] in (*RENAME, *NOT_SHIPPED)]
+        wrong += [f"{path}:{node.lineno}: {n}" for n in outside]
     return wrong
 
 
