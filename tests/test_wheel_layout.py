@@ -1,12 +1,15 @@
-"""The build-time mapping of the repository into the wheel (wheel_layout.py), without building a wheel."""
+"""The build-time mapping into the wheel (wheel_layout.py), checked without building one; the one version."""
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.version import Version
 
+import service
 import wheel_layout as wl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +97,16 @@ def test_floors_rise_to_what_the_stubs_check_and_never_fall():
     assert wl.raise_floor("numpy>=1.26", floors) == "numpy>=1.26"
     with pytest.raises(wl.LayoutError, match="excludes"):
         wl.raise_floor("grpcio<1.80", floors)
+
+
+def test_the_version_is_written_once_and_image_tags_follow_it():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "service.__version__"}
+    # The image tags cannot read it (kustomize, shell lines in docs): each must name the same version.
+    tags = {}
+    for rel in ("deploy/Dockerfile", "deploy/base/kustomization.yaml", "docs/deploy.md", "README.md"):
+        text = (ROOT / rel).read_text()
+        found = re.findall(r"rnnserve:(\d+\.\d+\.\d+\S*)", text) + re.findall(r"newTag: (\S+)", text)
+        tags.update({f"{rel} {v}": v for v in found})
+    assert tags and {k for k, v in tags.items() if v != service.__version__} == set()
