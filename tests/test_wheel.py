@@ -3,8 +3,8 @@
 The wheel is built the way pip builds it (`pip wheel`, the repository's own backend, wheel_layout.py) from a
 copy of the files git tracks, so the git-ignored gRPC stubs of the checkout are not there to help. A fresh
 venv (no pip of its own, no system site-packages) gets it from a wheelhouse of the dependencies re-packed
-from this venv's installed distributions (`wheel pack`), so the test never downloads: first the client alone
-(numpy, grpcio, protobuf; no ONNX Runtime), then `[server,export]`. Every command runs from an empty folder
+from this venv's installed distributions, so the test never downloads: first the client alone (numpy,
+grpcio, protobuf; no ONNX Runtime), then `[server,export]`. Every command runs from an empty folder
 with no PYTHONPATH, so nothing of the checkout is importable. The installed `rnnserve-server` (two worker
 processes, spawned as `python -m rnnserve.server.worker`) serves the committed `default` model; the installed
 client and `rnnserve` CLI must get what the checkout's client gets from the checkout's server.
@@ -66,10 +66,16 @@ def run(*cmd: str | Path, cwd: Path, check: bool = True) -> subprocess.Completed
     return done
 
 
-def _tool(module: str, package: str) -> None:
-    """Fail (not skip) when a tool the test needs is missing from this venv."""
-    if run(sys.executable, "-m", module, "--help", cwd=ROOT, check=False).returncode:
-        pytest.fail(f"`python -m {module}` is missing: install {package} into this venv (make install-dev)")
+def _tools() -> None:
+    """Fail (not skip) when a tool the test needs is missing."""
+    if shutil.which("git") is None:
+        pytest.fail("git is missing: the wheel is built from the files git tracks")
+    if run(sys.executable, "-m", "pip", "--version", cwd=ROOT, check=False).returncode:
+        pytest.fail("pip is missing from this venv (make install-dev)")
+    try:
+        import grpc_tools  # noqa: F401 (the build generates the stubs with it, from this venv)
+    except ImportError:
+        pytest.fail("grpcio-tools is missing from this venv (make install-dev)")
 
 
 # ------------------------------------------------------------------------------------------------ the wheel
@@ -77,7 +83,7 @@ def _tool(module: str, package: str) -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    _tool("pip", "pip")
+    _tools()
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     listed = run("git", "ls-files", "--cached", "--others", "--exclude-standard", *SOURCES, cwd=ROOT).stdout
     for rel in listed.split():
