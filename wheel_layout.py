@@ -101,6 +101,8 @@ def _generated(path: Path) -> bool:
 
 def plan(root: Path) -> dict[str, Path]:
     """Every shipped source module by its source name (``service.core.engine``) -> its file."""
+    if (root / "service" / "export").exists():
+        raise LayoutError("service/export would be rnnserve.export, which export/ becomes: rename one")
     files = [p for p in sorted((root / "service").rglob("*.py")) if not _generated(p)]
     files += [root / "export" / f"{name}.py" for name in EXPORT_MODULES]
     out = {}
