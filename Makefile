@@ -9,14 +9,15 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench bench-workers bench-sessions deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos chaos-short
+.PHONY: help install install-dev protos serve test lint wheel fuzz soak data train experiment export models default-model bench bench-workers bench-sessions deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos chaos-short
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002),"
 	@echo "                 one worker process per available CPU (WORKERS=N to choose)"
 	@echo "                 host/port: make serve SERVE_ARGS='--grpc-host 127.0.0.1 --grpc-port 9001' (or RNNSERVE_GRPC_PORT)"
 	@echo "make test        install everything and run the test suite"
-	@echo "make lint        ruff on service, models, export, tests; mypy on service"
+	@echo "make lint        ruff on service, models, export, tests, wheel_layout.py; mypy on service"
+	@echo "make wheel       dist/rnnserve-*.whl: one package, rnnserve, with its gRPC stubs (README Install)"
 	@echo "make install     .venv with the serving dependencies only (no torch)"
 	@echo "make install-dev .venv with everything: serving, training/export (torch CPU), tests, benchmarks"
 	@echo "make protos      generate the gRPC stubs (service/proto/) from protos/rnnserve.proto"
@@ -97,8 +98,13 @@ test: system-deps install-dev protos
 	$(PY) -m pytest -q -m "not quarantine" tests
 
 lint: install-dev protos
-	$(VENV)/bin/ruff check service models export tests
+	$(VENV)/bin/ruff check service models export tests wheel_layout.py
 	$(VENV)/bin/mypy service
+
+# The wheel: service/ and the torch-free export/ as one package, rnnserve, stubs generated in the build
+# (wheel_layout.py). Built with this venv's setuptools and grpcio-tools, so nothing is downloaded.
+wheel: install
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist .
 
 readme: install
 	$(PY) docs/sync_readme.py

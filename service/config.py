@@ -17,6 +17,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service import __version__
+
 ENV_PREFIX = "RNNSERVE_"
 
 
@@ -389,6 +391,7 @@ def _parser() -> argparse.ArgumentParser:
         "Precedence: flags > RNNSERVE_* environment > --config file > defaults.",
         argument_default=argparse.SUPPRESS,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", type=Path, help="YAML settings file (also RNNSERVE_CONFIG).")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from service import __version__
 from service.client.security import Credentials
 from service.client.sync import Client, ModelInfo, default_address
 from service.proto import rnnserve_pb2 as pb
@@ -239,6 +240,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of `rnnserve`."""
     parser = argparse.ArgumentParser(prog="rnnserve", description="Client of the rnnserve native gRPC API.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--address",
         default=default_address(),

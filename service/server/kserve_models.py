@@ -6,13 +6,13 @@ built from the core's `ModelSpec`; used by the KServe servicer (`service/server/
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 from dataclasses import dataclass, field
 
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
+from service import __version__
 from service.core.types import ModelSpec, VersionPolicy
 from service.errors import InvalidArgument
 from service.server.kserve_convert import wire_type_of
@@ -156,11 +156,8 @@ def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
 
 
 def package_version() -> str:
-    """Return the installed rnnserve version (ServerMetadata)."""
-    try:
-        return importlib.metadata.version("rnnserve")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
-        return "0+unknown"
+    """Return the rnnserve version (ServerMetadata): `service.__version__`, the one place it is written."""
+    return __version__
 
 
 def version_arg(text: str) -> int | None:

@@ -53,7 +53,15 @@ class ServerThread:
 class ServerProcess:
     """`python -m service.server` as a real subprocess on free loopback ports (for signals and the CLI)."""
 
-    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        server: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        """`server`: the command that starts it (default `python -m service.server` from the checkout)."""
         import os
         import re
         import subprocess
@@ -62,9 +70,7 @@ class ServerProcess:
 
         root = Path(__file__).resolve().parents[2]
         cmd = [
-            sys.executable,
-            "-m",
-            "service.server",
+            *(server or [sys.executable, "-m", "service.server"]),
             "--model-repository",
             str(repository),
             "--grpc-host",
@@ -77,7 +83,7 @@ class ServerProcess:
         ]
         self.proc = subprocess.Popen(
             cmd,
-            cwd=root,
+            cwd=cwd or root,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
