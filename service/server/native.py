@@ -197,16 +197,22 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             await self._engine.close(session_id)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any) -> None:
-        """Bidi: the first message opens or attaches; one answer per message, in order; closes unless keep."""
+        """Bidi: the first message opens or attaches; one answer per message, in order; closes unless keep.
+
+        Tens of thousands of these may be open at once, mostly idle: nothing per message outlives its message
+        (the request, the result and the reply are dropped before the next read), so an idle stream keeps only
+        what grpc.aio itself needs, and a full garbage collection has that much less to walk.
+        """
         rec = self.streams.enter()
         session_id = ""
         keep = False
-        # Bound once per stream: the loop below runs once per message.
-        submit, write, Response = self._engine.submit, context.write, pb.StreamResponse
-        tensors_to_arrays, arrays_to_tensors = wire.tensors_to_arrays, wire.arrays_to_tensors
+        logged = request_log.current()  # counted here: wrapping the request iterator would add objects
+        engine, streams = self._engine, self.streams
         try:
             async for req in request_iterator:
                 rec.busy = True
+                if logged is not None:
+                    request_log.count(logged, req)
                 session = None
                 if not session_id:
                     if not req.HasField("open"):
@@ -218,34 +224,39 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                     session_id, keep = info.session_id, req.open.keep or bool(req.open.session_id)
                     request_log.note(model=info.model, version=info.version, session=session_id)
                     session = wire.session_to_pb(info)
+                    del info
                 elif req.HasField("open"):
                     raise InvalidArgument("`open` is only allowed in the first Stream message")
-                inputs = req.inputs
-                if inputs:
-                    res = await submit(
-                        session_id, req.seq, tensors_to_arrays(inputs), last_only=req.last_only
+                if req.inputs:
+                    res = await engine.submit(
+                        session_id, req.seq, wire.tensors_to_arrays(req.inputs), last_only=req.last_only
                     )
-                    await write(
-                        Response(
+                    del req
+                    await context.write(
+                        pb.StreamResponse(
                             session=session,
                             seq=res.seq,
-                            outputs=arrays_to_tensors(res.outputs),
+                            outputs=wire.arrays_to_tensors(res.outputs),
                             cached=res.cached,
                         )
                     )
+                    del res
                 else:
+                    del req
                     await context.write(pb.StreamResponse(session=session))
+                session = None
                 rec.busy = False
-                if self.streams.draining:
+                if streams.draining:
                     raise Unavailable(DRAINING_MESSAGE)
         except asyncio.CancelledError:
-            if self.streams.draining:
+            if streams.draining:
                 raise Unavailable(DRAINING_MESSAGE) from None
             raise
         finally:
-            self.streams.leave(rec)
+            streams.leave(rec)
+            rec.task = None  # no task -> coroutine -> frame -> record cycle left behind by a traceback
             # A drain keeps the session (it is flushed to the store so another replica can resume it).
-            if session_id and not keep and not self.streams.draining:
+            if session_id and not keep and not streams.draining:
                 await self._close_quietly(session_id)
 
     async def _step_many(self, req: pb.StepManyRequest) -> pb.StepManyResponse:
