@@ -17,9 +17,11 @@ done about it here, and why:
 - **The loop's lateness is measured**: a callback scheduled every `interval_s` records how late it ran
   (`rnnserve_event_loop_lag_seconds`), and every collection's pause is timed by generation
   (`rnnserve_gc_pause_seconds`). Both cost a few microseconds per tick.
-- **Freed heap goes back to the OS** when open streams have fallen to half of their peak: glibc keeps what
-  grpc core and numpy freed (per-call buffers, message copies) in its arenas; `malloc_trim` (in a thread; it
-  releases the GIL) returns it. Measured: about 16 KiB per stream that closed.
+- **Freed heap goes back to the OS** when open streams have fallen to half of their peak and stayed there
+  for a second (and once more five seconds later): glibc keeps what grpc core and numpy freed (per-call
+  buffers, message copies) in its arenas; `malloc_trim` (in a thread; it releases the GIL) returns it.
+  What stays after that (`tests/service/test_stream_memory.py`: about a third of what a burst added) is
+  mostly pymalloc arenas that a few objects allocated later pin; the next burst reuses them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from service.core import limits
 from service.metrics import Metrics
 
 TRIM_MIN_CLOSED = 256  # streams that must have closed since the peak before a trim is worth its cost
+# The open-stream count must hold this long before a trim (grpc core frees a call's buffers after the handler
+# ends), and a second trim follows this long after the first, for what the teardown freed meanwhile.
+TRIM_SETTLE_S = 1.0
+TRIM_AGAIN_S = 5.0
 
 
 class LoopWatch:
@@ -62,7 +68,10 @@ class LoopWatch:
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peak_streams = 0
+        self._last_count = 0
+        self._count_since = 0.0
         self._trimming = False
+        self._trim_again = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,17 +115,30 @@ class LoopWatch:
             pauses, self._pauses = self._pauses, []
             for generation, seconds in pauses:
                 self._pause[generation].observe(seconds)
-        self._memory()
-        self._schedule()
+        try:
+            self._memory()
+        finally:
+            self._schedule()
 
     def _memory(self) -> None:
         """Trim the heap once open streams fell to half their peak."""
         n = self.open_streams()
+        now = time.monotonic()
+        if n != self._last_count:
+            self._last_count, self._count_since = n, now
         if n > self._peak_streams:
             self._peak_streams = n
             return
-        if self._trimming or self._peak_streams - n < TRIM_MIN_CLOSED or n > self._peak_streams // 2:
+        if self._trimming:
             return
+        if self._trim_again and now >= self._trim_again:
+            self._trim_again = 0.0
+        elif self._peak_streams - n < TRIM_MIN_CLOSED or n > self._peak_streams // 2:
+            return
+        elif now - self._count_since < TRIM_SETTLE_S:
+            return
+        else:
+            self._trim_again = now + TRIM_AGAIN_S
         self._peak_streams = n
         self._trimming = True
         loop = self._loop
