@@ -133,8 +133,8 @@ def _rss(pid: int) -> int:
 
 
 def _settled_rss(pid: int, seconds: float = 8.0) -> int:
-    """RSS once it stops falling (the server trims freed memory about a second after streams close)."""
-    time.sleep(3.0)
+    """RSS once it stops falling (the server trims a second after streams closed and again five seconds later)."""
+    time.sleep(8.0)
     last = _rss(pid)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -19,8 +19,8 @@ STREAMS = 3000
 
 
 def _settled_rss(proc: psutil.Process, seconds: float = 10.0) -> int:
-    """RSS once it stops falling (the server trims about a second after the streams closed)."""
-    time.sleep(3.0)
+    """RSS once it stops falling (the server trims a second after the streams closed and again five seconds later)."""
+    time.sleep(8.0)
     last = proc.memory_info().rss
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
