@@ -56,12 +56,13 @@ class Plan:
     window_s: float = 10.0
     long_s: float = 0.0
     workers: int = 2
+    settle_s: float = 8.0  # before reading RSS after streams closed (the quick run skips the second trim)
     server_flags: tuple[str, ...] = ()
 
     @staticmethod
     def quick() -> Plan:
         """Smoke-test size: well under a minute."""
-        return Plan(counts=(200,), rates=(200.0,), seconds=1.5, window_s=0.75)
+        return Plan(counts=(200,), rates=(200.0,), seconds=1.5, window_s=0.75, settle_s=2.0)
 
 
 @dataclass(slots=True)
@@ -132,9 +133,10 @@ def _rss(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-def _settled_rss(pid: int, seconds: float = 8.0) -> int:
-    """RSS once it stops falling (the server trims a second after streams closed and again five seconds later)."""
-    time.sleep(8.0)
+def _settled_rss(pid: int, wait_s: float, seconds: float = 8.0) -> int:
+    """RSS once it stops falling, read no sooner than `wait_s` (the server trims a second after streams closed
+    and again five seconds later)."""
+    time.sleep(wait_s)
     last = _rss(pid)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -242,7 +244,7 @@ def run(plan: Plan, repository: Path, model: str, bar: tqdm) -> Result:
     try:
         clients.open(REFERENCE_STREAMS)  # warm every code path, then close: "before" is a warm, empty server
         clients.close()
-        result.rss["before"] = _settled_rss(server.pid)
+        result.rss["before"] = _settled_rss(server.pid, plan.settle_s)
         clients.open(REFERENCE_STREAMS)
         result.rss[str(REFERENCE_STREAMS)] = _rss(server.pid)
         bar.update()
@@ -271,7 +273,7 @@ def run(plan: Plan, repository: Path, model: str, bar: tqdm) -> Result:
             result.rows.append(measure_run(server, clients, plan.rates[0], top, plan.long_s, 30.0))
             bar.update()
         clients.close()
-        result.rss["after"] = _settled_rss(server.pid)
+        result.rss["after"] = _settled_rss(server.pid, plan.settle_s)
         bar.update()
     finally:
         clients.stop()
@@ -282,13 +284,13 @@ def run(plan: Plan, repository: Path, model: str, bar: tqdm) -> Result:
     try:
         clients.open(REFERENCE_STREAMS)
         clients.close()
-        result.echo_rss["before"] = _settled_rss(echo.pid)
+        result.echo_rss["before"] = _settled_rss(echo.pid, 1.0)
         for n in (REFERENCE_STREAMS, *plan.counts):
             clients.open(n)
             result.echo_rss[str(n)] = _rss(echo.pid)
             bar.update()
         clients.close()
-        result.echo_rss["after"] = _settled_rss(echo.pid)
+        result.echo_rss["after"] = _settled_rss(echo.pid, 1.0)
     finally:
         clients.stop()
         echo.stop()
