@@ -81,9 +81,14 @@ class LoopWatch:
         self._schedule()
 
     def stop(self) -> None:
-        """Unhook (idempotent)."""
+        """Unhook, and give what was frozen back to the collector (idempotent).
+
+        A process that outlives its server (tests, embedding) collects its garbage as before.
+        """
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
+            if self.freezes:
+                gc.unfreeze()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
