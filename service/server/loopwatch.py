@@ -17,8 +17,8 @@ done about it here, and why:
 - **The loop's lateness is measured**: a callback scheduled every `interval_s` records how late it ran
   (`rnnserve_event_loop_lag_seconds`), and every collection's pause is timed by generation
   (`rnnserve_gc_pause_seconds`). Both cost a few microseconds per tick.
-- **Freed heap goes back to the OS** when open streams have fallen to half of their peak and stayed there
-  for a second (and once more five seconds later): glibc keeps what grpc core and numpy freed (per-call
+- **Freed heap goes back to the OS** when open streams have fallen by a quarter from their peak and stayed
+  there for a second (and once more five seconds later): glibc keeps what grpc core and numpy freed (per-call
   buffers, message copies) in its arenas; `malloc_trim` (in a thread; it releases the GIL) returns it.
   What stays after that (`tests/service/test_stream_memory.py`: about a third of what a burst added) is
   mostly pymalloc arenas that a few objects allocated later pin; the next burst reuses them.
@@ -35,7 +35,7 @@ from typing import Any
 from service.core import limits
 from service.metrics import Metrics
 
-TRIM_MIN_CLOSED = 256  # streams that must have closed since the peak before a trim is worth its cost
+TRIM_MIN_CLOSED = 256  # streams that must have closed since the last trim's peak before a trim pays
 # The open-stream count must hold this long before a trim (grpc core frees a call's buffers after the handler
 # ends), and a second trim follows this long after the first, for what the teardown freed meanwhile.
 TRIM_SETTLE_S = 1.0
@@ -126,7 +126,7 @@ class LoopWatch:
             self._schedule()
 
     def _memory(self) -> None:
-        """Trim the heap once open streams fell to half their peak."""
+        """Trim the heap once open streams fell by a quarter from their peak since the last trim."""
         n = self.open_streams()
         now = time.monotonic()
         if n != self._last_count:
@@ -138,7 +138,7 @@ class LoopWatch:
             return
         if self._trim_again and now >= self._trim_again:
             self._trim_again = 0.0
-        elif self._peak_streams - n < TRIM_MIN_CLOSED or n > self._peak_streams // 2:
+        elif self._peak_streams - n < TRIM_MIN_CLOSED or n > self._peak_streams * 3 // 4:
             return
         elif now - self._count_since < TRIM_SETTLE_S:
             return

@@ -19,7 +19,7 @@ STREAMS = 3000
 
 
 def _settled_rss(proc: psutil.Process, seconds: float = 10.0) -> int:
-    """RSS once it stops falling (the server trims a second after the streams closed and again five seconds later)."""
+    """RSS once it stops falling (the server trims 1 s after streams closed, again 5 s later)."""
     time.sleep(8.0)
     last = proc.memory_info().rss
     deadline = time.monotonic() + seconds
