@@ -53,8 +53,14 @@ def test_an_idle_open_stream_keeps_few_tracked_objects_and_full_collections_skip
             await asyncio.to_thread(clients.open, STREAMS)
             await asyncio.sleep(0.5)
             assert running.streams.open_count == STREAMS
-            gc.collect()  # a full collection: what survives it is frozen
-            per_stream = (_tracked() - before) / STREAMS
+            # A full collection (what survives it is frozen), read a few times: a stray call still being torn
+            # down on a busy machine is not the streams' cost.
+            readings = []
+            for _ in range(3):
+                gc.collect()
+                readings.append((_tracked() - before) / STREAMS)
+                await asyncio.sleep(0.5)
+            per_stream = min(readings)
             assert per_stream <= MAX_TRACKED_PER_STREAM, f"{per_stream:.2f} tracked objects per open stream"
             # The open streams' objects are frozen: the next full collection walks only what is newer.
             assert len(gc.get_objects()) < 5 * STREAMS
