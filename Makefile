@@ -9,7 +9,7 @@ REPOSITORY ?= models/repository
 PROTO_SRC := protos/rnnserve.proto
 PROTO_OUT := service/proto/rnnserve_pb2.py
 
-.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench bench-workers bench-streams deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos chaos-short
+.PHONY: help install install-dev protos serve test lint fuzz soak data train experiment export models default-model bench bench-workers bench-sessions bench-streams deploy-check readme system-deps clean image-check image-clean monitoring-check dashboard-preview node-client perf-analyzer proxy-check chaos chaos-short
 
 help:
 	@echo "make serve       install the serving dependencies and serve $(REPOSITORY) (gRPC :8001, metrics :8002),"
@@ -31,6 +31,7 @@ help:
 	@echo "make experiment  long-lag experiment (adding problem) for every variant"
 	@echo "make bench       benchmark suite, ~17 min (not in make test); BENCH_ARGS=--quick: reduced, to docs/bench/quick/"
 	@echo "make bench-workers  --workers 1 vs 2 on Stream and KServe unary (~3 min; also run by make bench)"
+	@echo "make bench-sessions  1,000,000 idle sessions: spill tier memory, disk, resume, GC (~15-30 min; SESSIONS_ARGS=--quick)"
 	@echo "make bench-streams  64 to 20,000 open streams on one process: latency, CPU/step, memory (~10 min; also run by make bench)"
 	@echo "make chaos       fault injection against 3 replicas + Redis (>= 1,000 faults, ~15 min); not in make test"
 	@echo "make chaos-short the seeded one-minute chaos run (quarantined out of make test; see README Reliability)"
@@ -135,6 +136,15 @@ bench: system-deps install-dev protos
 	$(PY) -m tests.bench $(BENCH_ARGS)
 	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) -m tests.bench.workers ;; esac
 	@case " $(BENCH_ARGS) " in *" --quick "*) ;; *) $(PY) docs/sync_readme.py ;; esac
+
+# A million sessions created, stepped once and spilled (tests/bench/sessions.py): RSS and disk per session, resume
+# latency, hot-session rate with the spiller on/off, GC stalls; docs/bench/sessions.{json,md,png}, then the README.
+# Not part of make bench (it takes 15-30 min and ~5 GiB of RAM while every session is resident).
+# SESSIONS_ARGS=--quick: 50,000 sessions into docs/bench/quick/ (README untouched).
+SESSIONS_ARGS ?=
+bench-sessions: install-dev protos
+	$(PY) -m tests.bench.sessions $(SESSIONS_ARGS)
+	@case " $(SESSIONS_ARGS) " in *" --quick "*) ;; *) $(PY) docs/sync_readme.py ;; esac
 
 # --workers 1 vs 2 on Stream and KServe unary at 64 sequences (about 3 min): docs/bench/workers.{json,md,png}.
 bench-workers: system-deps install-dev protos

@@ -66,6 +66,15 @@ class Settings(BaseSettings):
             " light load then skip the thread hand-off, which costs as much as the run."
         ),
     )
+    inline_idle_max_us: int = Field(
+        1000,
+        ge=0,
+        description=(
+            "As inline_max_us, for a batch that leaves no other step of its model waiting (one sequence at a"
+            " time, light load): the hand-off would only add its CPU and latency to those steps. Never below"
+            " inline_max_us; inline_max_us 0 turns both off."
+        ),
+    )
     batch_hold_us: int = Field(
         1000,
         ge=0,
@@ -193,6 +202,31 @@ class Settings(BaseSettings):
     )
     loop_probe_interval_s: float = Field(
         0.05, ge=0, description="Seconds between event-loop lag probes (0 = no probe, no trimming)."
+    )
+    # -- idle-session tiering (docs/DESIGN.md, "Spill tier") --
+    spill_after_s: float = Field(
+        120.0,
+        ge=0,
+        description="Sessions idle this many seconds leave the resident slab for the spill tier on local disk"
+        " (with store redis: the store's copy) and come back on their next call (0 = never; a model's"
+        " config.yaml may override it).",
+    )
+    spill_dir: Path | None = Field(
+        None, description="Directory of the spill files (default: a private temporary directory)."
+    )
+    spill_max_bytes: int = Field(
+        8 * 1024**3,
+        ge=0,
+        description="Disk budget of the spill tier in bytes; when full, idle sessions stay resident (counted"
+        " in rnnserve_spill_refusals_total) and the memory budget alone bounds new sessions.",
+    )
+    spill_batch: int = Field(512, ge=1, description="Most sessions the spiller moves per turn.")
+    spill_duty: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Share of the event loop's time the spiller may take while it has work (it sleeps the"
+        " rest, so hot sessions keep their step rate).",
     )
     workers: int = Field(
         0,

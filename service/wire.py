@@ -179,6 +179,8 @@ def session_to_pb(info: Any) -> pb.SessionInfo:
         idle_ttl_s=_finite_or_zero(info.idle_ttl_s),
         expires_at=_finite_or_zero(info.expires_at),
         steps=info.steps,
+        tier=info.tier,
+        time_left_s=_finite_or_zero(info.time_left_s),
     )
 
 

@@ -119,6 +119,8 @@ class SessionInfo:
     idle_ttl_s: float
     expires_at: float
     steps: int
+    tier: str = ""  # "resident" or "spilled" (idle, on the server's disk); "" from older servers
+    time_left_s: float = 0.0  # seconds until the session expires if left idle
 
     @classmethod
     def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
@@ -133,6 +135,8 @@ class SessionInfo:
             s.idle_ttl_s,
             s.expires_at,
             s.steps,
+            s.tier,
+            s.time_left_s,
         )
 
 

@@ -146,6 +146,24 @@ class Admission:
         self.used += nbytes
         self.metrics.memory_budget_used_bytes.set(self.used)
 
+    def release(self, tenant: str, nbytes: int) -> None:
+        """Give back a session's bytes while it stays open (spilled to disk: only resident state counts)."""
+        usage = self.usage.get(tenant)
+        if usage is not None:
+            usage.bytes -= nbytes
+        self.used -= nbytes
+        self.metrics.memory_budget_used_bytes.set(self.used)
+
+    def regain(self, tenant: str, nbytes: int) -> None:
+        """Charge an open session's bytes again (resumed from the spill tier), or refuse without charging."""
+        usage = self.usage.get(tenant)
+        if usage is None:
+            usage = self.usage[tenant] = Usage(tokens=self.quota(tenant).max_steps_per_s)
+        self._check_bytes(tenant, usage, nbytes, "resuming a spilled session")
+        usage.bytes += nbytes
+        self.used += nbytes
+        self.metrics.memory_budget_used_bytes.set(self.used)
+
     def close(self, tenant: str, nbytes: int) -> None:
         """Release a session's whole charge."""
         usage = self.usage.get(tenant)

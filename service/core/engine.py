@@ -135,6 +135,7 @@ class Engine:
         await self.store.ping()  # a wrong redis_url fails the start, not the first step
         self.models.scan()
         self._tasks.append(loop.create_task(self.session_manager.sweep(), name="session sweeper"))
+        self._tasks.append(loop.create_task(self.session_manager.tiering.run(), name="session spiller"))
         if self.settings.repository_poll_s > 0:
             self._tasks.append(loop.create_task(self.models.watch(), name="repository watcher"))
 
@@ -224,8 +225,22 @@ class Engine:
         await self.session_manager.close(session_id)
 
     def describe(self, session_id: str) -> SessionInfo:
-        """Describe a local session."""
-        return self.session_manager.info(self.session_manager.table.get(session_id))
+        """Describe a local session, resident or spilled (a spilled one stays on disk)."""
+        sessions = self.session_manager
+        if session_id not in sessions.table.sessions:
+            info = sessions.tiering.describe(session_id, sessions.wall_offset)
+            if info is not None:
+                return info
+        return sessions.info(sessions.table.get(session_id))
+
+    async def describe_session(self, session_id: str) -> SessionInfo:
+        """Describe a session: its tier and time left; resumed from the shared store if held elsewhere."""
+        sessions = self.session_manager
+        if session_id not in sessions.table.sessions:
+            info = sessions.tiering.describe(session_id, sessions.wall_offset)
+            if info is not None:
+                return info
+        return await self.attach(session_id)
 
     async def attach(self, session_id: str) -> SessionInfo:
         """Describe a session, resuming it from the shared store when this replica does not hold it."""

@@ -97,6 +97,7 @@ class ModelHost:
                 target_rows=self.settings.batch_target_rows,
                 max_delay_s=self.settings.batch_hold_us / 1e6,
                 inline_max_s=self.settings.inline_max_us / 1e6,
+                idle_inline_max_s=self.settings.inline_idle_max_us / 1e6,
             ),
             max_queue_size=self.settings.max_queue_size,
             finish=self._finish,

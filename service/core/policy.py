@@ -11,8 +11,11 @@ Two decisions, both from measurements the batcher feeds back (pure logic, no I/O
   `probe_every` batches, so a change of load is noticed within a fraction of a second.
 - **Run inline.** A batch whose ONNX Runtime cost (a moving average per batch-size class) is below
   `inline_max_s` runs on the event loop: for tiny batches the executor hand-off (thread wake-up, GIL hand-off,
-  the loop's self-pipe) costs as much CPU as the run itself and adds its latency. Larger batches run in the
-  executor, so ONNX Runtime overlaps the loop's gRPC work. A size class not measured yet runs in the executor.
+  the loop's self-pipe) costs as much CPU as the run itself and adds its latency. When nothing else waits for
+  the model (`idle`: the queue is empty once the batch is taken), the bound is `idle_inline_max_s`: there is
+  no other step whose batch the run could delay, and the hand-off would only add its CPU and its latency to
+  these steps (one sequence at a time, light load). Larger batches run in the executor, so ONNX Runtime
+  overlaps the loop's gRPC work. A size class not measured yet runs in the executor.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class BatchPolicy:
         "target_rows",
         "max_delay_s",
         "inline_max_s",
+        "idle_inline_max_s",
         "probe_every",
         "gain",
         "_since_probe",
@@ -44,11 +48,13 @@ class BatchPolicy:
         target_rows: int = 16,
         max_delay_s: float = 0.001,
         inline_max_s: float = 0.0002,
+        idle_inline_max_s: float = 0.001,
         probe_every: int = 200,
     ) -> None:
         self.target_rows = target_rows
         self.max_delay_s = max_delay_s
         self.inline_max_s = inline_max_s
+        self.idle_inline_max_s = max(inline_max_s, idle_inline_max_s) if inline_max_s > 0 else 0.0
         self.probe_every = probe_every
         self.gain = 0.0  # moving average of steps a hold gathered
         self._since_probe = 0
@@ -72,12 +78,15 @@ class BatchPolicy:
         self.gain += ALPHA * (gathered - self.gain)
 
     # -- where to run ---------------------------------------------------------------------------------------
-    def inline(self, work: int) -> bool:
-        """Run a batch of `work` rows x steps on the event loop (True) or in the executor (False)."""
+    def inline(self, work: int, idle: bool = False) -> bool:
+        """Run a batch of `work` rows x steps on the event loop (True) or in the executor (False).
+
+        `idle`: no other step waits for the model (the larger bound `idle_inline_max_s` applies).
+        """
         if self.inline_max_s <= 0:
             return False
         cost = self._cost.get(size_class(work))
-        return cost is not None and cost <= self.inline_max_s
+        return cost is not None and cost <= (self.idle_inline_max_s if idle else self.inline_max_s)
 
     def ran(self, work: int, seconds: float) -> None:
         """Record the ONNX Runtime cost of one batch."""

@@ -310,11 +310,26 @@ class Batcher:
     async def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[StepRequest]
     ) -> list[dict[str, np.ndarray] | BaseException]:
-        if self.policy.inline(len(batch) * batch[0].steps):
+        if self.policy.inline(len(batch) * batch[0].steps, idle=not self._queue):
             # Cheap batches (light load) run on the loop: the executor round trip would cost about as much
             # CPU as the run itself and add its latency to every step (see `policy`).
             return self._compute_isolated(batch)
-        return await loop.run_in_executor(self.executor, self._compute_isolated, batch)
+        # One loop future per batch, resolved by the executor thread with one call_soon_threadsafe: leaner
+        # than run_in_executor, which chains a concurrent future to an asyncio one both ways.
+        done: asyncio.Future[list[dict[str, np.ndarray] | BaseException]] = loop.create_future()
+        self.executor.submit(self._compute_off_loop, loop, done, batch)
+        return await done
+
+    def _compute_off_loop(
+        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any], batch: list[StepRequest]
+    ) -> None:
+        """Executor side of `_run`: compute, then hand the outcome to the loop."""
+        try:
+            outcome: Any = self._compute_isolated(batch)
+            failed = False
+        except BaseException as exc:  # noqa: BLE001 - delivered to the batcher task, which fails the batch
+            outcome, failed = exc, True
+        loop.call_soon_threadsafe(_deliver, done, outcome, failed)
 
     def _compute_isolated(self, batch: list[StepRequest]) -> list[dict[str, np.ndarray] | BaseException]:
         """Run the batch; if ORT rejects it, rerun each request alone so one bad input fails only itself.
@@ -350,6 +365,15 @@ class Batcher:
         for i, req in enumerate(batch):
             req.row = (arrays, i)
         return split(arrays, self._output_names, n)
+
+
+def _deliver(done: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+    if done.done():  # the batcher was stopped meanwhile
+        return
+    if failed:
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
 def _model_error(exc: Exception, label: str) -> BaseException:

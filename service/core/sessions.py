@@ -28,9 +28,11 @@ from service.core.admission import SESSION_OVERHEAD_BYTES, Admission
 from service.core.inputs import input_digest
 from service.core.models import ModelHost
 from service.core.registry import ModelVersion
-from service.core.table import PendingOp, Session, SessionTable
+from service.core.spill import output_row_bytes
+from service.core.table import SPILLED, PendingOp, Session, SessionTable
 from service.core.tasks import Background
 from service.core.tenancy import CALLER
+from service.core.tiering import Tiering
 from service.core.types import ModelSpec, SessionInfo, StepResult
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from service.metrics import Metrics
@@ -78,6 +80,10 @@ class SessionManager:
         self._store_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, failures since)
         self.admission = Admission(settings, metrics)
         self._local = self.table.sessions.get  # bound once: `lookup` runs for every step
+        self.tiering = Tiering(
+            settings, metrics, self.table, self.admission, host.unpin, host.repository.loaded, self.persist
+        )
+        self.tiering.drop_resident = lambda s: self.end(s, SPILLED, delete=False)
 
     # -- opening and ending ---------------------------------------------------------------------------------
     def ttl(self, mv: ModelVersion, idle_ttl_s: float | None) -> float:
@@ -120,7 +126,7 @@ class SessionManager:
     def _make_room(self, mv: ModelVersion) -> None:
         table, name, limit = self.table, mv.spec.name, mv.spec.config.max_sessions
         for _ in range(3):  # at most: one eviction for the server limit, one for the model limit
-            if len(table) < table.max_sessions and table.per_model.get(name, 0) < limit:
+            if table.open_count < table.max_sessions and table.per_model.get(name, 0) < limit:
                 return
             victim = table.check_capacity(name, limit) if self.settings.evict_on_capacity else None
             if victim is None:
@@ -183,7 +189,8 @@ class SessionManager:
         mv = s.mv
         if mv.slab is not None:
             mv.slab.free(s.slot)
-        self.metrics.sessions_ended.labels(mv.spec.name, reason).inc()
+        if reason != SPILLED:  # left for the shared store, which holds it: not an ending
+            self.metrics.sessions_ended.labels(mv.spec.name, reason).inc()
         self.host.unpin(mv)
         if self.persist and delete and reason in FINAL_REASONS:
             # Fenced: a stale copy expiring here never deletes a session another replica has advanced.
@@ -216,8 +223,11 @@ class SessionManager:
 
     def expire(self) -> None:
         """End every session past its idle TTL or the maximum lifetime (nothing in flight)."""
-        for s, reason in self.table.expired(time.monotonic(), self.settings.max_lifetime_s):
+        now = time.monotonic()
+        for s, reason in self.table.expired(now, self.settings.max_lifetime_s):
             self.end(s, reason)
+        if self.tiering.where:
+            self.tiering.expire(now)
 
     async def sweep(self) -> None:
         """Expire sessions every `sweep_interval_s` (a task)."""
@@ -243,6 +253,7 @@ class SessionManager:
         last_used = s.last_used + offset
         expires = min(last_used + s.idle_ttl_s, created + self.settings.max_lifetime_s)
         spec = s.mv.spec
+        left = max(0.0, expires - time.time())
         return SessionInfo(
             s.session_id,
             spec.name,
@@ -253,6 +264,8 @@ class SessionManager:
             s.idle_ttl_s,
             expires,
             s.steps,
+            "resident",
+            left,
         )
 
     def record(self, s: Session) -> SessionRecord:
@@ -380,6 +393,8 @@ class SessionManager:
             if s.tenant != CALLER.get().tenant:  # exactly as for an id that never existed
                 raise self.table.not_found(session_id)
             return s
+        if self.tiering.where and (s := self.tiering.resume(session_id)) is not None:
+            return s
         if isinstance(session_id, str) and len(session_id) > self.settings.max_id_length:
             raise InvalidArgument(
                 f"session id is {len(session_id)} characters long; expected at most max_id_length "
@@ -474,6 +489,7 @@ class SessionManager:
                 with contextlib.suppress(Exception):
                     await self.store.claim(s.session_id, self.settings.replica_id, 0.0)
             self.end(s, "shutdown", delete=False)
+        self.tiering.drop_all("shutdown")
 
     # -- one operation at a time ----------------------------------------------------------------------------
     async def wait_idle(self, s: Session) -> None:
@@ -507,22 +523,14 @@ class SessionManager:
         """End a session (after its in-flight step). Closing a closed session again is a no-op."""
         if session_id not in self.table.sessions and self.table.reason_of(session_id) == "closed":
             return
+        if self.tiering.describe(session_id, self.wall_offset) is not None:  # spilled: no need to load it
+            self.tiering.drop(session_id, "closed")
+            return
         async with self.exclusive(session_id) as s:
             _log.debug("closing session %s", session_id)
             self.end(s, "closed", delete=False)
             if self.persist:
                 await self.store.delete(session_id, s.gen, self.settings.replica_id)
-
-
-def output_row_bytes(spec: ModelSpec) -> int:
-    """Return the bytes of one timestep of a session's outputs: what a cached result costs per step."""
-    total = 0
-    for t in spec.outputs:
-        n = 1
-        for d in t.shape[2 if t.time_axis else 1 :]:
-            n *= d if d is not None and d > 0 else 1
-        total += n * t.dtype.itemsize
-    return total
 
 
 def cached_steps(spec: ModelSpec, outputs: dict[str, np.ndarray] | None) -> int:

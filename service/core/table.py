@@ -33,6 +33,8 @@ REASON_TEXT = {
     "moved": "is now owned by another replica",
     "unloaded": "lost its model version",
 }
+# Leaving the resident table for the spill tier (or, with a shared store, for the store) is not an ending.
+SPILLED = "spilled"
 
 
 class PendingOp:
@@ -120,9 +122,52 @@ class SessionTable:
         self._tombstones: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # reason, until, tenant
         self._max_tombstones = max_tombstones
         self._tombstone_ttl_s = tombstone_ttl_s
+        self.spilled = 0  # open sessions in the local spill tier: not in `sessions`, counted in `per_model`
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    @property
+    def open_count(self) -> int:
+        """Open sessions, resident and spilled (what max_sessions bounds)."""
+        return len(self.sessions) + self.spilled
+
+    def detach(self, s: Session) -> None:
+        """Take a session out of the resident table into the spill tier (still open, still counted)."""
+        del self.sessions[s.session_id]
+        self._buckets[s.idle_ttl_s].pop(s.session_id, None)
+        self.spilled += 1
+
+    def attach(self, s: Session) -> None:
+        """Put a session back from the spill tier (at the recent end of its bucket: a resume is a use)."""
+        self.sessions[s.session_id] = s
+        self._buckets.setdefault(s.idle_ttl_s, {})[s.session_id] = s
+        self.spilled -= 1
+
+    def drop_spilled(self, session_id: str, model: str, tenant: str, reason: str) -> None:
+        """End a session that sits in the spill tier: uncount it and leave its tombstone."""
+        self.spilled -= 1
+        self.per_model[model] -= 1
+        self._tombstone(session_id, reason, tenant)
+
+    def compact(self) -> None:
+        """Rebuild the dicts after a mass departure (a CPython dict never shrinks as entries go)."""
+        for d in (self.sessions, *self._buckets.values()):
+            live = dict(d)  # same order: creation order, least recently used first
+            d.clear()
+            d.update(live)
+
+    def idle(self, cutoff: float) -> Iterator[Session]:
+        """Resident sessions last used before `cutoff` with nothing in flight, least recently used first.
+
+        Per TTL bucket; the table must not change while the iterator is in use (collect, then act).
+        """
+        for bucket in self._buckets.values():
+            for s in bucket.values():
+                if s.last_used >= cutoff:
+                    break
+                if s.pending is None:
+                    yield s
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self.sessions.values()))
@@ -180,8 +225,12 @@ class SessionTable:
         name = s.mv.spec.name
         self.per_model[name] -= 1
         self._buckets[s.idle_ttl_s].pop(s.session_id, None)
+        if reason != SPILLED:
+            self._tombstone(s.session_id, reason, s.tenant)
+
+    def _tombstone(self, session_id: str, reason: str, tenant: str) -> None:
         if self._max_tombstones > 0:
-            self._tombstones[s.session_id] = (reason, time.monotonic() + self._tombstone_ttl_s, s.tenant)
+            self._tombstones[session_id] = (reason, time.monotonic() + self._tombstone_ttl_s, tenant)
             while len(self._tombstones) > self._max_tombstones:
                 self._tombstones.popitem(last=False)
 
@@ -190,7 +239,7 @@ class SessionTable:
 
         Raises ResourceExhausted only through `refuse`, so the caller decides between evicting and refusing.
         """
-        if len(self.sessions) < self.max_sessions and self.per_model.get(model, 0) < model_limit:
+        if self.open_count < self.max_sessions and self.per_model.get(model, 0) < model_limit:
             return None
         per_model_full = self.per_model.get(model, 0) >= model_limit
         victim = None
@@ -204,9 +253,9 @@ class SessionTable:
 
     def refuse(self, model: str, model_limit: int) -> ResourceExhausted:
         """Build the error for a full server or model."""
-        if len(self.sessions) >= self.max_sessions:
+        if self.open_count >= self.max_sessions:
             return ResourceExhausted(
-                f"server at capacity: {len(self.sessions)} of max_sessions "
+                f"server at capacity: {self.open_count} of max_sessions "
                 f"{self.max_sessions} open; close sessions or retry later"
             )
         return ResourceExhausted(

@@ -172,6 +172,7 @@ class ModelConfig:
     self_check_tolerance: float = SELF_CHECK_TOLERANCE
     version_policy: VersionPolicy = VersionPolicy()
     control_inputs: tuple[ControlInput, ...] = ()
+    spill_after_s: float = 0.0  # idle seconds before a session spills to disk (0 = never)
 
     @classmethod
     def from_settings(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -182,6 +183,7 @@ class ModelConfig:
             max_sessions=settings.max_sessions_per_model,
             idle_ttl_s=settings.idle_ttl_s,
             max_chunk_steps=settings.max_chunk_steps,
+            spill_after_s=settings.spill_after_s,
         )
         if not overrides:
             return base
@@ -197,6 +199,7 @@ class ModelConfig:
             "self_check_tolerance",
             "version_policy",
             "control_inputs",
+            "spill_after_s",
         }
         unknown = set(overrides) - known
         if unknown:
@@ -211,6 +214,13 @@ class ModelConfig:
             values["max_queue_delay_us"] = int(float(overrides["max_queue_delay_ms"]) * 1000)
         if "idle_ttl_s" in overrides:
             values["idle_ttl_s"] = min(float(overrides["idle_ttl_s"]), settings.max_idle_ttl_s)
+        if "spill_after_s" in overrides:
+            spill = overrides["spill_after_s"]
+            if isinstance(spill, bool) or not isinstance(spill, int | float) or not spill >= 0:
+                raise ContractError(
+                    f"config.yaml: spill_after_s must be a number of seconds >= 0 (0 = never), got {spill!r}"
+                )
+            values["spill_after_s"] = float(spill)
         if "allow_non_finite" in overrides:
             values["allow_non_finite"] = bool(overrides["allow_non_finite"])
         if "description" in overrides:
@@ -305,6 +315,8 @@ class SessionInfo:
     idle_ttl_s: float
     expires_at: float
     steps: int
+    tier: str = "resident"  # "resident" (in the slab) or "spilled" (in the spill tier on local disk)
+    time_left_s: float = 0.0  # seconds until the session expires if left idle
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ Wire rules followed (KServe v2 gRPC and Triton):
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,12 +58,16 @@ WIRE_TYPES: tuple[WireType, ...] = (
     _wt("FP64", "<f8", "fp64_contents", "TYPE_FP64"),
 )
 _BY_NAME = {w.name: w for w in WIRE_TYPES}
+_LITTLE = sys.byteorder == "little"  # wire data is little-endian: a view of it is already native here
 _BY_DTYPE = {w.dtype.newbyteorder("="): w for w in WIRE_TYPES}
 SUPPORTED = ", ".join(w.name for w in WIRE_TYPES)
 
 
 def wire_type_of(dtype: np.dtype) -> WireType:
     """Return the KServe datatype of a numpy dtype (a model's tensor dtype); InvalidArgument if none."""
+    found = _BY_DTYPE.get(dtype)  # a native-order numpy dtype (every output): no new dtype built
+    if found is not None:
+        return found
     found = _BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
     if found is None:
         raise InvalidArgument(f"dtype {np.dtype(dtype)} has no KServe datatype here (supported: {SUPPORTED})")
@@ -141,6 +146,8 @@ MAX_DIM = 1 << 31  # no real tensor dimension comes near; larger ones only overf
 
 
 def _element_count(name: str, shape: Sequence[int]) -> int:
+    if shape and 0 <= min(shape) and max(shape) <= MAX_DIM:  # the usual case: one pass over the dims each
+        return math.prod(shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
     if any(d > MAX_DIM for d in shape):
@@ -157,9 +164,8 @@ def _from_raw(name: str, wire: WireType, shape: list[int], raw: bytes) -> np.nda
             f"input {name!r}: raw_input_contents holds {len(raw)} bytes; shape {shape} of {wire.name} "
             f"needs {expected}"
         )
-    return (
-        np.frombuffer(raw, dtype=wire.dtype).reshape(shape).astype(wire.dtype.newbyteorder("="), copy=False)
-    )
+    arr = np.frombuffer(raw, dtype=wire.dtype).reshape(shape)
+    return arr if _LITTLE else arr.astype(wire.dtype.newbyteorder("="))
 
 
 def _from_contents(
@@ -230,7 +236,7 @@ def encode_outputs(
 
     Typed contents are used only when every output dtype has a typed field (the spec forbids mixing).
     """
-    items = [(name, np.asarray(array), wire_type_of(np.asarray(array).dtype)) for name, array in outputs]
+    items = [(name, a, wire_type_of(a.dtype)) for name, a in ((n, np.asarray(x)) for n, x in outputs)]
     typed = typed and all(wire.contents_field is not None for _, _, wire in items)
     for name, array, wire in items:
         tensor = response.outputs.add(name=name, datatype=wire.name, shape=list(array.shape))

@@ -273,7 +273,8 @@ class SequenceTable:
             mapped = await self._engine.store.sequence_session(store_key(key))
             previous.add(mapped)
         for old in previous - {None}:
-            if old in self._engine.sessions.sessions:  # one held elsewhere just expires there
+            here = old in self._engine.sessions.sessions or old in self._engine.session_manager.tiering.where
+            if here:  # one held elsewhere just expires there
                 await self._close_quietly(old)  # type: ignore[arg-type]
         entry.session_id = None
         try:

@@ -175,8 +175,9 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         return pb.CloseResponse()
 
     async def DescribeSession(self, request: pb.SessionRequest, context: Any) -> pb.SessionInfo:
-        """Describe a session (resumed from the shared store if another replica held it)."""
-        return wire.session_to_pb(await self._engine.attach(wire.require(request.session_id, "session_id")))
+        """Describe a session (tier, time left); resumed from the shared store if another replica held it."""
+        session_id = wire.require(request.session_id, "session_id")
+        return wire.session_to_pb(await self._engine.describe_session(session_id))
 
     # ---- streams ------------------------------------------------------------------------------------------
 

@@ -126,8 +126,14 @@ class RequestLog:
         self.fmt, self.sample, self.lookup = fmt, sample, lookup
         self.enabled = fmt != "off"
 
-    def begin(self, method: str, request: Any, streaming_request: bool) -> tuple[CallEntry, Any]:
-        """Start a call's entry; returns it and the request to pass on (a stream's, wrapped to count)."""
+    def begin(self, method: str, request: Any, streaming_request: bool) -> tuple[CallEntry | None, Any]:
+        """Start a call's entry; returns it and the request to pass on (a stream's, wrapped to count).
+
+        No entry (None) while the request logger would drop the line anyway (its level is above INFO): then
+        the call pays nothing, and a stream's messages are not wrapped.
+        """
+        if not _log.isEnabledFor(logging.INFO):
+            return None, request
         sampled = self.sample >= 1.0 or random.random() < self.sample
         entry = CallEntry(method.lstrip("/"), time.perf_counter(), sampled)
         _current.set(entry)

@@ -192,7 +192,7 @@ def plot_latency_load(res: SuiteResult, path: Path) -> None:
     """Client-observed p50/p99 against achieved throughput: paced runs plus the closed-loop run, per path."""
     n = res.plan.reference_streams
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for system in PACED_TARGETS:
+    for system in (*PACED_TARGETS, BIDI_ECHO):  # the echo paced at Stream's rates: the gRPC floor's tail
         paced = sorted(
             (r for r in res.loads if r.model == REF_MODEL and r.system.startswith(f"{system} (paced")),
             key=lambda r: r.rate_per_s,  # in offered order; the x axis shows what was achieved

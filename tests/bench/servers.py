@@ -51,7 +51,11 @@ class ServerProcess:
 
 
 def start_service(repository: Path, *flags: str, timeout_s: float = 60.0) -> ServerProcess:
-    """Start the real server on a free loopback port serving ``repository``; wait until it listens."""
+    """Start the real server on a free loopback port serving ``repository``; wait until it listens.
+
+    One process (``--workers 1``) unless ``flags`` ask for more: the floors it is compared with (the echo
+    servers) are one process each, so a row's CPU and throughput compare like for like.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -66,6 +70,8 @@ def start_service(repository: Path, *flags: str, timeout_s: float = 60.0) -> Ser
         str(repository),
         "--log-level",
         "WARNING",
+        "--workers",
+        "1",
         *flags,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -299,8 +299,8 @@ class Runner:
         for model in self.models:
             runs += 2 * scenarios + many
             if model == REF_MODEL:
-                # batching off; KServe streaming; unary echo; paced Stream, KServe streaming, StreamMany
-                runs += scenarios + len(p.one_step_streams) + len(pa) + 3 * len(p.paced_fractions)
+                # batching off; KServe streaming; unary echo; paced echo, Stream, KServe streaming, StreamMany
+                runs += scenarios + len(p.one_step_streams) + len(pa) + 4 * len(p.paced_fractions)
                 extra += 4 * len(pa)  # perf_analyzer, unary and streaming, against the echo and the server
         return runs * p.repeats + extra + 1 + 1 + 2 + 1
 
@@ -496,7 +496,7 @@ class Runner:
                 if one:
                     one_step_rows += rows
             if ref:
-                self._paced(model, service, one_step_rows)
+                self._paced(model, service, one_step_rows, echo[1])
                 self._positions(model, service)
         finally:
             for server in (*echo.values(), service, nobatch, kserve_echo):
@@ -577,15 +577,25 @@ class Runner:
             self.bar.update()
         return rows
 
-    def _paced(self, model: str, server: ServerProcess, rows: list[LoadRow]) -> None:
+    def _paced(
+        self, model: str, server: ServerProcess, rows: list[LoadRow], echo: ServerProcess | None = None
+    ) -> None:
         """Paced (open-loop) one-step load at fractions of each path's own closed-loop peak.
 
         Paths: ``Stream``, KServe streaming and ``StreamMany``, each on the streams of its run at the
         reference concurrency; latency counts from each scheduled send time, so a server that falls behind
-        is charged for it.
+        is charged for it. The bidi echo is paced at ``Stream``'s rate too: the tail the Python gRPC floor
+        itself shows at that rate on this machine, in the same run.
         """
         items = []
         for fraction in self.plan.paced_fractions:
+            stream = [r for r in rows if r.system == STREAM]
+            if echo is not None and stream:
+                peak = max(stream, key=lambda r: r.steps_per_s)
+                at = next((r for r in stream if r.sessions == self.plan.reference_streams), peak)
+                rate = peak.steps_per_s * fraction
+                spec = self._spec(model, "echo", echo.address, at.streams, 1, rate=rate)
+                items.append((paced_name(BIDI_ECHO, fraction), echo, spec))
             for system, target in PACED_TARGETS.items():
                 one_step = [r for r in rows if r.system == system]
                 if not one_step:

@@ -64,6 +64,22 @@ def test_inline_only_for_measured_cheap_classes():
     assert not BatchPolicy(inline_max_s=0).inline(1)
 
 
+def test_with_nothing_else_waiting_a_costlier_batch_runs_inline():
+    """Idle (the queue empty once the batch is taken): the larger bound applies; 0 still turns inline off."""
+    p = BatchPolicy(inline_max_s=0.0002, idle_inline_max_s=0.001)
+    p.ran(1, 0.0005)  # e.g. batch 1 of a model that costs more than inline_max_s
+    p.ran(64, 0.003)
+    assert not p.inline(1) and p.inline(1, idle=True)
+    assert not p.inline(64, idle=True)  # too costly to block the loop even when idle
+    assert not p.inline(2, idle=True)  # not measured yet
+    off = BatchPolicy(inline_max_s=0, idle_inline_max_s=0.001)
+    off.ran(1, 0.00001)
+    assert not off.inline(1, idle=True)
+    low = BatchPolicy(inline_max_s=0.002, idle_inline_max_s=0.001)  # never below inline_max_s
+    low.ran(1, 0.0015)
+    assert low.inline(1) and low.inline(1, idle=True)
+
+
 def test_cheap_batches_move_onto_the_loop_and_costly_ones_stay_off(model_repository):
     """First run of a size class: executor (cost unknown); then tiny batches run inline, big ones do not."""
 

@@ -69,3 +69,24 @@ def test_block_rows_bounded():
     assert block_rows_for(STATES) == 65536
     big = (StateSpec("h", np.dtype(np.float32), (2, 256)),)
     assert block_rows_for(big) == 4 * 1024 * 1024 // (2 * 256 * 4)
+
+
+def test_empty_blocks_are_dropped_and_slots_taken_low_first():
+    slab = StateSlab(STATES, block_rows=4)
+    slots = [slab.alloc() for _ in range(16)]
+    for s in slots:
+        fill(slab, s, s + 1)
+    assert slab.mapped_blocks == 4 and slab.nbytes == 16 * slab.row_bytes
+    for s in slots[4:]:  # blocks 1, 2, 3 empty: the lowest stays as the spare, the others are unmapped
+        slab.free(s)
+    assert slab.mapped_blocks == 2 and slab.blocks["h"][2] is None and slab.blocks["h"][3] is None
+    assert slab.used == 4 and slab.nbytes == 8 * slab.row_bytes
+    slab.free(slots[1])
+    assert slab.alloc() == 1  # a free row of the lowest block first, never a fresh block
+    assert sorted(slab.alloc() for _ in range(4)) == [4, 5, 6, 7]  # then the spare
+    new = slab.alloc()  # block 2 is mapped again, zeroed
+    assert new == 8 and slab.mapped_blocks == 3
+    assert np.all(slab.read(new)["h"] == 0) and slab.read(0)["h"][0, 0] == 1
+    for s in [0, 1, 2, 3, 4, 5, 6, 7, new]:
+        slab.free(s)
+    assert slab.used == 0 and slab.mapped_blocks == 1  # everything closed: one spare block left
