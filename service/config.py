@@ -204,6 +204,16 @@ class Settings(BaseSettings):
         100_000, ge=0, description="Most remembered gone sessions (oldest forgotten first)."
     )
     sweep_interval_s: float = Field(1.0, gt=0, description="Seconds between idle/lifetime expiry sweeps.")
+    gc_freeze_survivors: bool = Field(
+        True,
+        description=(
+            "Freeze (gc.freeze) what survives each full garbage collection, so the next one walks only newer"
+            " objects: its pause no longer grows with open streams (service/server/loopwatch.py)."
+        ),
+    )
+    loop_probe_interval_s: float = Field(
+        0.05, ge=0, description="Seconds between event-loop lag probes (0 = no probe, no trimming)."
+    )
     # -- idle-session tiering (docs/DESIGN.md, "Spill tier") --
     spill_after_s: float = Field(
         120.0,

@@ -36,6 +36,11 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Event-loop lag and collection pauses, 1 ms to 5 s: fine enough to tell a 20 ms stall from a 50 ms one.
+STALL_BUCKETS = (
+    1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0,
+)  # fmt: skip
 
 
 class BulkHistogram(Collector):
@@ -299,6 +304,19 @@ class Metrics:
             "Calls (and requests of KServe streams) a worker passed to the worker that owns their session or"
             " sequence, by method (several workers only).",
             ["method"],
+            registry=r,
+        )
+        self.loop_lag_seconds = Histogram(
+            "rnnserve_event_loop_lag_seconds",
+            "How late a periodic probe callback ran on the event loop (a stall delays every stream).",
+            buckets=STALL_BUCKETS,
+            registry=r,
+        )
+        self.gc_pause_seconds = Histogram(
+            "rnnserve_gc_pause_seconds",
+            "Duration of each garbage collection, by generation (2 = full).",
+            ["generation"],
+            buckets=STALL_BUCKETS,
             registry=r,
         )
 

@@ -158,15 +158,10 @@ class StateSlab:
         first = blk[0]
         if blk[-1] == first and (blk == first).all():
             return {name: np.take(self.blocks[name][first], rows, axis=0) for name in self.names}
-        out = {}
-        for s in self.states:
-            arr = np.empty((len(slots), *s.shape), s.dtype)
-            blocks = self.blocks[s.name]
-            for b in np.unique(blk):
-                mask = blk == b
-                arr[mask] = blocks[b][rows[mask]]
-            out[s.name] = arr
-        return out
+        # Slots spread over blocks (many open sessions, stepped at random): one row copy per slot. A boolean
+        # mask per block touched cost O(batch x blocks) and grew with the number of open sessions.
+        pairs = list(zip(blk.tolist(), rows.tolist(), strict=True))
+        return {name: np.stack([self.blocks[name][b][r] for b, r in pairs]) for name in self.names}
 
     def scatter(self, slots: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Write `(B, ...)` arrays back into the rows of `slots`."""
@@ -176,11 +171,11 @@ class StateSlab:
             for name in self.names:
                 self.blocks[name][first][rows] = arrays[name]
             return
+        pairs = list(enumerate(zip(blk.tolist(), rows.tolist(), strict=True)))
         for name in self.names:
             blocks, src = self.blocks[name], arrays[name]
-            for b in np.unique(blk):
-                mask = blk == b
-                blocks[b][rows[mask]] = src[mask]
+            for i, (b, r) in pairs:
+                blocks[b][r] = src[i]
 
     @property
     def nbytes(self) -> int:

@@ -40,6 +40,7 @@ from service.core.engine import Engine
 from service.proto import rnnserve_pb2 as pb
 from service.server import auth, kserve, tls
 from service.server.interceptors import CallObserver, ErrorMappingInterceptor
+from service.server.loopwatch import LoopWatch
 from service.server.native import RecurrentServicer
 from service.server.native import add_to_server as add_native
 from service.server.request_log import Lookup, RequestLog
@@ -121,6 +122,7 @@ class RunningServer:
     _stopping: asyncio.Task[None] | None = None
     _serving: bool = True
     _health_task: asyncio.Task[None] | None = None
+    watch: LoopWatch | None = None
 
     @property
     def address(self) -> str:
@@ -187,6 +189,8 @@ class RunningServer:
                 with contextlib.suppress(Exception):
                     await self.kserve.sequences.close_all()
         finally:
+            if self.watch is not None:
+                self.watch.stop()
             await self.engine.stop()
             if self._health_server is not None:
                 await self._health_server.stop(0)
@@ -385,9 +389,24 @@ async def start(
     await server.start()
     if health_server is not None:
         await health_server.start()
+    running.watch = _watch_loop(settings, engine, streams)
     if settings.repository_poll_s > 0:
         running._health_task = asyncio.ensure_future(running._follow_repository(settings.repository_poll_s))
     return running
+
+
+def _watch_loop(settings: Settings, engine: Engine, streams: StreamRegistry) -> LoopWatch | None:
+    """Start the loop-lag probe and the collector's survivor freezing (`loopwatch`), unless turned off."""
+    if settings.loop_probe_interval_s <= 0:
+        return None
+    watch = LoopWatch(
+        engine.metrics,
+        lambda: streams.open_count,
+        interval_s=settings.loop_probe_interval_s,
+        freeze=settings.gc_freeze_survivors,
+    )
+    watch.start()
+    return watch
 
 
 def _announce(running: RunningServer) -> None:

@@ -161,6 +161,10 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         The stream holds its session (`Engine.hold`): the session does not expire for idleness while the
         stream is open, and if the server ends it anyway (lifetime, capacity, moved, closed, a drain) the
         stream tells its client why before it ends (`service.server.streams`).
+
+        Tens of thousands of these may be open at once, mostly idle: nothing per message outlives its message
+        (the request, the result and the reply are dropped before the next read), so an idle stream keeps only
+        what grpc.aio itself needs, and a full garbage collection has that much less to walk.
         """
         rec = self.streams.enter(context, "Stream")
         session_id = ""
@@ -168,13 +172,14 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
         outcome = "error"
         error: ServeError | None = None
         told = ""
-        # Bound once per stream: the loop below runs once per message.
-        submit, write, Response = self._engine.submit, context.write, pb.StreamResponse
-        tensors_to_arrays, arrays_to_tensors = wire.tensors_to_arrays, wire.arrays_to_tensors
+        logged = request_log.current()  # counted here: wrapping the request iterator would add objects
+        engine = self._engine
         try:
             try:
                 async for req in request_iterator:
                     rec.busy = True
+                    if logged is not None:
+                        request_log.count(logged, req)
                     session = None
                     if not session_id:
                         if not req.HasField("open"):
@@ -186,26 +191,30 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                         info = await self._open_stream(req.open)
                         # An attached session belongs to whoever opened it: this stream never closes it.
                         session_id, keep = info.session_id, req.open.keep or bool(req.open.session_id)
-                        self._engine.hold(session_id, rec.on_end)
+                        engine.hold(session_id, rec.on_end)
                         request_log.note(model=info.model, version=info.version, session=session_id)
                         session = wire.session_to_pb(info)
+                        del info
                     elif req.HasField("open"):
                         raise InvalidArgument("`open` is only allowed in the first Stream message")
-                    inputs = req.inputs
-                    if inputs:
-                        res = await submit(
-                            session_id, req.seq, tensors_to_arrays(inputs), last_only=req.last_only
+                    if req.inputs:
+                        res = await engine.submit(
+                            session_id, req.seq, wire.tensors_to_arrays(req.inputs), last_only=req.last_only
                         )
-                        await write(
-                            Response(
+                        del req
+                        await context.write(
+                            pb.StreamResponse(
                                 session=session,
                                 seq=res.seq,
-                                outputs=arrays_to_tensors(res.outputs),
+                                outputs=wire.arrays_to_tensors(res.outputs),
                                 cached=res.cached,
                             )
                         )
+                        del res
                     else:
+                        del req
                         await context.write(pb.StreamResponse(session=session))
+                    session = None
                     rec.busy = False
                     if rec.ended is not None:
                         break
@@ -225,6 +234,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
             if session_id:  # first: once released, nothing interrupts this task any more but a drain
                 self._engine.release(session_id, rec.on_end)
             self.streams.leave(rec, outcome)
+            rec.task = None  # no task -> coroutine -> frame -> record cycle left behind by a traceback
             # A drain keeps the session (it is flushed to the store so another replica can resume it).
             if session_id and not keep and not self.streams.draining and rec.ended is None:
                 await self._close_quietly(session_id)

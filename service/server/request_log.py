@@ -11,7 +11,10 @@ Settings (`service.config.Settings`): ``request_log`` (``json`` | ``logfmt`` | `
 logged). Health checks and reflection are not logged. The lines go to the ``rnnserve.requests`` logger at
 INFO. `RequestLog.begin` reads what it can off the request (unary) or off the first message (streams, whose
 request iterator it wraps only when the call is logged); a handler may add what only it knows through `note`
-(the native Stream names the session it opened).
+(the native Stream names the session it opened). The native `Stream` counts its own messages (`current` and
+`count`, methods in `COUNTED_BY_HANDLER`): a wrapping async generator would stay alive, with its frames, for
+as long as the stream is open, and tens of thousands of open streams make that many more objects for every
+full garbage collection to walk.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 _log = logging.getLogger("rnnserve.requests")
 SESSION_PREFIX = 8
+# Streaming methods whose handlers count their messages themselves (`count`): their requests are not wrapped.
+COUNTED_BY_HANDLER = frozenset({"/rnnserve.v1.RecurrentService/Stream"})
 _current: ContextVar[CallEntry | None] = ContextVar("rnnserve_call", default=None)
 
 
@@ -58,6 +63,20 @@ def note(*, model: str | None = None, version: int | None = None, session: str |
         entry.version = version
     if session:
         entry.session = session
+
+
+def current() -> CallEntry | None:
+    """Return the current call's entry if its messages are counted (a logged, sampled stream), else None."""
+    entry = _current.get()
+    return entry if entry is not None and entry.messages >= 0 else None
+
+
+def count(entry: CallEntry, msg: Any) -> None:
+    """Count one request message of a stream whose handler counts its own (`COUNTED_BY_HANDLER`)."""
+    if entry.messages == 0:
+        _read(entry, msg)
+    entry.messages += 1
+    _count_steps(entry, msg)
 
 
 def _count_steps(entry: CallEntry, msg: Any) -> None:
@@ -123,6 +142,8 @@ class RequestLog:
             return entry, request
         if streaming_request:
             entry.messages = 0
+            if method in COUNTED_BY_HANDLER:
+                return entry, request
             return entry, self._count(entry, request)
         _read(entry, request)
         _count_steps(entry, request)
@@ -131,10 +152,7 @@ class RequestLog:
     @staticmethod
     async def _count(entry: CallEntry, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for msg in requests:
-            if entry.messages == 0:
-                _read(entry, msg)
-            entry.messages += 1
-            _count_steps(entry, msg)
+            count(entry, msg)
             yield msg
 
     def _steps(self, entry: CallEntry) -> int:

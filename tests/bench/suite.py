@@ -15,7 +15,9 @@ Paths measured on the reference model, one step per message unless said otherwis
 - KServe ``ModelInfer`` and ``ModelStreamInfer`` from ``perf_analyzer`` at concurrency 1 and 64, against the
   server and against a no-op KServe server (``kserve_echo``: the floor with the same client);
 - paced (open-loop) load at fractions of each path's own peak for ``Stream``, KServe streaming and
-  ``StreamMany``.
+  ``StreamMany``;
+- tens of thousands of open streams on one process (``tests.bench.streams``, in a subprocess of its own as
+  the idle-memory scenario is: ``streams.{json,md,png}`` next to the suite's results).
 """
 
 from __future__ import annotations
@@ -300,7 +302,7 @@ class Runner:
                 # batching off; KServe streaming; unary echo; paced echo, Stream, KServe streaming, StreamMany
                 runs += scenarios + len(p.one_step_streams) + len(pa) + 4 * len(p.paced_fractions)
                 extra += 4 * len(pa)  # perf_analyzer, unary and streaming, against the echo and the server
-        return runs * p.repeats + extra + 1 + 1 + 2
+        return runs * p.repeats + extra + 1 + 1 + 2 + 1
 
     def close(self) -> None:
         """Drop the temporary repository."""
@@ -678,6 +680,16 @@ class Runner:
             self.result.memory.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             self.bar.update()
 
+    def streams(self) -> None:
+        """Open streams on one process (64 to 20,000; ``--quick``: a few hundred): ``tests.bench.streams``."""
+        cmd = [sys.executable, "-m", "tests.bench.streams", "--out", str(self.out)]
+        proc = subprocess.run(cmd + (["--quick"] if self.plan.quick else []), text=True, check=False)
+        if proc.returncode != 0:
+            note = f"open-streams scenario failed (exit {proc.returncode}; its output is above)"
+            self.result.notes.append(note)
+            self.failures.append(note)
+        self.bar.update()
+
     def run(self) -> SuiteResult:
         """Run every scenario in the plan."""
         try:
@@ -685,6 +697,7 @@ class Runner:
                 self.model_suite(model)
             self.ceilings()
             self.memory()
+            self.streams()
         finally:
             self.result.environment["load_average_1m_at_end"] = os.getloadavg()[0]
             self.result.environment["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
