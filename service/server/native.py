@@ -191,7 +191,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                         info = await self._open_stream(req.open)
                         # An attached session belongs to whoever opened it: this stream never closes it.
                         session_id, keep = info.session_id, req.open.keep or bool(req.open.session_id)
-                        engine.hold(session_id, rec.on_end)
+                        engine.hold(session_id, rec.end)
                         request_log.note(model=info.model, version=info.version, session=session_id)
                         session = wire.session_to_pb(info)
                         del info
@@ -232,7 +232,7 @@ class RecurrentServicer(pb_grpc.RecurrentServiceServicer):
                 await self._tell_end(context, rec, session_id or told, events, error)
         finally:
             if session_id:  # first: once released, nothing interrupts this task any more but a drain
-                self._engine.release(session_id, rec.on_end)
+                self._engine.release(session_id, rec.end)
             self.streams.leave(rec, outcome)
             rec.task = None  # no task -> coroutine -> frame -> record cycle left behind by a traceback
             # A drain keeps the session (it is flushed to the store so another replica can resume it).

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,17 +49,16 @@ class OpenStream:
     peer: str
     busy: bool = False
     ended: str | None = None  # the server's reason for ending this stream, once decided
-    on_end: Callable[[str], None] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.on_end = self._ended
-
-    def _ended(self, reason: str) -> None:
-        """Take the news that the held session ended (called by the core, `Engine.hold`)."""
-        self.end(reason)
+    # No attribute may refer back to the record (a stored bound method would): an open stream's objects get
+    # frozen by the collector (`loopwatch`), and a frozen reference cycle is never freed once the stream ends.
+    # The core holds `rec.end` (a bound method made per call, equal to the next one made) while it is open.
 
     def end(self, reason: str) -> None:
-        """End this stream for `reason`: at once if it waits for its client, else after its current step."""
+        """End this stream for `reason`: at once if it waits for its client, else after its current step.
+
+        Also how the core tells a stream that its held session ended (`Engine.hold`).
+        """
         if self.ended is not None:  # told once: a second end must not interrupt the telling of the first
             return
         self.ended = reason
