@@ -155,10 +155,6 @@ class StreamRegistry:
         """How many streams are open."""
         return len(self._open)
 
-    def connections(self) -> int:
-        """How many client connections have a stream open (forwarded streams not counted)."""
-        return len(self._per_peer)
-
 
 def _forwarded(context: Any) -> bool:
     return any(k == FORWARDED_HEADER for k, _ in context.invocation_metadata() or ())
