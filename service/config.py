@@ -207,8 +207,8 @@ class Settings(BaseSettings):
     gc_freeze_survivors: bool = Field(
         True,
         description=(
-            "Freeze (gc.freeze) what survives each full garbage collection, so the next one walks only newer"
-            " objects: its pause no longer grows with open streams (service/server/loopwatch.py)."
+            "Freeze (gc.freeze) what lives past each loop probe tick and what survives a full collection, so"
+            " collections walk only new objects: their pauses no longer grow with open streams (service/server/loopwatch.py)."
         ),
     )
     loop_probe_interval_s: float = Field(

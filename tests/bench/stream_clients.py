@@ -11,6 +11,7 @@ the native `Stream` (`service`) or the bare grpc.aio echo (`echo`, tests/bench/e
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
 import os
 import time
@@ -140,6 +141,10 @@ async def _serve(target: Target, conn: Any) -> None:
                     new.append(streams[-1])
                 for i in range(0, len(new), 100):  # a hundred opens in flight at a time
                     await asyncio.gather(*(s.open() for s in new[i : i + 100]))
+                # The client's own collector must not charge its pauses to the server: what the open streams
+                # keep is frozen, and runs collect nothing (see "run").
+                gc.collect()
+                gc.freeze()
                 conn.send(("ok", len(streams)))
             elif cmd == "run":
                 rate, active, start, seconds = args
@@ -147,6 +152,7 @@ async def _serve(target: Target, conn: Any) -> None:
                 t1 = start + seconds
                 ends: list[float] = []
                 lat: list[float] = []
+                gc.disable()  # a paced run measures the server: no client collection pauses inside it
                 await asyncio.sleep(max(0.0, start - time.monotonic()))
                 c0 = sum(proc.cpu_times()[:2])
                 if rate > 0:
@@ -162,6 +168,7 @@ async def _serve(target: Target, conn: Any) -> None:
                 bad = [r for r in results if isinstance(r, BaseException)]
                 first = "".join(traceback.format_exception_only(bad[0])).strip() if bad else ""
                 cpu = sum(proc.cpu_times()[:2]) - c0
+                gc.enable()
                 conn.send(("ok", RunResult(np.asarray(ends), np.asarray(lat), cpu, len(bad), first)))
             elif cmd == "close":
                 await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
