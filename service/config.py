@@ -208,7 +208,8 @@ class Settings(BaseSettings):
         True,
         description=(
             "Freeze (gc.freeze) what lives past each loop probe tick and what survives a full collection, so"
-            " collections walk only new objects: their pauses no longer grow with open streams (service/server/loopwatch.py)."
+            " collections walk only new objects: their pauses no longer grow with open streams"
+            " (service/server/loopwatch.py)."
         ),
     )
     loop_probe_interval_s: float = Field(

@@ -7,25 +7,25 @@ the number of open streams: about 0.5 s at 10,000 streams, a latency spike for e
 done about it here, and why:
 
 - **What lives past one probe tick is frozen** (`gc.freeze()` on every tick, 50 ms by default), and a full
-  collection runs only when the frozen set has grown by a quarter since the last one (`Reclaim`). Why: the interpreter
-  counts allocations minus deallocations to decide when to collect, and an open stream's per-read objects
-  (a coroutine, its future, grpc's batch-operation tag and callbacks: about a dozen) are freed and replaced
-  each time the stream steps. Freeing the old ones (long promoted) cancels out allocating the new ones, so
-  the youngest generation fills far past its threshold without triggering, and the next young collection
-  walks all of it: measured at 20,000 open streams and 1,000 steps/s, 15,000-30,000 objects in generation 0
-  (5-10 ms pauses), 40,000-80,000 in generation 1 (30-110 ms), and full collections every few seconds
-  walking 140,000-220,000 (140-390 ms), because the interpreter triggers those on objects promoted, not on
-  objects still alive. Frozen objects are still freed by reference counting when their stream steps or ends
-  (grpc.aio's and the handler's per-stream objects hold no reference cycles: measured on 2,000 streams,
+  collection runs only when the frozen set has grown by a quarter since the last one (`Reclaim`). Why: the
+  interpreter counts allocations minus deallocations to decide when to collect, and an open stream's per-read
+  objects (a coroutine, its future, grpc's batch-operation tag and callbacks: about a dozen) are freed and
+  replaced each time the stream steps. Freeing the old ones (long promoted) cancels out allocating the new
+  ones, so the youngest generation fills far past its threshold without triggering, and the next young
+  collection walks all of it: measured at 20,000 open streams and 1,000 steps/s, 15,000-30,000 objects in
+  generation 0 (5-10 ms pauses), 40,000-80,000 in generation 1 (30-110 ms), and full collections every few
+  seconds walking 140,000-220,000 (140-390 ms), because the interpreter triggers those on objects promoted,
+  not on objects still alive. Frozen objects are still freed by reference counting when their stream steps or
+  ends (grpc.aio's and the handler's per-stream objects hold no reference cycles: measured on 2,000 streams,
   `tests/service/test_stream_objects.py`), so the frozen set tracks the live objects. Only garbage in a
   reference cycle (an error's traceback, for one) outlives its use once frozen; it is collected by the full
-  collection the quarter's growth triggers (`gc.unfreeze()`, `gc.collect()`, `gc.freeze()`), the same rule
-  the interpreter applies to its oldest generation, counted on what is actually alive. When such a
-  collection finds that the growth was live objects (more streams open), the ratio doubles (up to 4x), so a
-  server that grows pays for a few full collections, not one per quarter. The interpreter's own young
-  collections keep running between ticks and walk at most one tick's worth of objects. Measured with this
-  (`python -m tests.bench.streams`): at 20,000 open streams and 1,000 steps/s no full collection and under
-  1 ms of young collections per second of run.
+  collection the quarter's growth triggers (`gc.unfreeze()`, `gc.collect()`, `gc.freeze()`), the same rule the
+  interpreter applies to its oldest generation, counted on what is actually alive. When such a collection
+  finds that the growth was live objects (more streams open), the ratio doubles (up to 4x), so a server that
+  grows pays for a few full collections, not one per quarter. The interpreter's own young collections keep
+  running between ticks and walk at most one tick's worth of objects. Measured with this (`python -m
+  tests.bench.streams`): at 20,000 open streams and 1,000 steps/s no full collection and under 1 ms of young
+  collections per second of run.
 - **The loop's lateness is measured**: a callback scheduled every `interval_s` records how late it ran
   (`rnnserve_event_loop_lag_seconds`), and every collection's pause is timed by generation
   (`rnnserve_gc_pause_seconds`). Both cost a few microseconds per tick.
