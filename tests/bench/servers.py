@@ -90,8 +90,9 @@ def start_service(repository: Path, *flags: str, timeout_s: float = 60.0) -> Ser
     raise RuntimeError("server did not start:\n" + "\n".join(log[-40:]))
 
 
-def start_echo(response_bytes: int, unary_response_bytes: int = 0) -> ServerProcess:
-    """Start the no-op echo server: ``response_bytes``-byte stream answers, ``unary_response_bytes`` unary."""
+def start_echo(response_bytes: int, unary_response_bytes: int = 0, processes: int = 1) -> ServerProcess:
+    """Start the no-op echo server: ``response_bytes``-byte stream answers, ``unary_response_bytes`` unary;
+    ``processes`` > 1: that many echo processes on one port (its pid is their parent's)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -101,6 +102,8 @@ def start_echo(response_bytes: int, unary_response_bytes: int = 0) -> ServerProc
             str(response_bytes),
             "--unary-response-bytes",
             str(unary_response_bytes),
+            "--processes",
+            str(processes),
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -38,7 +38,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from tests.bench.servers import ServerProcess, start_echo, start_service
+from tests.bench.ceiling import measure_ceiling
+from tests.bench.servers import ServerProcess, scrape_batch_sizes, start_echo, start_service
 from tests.bench.service_drivers import stream_message_sizes
 from tests.bench.stream_clients import StreamClients, Target
 
@@ -96,6 +97,10 @@ class Result:
     rows: list[Row] = field(default_factory=list)
     rss: dict[str, int] = field(default_factory=dict)  # service: "before", "<n>" open, "after"
     echo_rss: dict[str, int] = field(default_factory=dict)
+    # What a step costs at least, measured in the same run: the bare echo's CPU per message (paced at the
+    # first rate, and closed loop) over the reference streams, and raw ONNX Runtime's CPU per step at batch 1
+    # (a paced step runs alone) and at the mean batch the server formed at saturation.
+    floor: dict[str, float] = field(default_factory=dict)
 
 
 def _histograms(metrics_port: int) -> dict[str, dict[str, float]]:
@@ -258,7 +263,11 @@ def run(plan: Plan, repository: Path, model: str, bar: tqdm) -> Result:
                 measure_run(server, clients, rate, REFERENCE_STREAMS, plan.seconds, plan.window_s)
             )
             bar.update()
+        assert server.metrics_port
+        batches0 = scrape_batch_sizes(server.metrics_port, model)
         result.rows.append(measure_run(server, clients, 0.0, REFERENCE_STREAMS, plan.seconds, plan.window_s))
+        batches = scrape_batch_sizes(server.metrics_port, model).minus(batches0)
+        result.floor["saturation_mean_batch"] = batches.mean
         bar.update()
         for n in plan.counts:
             clients.open(n)
@@ -288,12 +297,21 @@ def run(plan: Plan, repository: Path, model: str, bar: tqdm) -> Result:
         for n in (REFERENCE_STREAMS, *plan.counts):
             clients.open(n)
             result.echo_rss[str(n)] = _rss(echo.pid)
+            if n == REFERENCE_STREAMS:
+                paced = measure_run(echo, clients, plan.rates[0], n, plan.seconds, plan.window_s)
+                closed = measure_run(echo, clients, 0.0, n, plan.seconds, plan.window_s)
+                result.floor["echo_paced_cpu_us"] = paced.server_cpu_us_per_step
+                result.floor["echo_saturation_cpu_us"] = closed.server_cpu_us_per_step
             bar.update()
         clients.close()
         result.echo_rss["after"] = _settled_rss(echo.pid, 1.0)
     finally:
         clients.stop()
         echo.stop()
+    model_file = max((repository / model).glob("*/model.onnx"), key=lambda p: int(p.parent.name))
+    batch = max(1, round(result.floor.get("saturation_mean_batch", 1.0)))
+    for key, b in (("ort_batch1_cpu_us", 1), ("ort_saturation_cpu_us", batch)):
+        result.floor[key] = 1e6 / measure_ceiling(model_file, b, 1, seconds=2.0).steps_per_cpu_s
     result.env["load_average_end"] = round(os.getloadavg()[0], 1)
     return result
 
@@ -376,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_bytes": result.state_bytes,
         "rss": result.rss,
         "echo_rss": result.echo_rss,
+        "floor": result.floor,
         "rows": [asdict(r) for r in result.rows],
     }
     (out / "streams.json").write_text(json.dumps(data, indent=2))

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 
 import grpc
+import psutil
 import pytest
 import tritonclient.grpc as tc
 
@@ -101,6 +102,30 @@ def test_unary_echo_driver_round_trips_kserve_sized_messages():
         asyncio.run(go())
     finally:
         echo.stop()
+
+
+def test_echo_as_two_processes_shares_one_port_and_stops_with_its_parent():
+    echo = start_echo(16, 8, processes=2)
+    try:
+        children = psutil.Process(echo.pid).children()
+        assert len(children) == 2
+
+        async def go() -> None:
+            channels = [grpc.aio.insecure_channel(echo.address) for _ in range(8)]
+            try:
+                answers = await asyncio.gather(
+                    *(ch.unary_unary("/rnnserve.bench.Echo/Call")(b"x") for ch in channels)
+                )
+            finally:
+                for ch in channels:
+                    await ch.close()
+            assert [len(a) for a in answers] == [8] * 8
+
+        asyncio.run(go())
+    finally:
+        echo.stop()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
 
 
 def test_kserve_echo_answers_a_triton_client_as_the_server_did(service, tmp_path):

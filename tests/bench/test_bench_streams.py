@@ -23,6 +23,11 @@ def test_quick_run_writes_the_table_the_plot_and_sane_figures(tmp_path):
     assert data["rss"]["200"] > data["rss"]["before"] and "after" in data["rss"]
     assert data["echo_rss"]["200"] > data["echo_rss"]["before"]
     assert data["state_bytes"] > 0
+    floor = data["floor"]  # echo CPU per message, raw ORT CPU per step: what the CPU ratio is held against
+    assert floor["saturation_mean_batch"] >= 1
+    for key in ("echo_paced_cpu_us", "echo_saturation_cpu_us", "ort_batch1_cpu_us", "ort_saturation_cpu_us"):
+        assert floor[key] > 0, key
+    assert any(name.startswith("(floor)") for name, *_ in streams_report.targets(data))
 
 
 def _row(open_streams, rate, p99, cpu, windows=2):
@@ -54,5 +59,12 @@ def test_targets_compare_many_streams_with_64_and_paced_cpu_with_saturation():
     cpu = [met for name, _, _, met in streams_report.targets(data) if name.startswith("server CPU")]
     assert cpu == [False, True]  # 300 vs 100 us (paced over 64); 140 vs 100 us (20,000 idle streams)
     assert verdicts["RSS after every stream closed / before they opened"] is False  # 1.3x
+    assert not any(name.startswith("(floor)") for name, *_ in streams_report.targets(data))  # not measured
+    data["floor"] = {
+        "saturation_mean_batch": 20.0, "echo_paced_cpu_us": 80.0, "echo_saturation_cpu_us": 40.0,
+        "ort_batch1_cpu_us": 200.0, "ort_saturation_cpu_us": 20.0,
+    }  # fmt: skip
+    (name, measured, _, met), = [t for t in streams_report.targets(data) if t[0].startswith("(floor)")]
+    assert met is False and "280 vs 60 us (4.67x)" in measured and "batch 20" in measured
     text = streams_report.render(data)
     assert "| 20,000 |" in text and "**missed**" in text

@@ -33,13 +33,15 @@ from tests.bench.drivers import Driver
 from tests.bench.kserve_drivers import infer_request
 from tests.bench.loadgen import LoadSpec, cpu_count, run_load
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
-from tests.bench.servers import start_service
+from tests.bench.servers import start_echo, start_service
 
 if TYPE_CHECKING:
     import grpc
 
 STREAMS = 64
 PROTOCOLS = {"Stream": "stream", "KServe unary": "kserve_unary"}
+# The floors, with the same message sizes: the no-op echo as 1 process and as 2 sharing the port.
+FLOORS = {"bidi echo": ("echo", "Stream"), "unary echo": ("unary_echo", "KServe unary")}
 OUT = Path("docs/bench")
 
 
@@ -94,6 +96,59 @@ def forwarded_total(metrics_port: int | None) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     return sum(float(v) for v in re.findall(r"^rnnserve_forwarded_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def _echo_sizes(repository: Path) -> dict[str, tuple[int, int]]:
+    """(request, response) bytes of one step's message, per echo target (sized like the service's)."""
+    from tests.bench.kserve_drivers import kserve_message_sizes
+    from tests.bench.service_drivers import stream_message_sizes
+    from tests.bench.streams import _model_io
+
+    _, _, output = _model_io(repository, "ref_lstm")
+    spec = _spec("stream", "", 1.0, 1)
+    return {
+        "echo": stream_message_sizes(spec, output),
+        "unary_echo": kserve_message_sizes(spec, output),
+    }
+
+
+def _spec(
+    target: str, address: str, duration_s: float, client_procs: int, request_bytes: int = 0
+) -> LoadSpec:
+    return LoadSpec(
+        target,
+        address,
+        STREAMS,
+        client_procs,
+        warmup_s=2.0,
+        duration_s=duration_s,
+        request_bytes=request_bytes,
+        model="ref_lstm",
+        input_name="x",
+        input_dtype="float32",
+        input_tail=(RefModelConfig().features,),
+        # Several connections per client process, as a client with several channels has: the kernel
+        # spreads connections (not calls) over the workers; one connection pins a client to one worker.
+        channels_per_worker=4,
+    )
+
+
+def measure_echo(
+    sizes: dict[str, tuple[int, int]], processes: int, floor: str, duration_s: float, client_procs: int
+) -> Row:
+    """The same window against the no-op echo run as `processes` processes on one port."""
+    target = FLOORS[floor][0]
+    req, resp = sizes[target]
+    echo = start_echo(resp, resp, processes) if target == "echo" else start_echo(0, resp, processes)
+    try:
+        res = run_load(_spec(target, echo.address, duration_s, client_procs, req), echo.pid)
+    finally:
+        echo.stop()
+    per_core = res.steps_per_s / res.server_cpu_cores if res.server_cpu_cores > 0 else float("nan")
+    return Row(
+        processes, floor, res.steps_per_s, res.server_cpu_cores, per_core, res.client_cpu_cores,
+        res.p50_ms, res.p99_ms, res.errors,
+    )  # fmt: skip
 
 
 def measure(repository: Path, workers: int, protocol: str, duration_s: float, client_procs: int) -> Row:
@@ -154,16 +209,30 @@ def render(rows: list[Row], env: dict[str, Any]) -> str:
             f"{r.forwarded:.0%} |"
         )
     lines.append("")
+    floors = {protocol: floor for floor, (_, protocol) in FLOORS.items()}
     for protocol in PROTOCOLS:
-        one = next((r for r in rows if r.protocol == protocol and r.workers == 1), None)
-        two = next((r for r in rows if r.protocol == protocol and r.workers == 2), None)
+        one, two = _pair(rows, protocol)
         if one and two:
-            lines.append(
+            text = (
                 f"- {protocol}: 2 workers give {two.steps_per_s / one.steps_per_s:.2f}x the steps/s of 1 and "
                 f"{two.steps_per_core_s / one.steps_per_core_s:.2f}x its steps per server core-second "
-                "(target: > 1 and >= 0.8)."
+                "(target: > 1 and >= 0.8)"
             )
+            e1, e2 = _pair(rows, floors.get(protocol, ""))
+            if e1 and e2:
+                text += (
+                    f"; the {floors[protocol]} (no service at all) as 2 processes on one port: "
+                    f"{e2.steps_per_s / e1.steps_per_s:.2f}x and "
+                    f"{e2.steps_per_core_s / e1.steps_per_core_s:.2f}x"
+                )
+            lines.append(text + ".")
     return "\n".join(lines) + "\n"
+
+
+def _pair(rows: list[Row], protocol: str) -> tuple[Row | None, Row | None]:
+    one = next((r for r in rows if r.protocol == protocol and r.workers == 1), None)
+    two = next((r for r in rows if r.protocol == protocol and r.workers == 2), None)
+    return one, two
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -174,7 +243,7 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    protocols = list(PROTOCOLS)
+    protocols = [*PROTOCOLS, *FLOORS]
     x = np.arange(len(protocols))
     for ax, field, title in (
         (axes[0], "steps_per_s", "steps/s"),
@@ -211,12 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     try:
         write_reference_repository(tmp)
-        plan = [(w, p) for p in PROTOCOLS for w in (1, 2)]
+        sizes = _echo_sizes(tmp)
+        plan = [(w, p) for p in (*PROTOCOLS, *FLOORS) for w in (1, 2)]
         with tqdm(total=len(plan) * args.repeats, desc="workers bench", unit="run") as bar:
             for w, p in plan:
                 runs = []
                 for _ in range(args.repeats):
-                    runs.append(measure(tmp, w, p, args.duration, args.clients))
+                    if p in FLOORS:
+                        runs.append(measure_echo(sizes, w, p, args.duration, args.clients))
+                    else:
+                        runs.append(measure(tmp, w, p, args.duration, args.clients))
                     bar.update()
                 rows.append(sorted(runs, key=lambda r: r.steps_per_s)[len(runs) // 2])  # the (upper) median
     finally:
