@@ -494,7 +494,8 @@ def _performance(res: SuiteResult, vs: list[Verdict], header: str, out: Path, pa
     )
     n = res.plan.reference_streams
     return (
-        "Measured by `make bench` (full suite, about 17 minutes on 2 cores; `make bench BENCH_ARGS=--quick` "
+        "Measured by `make bench` (full suite with the open-streams and workers runs, about 35 minutes on 2 "
+        "cores; `make bench BENCH_ARGS=--quick` "
         "for a reduced run in two to three minutes, written to `docs/bench/quick/`, never to the committed "
         "results). The load generator runs closed-loop (or paced) callers from separate client processes; the"
         " reference model is a 2-layer LSTM with hidden size 256 (`tests/bench/refmodel.py`), one step per "
