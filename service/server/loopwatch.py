@@ -70,7 +70,7 @@ class Reclaim:
     max_growth: float = 4.0
     min_objects: int = 100_000
     check_s: float = 1.0
-    recheck_rss: float = 0.05
+    recheck_rss: float = 0.25
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -198,12 +198,10 @@ class LoopWatch:
             pauses, self._pauses = self._pauses, []
             for generation, seconds in pauses:
                 self._pause[generation].observe(seconds)
-        try:
-            if self.freeze:
-                self._freeze_tick()
-            self._memory()
-        finally:
-            self._schedule()
+        self._schedule()  # first: the work below, if it is long, shows as the next tick's lag
+        if self.freeze:
+            self._freeze_tick()
+        self._memory()
 
     def _memory(self) -> None:
         """Trim the heap once open streams fell by a quarter from their peak since the last trim."""
