@@ -399,11 +399,13 @@ def _watch_loop(settings: Settings, engine: Engine, streams: StreamRegistry) -> 
     """Start the loop-lag probe and the collector's survivor freezing (`loopwatch`), unless turned off."""
     if settings.loop_probe_interval_s <= 0:
         return None
+    table = engine.session_manager.table
     watch = LoopWatch(
         engine.metrics,
         lambda: streams.open_count,
         interval_s=settings.loop_probe_interval_s,
         freeze=settings.gc_freeze_survivors,
+        live=lambda: streams.open_count + len(table.sessions),
     )
     watch.start()
     return watch

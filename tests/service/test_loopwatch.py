@@ -16,7 +16,15 @@ from prometheus_client import CollectorRegistry
 from service.metrics import Metrics
 from service.server.loopwatch import LoopWatch, Reclaim
 
-SMALL = Reclaim(growth=0.25, max_growth=4.0, min_objects=2_000, check_s=0.0, recheck_rss=0.0)
+SMALL = Reclaim(
+    growth=0.25,
+    max_growth=4.0,
+    min_objects=2_000,
+    check_s=0.0,
+    recheck_rss=0.0,
+    shrink_min=100,
+    freeze_min_streams=0,
+)
 
 
 class Node:
@@ -43,7 +51,7 @@ async def _ticks(n: int, interval_s: float = 0.01) -> None:
 
 def test_objects_that_live_past_a_tick_leave_the_collectors_generations() -> None:
     async def main() -> None:
-        watch = _watch(Reclaim(check_s=3600.0))
+        watch = _watch(Reclaim(check_s=3600.0, freeze_min_streams=0))
         watch.start()
         try:
             kept = [Node() for _ in range(5_000)]
@@ -103,7 +111,8 @@ def test_growth_that_is_alive_doubles_the_ratio_and_garbage_resets_it() -> None:
         watch.start()
         try:
             await _ticks(3)
-            live = [Node() for _ in range(40_000)]  # grows the frozen set by far more than a quarter
+            # Grows the frozen set by far more than a quarter of what the test process holds.
+            live = [Node() for _ in range(max(40_000, int(watch._frozen_base * SMALL.growth * 2)))]
             for _ in range(200):
                 if watch.reclaims:
                     break
@@ -114,7 +123,39 @@ def test_growth_that_is_alive_doubles_the_ratio_and_garbage_resets_it() -> None:
             assert watch.reclaims == 2
             assert all(r() is None for r in refs[:-1])
             assert watch._ratio == SMALL.growth  # this one found mostly garbage
-            assert len(live) == 40_000
+            assert len(live) >= 40_000
+        finally:
+            watch.stop()
+
+    asyncio.run(main())
+
+
+def test_a_quarter_of_the_live_work_ending_collects_the_cycles_it_left() -> None:
+    async def main() -> None:
+        live = [1_000]  # open streams plus resident sessions, as the server counts them
+        gc.collect()
+        gc.freeze()
+        watch = LoopWatch(
+            Metrics(CollectorRegistry()), lambda: 0, interval_s=0.01, reclaim=SMALL, live=lambda: live[0]
+        )
+        watch.start()
+        try:
+            held = []
+            for _ in range(1_000):  # below every growth threshold: only the shrink can collect them
+                a, b = Node(), Node()
+                a.other, b.other = b, a
+                held.append(a)
+            ref = weakref.ref(held[0])
+            await _ticks(5)  # frozen while alive, and the peak seen
+            del held, a, b
+            await _ticks(5)
+            assert ref() is not None and watch.reclaims == 0  # frozen garbage, nothing ended yet
+            live[0] = 700  # the work that held them ended
+            for _ in range(100):
+                if ref() is None:
+                    break
+                await _ticks(1)
+            assert ref() is None and watch.reclaims == 1
         finally:
             watch.stop()
 
