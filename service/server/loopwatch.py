@@ -6,17 +6,18 @@ walks every tracked object with the loop stopped, so with the interpreter's own 
 the number of open streams: about 0.5 s at 10,000 streams, a latency spike for every step in flight. What is
 done about it here, and why:
 
-- **What lives past one probe tick is frozen** (`gc.freeze()` on every tick, 50 ms by default), and a full
-  collection runs only when the frozen set has grown by a quarter since the last one (`Reclaim`). Why: the
-  interpreter counts allocations minus deallocations to decide when to collect, and an open stream's per-read
-  objects (a coroutine, its future, grpc's batch-operation tag and callbacks: about a dozen) are freed and
-  replaced each time the stream steps. Freeing the old ones (long promoted) cancels out allocating the new
-  ones, so the youngest generation fills far past its threshold without triggering, and the next young
-  collection walks all of it: measured at 20,000 open streams and 1,000 steps/s, 15,000-30,000 objects in
-  generation 0 (5-10 ms pauses), 40,000-80,000 in generation 1 (30-110 ms), and full collections every few
-  seconds walking 140,000-220,000 (140-390 ms), because the interpreter triggers those on objects promoted,
-  not on objects still alive. Frozen objects are still freed by reference counting when their stream steps or
-  ends (grpc.aio's and the handler's per-stream objects hold no reference cycles: measured on 2,000 streams,
+- **What lives past one probe tick is frozen** (`gc.freeze()` on every tick, 50 ms by default, from 1,000 open
+  streams), and a full collection runs only when the frozen set has grown by a quarter since the last one, or
+  when the live work fell by a quarter (see the heap trim below; `Reclaim`). Why: the interpreter counts
+  allocations minus deallocations to decide when to collect, and an open stream's per-read objects (a
+  coroutine, its future, grpc's batch-operation tag and callbacks: about a dozen) are freed and replaced each
+  time the stream steps. Freeing the old ones (long promoted) cancels out allocating the new ones, so the
+  youngest generation fills far past its threshold without triggering, and the next young collection walks all
+  of it: measured at 20,000 open streams and 1,000 steps/s, 15,000-30,000 objects in generation 0 (5-10 ms
+  pauses), 40,000-80,000 in generation 1 (30-110 ms), and full collections every few seconds walking
+  140,000-220,000 (140-390 ms), because the interpreter triggers those on objects promoted, not on objects
+  still alive. Frozen objects are still freed by reference counting when their stream steps or ends
+  (grpc.aio's and the handler's per-stream objects hold no reference cycles: measured on 2,000 streams,
   `tests/service/test_stream_objects.py`), so the frozen set tracks the live objects. Only garbage in a
   reference cycle (an error's traceback, for one) outlives its use once frozen; it is collected by the full
   collection the quarter's growth triggers (`gc.unfreeze()`, `gc.collect()`, `gc.freeze()`), the same rule the
@@ -29,11 +30,13 @@ done about it here, and why:
 - **The loop's lateness is measured**: a callback scheduled every `interval_s` records how late it ran
   (`rnnserve_event_loop_lag_seconds`), and every collection's pause is timed by generation
   (`rnnserve_gc_pause_seconds`). Both cost a few microseconds per tick.
-- **Freed heap goes back to the OS** when open streams have fallen by a quarter from their peak and stayed
-  there for a second (and once more five seconds later): glibc keeps what grpc core and numpy freed (per-call
-  buffers, message copies) in its arenas; `malloc_trim` (in a thread; it releases the GIL) returns it.
-  What stays after that (`tests/service/test_stream_memory.py`: about a third of what a burst added) is
-  mostly pymalloc arenas that a few objects allocated later pin; the next burst reuses them.
+- **Freed heap goes back to the OS** when the live work (open streams plus resident sessions) has fallen by a
+  quarter from its peak and stayed there for a second (and once more five seconds later). The first trim is
+  preceded by a full collection over the frozen set, for the cycles the ended work may have left: glibc keeps
+  what grpc core and numpy freed (per-call buffers, message copies) in its arenas; `malloc_trim` (in a thread;
+  it releases the GIL) returns it. What stays after that (`tests/service/test_stream_memory.py`: about a third
+  of what a burst added) is mostly pymalloc arenas that a few objects allocated later pin; the next burst
+  reuses them.
 """
 
 from __future__ import annotations
@@ -49,11 +52,13 @@ from typing import Any
 from service.core import limits
 from service.metrics import Metrics
 
-TRIM_MIN_CLOSED = 256  # streams that must have closed since the last trim's peak before a trim pays
-# The open-stream count must hold this long before a trim (grpc core frees a call's buffers after the handler
+TRIM_MIN_CLOSED = 256  # streams and sessions ended since the last trim's peak before a trim pays
+# The live count must hold this long before a trim (grpc core frees a call's buffers after the handler
 # ends), and a second trim follows this long after the first, for what the teardown freed meanwhile.
 TRIM_SETTLE_S = 1.0
 TRIM_AGAIN_S = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Reclaim:
     """When the full collection of the frozen set runs (see the module docstring).
@@ -63,9 +68,9 @@ class Reclaim:
     was live objects (under half of it freed), back to `growth` when one finds garbage; never for fewer than
     `min_objects`. Counting walks the frozen set (measured: about 200 ms at 1.3 million objects, 20,000 open
     streams, a cache miss per object), so it is done only when the resident memory grew by `recheck_rss`
-    since the last count, looked at every `check_s`. It also runs when the live work (`live`: open streams
-    plus resident sessions) fell by `shrink` from its peak: sessions and streams that ended may have left
-    reference cycles in the frozen set, and the live set, hence the pause, is smaller then.
+    since the last count, looked at every `check_s`. It also runs right before the heap trim that follows a
+    fall of the live work (`LoopWatch._memory`): sessions and streams that ended may have left reference
+    cycles in the frozen set, and the live set, hence the pause, is smaller then.
     """
 
     growth: float = 0.25
@@ -73,10 +78,6 @@ class Reclaim:
     min_objects: int = 100_000
     check_s: float = 1.0
     recheck_rss: float = 0.25
-    # Also when the live work (open streams plus resident sessions) has fallen by this fraction from its peak
-    # since the last collection, by at least `shrink_min`: what ended may have left cycles in the frozen set.
-    shrink: float = 0.25
-    shrink_min: int = 256
     # Per-tick freezing starts at this many open streams: below it the interpreter's own policy keeps its
     # pauses short (measured before per-tick freezing: p99 4.7 ms at 1,000 open streams, 15 ms at 10,000).
     freeze_min_streams: int = 1_000
@@ -113,7 +114,6 @@ class LoopWatch:
         self.freeze = freeze
         self.reclaim = reclaim
         self.live = live if live is not None else open_streams
-        self._live_peak = 0
         self.longest_lag_s = 0.0
         self.freezes = 0
         self.reclaims = 0
@@ -179,27 +179,26 @@ class LoopWatch:
             return
         r = self.reclaim
         self._next_check = now + r.check_s
-        live = self.live()
-        self._live_peak = max(self._live_peak, live)
-        shrunk = self._live_peak - live >= max(r.shrink_min, self._live_peak * r.shrink)
         rss = resident_bytes()
-        if not shrunk and r.recheck_rss and rss and rss < self._rss_counted * (1 + r.recheck_rss):
+        if r.recheck_rss and rss and rss < self._rss_counted * (1 + r.recheck_rss):
             self._rss_counted = min(self._rss_counted, rss)
             return
         self._rss_counted = rss
         frozen = gc.get_freeze_count()
         grown = frozen - self._frozen_base
-        if not shrunk and grown <= max(r.min_objects, self._frozen_base * self._ratio):
+        if grown <= max(r.min_objects, self._frozen_base * self._ratio):
             self._frozen_base = min(self._frozen_base, frozen)  # follows the live set down as streams end
             return
+        freed = frozen - self._collect_frozen()
+        self._ratio = r.growth if 2 * freed >= grown else min(2 * self._ratio, r.max_growth)
+
+    def _collect_frozen(self) -> int:
+        """Run a full collection over the frozen set too; return the frozen count after it (the new base)."""
         gc.unfreeze()
         gc.collect()  # its callback freezes the survivors
         self.reclaims += 1
-        self._live_peak = live
         self._frozen_base = gc.get_freeze_count()
-        if not shrunk:
-            freed = frozen - self._frozen_base
-            self._ratio = r.growth if 2 * freed >= grown else min(2 * self._ratio, r.max_growth)
+        return self._frozen_base
 
     # -- probe ----------------------------------------------------------------------------------------------
     def _schedule(self) -> None:
@@ -240,6 +239,8 @@ class LoopWatch:
             return
         else:
             self._trim_again = now + TRIM_AGAIN_S
+            if self.freeze:  # the work that ended may have left reference cycles in the frozen set
+                self._collect_frozen()
         self._peak_streams = n
         self._trimming = True
         loop = self._loop

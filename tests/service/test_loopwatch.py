@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +23,6 @@ SMALL = Reclaim(
     min_objects=2_000,
     check_s=0.0,
     recheck_rss=0.0,
-    shrink_min=100,
     freeze_min_streams=0,
 )
 
@@ -47,6 +47,14 @@ def _watch(reclaim: Reclaim = SMALL) -> LoopWatch:
 async def _ticks(n: int, interval_s: float = 0.01) -> None:
     for _ in range(n):
         await asyncio.sleep(interval_s)
+
+
+async def _until(done: Callable[[], bool], ticks: int) -> None:
+    """Wait a tick at a time until `done()` holds or `ticks` have passed (the caller asserts)."""
+    for _ in range(ticks):
+        if done():
+            return
+        await _ticks(1)
 
 
 def test_objects_that_live_past_a_tick_leave_the_collectors_generations() -> None:
@@ -113,10 +121,7 @@ def test_growth_that_is_alive_doubles_the_ratio_and_garbage_resets_it() -> None:
             await _ticks(3)
             # Grows the frozen set by far more than a quarter of what the test process holds.
             live = [Node() for _ in range(max(40_000, int(watch._frozen_base * SMALL.growth * 2)))]
-            for _ in range(200):
-                if watch.reclaims:
-                    break
-                await _ticks(1)
+            await _until(lambda: watch.reclaims > 0, 200)
             assert watch.reclaims == 1
             assert watch._ratio == 2 * SMALL.growth  # the collection found the growth alive
             refs = await _frozen_garbage(watch)
@@ -141,7 +146,7 @@ def test_a_quarter_of_the_live_work_ending_collects_the_cycles_it_left() -> None
         watch.start()
         try:
             held = []
-            for _ in range(1_000):  # below every growth threshold: only the shrink can collect them
+            for _ in range(1_000):  # below every growth threshold: only the fall of the work collects them
                 a, b = Node(), Node()
                 a.other, b.other = b, a
                 held.append(a)
@@ -150,11 +155,8 @@ def test_a_quarter_of_the_live_work_ending_collects_the_cycles_it_left() -> None
             del held, a, b
             await _ticks(5)
             assert ref() is not None and watch.reclaims == 0  # frozen garbage, nothing ended yet
-            live[0] = 700  # the work that held them ended
-            for _ in range(100):
-                if ref() is None:
-                    break
-                await _ticks(1)
+            live[0] = 700  # the work that held them ended; the watch acts once that has held a second
+            await _until(lambda: ref() is None, 300)
             assert ref() is None and watch.reclaims == 1
         finally:
             watch.stop()

@@ -195,8 +195,8 @@ def test_slab_memory_comes_back_after_a_burst_closes(tmp_path):
             rss1 = proc.memory_info().rss
             for sid in ids:
                 stub.Close(pb.SessionRequest(session_id=sid))
-            # The slab's blocks go at once; what the sessions left for the collector goes at the server's next
-            # check (a second), when it sees the live work fell by a quarter (service/server/loopwatch.py).
+            # The slab's blocks go at once; what the sessions left for the collector goes once the live work
+            # has stayed a quarter below its peak for a second: a full collection, then a heap trim.
             deadline = time.monotonic() + 5.0
             while (rss2 := proc.memory_info().rss) > rss0 * 1.2 and time.monotonic() < deadline:
                 time.sleep(0.25)
