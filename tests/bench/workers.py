@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.bench.drivers import Driver
 from tests.bench.kserve_drivers import infer_request
-from tests.bench.loadgen import LoadSpec, cpu_count, run_load
+from tests.bench.loadgen import LoadResult, LoadSpec, cpu_count, run_load
 from tests.bench.refmodel import RefModelConfig, write_reference_repository
 from tests.bench.servers import start_echo, start_service
 
@@ -144,32 +144,14 @@ def measure_echo(
         res = run_load(_spec(target, echo.address, duration_s, client_procs, req), echo.pid)
     finally:
         echo.stop()
-    per_core = res.steps_per_s / res.server_cpu_cores if res.server_cpu_cores > 0 else float("nan")
-    return Row(
-        processes, floor, res.steps_per_s, res.server_cpu_cores, per_core, res.client_cpu_cores,
-        res.p50_ms, res.p99_ms, res.errors,
-    )  # fmt: skip
+    return _row(processes, floor, res)
 
 
 def measure(repository: Path, workers: int, protocol: str, duration_s: float, client_procs: int) -> Row:
     """Start the server with `--workers`, run one load window, stop it."""
     server = start_service(repository, "--workers", str(workers), timeout_s=180)
     try:
-        spec = LoadSpec(
-            PROTOCOLS[protocol],
-            server.address,
-            STREAMS,
-            client_procs,
-            warmup_s=2.0,
-            duration_s=duration_s,
-            model="ref_lstm",
-            input_name="x",
-            input_dtype="float32",
-            input_tail=(RefModelConfig().features,),
-            # Several connections per client process, as a client with several channels has: the kernel
-            # spreads connections (not calls) over the workers; one connection pins a client to one worker.
-            channels_per_worker=4,
-        )
+        spec = _spec(PROTOCOLS[protocol], server.address, duration_s, client_procs)
         marks: dict[str, float] = {}
 
         def on_window(edge: str) -> None:
@@ -178,11 +160,15 @@ def measure(repository: Path, workers: int, protocol: str, duration_s: float, cl
         res = run_load(spec, server.pid, on_window)
     finally:
         server.stop()
-    per_core = res.steps_per_s / res.server_cpu_cores if res.server_cpu_cores > 0 else float("nan")
     if res.errors:
         print(f"{protocol}, {workers} workers: {res.errors} errors, first: {res.first_error}")
     steps = res.steps_per_s * duration_s
     forwarded = (marks.get("end", 0.0) - marks.get("start", 0.0)) / steps if steps else 0.0
+    return _row(workers, protocol, res, forwarded)
+
+
+def _row(workers: int, protocol: str, res: LoadResult, forwarded: float = 0.0) -> Row:
+    per_core = res.steps_per_s / res.server_cpu_cores if res.server_cpu_cores > 0 else float("nan")
     return Row(
         workers, protocol, res.steps_per_s, res.server_cpu_cores, per_core, res.client_cpu_cores,
         res.p50_ms, res.p99_ms, res.errors, forwarded,
