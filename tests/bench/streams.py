@@ -203,7 +203,7 @@ def measure_run(
     )
 
 
-def _model_io(repository: Path, model: str) -> tuple[Target, int, tuple[str, str, tuple[int, ...]]]:
+def model_io(repository: Path, model: str) -> tuple[Target, int, tuple[str, str, tuple[int, ...]]]:
     """The stream target's input description, the state bytes per session and the data output."""
     import onnx
 
@@ -234,7 +234,7 @@ def _model_io(repository: Path, model: str) -> tuple[Target, int, tuple[str, str
 
 def run(plan: Plan, repository: Path, model: str, bar: tqdm) -> Result:
     """Measure the service, then the echo (see the module docstring)."""
-    target, state_bytes, output = _model_io(repository, model)
+    target, state_bytes, output = model_io(repository, model)
     env = {
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": len(os.sched_getaffinity(0)),

@@ -102,9 +102,9 @@ def _echo_sizes(repository: Path) -> dict[str, tuple[int, int]]:
     """(request, response) bytes of one step's message, per echo target (sized like the service's)."""
     from tests.bench.kserve_drivers import kserve_message_sizes
     from tests.bench.service_drivers import stream_message_sizes
-    from tests.bench.streams import _model_io
+    from tests.bench.streams import model_io
 
-    _, _, output = _model_io(repository, "ref_lstm")
+    _, _, output = model_io(repository, "ref_lstm")
     spec = _spec("stream", "", 1.0, 1)
     return {
         "echo": stream_message_sizes(spec, output),
